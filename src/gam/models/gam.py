@@ -1,0 +1,194 @@
+"""Gated Associative Memory (arXiv 2509.00605).
+
+One GAM block::
+
+    h      = LayerNorm(x)                                  # (B, T, C)
+    local  = CausalDepthwiseConv1d(h)                      # kernel k, mixes tokens t-k+1..t
+    global = softmax(h @ M^T) @ M                          # M: (num_slots, C), per token
+    g_l, g_g = Linear(C, 2C)(h).chunk(2)
+    x      = x + sigmoid(g_l) * local + sigmoid(g_g) * global
+    x      = x + FFN(LayerNorm(x))
+
+The global path reads a learned memory bank that is the same for every sequence: a token
+retrieves from it using only its own features. Tokens therefore mix only through the causal
+convolutions, and a stack of ``n_layers`` blocks sees ``1 + n_layers * (k - 1)`` tokens
+(13 for the paper model). ``receptive_field`` reports it and the tests prove it.
+
+The fast path computes the retrieval with ``scaled_dot_product_attention`` (query h, key and
+value M, scale 1), so the (B, T, slots) score tensor is not kept for backward;
+``GAMBlock.forward_reference`` is the paper's formula, materialised, to test against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam.models.lm import CausalLM, FeedForward, LMConfig
+
+
+@dataclass
+class GAMConfig(LMConfig):
+    """GAM hyper-parameters; the defaults are the paper's (22,599,680 parameters).
+
+    Ablations of the paper's Table 3: ``use_local=False, use_gate=False`` (global only),
+    ``use_gate=False`` (sum fusion), ``use_global=False, use_gate=False`` (local only).
+    """
+
+    num_memory_slots: int = 512
+    conv_kernel_size: int = 3
+    use_local: bool = True
+    use_global: bool = True
+    use_gate: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.use_local or self.use_global):
+            raise ValueError("a GAM block needs at least one path: use_local or use_global")
+        if isinstance(self.conv_kernel_size, bool) or not isinstance(self.conv_kernel_size, int) \
+                or self.conv_kernel_size < 1:
+            raise ValueError(f"conv_kernel_size must be an integer >= 1, got "
+                             f"{self.conv_kernel_size!r}")
+        if isinstance(self.num_memory_slots, bool) or not isinstance(self.num_memory_slots, int) \
+                or self.num_memory_slots < 1:
+            raise ValueError(f"num_memory_slots must be an integer >= 1, got "
+                             f"{self.num_memory_slots!r}")
+
+
+def memory_retrieval(h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """softmax(h @ M^T) @ M without keeping the (B, T, S) scores: h (B, T, C), M (S, C).
+
+    Every token is one query of a single attention "head" whose keys and values are the memory
+    slots, so the fused attention kernel (flash on CPU and GPU) does the work.
+    """
+    B, T, C = h.shape
+    q = h.reshape(1, 1, B * T, C)  # (1, 1, B*T, C)
+    kv = memory.to(h.dtype)[None, None]  # (1, 1, S, C)
+    return F.scaled_dot_product_attention(q, kv, kv, scale=1.0).view(B, T, C)
+
+
+def memory_retrieval_reference(h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """The paper's formula, materialising the (B, T, S) weights."""
+    weights = F.softmax(h @ memory.T, dim=-1)  # (B, T, S)
+    return weights @ memory  # (B, T, C)
+
+
+def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                          ) -> torch.Tensor:
+    """Depthwise causal conv over time: h (B, T, C), weight (C, 1, k) -> (B, T, C).
+    Output t sees inputs t-k+1..t (zeros before the start)."""
+    k = weight.shape[-1]
+    y = F.conv1d(F.pad(h.transpose(1, 2), (k - 1, 0)), weight, bias, groups=h.shape[-1])
+    return y.transpose(1, 2)  # (B, T, C)
+
+
+class GAMBlock(nn.Module):
+    """One GAM block. Parameter names follow the official code (causal_conv, memory_bank,
+    gate, ffn, ln1, ln2) so that its checkpoints map one to one."""
+
+    def __init__(self, config: GAMConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.ln1 = nn.LayerNorm(c.d_model)
+        self.causal_conv = None
+        if c.use_local:
+            # padding is applied by hand (left only), so Conv1d's own padding stays 0
+            self.causal_conv = nn.Conv1d(c.d_model, c.d_model, c.conv_kernel_size,
+                                         groups=c.d_model)
+        self.memory_bank = None
+        if c.use_global:
+            self.memory_bank = nn.Parameter(torch.empty(c.num_memory_slots, c.d_model))
+            nn.init.xavier_uniform_(self.memory_bank)
+        self.n_paths = int(c.use_local) + int(c.use_global)
+        self.gate = nn.Linear(c.d_model, self.n_paths * c.d_model) if c.use_gate else None
+        self.ln2 = nn.LayerNorm(c.d_model)
+        self.ffn = FeedForward(c.d_model, c.ffn_mult, c.dropout)
+
+    def _fuse(self, h: torch.Tensor, local: torch.Tensor | None, global_: torch.Tensor | None
+              ) -> torch.Tensor:
+        paths = [p for p in (local, global_) if p is not None]
+        if self.gate is None:
+            return paths[0] if len(paths) == 1 else paths[0] + paths[1]
+        gates = torch.sigmoid(self.gate(h)).chunk(self.n_paths, dim=-1)  # n_paths x (..., C)
+        out = gates[0] * paths[0]
+        for g, p in zip(gates[1:], paths[1:], strict=True):
+            out = out + g * p
+        return out
+
+    def _mix(self, h: torch.Tensor, naive: bool = False) -> torch.Tensor:
+        local = global_ = None
+        if self.causal_conv is not None:
+            local = causal_depthwise_conv(h, self.causal_conv.weight, self.causal_conv.bias)
+        if self.memory_bank is not None:
+            retrieve = memory_retrieval_reference if naive else memory_retrieval
+            global_ = retrieve(h, self.memory_bank)  # (B, T, C)
+        return self._fuse(h, local, global_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._mix(self.ln1(x))  # (B, T, C)
+        return x + self.ffn(self.ln2(x))  # (B, T, C)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's block, written as in the official code, to test the fast path against."""
+        h = self.ln1(x)  # (B, T, C)
+        local = global_ = None
+        if self.causal_conv is not None:
+            k = self.config.conv_kernel_size
+            conv = F.conv1d(h.permute(0, 2, 1), self.causal_conv.weight, self.causal_conv.bias,
+                            padding=k - 1, groups=h.shape[-1])  # (B, C, T + k - 1)
+            local = conv[:, :, : x.shape[1]].permute(0, 2, 1)  # (B, T, C)
+        if self.memory_bank is not None:
+            global_ = memory_retrieval_reference(h, self.memory_bank)  # (B, T, C)
+        x = x + self._fuse(h, local, global_)
+        return x + self.ffn(self.ln2(x))
+
+    # ------------------------------------------------------------------ decode
+    # Decode state: the last (k - 1) LayerNorm-ed block inputs, (B, k-1, C), oldest first; zeros
+    # stand for positions before the start. O(1) in the context length.
+    def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln1(x)  # (B, T, C)
+        y = x + self._mix(h)
+        y = y + self.ffn(self.ln2(y))
+        k = self.config.conv_kernel_size
+        if k - 1 > h.shape[1]:
+            h = F.pad(h, (0, 0, k - 1 - h.shape[1], 0))
+        state = h[:, h.shape[1] - (k - 1):].contiguous()  # (B, k-1, C)
+        return y, state
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln1(x)  # (B, C)
+        window = torch.cat([state, h[:, None]], dim=1)  # (B, k, C)
+        local = global_ = None
+        if self.causal_conv is not None:
+            w = self.causal_conv.weight[:, 0, :].T  # (k, C)
+            local = (window * w).sum(dim=1) + self.causal_conv.bias  # (B, C)
+        if self.memory_bank is not None:
+            global_ = memory_retrieval_reference(h, self.memory_bank)  # (B, C)
+        y = x + self._fuse(h, local, global_)
+        y = y + self.ffn(self.ln2(y))
+        return y, window[:, 1:]
+
+
+class GAMLM(CausalLM):
+    """The GAM language model of the paper."""
+
+    config: GAMConfig
+
+    def make_block(self, layer_idx: int) -> nn.Module:
+        return GAMBlock(self.config)
+
+    @property
+    def receptive_field(self) -> int:
+        return gam_receptive_field(self.config)
+
+
+def gam_receptive_field(config: GAMConfig) -> int:
+    """Tokens that can influence one position's logits: 1 + n_layers * (k - 1), capped by
+    max_seq_len; 1 when the convolution is ablated away (the memory path is per token)."""
+    if not config.use_local:
+        return 1
+    return min(1 + config.n_layers * (config.conv_kernel_size - 1), config.max_seq_len)

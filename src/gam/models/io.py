@@ -1,0 +1,122 @@
+"""Saving and loading model weights: safetensors plus a small JSON that rebuilds the model.
+
+A model folder holds ``model.json`` (``{"model": name, "config": {...}}``) and
+``model.safetensors``. Both are written atomically (temporary file, then ``os.replace``), so an
+interrupted save leaves the previous files intact; a truncated or corrupted file is reported as
+a ``CheckpointError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gam.models.lm import CausalLM
+from gam.models.registry import MODELS, config_class, model_from_config
+
+MODEL_JSON = "model.json"
+MODEL_WEIGHTS = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or does not match the model."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied weights stored once (the head shares the token embedding)."""
+    sd = model.state_dict()
+    sd.pop("token_embedding.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Atomically write the model's weights as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state_dict_for_saving(model), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``model``; CheckpointError if the file is missing,
+    truncated, corrupted or holds other shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        sd = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted ({e})") from e
+    if "head.weight" in sd:
+        sd.setdefault("token_embedding.weight", sd["head.weight"])
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint file {path} does not match the model: {e}") from e
+
+
+def save_pretrained(model: CausalLM, out_dir: str | Path) -> Path:
+    """Write ``model.json`` and ``model.safetensors`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    name = getattr(model, "model_name", None)
+    if name not in MODELS:
+        raise ValueError(f"model has no registered name (got {name!r}); build it with "
+                         f"gam.build_model")
+    save_weights(model, out_dir / MODEL_WEIGHTS)
+    atomic_write_json(out_dir / MODEL_JSON, {"model": name, "config": model.config.to_dict()})
+    return out_dir
+
+
+def load_model_config(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    path = Path(model_dir) / MODEL_JSON
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {model_dir} holds no saved model")
+    try:
+        meta = json.loads(path.read_text())
+        return meta["model"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupted ({e})") from e
+
+
+def load_pretrained(model_dir: str | Path, map_location: str | torch.device = "cpu",
+                    weights: str | Path | None = None) -> CausalLM:
+    """Rebuild a model saved with ``save_pretrained`` (or from a run directory)."""
+    name, cfg = load_model_config(model_dir)
+    if name not in MODELS:
+        raise CheckpointError(f"{Path(model_dir) / MODEL_JSON} names unknown model {name!r}")
+    model = model_from_config(name, config_class(name).from_dict(cfg))
+    load_weights(model, weights if weights is not None else Path(model_dir) / MODEL_WEIGHTS)
+    return model.to(map_location)
+

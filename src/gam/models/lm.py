@@ -1,0 +1,293 @@
+"""The language-model shell shared by every family (GAM, Transformer, Mamba).
+
+Token + learned position embeddings -> dropout -> N blocks -> final LayerNorm -> head tied to
+the token embedding, exactly as the paper's GAM model. Each family only supplies its block, so the
+three models differ in the sequence mixer and in nothing else.
+
+A block implements three methods:
+
+- ``forward(x)``: (B, T, C) -> (B, T, C), the parallel training path;
+- ``prefill(x)``: (B, T, C) -> ((B, T, C), state), the same computation that also returns the
+  block's decode state after the last token;
+- ``step(x, state)``: (B, C) -> ((B, C), state), one token of cached decoding.
+
+The decode state is family specific (GAM: the last kernel-1 normalised conv inputs; Transformer:
+the KV cache; Mamba: conv inputs and SSM state) and is documented next to each ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMConfig:
+    """Fields every family shares. Family configs subclass this and add their own."""
+
+    vocab_size: int = 10000
+    max_seq_len: int = 256
+    d_model: int = 512
+    n_layers: int = 6
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    pos_embedding: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "ffn_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of "
+                             f"{sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class DecodeCache:
+    """State of cached decoding: one family-specific state per block, and how many tokens the
+    model has consumed (the position of the next token)."""
+
+    layers: list[Any]
+    seq_len: int
+
+
+class FeedForward(nn.Module):
+    """d -> ffn_mult * d -> GELU -> d -> dropout, as in the paper's blocks."""
+
+    def __init__(self, d_model: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, ffn_mult * d_model)
+        self.fc2 = nn.Linear(ffn_mult * d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (..., C)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model; subclasses implement ``make_block(layer_idx)``."""
+
+    config: LMConfig
+
+    def __init__(self, config: LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        # The paper ties by giving the embedding the head's weight, so both start from
+        # nn.Linear's init (uniform +-1/sqrt(d)); keep that to reproduce its curves.
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        self.token_embedding.weight = self.head.weight
+        self.pos_embedding = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding else None
+        self.dropout = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([self.make_block(i) for i in range(c.n_layers)])
+        self.ln_f = nn.LayerNorm(c.d_model)
+
+    def make_block(self, layer_idx: int) -> nn.Module:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checks
+    def check_input_ids(self, idx: torch.Tensor, start_pos: int = 0) -> None:
+        """Raise ValueError for ids the model cannot take (rank, dtype, range, length)."""
+        if not isinstance(idx, torch.Tensor):
+            raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, seq_len), got shape {tuple(idx.shape)}")
+        if idx.shape[1] < 1:
+            raise ValueError("idx must hold at least one token per row, got seq_len 0")
+        end = start_pos + idx.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}; build the "
+                f"model with a larger max_seq_len (e.g. build_model(..., max_seq_len={end}))")
+        if torch.compiler.is_compiling():
+            return
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside [0, {self.config.vocab_size}) "
+                             f"(vocab_size {self.config.vocab_size})")
+
+    def _check_targets(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        valid = targets[targets != IGNORE_INDEX]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.config.vocab_size):
+            raise ValueError(f"target ids must be in [0, {self.config.vocab_size}) or "
+                             f"{IGNORE_INDEX} (ignored)")
+
+    # ----------------------------------------------------------------- forward
+    def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        x = self.token_embedding(idx)  # (B, T, C)
+        if self.pos_embedding is not None:
+            pos = torch.arange(start_pos, start_pos + idx.shape[1], device=idx.device)
+            x = x + self.pos_embedding(pos)  # (B, T, C) + (T, C)
+        return self.dropout(x)
+
+    def hidden_states(self, idx: torch.Tensor, output_all: bool = False
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final normalised hidden states (B, T, C) and, if asked, the input of every block
+        plus the last block's output (before the final norm)."""
+        self.check_input_ids(idx)
+        x = self.embed(idx)  # (B, T, C)
+        all_states = []
+        for block in self.blocks:
+            if output_all:
+                all_states.append(x)
+            x = block(x)  # (B, T, C)
+        if output_all:
+            all_states.append(x)
+        return self.ln_f(x), all_states
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy over targets
+        that are not ``-100``."""
+        x, _ = self.hidden_states(idx)  # (B, T, C)
+        logits = self.head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        self._check_targets(idx, targets)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    # ---------------------------------------------------------- cached decode
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, DecodeCache]:
+        """Encode a prompt (B, T) in one parallel pass; return the logits of its last position
+        (B, V) and the decode cache."""
+        self.check_input_ids(idx)
+        x = self.embed(idx)  # (B, T, C)
+        states = []
+        for block in self.blocks:
+            x, state = block.prefill(x)  # (B, T, C)
+            states.append(state)
+        logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
+        return logits, DecodeCache(layers=states, seq_len=idx.shape[1])
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, cache: DecodeCache) -> tuple[torch.Tensor, DecodeCache]:
+        """Consume one token per row (B,) at position ``cache.seq_len``; return its next-token
+        logits (B, V). The cache is updated in place and returned."""
+        if token.dim() != 1:
+            raise ValueError(f"step takes one token per row, shape (batch,), got "
+                             f"{tuple(token.shape)}")
+        self.check_input_ids(token[:, None], start_pos=cache.seq_len)
+        x = self.embed(token[:, None], start_pos=cache.seq_len)[:, 0]  # (B, C)
+        for i, block in enumerate(self.blocks):
+            x, cache.layers[i] = block.step(x, cache.layers[i])  # (B, C)
+        cache.seq_len += 1
+        return self.head(self.ln_f(x)), cache  # (B, V)
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None,
+                        eos_token_id: int | None = None, seed: int | None = None
+                        ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row (B,) as soon as it is sampled.
+
+        The prompt is encoded in one parallel pass, then tokens come from the decode cache.
+        When the context reaches max_seq_len, the oldest token is dropped and the cache is
+        rebuilt from the last max_seq_len - 1 tokens (what an uncached model would see).
+        Rows that produced ``eos_token_id`` keep yielding it; the stream ends when all have.
+        """
+        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        self.check_input_ids(idx)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(int(seed))
+        limit = self.config.max_seq_len
+        context = idx[:, -limit:]
+        logits, cache = self.prefill(context)
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for i in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            yield token
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                return
+            context = torch.cat([context, token[:, None]], dim=1)
+            if cache.seq_len < limit:
+                logits, cache = self.step(token, cache)
+            else:
+                context = context[:, -(limit - 1):]
+                logits, cache = self.prefill(context)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """Prompt (B, T) -> prompt plus up to max_new_tokens sampled tokens (B, T + n).
+        ``temperature=0`` is greedy decoding."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        eos_token_id, seed))
+        if not new:
+            return idx
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+    @property
+    def receptive_field(self) -> int:
+        """How many tokens (the current one included) can influence a position's logits."""
+        return self.config.max_seq_len
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
+                    top_p: float | None) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0 or math.isnan(temperature):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits (B, V) -> token ids (B,): greedy at temperature 0, otherwise sampling from the
+    temperature-scaled distribution restricted to the top-k and the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the top one always stays.
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

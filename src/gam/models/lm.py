@@ -213,8 +213,9 @@ class CausalLM(nn.Module):
         """Yield the next token of every row (B,) as soon as it is sampled.
 
         The prompt is encoded in one parallel pass, then tokens come from the decode cache.
-        When the context reaches max_seq_len, the oldest token is dropped and the cache is
-        rebuilt from the last max_seq_len - 1 tokens (what an uncached model would see).
+        Past max_seq_len the oldest tokens are dropped and the cache is rebuilt from the last
+        max_seq_len tokens, which is what an uncached model that crops its input sees (with
+        learned positions a shifted window needs a fresh pass).
         Rows that produced ``eos_token_id`` keep yielding it; the stream ends when all have.
         """
         _check_sampling(max_new_tokens, temperature, top_k, top_p)
@@ -238,7 +239,7 @@ class CausalLM(nn.Module):
             if cache.seq_len < limit:
                 logits, cache = self.step(token, cache)
             else:
-                context = context[:, -(limit - 1):]
+                context = context[:, -limit:]
                 logits, cache = self.prefill(context)
 
     @torch.no_grad()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import gam.models.gam as gam_module
 from gam import build_model, count_parameters, receptive_field
 from gam.models.gam import (
     GAMBlock,
@@ -20,10 +21,11 @@ VARIANTS = {
 }
 
 
-def _block(kernel=3, **switches):
+def _block(kernel=3, retrieval="fused", **switches):
     torch.manual_seed(0)
     cfg = GAMConfig(vocab_size=50, max_seq_len=64, d_model=48, n_layers=2,
-                    num_memory_slots=24, conv_kernel_size=kernel, dropout=0.0, **switches)
+                    num_memory_slots=24, conv_kernel_size=kernel, dropout=0.0,
+                    retrieval=retrieval, **switches)
     block = GAMBlock(cfg).double()
     with torch.no_grad():  # non-trivial conv bias and gate so every term matters
         for p in block.parameters():
@@ -31,11 +33,12 @@ def _block(kernel=3, **switches):
     return block
 
 
+@pytest.mark.parametrize("retrieval", ["fused", "sdpa"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("kernel", [1, 3, 5])
 @pytest.mark.parametrize("T", [1, 2, 17])
-def test_block_fast_path_matches_reference_values_and_gradients(variant, kernel, T):
-    block = _block(kernel, **VARIANTS[variant])
+def test_block_fast_path_matches_reference_values_and_gradients(variant, kernel, T, retrieval):
+    block = _block(kernel, retrieval, **VARIANTS[variant])
     x = torch.randn(3, T, 48, dtype=torch.float64, requires_grad=True)
     y_fast = block(x)
     g_out = torch.randn_like(y_fast)
@@ -47,11 +50,14 @@ def test_block_fast_path_matches_reference_values_and_gradients(variant, kernel,
         torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-9)
 
 
-def test_memory_retrieval_matches_softmax_formula_float32_and_grads():
+@pytest.mark.parametrize("impl", ["fused", "sdpa"])
+@pytest.mark.parametrize("chunk", [7, 8192])
+def test_memory_retrieval_matches_softmax_formula_float32_and_grads(impl, chunk, monkeypatch):
+    monkeypatch.setattr(gam_module, "_RETRIEVAL_CHUNK", chunk)  # 7: several uneven chunks
     torch.manual_seed(1)
     h = torch.randn(2, 33, 64, requires_grad=True)
     mem = (0.1 * torch.randn(40, 64)).requires_grad_()
-    out = memory_retrieval(h, mem)
+    out = memory_retrieval(h, mem, impl)
     ref = torch.softmax(h @ mem.T, dim=-1) @ mem
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(out)
@@ -155,6 +161,20 @@ def test_global_only_has_receptive_field_one():
     assert receptive_field(model) == 1
     dep = _logit_dependence(model, 8)
     assert torch.equal(dep, torch.eye(8, dtype=torch.bool))
+
+
+def test_fused_retrieval_bf16_close_to_float32_reference():
+    torch.manual_seed(3)
+    h = torch.randn(4, 64, 128)
+    mem = torch.nn.init.xavier_uniform_(torch.empty(96, 128))
+    ref = memory_retrieval_reference(h, mem)
+    out = memory_retrieval(h.bfloat16(), mem.bfloat16(), "fused").float()
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_unknown_retrieval_is_rejected():
+    with pytest.raises(ValueError, match="retrieval must be one of"):
+        GAMConfig(retrieval="magic")
 
 
 def test_bf16_autocast_forward_backward_finite():

@@ -14,8 +14,9 @@ retrieves from it using only its own features. Tokens therefore mix only through
 convolutions, and a stack of ``n_layers`` blocks sees ``1 + n_layers * (k - 1)`` tokens
 (13 for the paper model). ``receptive_field`` reports it and the tests prove it.
 
-The fast path computes the retrieval with ``scaled_dot_product_attention`` (query h, key and
-value M, scale 1), so the (B, T, slots) score tensor is not kept for backward;
+The fast path never keeps the (B, T, slots) score tensor for backward: by default a fused
+matmul retrieval that recomputes the scores in backward (``retrieval="fused"``), or
+``scaled_dot_product_attention`` with query h, key and value M, scale 1 (``retrieval="sdpa"``).
 ``GAMBlock.forward_reference`` is the paper's formula, materialised, to test against.
 """
 
@@ -43,9 +44,13 @@ class GAMConfig(LMConfig):
     use_local: bool = True
     use_global: bool = True
     use_gate: bool = True
+    retrieval: str = "fused"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.retrieval not in RETRIEVAL_IMPLS:
+            raise ValueError(f"retrieval must be one of {RETRIEVAL_IMPLS}, got "
+                             f"{self.retrieval!r}")
         if not (self.use_local or self.use_global):
             raise ValueError("a GAM block needs at least one path: use_local or use_global")
         if isinstance(self.conv_kernel_size, bool) or not isinstance(self.conv_kernel_size, int) \
@@ -58,16 +63,71 @@ class GAMConfig(LMConfig):
                              f"{self.num_memory_slots!r}")
 
 
-def memory_retrieval(h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """softmax(h @ M^T) @ M without keeping the (B, T, S) scores: h (B, T, C), M (S, C).
+RETRIEVAL_IMPLS = ("fused", "sdpa", "naive")
 
-    Every token is one query of a single attention "head" whose keys and values are the memory
-    slots, so the fused attention kernel (flash on CPU and GPU) does the work.
+# Rows (tokens) per chunk in the fused retrieval: bounds its transient (rows, slots) buffers.
+_RETRIEVAL_CHUNK = 8192
+
+
+class _FusedRetrieval(torch.autograd.Function):
+    """softmax(h M^T) M that saves only h, M, the output and a per-token logsumexp (fp32) for
+    backward, and recomputes the scores there: the flash-attention trick with plain matmuls.
+
+    Backward, with P = softmax(S), O = P M, D = rowsum(dO * O):
+        dS = P * (dO M^T - D),   dh = dS M,   dM = dS^T h + P^T dO.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(h.dtype, torch.float32)  # softmax never below fp32
+        out = torch.empty_like(h)  # (N, C)
+        lse = torch.empty(h.shape[0], 1, dtype=acc, device=h.device)
+        for i in range(0, h.shape[0], _RETRIEVAL_CHUNK):
+            rows = slice(i, i + _RETRIEVAL_CHUNK)
+            scores = (h[rows] @ memory.T).to(acc)  # (n, S)
+            lse[rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
+            out[rows] = torch.exp(scores - lse[rows]).to(h.dtype) @ memory
+        ctx.save_for_backward(h, memory, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, memory, out, lse = ctx.saved_tensors
+        acc = lse.dtype
+        grad_out = grad_out.to(h.dtype)
+        grad_h = torch.empty_like(h)
+        grad_m = torch.zeros(memory.shape, dtype=acc, device=memory.device)
+        for i in range(0, h.shape[0], _RETRIEVAL_CHUNK):
+            rows = slice(i, i + _RETRIEVAL_CHUNK)
+            p = torch.exp((h[rows] @ memory.T).to(acc) - lse[rows])  # (n, S)
+            d = (grad_out[rows].to(acc) * out[rows].to(acc)).sum(-1, keepdim=True)  # (n, 1)
+            ds = (p * ((grad_out[rows] @ memory.T).to(acc) - d)).to(h.dtype)  # (n, S)
+            grad_h[rows] = ds @ memory
+            grad_m += (ds.T @ h[rows] + p.to(h.dtype).T @ grad_out[rows]).to(acc)
+        return grad_h, grad_m.to(memory.dtype)
+
+
+def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, impl: str = "fused"
+                     ) -> torch.Tensor:
+    """softmax(h @ M^T) @ M without keeping the (B, T, S) scores for backward.
+
+    h (B, T, C), M (S, C). ``fused`` (default): matmuls plus a recomputing backward, fastest on
+    CPU (measured in docs/results.md: PyTorch's CPU flash-attention backward is several times
+    slower at head dim 512). ``sdpa``: every token is one query of a single attention head
+    whose keys and values are the slots, run by ``scaled_dot_product_attention``.
+    ``naive``: the paper's formula (keeps the scores).
     """
     B, T, C = h.shape
-    q = h.reshape(1, 1, B * T, C)  # (1, 1, B*T, C)
-    kv = memory.to(h.dtype)[None, None]  # (1, 1, S, C)
-    return F.scaled_dot_product_attention(q, kv, kv, scale=1.0).view(B, T, C)
+    if impl == "fused":
+        memory = memory.to(h.dtype)
+        return _FusedRetrieval.apply(h.reshape(B * T, C), memory).view(B, T, C)
+    if impl == "sdpa":
+        q = h.reshape(1, 1, B * T, C)  # (1, 1, B*T, C)
+        kv = memory.to(h.dtype)[None, None]  # (1, 1, S, C)
+        return F.scaled_dot_product_attention(q, kv, kv, scale=1.0).view(B, T, C)
+    if impl == "naive":
+        return memory_retrieval_reference(h, memory)
+    raise ValueError(f"retrieval must be one of {RETRIEVAL_IMPLS}, got {impl!r}")
 
 
 def memory_retrieval_reference(h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -119,13 +179,12 @@ class GAMBlock(nn.Module):
             out = out + g * p
         return out
 
-    def _mix(self, h: torch.Tensor, naive: bool = False) -> torch.Tensor:
+    def _mix(self, h: torch.Tensor) -> torch.Tensor:
         local = global_ = None
         if self.causal_conv is not None:
             local = causal_depthwise_conv(h, self.causal_conv.weight, self.causal_conv.bias)
         if self.memory_bank is not None:
-            retrieve = memory_retrieval_reference if naive else memory_retrieval
-            global_ = retrieve(h, self.memory_bank)  # (B, T, C)
+            global_ = memory_retrieval(h, self.memory_bank, self.config.retrieval)  # (B, T, C)
         return self._fuse(h, local, global_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

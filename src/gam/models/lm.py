@@ -164,15 +164,27 @@ class CausalLM(nn.Module):
             all_states.append(x)
         return self.ln_f(x), all_states
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy over targets
-        that are not ``-100``."""
+        that are not ``-100``.
+
+        ``return_logits=False`` (with targets) returns ``(None, loss)`` and computes the loss
+        through the head chunk by chunk (``losses.linear_cross_entropy``), never holding all
+        B*T x vocab logits: what training uses.
+        """
         x, _ = self.hidden_states(idx)  # (B, T, C)
+        if targets is not None:
+            self._check_targets(idx, targets)
+        if targets is not None and not return_logits:
+            from gam.models.losses import linear_cross_entropy
+
+            loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head.weight,
+                                        targets.reshape(-1))
+            return None, loss
         logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits, None
-        self._check_targets(idx, targets)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
         return logits, loss

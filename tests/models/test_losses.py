@@ -62,3 +62,4 @@ def test_bf16_autocast_loss_close_to_fp32():
     loss.backward()
     assert abs(loss.item() - ref.item()) < 0.02
     assert x.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    assert w.grad.dtype == torch.float32

@@ -65,6 +65,13 @@ class GAMConfig(LMConfig):
 
 RETRIEVAL_IMPLS = ("fused", "sdpa", "naive")
 
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul of ``x`` (``x.dtype`` outside autocast)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
 # Rows (tokens) per chunk in the fused retrieval: bounds its transient (rows, slots) buffers.
 _RETRIEVAL_CHUNK = 8192
 
@@ -119,8 +126,11 @@ def memory_retrieval(h: torch.Tensor, memory: torch.Tensor, impl: str = "fused"
     """
     B, T, C = h.shape
     if impl == "fused":
-        memory = memory.to(h.dtype)
-        return _FusedRetrieval.apply(h.reshape(B * T, C), memory).view(B, T, C)
+        # A custom Function's backward runs outside autocast: cast up front so that both
+        # passes run their matmuls in the autocast dtype.
+        dtype = autocast_dtype(h)
+        return _FusedRetrieval.apply(h.reshape(B * T, C).to(dtype), memory.to(dtype)
+                                     ).view(B, T, C)
     if impl == "sdpa":
         q = h.reshape(1, 1, B * T, C)  # (1, 1, B*T, C)
         kv = memory.to(h.dtype)[None, None]  # (1, 1, S, C)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from gam.models.gam import autocast_dtype
 from gam.models.lm import IGNORE_INDEX
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -48,8 +49,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_sum, g = _chunk_loss_and_grad(x[rows], weight, targets[rows], ignore_index,
                                                True, scale)
             loss += loss_sum
-            g = g.to(x.dtype if not torch.is_autocast_enabled(x.device.type)
-                     else torch.get_autocast_dtype(x.device.type))
+            g = g.to(x.dtype)
             grad_x[rows] = g @ weight
             grad_w += (g.T @ x[rows]).to(acc)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
@@ -72,6 +72,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if x.dim() != 2 or targets.shape != x.shape[:1]:
         raise ValueError(f"expected x (N, C) and targets (N,), got {tuple(x.shape)} and "
                          f"{tuple(targets.shape)}")
+    # A custom Function's backward runs outside autocast: cast up front instead.
+    dtype = autocast_dtype(x)
+    x, weight = x.to(dtype), weight.to(dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction,
                                          chunk_rows)

@@ -1,0 +1,580 @@
+"""Text corpora: where they are found, how they are split into rows, and how they are named.
+
+A :class:`Corpus` is plain text, split into ``train`` / ``valid`` (and optionally ``test``) lists
+of rows. Everything downstream (tokenizer training, token ids, caches) works from this one
+structure, so the same corpus gives the same rows -- and the same fingerprint -- whether it was
+read from a local folder or fetched from the Hugging Face hub.
+
+Where a named corpus comes from, in order:
+
+1. the ``data_dir`` argument, if given. It is *authoritative*: when it lacks the files the call
+   fails and names the missing paths, instead of silently downloading something else (a typo
+   in ``--data-dir`` should not turn into a hub download);
+2. ``$GAM_DATA_DIR``, if set (a global default that may hold only some corpora, so a corpus
+   missing there falls through to the hub);
+3. the Hugging Face hub through ``datasets`` (only if it is importable and reachable);
+4. otherwise one :class:`DataNotFoundError` naming the expected layout, every place tried and
+   the hub id.
+
+Row conventions (those of the Hugging Face ``wikitext`` builder, so local and hub copies agree):
+
+* ``row_kind="line"`` (WikiText-2, Austen, ``text:`` corpora): a row is one line of a continuous
+  text, without its newline; whitespace-only lines become ``""`` and are kept, so that rows can
+  be joined back with ``"\\n"``.
+* ``row_kind="document"`` (TinyStories): a row is one self-contained document (a story); the
+  encoder puts an end-of-text token after each.
+
+``max_train_rows`` cuts the ``train`` split, ``max_val_rows`` cuts every evaluation split
+(``valid`` and ``test``), always to the *first* rows, after splitting, for every source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+from gam.data._files import describe_text_file, find_text_file, iter_lines
+
+logger = logging.getLogger(__name__)
+
+ENV_DATA_DIR = "GAM_DATA_DIR"
+"""Environment variable holding the default data folder."""
+
+EOT_MARKER = "<|endoftext|>"
+"""Separator between stories in TinyStories text files."""
+
+TEXT_PREFIX = "text:"
+"""Prefix of ad-hoc corpora: ``text:FILE`` or ``text:DIR``."""
+
+ROW_KINDS = ("line", "document")
+
+TEXT_TRAIN_FRACTION = 0.9
+"""Share of the lines of a single ``text:FILE`` that goes to ``train`` (the rest is ``valid``)."""
+
+AUSTEN_VALID_TITLE = "Persuasion"
+AUSTEN_VALID_START_LINE = 65_100
+"""1-based line where *Persuasion*, the held-out validation novel, starts in ``austen.txt``."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A corpus could not be found in any of the places it may live.
+
+    Subclasses :class:`FileNotFoundError` so callers that already handle missing files keep
+    working; the message lists the expected folder layout and every place that was tried.
+    """
+
+
+@dataclass(repr=False)
+class Corpus:
+    """A text corpus split into rows.
+
+    Attributes:
+        name: the name it was loaded under (``"wikitext2"``, ``"text:notes.txt"``...); part of
+            every cache key.
+        splits: rows of text per split: ``"train"``, ``"valid"`` and optionally ``"test"``.
+        source: where the text came from, for logs (folder, file or hub id, and row cuts).
+        row_kind: ``"line"`` -- rows are lines of one continuous text, joined with ``"\\n"`` --
+            or ``"document"`` -- rows are independent documents separated by end-of-text.
+    """
+
+    name: str
+    splits: dict[str, list[str]]
+    source: str
+    row_kind: str = "line"
+
+    def __post_init__(self) -> None:
+        if self.row_kind not in ROW_KINDS:
+            raise ValueError(f"row_kind must be one of {ROW_KINDS}, got {self.row_kind!r}")
+        missing = [s for s in ("train", "valid") if s not in self.splits]
+        if missing:
+            raise ValueError(
+                f"corpus {self.name!r} lacks split(s) {missing}; every corpus needs 'train' and "
+                f"'valid', got {sorted(self.splits)}"
+            )
+
+    def __repr__(self) -> str:  # the default repr would print every row
+        counts = ", ".join(f"{s}={len(r)}" for s, r in self.splits.items())
+        return (
+            f"Corpus(name={self.name!r}, rows: {counts}, row_kind={self.row_kind!r}, "
+            f"source={self.source!r})"
+        )
+
+    def rows(self, split: str) -> list[str]:
+        """The rows of ``split``; raises ``KeyError`` naming the splits that do exist."""
+        try:
+            return self.splits[split]
+        except KeyError:
+            raise KeyError(
+                f"corpus {self.name!r} has no split {split!r}; it has {sorted(self.splits)}"
+            ) from None
+
+    def texts(self, split: str) -> list[str]:
+        """The strings to tokenize for ``split``, one per row.
+
+        Line rows get their newline back (``row + "\\n"``) so concatenating the texts restores
+        the original text; document rows are returned as they are (the encoder separates them
+        with end-of-text ids).
+        """
+        rows = self.rows(split)
+        if self.row_kind == "line":
+            return [row + "\n" for row in rows]
+        return list(rows)
+
+    def fingerprint(self, split: str) -> str:
+        """SHA-256 (hex) of the text of ``split``, used to key caches.
+
+        Each row is hashed with its byte length in front, so different row divisions of the same
+        characters hash differently; the row kind is hashed too because it changes the token
+        stream. Any edit to the source text, or a different row cut, changes the fingerprint.
+        """
+        digest = hashlib.sha256(f"gam-corpus-v1 {self.row_kind}\n".encode())
+        for row in self.rows(split):
+            data = row.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How a named corpus is laid out on disk and on the hub."""
+
+    title: str
+    folder: str
+    files: dict[str, str]  # split (or "all" for a file that is split here) -> plain file name
+    row_kind: str
+    reader: str = "lines"  # "lines" | "stories" | "austen"
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_splits: dict[str, str] = field(default_factory=dict)  # our split -> hub split
+
+    def layout(self) -> str:
+        return ", ".join(
+            describe_text_file(f"<data_dir>/{self.folder}", name) for name in self.files.values()
+        )
+
+    def hub_label(self) -> str:
+        if self.hub_id is None:
+            return "Hugging Face hub: no hub copy of this corpus exists"
+        config = f", config {self.hub_config!r}" if self.hub_config else ""
+        return f"Hugging Face hub id {self.hub_id!r}{config}"
+
+
+_WIKITEXT_HUB_SPLITS = {"train": "train", "valid": "validation", "test": "test"}
+
+_SPECS: dict[str, _Spec] = {
+    "wikitext2": _Spec(
+        title="WikiText-2, raw",
+        folder="wikitext-2-raw",
+        files={s: f"wiki.{s}.raw" for s in ("train", "valid", "test")},
+        row_kind="line",
+        hub_id="Salesforce/wikitext",  # the hub's current name of the former `wikitext`
+        hub_config="wikitext-2-raw-v1",
+        hub_splits=_WIKITEXT_HUB_SPLITS,
+    ),
+    "wikitext2-tokens": _Spec(
+        title="WikiText-2, tokenized with <unk>",
+        folder="wikitext-2",
+        files={s: f"wiki.{s}.tokens" for s in ("train", "valid", "test")},
+        row_kind="line",
+        hub_id="Salesforce/wikitext",
+        hub_config="wikitext-2-v1",
+        hub_splits=_WIKITEXT_HUB_SPLITS,
+    ),
+    "tinystories": _Spec(
+        title=f"TinyStories, stories separated by {EOT_MARKER}",
+        folder="tinystories",
+        files={"train": "train.txt", "valid": "valid.txt"},
+        row_kind="document",
+        reader="stories",
+        hub_id="roneneldan/TinyStories",
+        hub_splits={"train": "train", "valid": "validation"},
+    ),
+    "austen": _Spec(
+        title="Jane Austen's six novels (stand-in for TinyStories; Persuasion is validation)",
+        folder="fallback-prose",
+        files={"all": "austen.txt"},
+        row_kind="line",
+        reader="austen",
+    ),
+}
+
+KNOWN_CORPORA: tuple[str, ...] = tuple(_SPECS)
+"""Named corpora accepted by :func:`load_corpus` (besides ``text:PATH``)."""
+
+
+class _Missing(Exception):
+    """Internal: a local folder does not hold a corpus (message says what is missing)."""
+
+
+class _HubUnavailable(Exception):
+    """Internal: the hub could not provide a corpus (message says why)."""
+
+
+def load_corpus(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    max_train_rows: int | None = None,
+    max_val_rows: int | None = None,
+    *,
+    use_hub: bool = True,
+) -> Corpus:
+    """Load a corpus by name.
+
+    Args:
+        name: one of :data:`KNOWN_CORPORA` -- ``"wikitext2"`` (raw WikiText-2, the paper's
+            corpus), ``"wikitext2-tokens"`` (the ``<unk>`` variant), ``"tinystories"``,
+            ``"austen"`` (see :func:`load_austen`) -- or ``"text:PATH"`` where PATH is a text
+            file (its lines are split 90/10 into train/valid) or a folder with ``train.txt``,
+            ``valid.txt`` and optionally ``test.txt`` (plain or ``.xz``).
+        data_dir: folder holding the corpus folders (see the module docstring for the order in
+            which places are searched). Ignored for ``text:`` corpora.
+        max_train_rows: keep only the first rows of ``train`` (the paper uses 50,000).
+        max_val_rows: keep only the first rows of ``valid`` and ``test`` (the paper: 5,000).
+        use_hub: set False to never contact the Hugging Face hub (it retries for ~25 s when
+            offline; ``HF_HUB_OFFLINE=1`` also makes it fail fast).
+
+    Raises:
+        ValueError: unknown name, bad row limit, or a split with no text.
+        DataNotFoundError: the corpus is in none of the places searched.
+    """
+    _check_row_limit("max_train_rows", max_train_rows)
+    _check_row_limit("max_val_rows", max_val_rows)
+    if not isinstance(name, str):
+        raise TypeError(f"corpus name must be a str, got {type(name).__name__}")
+    if name.startswith(TEXT_PREFIX):
+        return _load_text_corpus(name, max_train_rows, max_val_rows)
+    spec = _SPECS.get(name)
+    if spec is None:
+        raise ValueError(
+            f"unknown corpus {name!r}; known names: {', '.join(KNOWN_CORPORA)}, "
+            f"or '{TEXT_PREFIX}PATH' for a text file or folder"
+        )
+    limits = (max_train_rows, max_val_rows)
+    attempts: list[str] = []
+
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        try:
+            return _load_from_dir(name, spec, root, "data_dir argument", limits)
+        except _Missing as missing:
+            attempts.append(f"data_dir argument: {missing}")
+        raise _not_found(
+            name,
+            spec,
+            attempts,
+            note=f"Not consulted because data_dir was given explicitly: ${ENV_DATA_DIR}"
+            + (f" and the {spec.hub_label()}." if spec.hub_id else f". {spec.hub_label()}."),
+        )
+
+    env_dir = os.environ.get(ENV_DATA_DIR)
+    if env_dir:
+        try:
+            return _load_from_dir(
+                name, spec, Path(env_dir).expanduser(), f"${ENV_DATA_DIR}", limits
+            )
+        except _Missing as missing:
+            attempts.append(f"${ENV_DATA_DIR}: {missing}")
+    else:
+        attempts.append(f"${ENV_DATA_DIR}: not set")
+
+    if spec.hub_id is None:
+        attempts.append(spec.hub_label())
+    elif not use_hub:
+        attempts.append(f"{spec.hub_label()}: skipped (use_hub=False)")
+    else:
+        try:
+            return _load_from_hub(name, spec, limits)
+        except _HubUnavailable as why:
+            attempts.append(f"{spec.hub_label()}: {why}")
+    raise _not_found(name, spec, attempts)
+
+
+def load_austen(
+    data_dir: str | os.PathLike[str] | None = None,
+    max_train_rows: int | None = None,
+    max_val_rows: int | None = None,
+) -> Corpus:
+    """Jane Austen's six novels, a *stand-in* for TinyStories when it is not available.
+
+    It is real narrative English but adult 19th-century prose, not children's stories: results
+    on it are not comparable with TinyStories numbers and must be reported as such.
+    *Persuasion* (from line 65,100 of ``fallback-prose/austen.txt``) is held out as ``valid``;
+    the five novels before it are ``train``; there is no ``test`` split. Rows are the original
+    hard-wrapped lines.
+    """
+    return load_corpus("austen", data_dir, max_train_rows, max_val_rows)
+
+
+def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The folder named corpora are read from: ``data_dir`` if given, else ``$GAM_DATA_DIR``,
+    else None (meaning: only the hub will be tried)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env_dir = os.environ.get(ENV_DATA_DIR)
+    return Path(env_dir).expanduser() if env_dir else None
+
+
+def find_shared_data_dir(starts: Iterable[str | os.PathLike[str]] | None = None) -> Path | None:
+    """Find a ``shared/data`` folder next to the repository (or any parent folder).
+
+    The checkout sits beside the shared data folder (``<root>/main`` and
+    ``<root>/shared/data``), so walking up from this file and from the working directory
+    finds it without any machine-specific path. Returns None when there is none (tests then
+    skip with a reason).
+    """
+    if starts is None:
+        starts = (Path(__file__).resolve().parent, Path.cwd().resolve())
+    for start in starts:
+        start = Path(start).resolve()
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# local folders
+
+
+def _load_from_dir(
+    name: str, spec: _Spec, root: Path, origin: str, limits: tuple[int | None, int | None]
+) -> Corpus:
+    if not root.is_dir():
+        raise _Missing(f"{root} is not a directory")
+    folder = root / spec.folder
+    paths: dict[str, Path] = {}
+    missing: list[str] = []
+    for split, file_name in spec.files.items():
+        path = find_text_file(folder, file_name)
+        if path is None:
+            missing.append(describe_text_file(folder, file_name))
+        else:
+            paths[split] = path
+    if missing:
+        raise _Missing("missing " + ", ".join(missing))
+
+    if spec.reader == "austen":
+        splits, files = _read_austen(paths["all"], limits)
+    else:
+        splits, files = {}, {}
+        for split, path in paths.items():
+            limit = _limit_for(split, limits)
+            rows = _iter_stories(path) if spec.reader == "stories" else _iter_line_rows(path)
+            splits[split] = list(islice(rows, limit))
+            files[split] = str(path)
+    for split, rows in splits.items():
+        _check_not_empty(name, split, rows, files[split], _limit_for(split, limits))
+    source = f"{folder} ({origin}){_describe_limits(limits)}"
+    logger.info("loaded corpus %s from %s", name, source)
+    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind)
+
+
+def _normalize_line(line: str) -> str:
+    """Whitespace-only lines become ``""`` (the Hugging Face wikitext convention)."""
+    return line if line.strip() else ""
+
+
+def _iter_line_rows(path: Path) -> Iterator[str]:
+    return (_normalize_line(line) for line in iter_lines(path))
+
+
+def _iter_stories(path: Path) -> Iterator[str]:
+    """Yield the stories of a TinyStories text file (stories separated by ``<|endoftext|>``).
+
+    Streams the file, so cutting to the first N stories of the 2 GB train file reads only
+    those. Stories are stripped; empty ones (e.g. after a trailing separator) are dropped.
+    """
+    buffer: list[str] = []
+    for line in iter_lines(path):
+        while EOT_MARKER in line:
+            before, line = line.split(EOT_MARKER, 1)
+            buffer.append(before)
+            story = "\n".join(buffer).strip()
+            if story:
+                yield story
+            buffer = []
+        buffer.append(line)
+    story = "\n".join(buffer).strip()
+    if story:
+        yield story
+
+
+def _read_austen(
+    path: Path, limits: tuple[int | None, int | None]
+) -> tuple[dict[str, list[str]], dict[str, str]]:
+    lines = list(_iter_line_rows(path))
+    start = AUSTEN_VALID_START_LINE - 1
+    if not (start < len(lines) and lines[start].strip() == AUSTEN_VALID_TITLE):
+        # Not the reference file: look for the title line rather than trusting the number.
+        found = [i for i, line in enumerate(lines) if line.strip() == AUSTEN_VALID_TITLE]
+        if not found:
+            raise ValueError(
+                f"{path}: no line {AUSTEN_VALID_TITLE!r} marks the start of the validation "
+                f"novel (expected at line {AUSTEN_VALID_START_LINE:,} of the six-novel file)"
+            )
+        start = found[0]
+    train = lines[:start]
+    while train and not train[-1]:  # drop the blank line that separates the novels
+        train.pop()
+    splits = {
+        "train": train[: _limit_for("train", limits)],
+        "valid": lines[start:][: _limit_for("valid", limits)],
+    }
+    where = f"{path} (Persuasion, from line {start + 1:,})"
+    return splits, {"train": f"{path} (lines before {start + 1:,})", "valid": where}
+
+
+# ---------------------------------------------------------------------------------------------
+# text:PATH
+
+
+def _load_text_corpus(name: str, max_train_rows: int | None, max_val_rows: int | None) -> Corpus:
+    raw = name[len(TEXT_PREFIX) :]
+    if not raw:
+        raise ValueError(f"{TEXT_PREFIX!r} needs a path, e.g. '{TEXT_PREFIX}notes.txt'")
+    path = Path(raw).expanduser()
+    limits = (max_train_rows, max_val_rows)
+    expected = (
+        "a text file (plain or .xz) or a folder with train.txt, valid.txt and optionally "
+        "test.txt (each plain or .xz)"
+    )
+    if path.is_dir():
+        paths: dict[str, Path] = {}
+        missing: list[str] = []
+        for split in ("train", "valid", "test"):
+            found = find_text_file(path, f"{split}.txt")
+            if found is not None:
+                paths[split] = found
+            elif split != "test":
+                missing.append(describe_text_file(path, f"{split}.txt"))
+        if missing:
+            raise DataNotFoundError(
+                f"text corpus folder {path} lacks {', '.join(missing)}; expected {expected}"
+            )
+        splits: dict[str, list[str]] = {}
+        for split, split_path in paths.items():
+            limit = _limit_for(split, limits)
+            splits[split] = list(islice(_iter_line_rows(split_path), limit))
+            _check_not_empty(name, split, splits[split], str(split_path), limit)
+        source = f"{path}{_describe_limits(limits)}"
+        return Corpus(name=name, splits=splits, source=source, row_kind="line")
+
+    file_path = path if path.is_file() else find_text_file(path.parent, path.name)
+    if file_path is None:
+        raise DataNotFoundError(f"text corpus path {path} does not exist; expected {expected}")
+    lines = list(_iter_line_rows(file_path))
+    if not any(lines):
+        raise ValueError(f"split 'train' of corpus {name!r} is empty: {file_path} has no text")
+    if len(lines) < 2:
+        raise ValueError(
+            f"{file_path} has {len(lines)} line(s); a single-file text corpus needs at least 2 "
+            f"lines to split {TEXT_TRAIN_FRACTION:.0%} / {1 - TEXT_TRAIN_FRACTION:.0%} by lines"
+        )
+    n_train = min(max(int(len(lines) * TEXT_TRAIN_FRACTION), 1), len(lines) - 1)
+    splits = {
+        "train": lines[:n_train][: _limit_for("train", limits)],
+        "valid": lines[n_train:][: _limit_for("valid", limits)],
+    }
+    for split, rows in splits.items():
+        where = f"{file_path} ({split} part: lines " + (
+            f"1-{n_train})" if split == "train" else f"{n_train + 1}-{len(lines)})"
+        )
+        _check_not_empty(name, split, rows, where, _limit_for(split, limits))
+    source = f"{file_path} (lines split {TEXT_TRAIN_FRACTION:.0%}/{1 - TEXT_TRAIN_FRACTION:.0%})"
+    return Corpus(name=name, splits=splits, source=source + _describe_limits(limits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face hub
+
+
+def _hub_rows(hub_id: str, config: str | None, hub_split: str, limit: int | None) -> list[str]:
+    """Fetch the ``text`` column of one hub split (first ``limit`` rows if given).
+
+    With a limit the split is streamed, so only the rows needed are downloaded. Any failure
+    (``datasets`` missing, no network, dataset renamed...) becomes ``_HubUnavailable``.
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise _HubUnavailable(
+            "the `datasets` package is not importable (pip install 'gam[hub]')"
+        ) from exc
+    try:
+        if limit is None:
+            dataset = datasets.load_dataset(hub_id, config, split=hub_split)
+            return list(dataset["text"])
+        stream = datasets.load_dataset(hub_id, config, split=hub_split, streaming=True)
+        return [record["text"] for record in islice(stream, limit)]
+    except Exception as exc:  # network, offline mode, auth, renamed dataset: all "unavailable"
+        raise _HubUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_from_hub(name: str, spec: _Spec, limits: tuple[int | None, int | None]) -> Corpus:
+    assert spec.hub_id is not None
+    splits: dict[str, list[str]] = {}
+    for split, hub_split in spec.hub_splits.items():
+        limit = _limit_for(split, limits)
+        raw_rows = _hub_rows(spec.hub_id, spec.hub_config, hub_split, limit)
+        if spec.row_kind == "line":  # hub rows keep their "\n"; ours do not
+            rows = [_normalize_line(row[:-1] if row.endswith("\n") else row) for row in raw_rows]
+        else:
+            rows = [row.strip() for row in raw_rows if row.strip()]
+        where = f"hub {spec.hub_id} ({spec.hub_config or 'default'}) split {hub_split!r}"
+        _check_not_empty(name, split, rows, where, limit)
+        splits[split] = rows
+    config = f"/{spec.hub_config}" if spec.hub_config else ""
+    source = f"hf-hub:{spec.hub_id}{config}{_describe_limits(limits)}"
+    logger.info("loaded corpus %s from %s", name, source)
+    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_row_limit(label: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{label} must be a positive int or None, got {value!r}")
+
+
+def _limit_for(split: str, limits: tuple[int | None, int | None]) -> int | None:
+    """``max_train_rows`` for train, ``max_val_rows`` for every evaluation split."""
+    return limits[0] if split == "train" else limits[1]
+
+
+def _describe_limits(limits: tuple[int | None, int | None]) -> str:
+    labels = ("max_train_rows", "max_val_rows")
+    parts = [f"{lab}={val}" for lab, val in zip(labels, limits, strict=True) if val is not None]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _check_not_empty(name: str, split: str, rows: list[str], where: str, limit: int | None) -> None:
+    if any(row.strip() for row in rows):
+        return
+    cut = f" after keeping only its first {limit} row(s)" if limit is not None else ""
+    raise ValueError(
+        f"split {split!r} of corpus {name!r} is empty (no non-blank rows){cut}; read from {where}"
+    )
+
+
+def _not_found(name: str, spec: _Spec, attempts: list[str], note: str = "") -> DataNotFoundError:
+    tried = "\n".join(f"  {i}. {attempt}" for i, attempt in enumerate(attempts, 1))
+    message = (
+        f"corpus {name!r} ({spec.title}) was not found.\n"
+        f"Expected layout (plain or .xz): {spec.layout()}\n"
+        f"Tried, in order:\n{tried}\n"
+        + (f"{note}\n" if note else "")
+        + f"Fix: pass data_dir=<folder> or set ${ENV_DATA_DIR}=<folder>"
+        + (", or make the hub reachable." if spec.hub_id else ".")
+    )
+    return DataNotFoundError(message)

@@ -185,3 +185,18 @@ def test_bf16_autocast_forward_backward_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_extend_in_chunks_and_with_left_padding_equals_forward(variant):
+    block = _block(3, **VARIANTS[variant])
+    x = torch.randn(2, 11, 48, dtype=torch.float64)
+    full = block(x)
+    y1, state = block.extend(x[:, :4])
+    y2, _ = block.extend(x[:, 4:], state)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), full)
+    padded = torch.cat([torch.randn(2, 3, 48, dtype=torch.float64), x], dim=1)
+    mask = torch.ones(2, 14, dtype=torch.bool)
+    mask[:, :3] = False
+    y, _ = block.extend(padded, pad_mask=mask)
+    torch.testing.assert_close(y[:, 3:], full)

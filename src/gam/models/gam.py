@@ -219,14 +219,33 @@ class GAMBlock(nn.Module):
     # Decode state: the last (k - 1) LayerNorm-ed block inputs, (B, k-1, C), oldest first; zeros
     # stand for positions before the start. O(1) in the context length.
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.extend(x)
+
+    def extend(self, x: torch.Tensor, state: torch.Tensor | None = None,
+               pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run T new tokens x (B, T, C) that follow ``state`` (B, k-1, C; None = the start).
+
+        ``pad_mask`` (B, T), False at padding, zeroes the padded tokens' normalised inputs:
+        exactly the zeros a sequence sees before its start, so a left-padded row computes what
+        it would alone. Returns the outputs (B, T, C) and the new state (B, k-1, C).
+        """
+        B, T, C = x.shape
+        k1 = self.config.conv_kernel_size - 1
         h = self.ln1(x)  # (B, T, C)
-        y = x + self._mix(h)
+        if pad_mask is not None:
+            h = h * pad_mask[..., None].to(h.dtype)
+        if state is None:
+            state = h.new_zeros(B, k1, C)
+        window = torch.cat([state.to(h.dtype), h], dim=1)  # (B, k-1+T, C)
+        local = global_ = None
+        if self.causal_conv is not None:
+            local = F.conv1d(window.transpose(1, 2), self.causal_conv.weight,
+                             self.causal_conv.bias, groups=C).transpose(1, 2)  # (B, T, C)
+        if self.memory_bank is not None:
+            global_ = memory_retrieval(h, self.memory_bank, self.config.retrieval)
+        y = x + self._fuse(h, local, global_)
         y = y + self.ffn(self.ln2(y))
-        k = self.config.conv_kernel_size
-        if k - 1 > h.shape[1]:
-            h = F.pad(h, (0, 0, k - 1 - h.shape[1], 0))
-        state = h[:, h.shape[1] - (k - 1):].contiguous()  # (B, k-1, C)
-        return y, state
+        return y, window[:, window.shape[1] - k1:].contiguous()
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.ln1(x)  # (B, C)

@@ -1,0 +1,98 @@
+"""``GAMHFConfig``: the Hugging Face config of a GAM language model.
+
+It carries exactly the fields of :class:`gam.models.gam.GAMConfig` (same names, same defaults,
+validated by the library's own checks) plus the usual ``PretrainedConfig`` attributes. HF's
+standard names are aliases of the GAM ones::
+
+    config.hidden_size             -> config.d_model
+    config.num_hidden_layers       -> config.n_layers
+    config.max_position_embeddings -> config.max_seq_len
+
+The head is always tied to the token embedding (``tie_word_embeddings=True``), as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from gam.models.gam import GAMConfig
+
+#: The GAMConfig fields, in order, with their defaults (the paper's model).
+GAM_FIELDS: dict[str, Any] = {f.name: f.default for f in fields(GAMConfig)}
+
+#: Registered library names of the GAM variants, keyed by (use_local, use_global, use_gate).
+GAM_VARIANTS: dict[tuple[bool, bool, bool], str] = {
+    (True, True, True): "gam",
+    (True, True, False): "gam-sum",
+    (False, True, False): "gam-global-only",
+    (True, False, False): "gam-local-only",
+}
+
+
+class GAMHFConfig(PretrainedConfig):
+    """Configuration of :class:`gam.hf.GAMForCausalLM` (``model_type = "gam"``).
+
+    The defaults are the paper's model (vocab 10000, 256 tokens, d 512, 6 layers, 512 memory
+    slots, kernel 3, dropout 0.1). Any ``GAMConfig`` field can be passed by name, and
+    ``hidden_size`` / ``num_hidden_layers`` / ``max_position_embeddings`` are accepted as
+    aliases. Invalid values raise ``ValueError`` (the library's checks).
+    """
+
+    model_type = "gam"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "max_position_embeddings": "max_seq_len",
+    }
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Every GAMConfig field (vocab_size, max_seq_len, d_model, n_layers, ffn_mult, dropout,
+        # pos_embedding, num_memory_slots, conv_kernel_size, use_local, use_global, use_gate, and
+        # any the library adds later) is read from kwargs by name, with the library's default.
+        if not tie_word_embeddings:
+            raise ValueError("GAM always ties its output head to the token embedding; "
+                             "tie_word_embeddings=False is not supported")
+        for name, default in GAM_FIELDS.items():
+            setattr(self, name, kwargs.pop(name, default))
+        self.use_cache = use_cache
+        # Aliases (hidden_size=...) arrive in kwargs; the base class sets them through
+        # attribute_map, after the assignments above, so they take precedence.
+        super().__init__(tie_word_embeddings=True, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        self.to_gam_config()  # validate with the library's checks
+
+    # The base class is a dataclass in transformers 5, whose generated __eq__ would only compare
+    # the base fields; compare everything, as PretrainedConfig does.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PretrainedConfig) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_gam_config(self) -> GAMConfig:
+        """The library's ``GAMConfig`` with these hyper-parameters."""
+        return GAMConfig(**{name: getattr(self, name) for name in GAM_FIELDS})
+
+    @classmethod
+    def from_gam_config(cls, config: GAMConfig, **kwargs: Any) -> GAMHFConfig:
+        """Build the HF config of a library ``GAMConfig`` (kwargs: token ids etc.)."""
+        return cls(**config.to_dict(), **kwargs)
+
+    @property
+    def gam_model_name(self) -> str:
+        """The library's registered name for this variant (``gam``, ``gam-sum``,
+        ``gam-global-only`` or ``gam-local-only``; ``gam`` for other flag combinations, whose
+        config is saved in full anyway)."""
+        return GAM_VARIANTS.get((bool(self.use_local), bool(self.use_global), bool(self.use_gate)),
+                                "gam")

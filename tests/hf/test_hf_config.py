@@ -1,0 +1,98 @@
+"""GAMHFConfig and the registration of the "gam" model type with the Auto classes."""
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import gam.hf  # noqa: E402
+from gam.hf import GAMForCausalLM, GAMHFConfig, GAMModel  # noqa: E402
+from gam.models.gam import GAMConfig  # noqa: E402
+
+
+def test_auto_config_for_model_with_gam_and_hf_names():
+    cfg = transformers.AutoConfig.for_model("gam", vocab_size=300, d_model=32, n_layers=2,
+                                            num_memory_slots=16, max_seq_len=64)
+    assert isinstance(cfg, GAMHFConfig) and cfg.model_type == "gam"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.max_position_embeddings) == (32, 2, 64)
+    assert cfg.tie_word_embeddings is True
+    aliased = transformers.AutoConfig.for_model("gam", hidden_size=48, num_hidden_layers=3,
+                                                max_position_embeddings=128)
+    assert (aliased.d_model, aliased.n_layers, aliased.max_seq_len) == (48, 3, 128)
+    cfg.hidden_size = 64
+    assert cfg.d_model == 64
+
+
+def test_fields_and_defaults_are_the_library_ones():
+    cfg = GAMHFConfig()
+    assert cfg.to_gam_config() == GAMConfig()
+    for f in fields(GAMConfig):
+        assert getattr(cfg, f.name) == f.default
+    gam_cfg = GAMConfig(vocab_size=77, d_model=24, n_layers=1, use_gate=False, conv_kernel_size=5)
+    assert GAMHFConfig.from_gam_config(gam_cfg).to_gam_config() == gam_cfg
+
+
+@pytest.mark.parametrize("flags,name", [
+    (dict(), "gam"), (dict(use_gate=False), "gam-sum"),
+    (dict(use_local=False, use_gate=False), "gam-global-only"),
+    (dict(use_global=False, use_gate=False), "gam-local-only"),
+])
+def test_variant_name(flags, name):
+    assert GAMHFConfig(**flags).gam_model_name == name
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=0), dict(use_local=False, use_global=False),
+                                 dict(conv_kernel_size=0), dict(tie_word_embeddings=False)])
+def test_invalid_values_raise(bad):
+    with pytest.raises(ValueError):
+        GAMHFConfig(**bad)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = GAMHFConfig(vocab_size=300, d_model=32, n_layers=2, use_gate=False, eos_token_id=1)
+    cfg.save_pretrained(tmp_path)
+    back = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(back, GAMHFConfig)
+    assert back.to_gam_config() == cfg.to_gam_config() and back.eos_token_id == 1
+
+
+def test_auto_model_classes_from_config():
+    cfg = GAMHFConfig(vocab_size=300, d_model=32, n_layers=2, num_memory_slots=16,
+                      max_seq_len=64)
+    lm = transformers.AutoModelForCausalLM.from_config(cfg)
+    base = transformers.AutoModel.from_config(cfg)
+    assert type(lm) is GAMForCausalLM and type(base) is GAMModel
+    g = lm.gam
+    assert g.token_embedding.weight is g.head.weight  # tied, as in the library
+    # the library's initialisation, not HF's N(0, 0.02): nn.Linear's uniform head init
+    bound = 1 / 32 ** 0.5
+    assert g.head.weight.abs().max() <= bound and g.head.weight.std() > 0.3 * bound
+    assert g.blocks[0].memory_bank.std() > 0 and g.pos_embedding.weight.std() > 0.5
+
+
+def test_register_is_idempotent():
+    gam.hf.register()
+    gam.hf.register()
+    assert transformers.AutoConfig.for_model("gam").__class__ is GAMHFConfig
+    mapping = transformers.AutoModelForCausalLM._model_mapping
+    assert mapping[GAMHFConfig] is GAMForCausalLM
+    assert transformers.AutoModel._model_mapping[GAMHFConfig] is GAMModel
+
+
+def test_import_gam_works_without_transformers():
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # makes `import transformers` fail\n"
+        "import gam\n"
+        "assert 'gam.hf' not in sys.modules\n"
+        "try:\n"
+        "    import gam.hf\n"
+        "except ImportError as e:\n"
+        "    assert 'gam[hf]' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('gam.hf imported without transformers')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

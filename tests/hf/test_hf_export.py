@@ -1,0 +1,102 @@
+"""``gam export``: a hand-made run directory -> a Hugging Face folder usable offline."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import gam  # noqa: E402
+from gam.hf import GAMForCausalLM  # noqa: E402
+from gam.hf.export import export_run, main  # noqa: E402
+
+
+def test_export_loads_with_auto_classes_and_matches_the_run(run_dir, tmp_path):
+    out = export_run(run_dir, tmp_path / "hf")
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json", "README.md"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model) is GAMForCausalLM
+    assert tok.eos_token == tok.bos_token == tok.pad_token == "<|endoftext|>"
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == eot
+    assert model.generation_config.pad_token_id == eot
+    assert model.generation_config.max_length == model.config.max_seq_len == 64
+    assert tok.model_max_length == 64 and tok.padding_side == "left"
+    text = "The cat sat on the mat."
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == text  # byte-level BPE is lossless
+    library = gam.load_pretrained(run_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, library(ids)[0])
+
+
+def test_pipeline_text_generation_offline(run_dir, tmp_path):
+    out = export_run(run_dir, tmp_path / "hf")
+    generator = transformers.pipeline("text-generation", model=str(out), device="cpu")
+    result = generator("The cat", max_new_tokens=6, do_sample=False)
+    assert isinstance(result[0]["generated_text"], str)
+    assert result[0]["generated_text"].startswith("The cat")
+    batch = generator(["A dog", "Memory slots hold"], max_new_tokens=4, do_sample=False,
+                      batch_size=2)  # left-padded batch
+    single = generator("A dog", max_new_tokens=4, do_sample=False)
+    assert batch[0][0]["generated_text"] == single[0]["generated_text"]
+    # the default generation config stops at the model's context instead of overrunning it
+    ids = generator("The cat", return_tensors=True)[0]["generated_token_ids"]
+    assert 2 < len(ids) <= 64
+
+
+def test_export_paper_tokenizer_special_tokens(make_run, tmp_path):
+    run_dir = make_run(tmp_path, "gam-sum", kind="paper")
+    out = export_run(run_dir, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        "[SOS]", "[EOS]", "[PAD]", "[UNK]")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.gam_model_name == "gam-sum" and not model.config.use_gate
+    assert model.generation_config.pad_token_id == tok.convert_tokens_to_ids("[PAD]")
+
+
+def test_export_infers_the_tokenizer_kind_without_run_config(make_run, tmp_path):
+    run_dir = make_run(tmp_path, "gam", kind="paper")
+    (run_dir / "config.json").unlink()
+    tok = transformers.AutoTokenizer.from_pretrained(export_run(run_dir, tmp_path / "hf"))
+    assert tok.eos_token == "[EOS]"
+
+
+def test_export_rejects_non_gam_models(make_run, tmp_path, capsys):
+    run_dir = make_run(tmp_path, "transformer")
+    with pytest.raises(ValueError, match="GAM models only"):
+        export_run(run_dir, tmp_path / "hf")
+    assert main([str(run_dir), str(tmp_path / "hf")]) == 1
+    assert "GAM models only" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_main(run_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert main([str(run_dir), str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert main([str(run_dir), str(out)]) == 1  # refuses a non-empty folder
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([str(run_dir), str(out), "--overwrite"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gam"
+    assert main([str(run_dir), str(run_dir)]) == 1  # never writes into the run
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main([]) == 2  # usage error
+    assert main(["--help"]) == 0
+
+
+def test_export_reports_a_corrupted_checkpoint(make_run, tmp_path, capsys):
+    run_dir = make_run(tmp_path)
+    (run_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(gam.CheckpointError):
+        export_run(run_dir, tmp_path / "hf")
+    assert main([str(run_dir), str(tmp_path / "hf")]) == 1
+    assert "corrupted" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -1,0 +1,244 @@
+"""``gam bench ablate``: the paper's Table 3 -- what each part of the GAM block contributes --
+and a memory-capacity sweep.
+
+Variants (``--variants``, ``build_model`` names): ``gam`` (full: local convolution + global
+memory, fused by the sigmoid gates), ``gam-global-only`` (memory path only, no gate),
+``gam-sum`` (both paths, fused by a plain sum instead of the gates), ``gam-local-only``
+(convolution only, no gate). ``--slots 128 256 512 1024`` also trains the full model with each
+number of memory slots (``num_memory_slots``; the paper lists this sweep as future work). A
+slot count equal to the preset's own is the full model itself, whose run is shared.
+
+Same protocol, presets, resumability and outputs as ``gam bench compare`` (see
+``gam.bench.training_runs``; default dataset WikiText-2): ``results.json`` (``runs``,
+``summary``, ``paper``: the parameter counts of the paper's Table 3, ``environment``,
+``command``), ``results.md``, ``curves-<dataset>.png`` (training / validation loss of the
+variants) and, with ``--slots``, ``slots-<dataset>.png`` (validation perplexity vs slots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from gam.bench import common
+from gam.bench import training_runs as tr
+
+DEFAULT_VARIANTS = ["gam", "gam-global-only", "gam-sum", "gam-local-only"]
+
+# arXiv 2509.00605, Table 3 (paper preset, WikiText-2). Only the parameter counts are recorded
+# here: the table's perplexities are not reproduced in this file (not verified).
+PAPER_TABLE3: dict[str, Any] = {
+    "source": "arXiv 2509.00605, Table 3 (ablations, paper model size): parameter counts "
+              "in millions",
+    "params_millions": {"gam": 22.6, "gam-global-only": 19.4, "gam-sum": 19.4,
+                        "gam-local-only": 17.9},
+    "labels": {"gam": "Full GAM", "gam-global-only": "global path only",
+               "gam-sum": "sum fusion (no gates)", "gam-local-only": "local path only"},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Paper Table 3: the GAM ablations (full, global-only, sum fusion, local-only) under "
+        "the compare protocol, plus an optional memory-slot sweep of the full model. "
+        "Resumable: a run folder (OUT/runs/<dataset>/<variant>-seed<k>) that already holds a "
+        "finished run with the same configuration is reused instead of retrained, and an "
+        "unfinished one is resumed, so an interrupted benchmark is re-run with the same "
+        "command.")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="NAME",
+                        help="build_model names of the variants (gam, gam-global-only, gam-sum, "
+                             "gam-local-only, or any other)")
+    parser.add_argument("--slots", type=int, nargs="+", default=None, metavar="N",
+                        help="also train the full model with each number of memory slots "
+                             "(e.g. 128 256 512 1024)")
+    parser.add_argument("--dataset", default="wikitext2",
+                        help="wikitext2 (the paper's), austen (stand-in for TinyStories), "
+                             "tinystories, or text:PATH")
+    tr.add_protocol_arguments(parser)
+
+
+def _preset_slots(protocol: tr.Protocol) -> int | None:
+    from gam.models.registry import model_config
+
+    try:
+        return int(model_config("gam", protocol.model_preset).num_memory_slots)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def build_specs(args: argparse.Namespace, protocol: tr.Protocol, seeds: list[int]
+                ) -> list[tr.RunSpec]:
+    """Variants first, then the slot sweep; a sweep point equal to the preset's slot count is
+    the plain ``gam`` run when ``gam`` is among the variants (same folder, reused)."""
+    if len(set(args.variants)) != len(args.variants):
+        raise ValueError(f"--variants lists a variant twice: {args.variants}")
+    slots = list(args.slots or [])
+    if any(s < 1 for s in slots) or len(set(slots)) != len(slots):
+        raise ValueError(f"--slots must be distinct positive integers, got {slots}")
+    default_slots = _preset_slots(protocol)
+    specs = []
+    for seed in seeds:
+        specs += [tr.RunSpec(dataset=args.dataset, model=v, seed=seed, group="variants")
+                  for v in args.variants]
+    for seed in seeds:
+        for n in slots:
+            if n == default_slots and "gam" in args.variants:
+                specs.append(tr.RunSpec(dataset=args.dataset, model="gam", seed=seed,
+                                        label="gam", group="slots",
+                                        extra={"slots": n, "same_run_as": "gam"}))
+            else:
+                specs.append(tr.RunSpec(dataset=args.dataset, model="gam", seed=seed,
+                                        label=f"gam-slots{n}",
+                                        overrides={"num_memory_slots": n}, group="slots",
+                                        extra={"slots": n}))
+    return specs
+
+
+def plot_slots(sweep: list[dict[str, Any]], path: Path, dataset: str) -> Path | None:
+    points = [s for s in sweep if s.get("val_ppl_mean") is not None]
+    if not points:
+        return None
+    fig, (ax,) = common.new_figure()
+    xs = [p["slots"] for p in points]
+    ys = [p["val_ppl_mean"] for p in points]
+    errs = [p["val_ppl_std"] or 0.0 for p in points]
+    ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs])
+    ax.set_xlabel("memory slots (num_memory_slots)")
+    ax.set_ylabel("final validation perplexity")
+    ax.set_title(f"GAM memory capacity ({dataset})")
+    ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def build_markdown(results: dict[str, Any]) -> str:
+    protocol = tr.Protocol(**results["protocol"])
+    dataset = results["dataset"]
+    info = results["datasets"].get(dataset, {})
+    lines = ["# GAM ablations (paper Table 3)", "",
+             tr.protocol_markdown(protocol, results["seeds"]), "", f"Dataset: {dataset}.", ""]
+    if info.get("note"):
+        lines += [f"Note: {info['note']}", ""]
+    if info.get("status") == "error":
+        lines += [f"Not run: {info.get('error')}", ""]
+    paper = PAPER_TABLE3["params_millions"]
+    ours_paper = results.get("paper_preset_params", {})
+    summary = {s["model"]: s for s in results["summary"]}
+    rows = []
+    for v in results["variants"]:
+        s = summary.get(v)
+        if s is None:
+            continue
+        at_paper = ours_paper.get(v) or {}
+        rows.append([
+            v, PAPER_TABLE3["labels"].get(v, ""), tr.fmt_params(s["params_total"]),
+            tr.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
+            tr.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1)
+            + (" (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""),
+            common.fmt(s["tokens_per_s_mean"], 0),
+            tr.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
+            tr.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), str(s["n"]),
+            tr.fmt_params(at_paper.get("total")),
+            f"{paper[v]:.1f}M" if v in paper else "-",
+        ])
+    if rows:
+        lines.append(common.markdown_table(
+            ["variant", "", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
+             "val loss", "val ppl", "seeds", "params at paper size (ours)", "paper params"],
+            rows))
+    sweep = results.get("slots_sweep") or []
+    if sweep:
+        lines += ["", "## Memory slots (full model)", "",
+                  common.markdown_table(
+                      ["slots", "run", "params", "s / epoch", "tokens/s", "val loss", "val ppl",
+                       "seeds"],
+                      [[p["slots"], p["model"], tr.fmt_params(p["params_total"]),
+                        tr.fmt_pm(p["epoch_time_s_mean"], p["epoch_time_s_std"], 1),
+                        common.fmt(p["tokens_per_s_mean"], 0),
+                        tr.fmt_pm(p["val_loss_mean"], p["val_loss_std"], 4),
+                        tr.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), str(p["n"])]
+                       for p in sweep]),
+                  "", f"![slots](slots-{tr.dataset_slug(dataset)}.png)"]
+    check = results["protocol_check"].get(dataset)
+    if check:
+        lines += ["", f"Identical tokenizer: {check['identical_tokenizer']}; identical data: "
+                      f"{check['identical_data']}; identical steps: {check['identical_steps']} "
+                      f"({check['steps']})."]
+    lines += ["", f"![curves](curves-{tr.dataset_slug(dataset)}.png)", ""]
+    failed = [r for r in results["runs"] if r.get("status") != "ok"]
+    if failed:
+        lines += ["## Failed runs", ""]
+        lines += [f"- {r['model']} seed {r['seed']}: {r['status']}: {r.get('error', '')[:300]}"
+                  for r in failed]
+        lines.append("")
+    lines += ["Mean ± sample std over seeds. Paper params: "
+              f"{PAPER_TABLE3['source']}; the paper's ablation perplexities are not recorded "
+              "here. 'params at paper size (ours)': our implementation at the paper preset.", "",
+              common.environment_markdown(results["environment"], results["command"])]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        bench = tr.Benchmark(args, "ablate")
+        specs = build_specs(args, bench.protocol, bench.seeds)
+        tr.check_models(specs, bench.protocol)
+    except ValueError as exc:
+        print(f"gam bench ablate: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    out = Path(args.out)
+
+    def results() -> dict[str, Any]:
+        res = bench.base_results()
+        # the summary of the variants must not mix in the sweep's rows of the shared gam run
+        variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
+        sweep_rows = [r for r in bench.rows if r.get("group") == "slots"]
+        res["summary"] = tr.summarize(variant_rows)
+        sweep = tr.summarize(sweep_rows)
+        slots_of = {r["model"]: r["slots"] for r in sweep_rows}
+        for s in sweep:
+            s["slots"] = slots_of.get(s["model"])
+        res["slots_sweep"] = sorted(sweep, key=lambda s: s["slots"] or 0)
+        res["dataset"] = args.dataset
+        res["variants"] = list(args.variants)
+        res["slots"] = list(args.slots or [])
+        res["paper"] = PAPER_TABLE3
+        res["paper_preset_params"] = {v: _paper_params(v) for v in args.variants}
+        return res
+
+    def write() -> None:
+        res = results()
+        common.write_results(out, res, build_markdown(res))
+
+    for spec in specs:
+        bench.run(spec, write)
+    res = results()
+    plots = []
+    slug = tr.dataset_slug(args.dataset)
+    variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
+    path = tr.plot_curves(variant_rows or bench.rows, args.dataset, out / f"curves-{slug}.png",
+                          f"{args.dataset}, ablations")
+    if path is not None:
+        plots.append(path.name)
+    if res["slots_sweep"]:
+        path = plot_slots(res["slots_sweep"], out / f"slots-{slug}.png", args.dataset)
+        if path is not None:
+            plots.append(path.name)
+    res["plots"] = plots
+    common.write_results(out, res, build_markdown(res))
+    print(build_markdown(res))
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}"
+          + (f" and {', '.join(plots)}" if plots else ""))
+    return bench.exit_code()
+
+
+def _paper_params(model: str) -> dict[str, int] | None:
+    try:
+        return tr.parameter_counts(model, "paper", {})
+    except Exception:  # noqa: BLE001 - informative only
+        return None

@@ -1,0 +1,262 @@
+"""``gam bench decode``: speed and memory of cached (incremental) decoding vs context length.
+
+For each model (gam, transformer with its KV cache, mamba; ``--preset`` default ``paper``,
+built with ``max_seq_len`` = longest context + new tokens, eval mode, random weights) and each
+context length ``ctx`` (128 ... 16384): a random prompt of ``ctx`` tokens is encoded by
+``model.prefill`` (timed and reported as ``prefill_ms``, not part of tokens/s), a few untimed
+steps warm the step path, then ``--new-tokens`` greedy tokens are generated with
+``model.step``; ``ms_per_token`` and ``tokens_per_s`` (batch x tokens / s) come from those
+steps alone.
+
+Memory per context: ``state_mb`` is the decode state after the prompt of ``ctx`` tokens (GAM:
+k-1 conv inputs per layer; Mamba: conv inputs and the SSM state; Transformer: the keys and values
+of the ``ctx`` tokens seen, i.e. the KV cache's used part), ``state_alloc_mb`` what the cache
+objects hold (this Transformer preallocates its KV cache to max_seq_len), and ``peak_mem_mb``
+the peak memory growth during prefill + decoding (``MemoryMeter``: RSS on a CPU,
+``max_memory_allocated`` on a GPU) over the loaded model.
+
+Each model runs in its own process (one per model: a fresh allocator and thread pool, a
+``--max-seconds`` limit whose contexts that did not finish are recorded as ``timeout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+from gam.bench import common
+
+DEFAULT_MODELS = ["gam", "transformer", "mamba"]
+DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+QUICK_CONTEXTS = [128, 256, 512, 1024, 2048]
+WARMUP_STEPS = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME")
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--d-model", type=int, default=None, help="override d_model")
+    parser.add_argument("--n-layers", type=int, default=None, help="override n_layers")
+    parser.add_argument("--contexts", nargs="+", type=int, default=None, metavar="CTX",
+                        help="context (prompt) lengths (default 128..16384 doubling; quick: "
+                             "128..2048)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="timed generated tokens per context (default 64; quick 16)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-seconds", type=float, default=900.0,
+                        help="wall-clock limit per model (its own process)")
+
+
+# ---------------------------------------------------------------------------------- worker
+def _used_state_bytes(layer_state: Any) -> int:
+    """Bytes of a layer's decode state actually in use: a KV cache dict ``{"k", "v", "len"}``
+    counts its first ``len`` positions, any other state all its tensors."""
+    if isinstance(layer_state, dict) and "len" in layer_state:
+        n = int(layer_state["len"])
+        total = 0
+        for key in ("k", "v"):
+            t = layer_state.get(key)
+            if isinstance(t, torch.Tensor):
+                total += t[..., :n, :].numel() * t.element_size()
+        return total
+    return common.tensor_bytes(layer_state)
+
+
+def _worker(payload: dict[str, Any]) -> None:
+    from gam.models.registry import build_model
+
+    device = torch.device(payload["device"])
+    torch.manual_seed(payload.get("seed", 0))
+    contexts, n_new, batch = payload["contexts"], payload["new_tokens"], payload["batch_size"]
+    max_len = max(contexts) + n_new + WARMUP_STEPS + 1
+    model = build_model(payload["model"], payload["preset"], max_seq_len=max_len,
+                        **payload.get("overrides", {})).to(device).eval()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(payload.get("seed", 0))
+    params = sum(p.numel() for p in model.parameters())
+    # warm up every code path once on a short prompt
+    logits, cache = model.prefill(torch.randint(vocab, (batch, 8), generator=gen).to(device))
+    for _ in range(WARMUP_STEPS):
+        logits, cache = model.step(logits.argmax(-1), cache)
+    del logits, cache
+    for ctx in contexts:
+        prompt = torch.randint(vocab, (batch, ctx), generator=gen).to(device)
+        meter = common.MemoryMeter(device)
+        try:
+            meter.start()
+            common.synchronize(device)
+            t0 = time.perf_counter()
+            logits, cache = model.prefill(prompt)
+            token = logits.argmax(-1)  # (B,)
+            common.synchronize(device)
+            prefill_s = time.perf_counter() - t0
+            state_used = sum(_used_state_bytes(s) for s in cache.layers)  # ctx tokens
+            state_alloc = common.tensor_bytes(cache.layers)
+            for _ in range(WARMUP_STEPS):
+                logits, cache = model.step(token, cache)
+                token = logits.argmax(-1)
+            common.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(n_new):
+                logits, cache = model.step(token, cache)
+                token = logits.argmax(-1)
+            common.synchronize(device)
+            decode_s = time.perf_counter() - t0
+            peak = meter.growth_bytes()
+        except Exception as exc:  # noqa: BLE001 - recorded, larger contexts skipped
+            status = "oom" if common.is_oom_error(exc) else "error"
+            common.emit({"ctx": ctx, "status": status,
+                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            return
+        common.emit({
+            "ctx": ctx, "status": "ok", "new_tokens": n_new,
+            "prefill_ms": prefill_s * 1e3,
+            "prefill_tokens_per_s": batch * ctx / prefill_s,
+            "ms_per_token": decode_s / n_new * 1e3,
+            "tokens_per_s": batch * n_new / decode_s,
+            "state_mb": state_used / 2**20,
+            "state_alloc_mb": state_alloc / 2**20,
+            "peak_mem_mb": peak / 2**20,
+            "memory_method": meter.method,
+            "parameters": params, "max_seq_len": max_len,
+        })
+        del logits, cache, prompt
+
+
+# ------------------------------------------------------------------------------------ run
+def _markdown(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    ctxs = sorted({r["ctx"] for r in runs})
+    by = {(r["model"], r["ctx"]): r for r in runs}
+
+    def cell(model: str, ctx: int, field: str, digits: int) -> str:
+        r = by.get((model, ctx))
+        if r is None:
+            return ""
+        return common.fmt(r.get(field), digits) if r["status"] == "ok" else r["status"]
+
+    s = results["settings"]
+    parts = [f"# gam bench decode: cached greedy decoding (preset {s['preset']}, batch "
+             f"{s['batch_size']}, {s['new_tokens']} timed tokens per context)", "",
+             common.environment_markdown(results["environment"], results["command"]), ""]
+    for title, field, digits in (("Decode speed (tokens/s, prefill excluded)", "tokens_per_s", 1),
+                                 ("Time per generated token (ms)", "ms_per_token", 2),
+                                 ("Prefill time (ms)", "prefill_ms", 0),
+                                 ("Decode state in use (MB)", "state_mb", 2),
+                                 ("Peak memory growth during prefill + decode (MB)",
+                                  "peak_mem_mb", 1)):
+        parts += [f"## {title}", "",
+                  common.markdown_table(["context", *models],
+                                        [[c, *(cell(m, c, field, digits) for m in models)]
+                                         for c in ctxs]), ""]
+    errors = [r for r in runs if r.get("error")]
+    if errors:
+        parts += ["## Failures", ""] + [f"- {r['model']} ctx {r['ctx']}: {r['status']}: "
+                                        f"{r['error']}" for r in errors]
+    return "\n".join(parts)
+
+
+def _plot(results: dict[str, Any], path) -> None:
+    fig, axes = common.new_figure(3, width=5.0)
+    for model in dict.fromkeys(r["model"] for r in results["runs"]):
+        ok = [r for r in results["runs"] if r["model"] == model and r["status"] == "ok"]
+        if not ok:
+            continue
+        x = [r["ctx"] for r in ok]
+        axes[0].plot(x, [r["tokens_per_s"] for r in ok], "o-", label=model)
+        axes[1].plot(x, [r["prefill_ms"] for r in ok], "o-", label=model)
+        axes[2].plot(x, [max(r["state_mb"], 1e-3) for r in ok], "o-", label=model)
+    titles = (("decode speed (prefill excluded)", "tokens/s", False),
+              ("prefill time", "ms", True), ("decode state", "MB", True))
+    for ax, (title, unit, logy) in zip(axes, titles, strict=True):
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("context length")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    s = results["settings"]
+    fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
+                 f"({results['environment']['device']})")
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = common.resolve_device(args.device)
+    threads = common.setup_threads(args.threads)
+    contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
+                 if v is not None}
+    command = common.command_line(args.command, args.argv)
+    env = common.environment(device, threads)
+    print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
+          f"tokens, batch {args.batch_size}, device {device}, {threads} threads", flush=True)
+    runs: list[dict[str, Any]] = []
+    for model in args.models:
+        reason = common.model_available(model)
+        records: list[dict[str, Any]] = []
+        status, error = "unavailable", reason
+        if reason is None:
+            payload = {"model": model, "preset": args.preset, "overrides": overrides,
+                       "contexts": contexts, "new_tokens": new_tokens,
+                       "batch_size": args.batch_size, "device": str(device),
+                       "threads": args.threads, "seed": args.seed}
+            t0 = time.perf_counter()
+            status, records, error = common.run_worker("gam.bench.decode", payload,
+                                                       timeout=args.max_seconds)
+            print(f"  {model}: {len(records)} record(s), {status} in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+        done = {r["ctx"]: r for r in records if "ctx" in r}
+        crash = next((r for r in records if "ctx" not in r), None)
+        failed = None
+        for ctx in contexts:
+            row: dict[str, Any] = {"model": model, "ctx": ctx, "batch_size": args.batch_size}
+            if ctx in done:
+                row.update(done[ctx])
+                if row["status"] != "ok":
+                    failed = f"{row['status']} at ctx {ctx}"
+            elif failed is not None:
+                row.update(status="skipped", error=failed)
+            elif crash is not None:
+                row.update(status=crash["status"], error=crash.get("error"))
+                failed = f"{crash['status']} at ctx {ctx}"
+            else:
+                row.update(status=status if status != "ok" else "error",
+                           error=error or "no result from the worker")
+                failed = f"{row['status']} at ctx {ctx}"
+            for key in ("tokens_per_s", "ms_per_token", "prefill_ms", "state_mb",
+                        "peak_mem_mb"):
+                row.setdefault(key, None)
+            runs.append(row)
+            print(f"    ctx {ctx:<6} {row['status']:<8} {common.fmt(row['tokens_per_s'], 1)} "
+                  f"tok/s ({common.fmt(row['ms_per_token'], 2)} ms/token), prefill "
+                  f"{common.fmt(row['prefill_ms'], 0)} ms, state "
+                  f"{common.fmt(row['state_mb'], 2)} MB, peak {common.fmt(row['peak_mem_mb'], 1)}"
+                  f" MB", flush=True)
+    results = {
+        "command": command,
+        "settings": {"models": list(args.models), "preset": args.preset,
+                     "overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
+                     "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
+                     "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,
+                     "decoding": "greedy; model.prefill(prompt) then model.step per token"},
+        "runs": runs,
+        "environment": common.finish_environment(env),
+    }
+    out = common.write_results(args.out, results, _markdown(results))
+    _plot(results, out / "decode.png")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.worker_main(_worker))

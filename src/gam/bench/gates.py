@@ -1,0 +1,258 @@
+"""``gam bench gates RUN_DIR [RUN_DIR ...]``: what GAM's gates do in a trained model.
+
+For each run folder of a GAM model with gates (``gam train`` / ``gam bench compare`` output):
+the model's latest weights and tokenizer are loaded (``gam.training.load_run``), the run's own
+validation split is rebuilt exactly as in training (same corpus, row limit, tokenizer and block
+length), and ``gam.training.gate_statistics`` runs the model on the first ``--batches``
+validation batches: per layer, the mean and standard deviation of ``sigmoid(g_local)`` and
+``sigmoid(g_global)`` over every token and channel.
+
+Outputs (in ``--out``): ``results.json`` (per run: the statistics per layer, and the evolution
+over training steps that the trainer logs at every evaluation in ``metrics.jsonl``, when
+present), ``results.md`` (a table per run: one row per layer), ``gates-<run>.png`` (per-layer
+bars of the mean gate values, local vs global, with +-1 std error bars) and
+``gates-evolution-<run>.png`` (mean gate value per layer vs training step).
+
+A run that is not a GAM (e.g. a Transformer) or a GAM ablation without gates (``gam-sum``,
+``gam-global-only``, ``gam-local-only``) is an error (exit status 2), named before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gam.bench import common
+
+PATHS = ("local", "global")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="training run folders of GAM models with gates")
+    parser.add_argument("--batches", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="validation batches to run (default 16; --quick 2)")
+    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="blocks per batch (default: the run's evaluation batch size)")
+    parser.add_argument("--dtype", choices=("run", "fp32", "bf16", "fp16"), default="run",
+                        help="autocast dtype (run: the run's training dtype; fp16 falls back "
+                             "to fp32 on a CPU)")
+    parser.add_argument("--data-dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="where the run's corpus lives now (default: as recorded in the "
+                             "run, else $GAM_DATA_DIR / the hub)")
+    parser.add_argument("--cache-dir", default=argparse.SUPPRESS, metavar="DIR",
+                        help="token-id cache (default: $GAM_CACHE_DIR or ~/.cache/gam)")
+
+
+# -------------------------------------------------------------------------------- checking
+def check_gated_run(run_dir: Path) -> dict[str, Any]:
+    """The run's config.json if it is a GAM run with gates; ValueError saying why not."""
+    from gam.training.run import read_run_config
+
+    config = read_run_config(run_dir)
+    model = config.get("model")
+    mcfg = config.get("model_config", {})
+    if not isinstance(model, str) or not model.startswith("gam") or "use_gate" not in mcfg:
+        raise ValueError(f"{run_dir} is a {model!r} run: gate statistics need a GAM run "
+                         f"(model gam, whose blocks fuse their paths with sigmoid gates)")
+    if not mcfg.get("use_gate", False):
+        paths = [p for p in PATHS if mcfg.get(f"use_{p}", False)]
+        how = "fuses its paths by a plain sum" if len(paths) > 1 else \
+            f"has only its {paths[0] if paths else '?'} path"
+        raise ValueError(f"{run_dir} is a {model!r} run without gates (use_gate=False: it "
+                         f"{how}); gate statistics need a GAM run with gates (model gam)")
+    return config
+
+
+# ------------------------------------------------------------------------------- analysis
+def evolution(run_dir: Path) -> list[dict[str, Any]]:
+    """The gate statistics the trainer logged at every evaluation: ``[{step, gates}, ...]``."""
+    from gam.training import read_metrics
+
+    return [{"step": r["step"], "gates": r["gates"]}
+            for r in read_metrics(run_dir, kind="eval") if r.get("gates")]
+
+
+def analyse_run(run_dir: Path, config: dict[str, Any], args: argparse.Namespace,
+                device: torch.device) -> dict[str, Any]:
+    from gam.training import RunConfig, gate_statistics, has_gates, load_run
+    from gam.training.data import load_data
+    from gam.training.distributed import DistContext
+    from gam.training.evaluate import autocast_context, first_batches
+
+    model, tokenizer, config = load_run(run_dir, map_location=device)
+    if not has_gates(model):
+        raise ValueError(f"{run_dir}: the model has no gated blocks")
+    run = RunConfig.from_dict(config)
+    data = load_data(run.data, run.tokenizer, DistContext(device=device),
+                     cache_dir=getattr(args, "cache_dir", None), tokenizer=tokenizer,
+                     splits=("valid",), data_dir=getattr(args, "data_dir", None))
+    ids = data.ids["valid"]
+    seq_len = run.data.seq_len or model.config.max_seq_len
+    batch_size = getattr(args, "batch_size", None) or run.train.eval_batch_size \
+        or run.train.batch_size
+    n_batches = getattr(args, "batches", None) or (2 if args.quick else 16)
+    batches = first_batches(ids, seq_len, batch_size, n_batches)
+    if not batches:
+        raise ValueError(f"{run_dir}: the validation split has no complete input to run")
+    dtype = run.train.dtype if args.dtype == "run" else args.dtype
+    if dtype == "fp16" and device.type != "cuda":
+        dtype = "fp32"
+    with autocast_context(device, dtype):
+        layers = gate_statistics(model, batches)
+    return {
+        "run_dir": str(run_dir),
+        "model": config.get("model"),
+        "dataset": run.data.dataset,
+        "n_layers": int(model.config.n_layers),
+        "batches": len(batches),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "dtype": dtype,
+        "step": _run_step(run_dir),
+        "layers": layers,
+        "evolution": evolution(run_dir),
+    }
+
+
+def _run_step(run_dir: Path) -> int | None:
+    from gam.training.checkpoint import find_checkpoint, read_state
+
+    ckpt = find_checkpoint(run_dir)
+    return read_state(ckpt).step if ckpt is not None else None
+
+
+# --------------------------------------------------------------------------------- output
+def run_names(run_dirs: list[Path]) -> list[str]:
+    """Short unique names for file names: the folder name, with as many parent folder names
+    as needed to tell them apart."""
+    def safe(text: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+    parts = [p.resolve().parts for p in run_dirs]
+    for depth in range(1, 5):
+        names = [safe("-".join(ps[-depth:])) for ps in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{i}-{n}" for i, n in enumerate(names)]
+
+
+def plot_bars(result: dict[str, Any], path: Path, title: str) -> Path:
+    fig, (ax,) = common.new_figure()
+    layers = result["layers"]
+    xs = list(range(len(layers)))
+    width = 0.38
+    for k, name in enumerate(PATHS):
+        means = [row.get(f"{name}_mean") for row in layers]
+        if all(m is None for m in means):
+            continue
+        stds = [row.get(f"{name}_std") or 0.0 for row in layers]
+        offset = (k - 0.5) * width
+        ax.bar([x + offset for x in xs], [m if m is not None else 0.0 for m in means], width,
+               yerr=stds, capsize=3, label=f"sigmoid(g_{name})", color=f"C{k}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(row["layer"]) for row in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean gate value (bars: ±1 std)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_evolution(result: dict[str, Any], path: Path, title: str) -> Path | None:
+    evo = result["evolution"]
+    if not evo:
+        return None
+    fig, (ax,) = common.new_figure()
+    steps = [e["step"] for e in evo]
+    n_layers = max(len(e["gates"]) for e in evo)
+    for layer in range(n_layers):
+        for name, style in zip(PATHS, ("-", "--"), strict=True):
+            ys = [next((g.get(f"{name}_mean") for g in e["gates"] if g.get("layer") == layer),
+                       None) for e in evo]
+            if all(y is None for y in ys):
+                continue
+            ax.plot(steps, [y if y is not None else float("nan") for y in ys], style,
+                    marker="o", markersize=3, color=f"C{layer % 10}",
+                    label=f"layer {layer} {name}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean gate value (validation batches)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def build_markdown(results: dict[str, Any]) -> str:
+    lines = ["# GAM gate statistics", "",
+             "Per layer: mean ± std of sigmoid(g_local) and sigmoid(g_global) over every token "
+             "and channel of the first validation batches (the run's own validation split).",
+             ""]
+    for r in results["runs"]:
+        lines += [f"## {r['name']}: {r['model']} on {r['dataset']} (step {r['step']})", "",
+                  f"Run: `{r['run_dir']}`; {r['batches']} batch(es) of {r['batch_size']} x "
+                  f"{r['seq_len']} tokens, {r['dtype']}.", ""]
+        rows = []
+        for row in r["layers"]:
+            rows.append([row["layer"]]
+                        + [common.fmt(row.get(f"{p}_{s}"), 4) for p in PATHS
+                           for s in ("mean", "std")]
+                        + [row.get("tokens")])
+        lines.append(common.markdown_table(
+            ["layer", "local mean", "local std", "global mean", "global std", "tokens"], rows))
+        lines += ["", f"![gates]({r['bar_png']})"]
+        if r.get("evolution_png"):
+            lines += ["", f"Evolution over training ({len(r['evolution'])} evaluations): "
+                          f"![evolution]({r['evolution_png']})"]
+        else:
+            lines += ["", "No gate statistics were logged during training (metrics.jsonl)."]
+        lines.append("")
+    lines.append(common.environment_markdown(results["environment"], results["command"]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        device = common.resolve_device(args.device)
+        threads = common.setup_threads(args.threads)
+        configs = [check_gated_run(Path(d)) for d in args.run_dirs]
+        for opt in ("batches", "batch_size"):
+            if getattr(args, opt, 1) < 1:
+                raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(args, opt)}")
+    except ValueError as exc:
+        print(f"gam bench gates: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = run_names([Path(d) for d in args.run_dirs])
+    runs = []
+    for run_dir, config, name in zip(args.run_dirs, configs, names, strict=True):
+        try:
+            result = analyse_run(Path(run_dir), config, args, device)
+        except (ValueError, OSError) as exc:
+            print(f"gam bench gates: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        result["name"] = name
+        title = f"{result['model']} on {result['dataset']} (step {result['step']})"
+        result["bar_png"] = plot_bars(result, out / f"gates-{name}.png", title).name
+        evo = plot_evolution(result, out / f"gates-evolution-{name}.png",
+                             f"gate means during training: {title}")
+        result["evolution_png"] = evo.name if evo is not None else None
+        runs.append(result)
+    results = {"runs": runs, "environment": common.environment(device, threads),
+               "command": common.command_line("gates", getattr(args, "argv", []))}
+    markdown = build_markdown(results)
+    common.write_results(out, results, markdown)
+    print(markdown)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and the PNGs")
+    return 0

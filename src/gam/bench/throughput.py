@@ -1,0 +1,331 @@
+"""``gam bench throughput``: training tokens/s, model FLOP/s and MFU.
+
+One training step is ``loss = model(x, y)`` (under ``torch.autocast(device, bfloat16)`` for
+``--dtype bf16``; the weights stay fp32, as in mixed-precision training), ``loss.backward()``,
+``AdamW.step()``, ``zero_grad(set_to_none=True)`` on random tokens of shape
+(``--batch-size``, seq_len). After ``--warmup`` steps, ``--steps`` steps are timed (fewer if
+``--max-seconds`` would be exceeded; at least 2 are timed); tokens/s = batch x seq_len x steps /
+time.
+
+FLOPs: ``gam.bench.flops.flops_per_token`` (training = 3 x forward; see that module for the
+convention), so achieved FLOP/s = tokens/s x FLOPs/token. MFU divides it by a matmul peak
+measured in the same process for the same dtype (best of a few timed loops of a
+2048 x 2048 @ 2048 x 2048 matmul with operands in that dtype), so MFU is relative to what this
+machine's BLAS actually reaches, not to a datasheet number.
+
+Each (model, dtype, seq_len) runs in its own process (fresh allocator: the peak memory growth
+of the timed steps, over the model + optimizer state after warm-up, is reported; a configuration
+that runs out of memory or time is recorded, not fatal). ``ratios`` compares GAM and the
+Transformer (SDPA) run at the same dtype and length: the measured tokens/s ratio next to the
+inverse ratio of their FLOPs per token (what the tokens/s ratio would be if both ran at the same
+FLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from typing import Any
+
+import torch
+
+from gam.bench import common
+
+DEFAULT_MODELS = ["gam", "transformer", "mamba"]
+MATMUL_SIZE = 2048
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
+                        help="build_model names")
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--d-model", type=int, default=None, help="override d_model")
+    parser.add_argument("--n-layers", type=int, default=None, help="override n_layers")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", nargs="+", type=int, default=[256], metavar="T",
+                        help="sequence length(s); max_seq_len is raised to it if needed")
+    parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
+                        help="bf16 = torch.autocast(device, dtype=torch.bfloat16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps (default 10; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 2; quick 1)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
+    parser.add_argument("--matmul-size", type=int, default=MATMUL_SIZE,
+                        help="n of the n x n @ n x n matmul that measures the peak")
+    parser.add_argument("--max-seconds", type=float, default=900.0,
+                        help="wall-clock limit per configuration (its own process); timing "
+                             "stops early after 60%% of it")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="CPU: cap on a configuration's extra address space (default: "
+                             "85%% of available memory); 0 = no cap")
+
+
+# ---------------------------------------------------------------------------------- worker
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMUL_SIZE,
+                        rounds: int = 3, min_seconds: float = 0.3) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul loop with operands in ``dtype``."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)
+    common.synchronize(device)
+    best = 0.0
+    for _ in range(rounds):
+        iters, elapsed = 0, 0.0
+        t0 = time.perf_counter()
+        while elapsed < min_seconds or iters < 2:
+            torch.mm(a, b, out=out)
+            iters += 1
+            if device.type == "cuda" and iters % 10:
+                continue
+            common.synchronize(device)
+            elapsed = time.perf_counter() - t0
+        common.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        best = max(best, 2.0 * n**3 * iters / elapsed)
+    return best
+
+
+def _worker(payload: dict[str, Any]) -> None:
+    from gam.bench.flops import flops_breakdown
+    from gam.models.registry import build_model, model_config
+
+    device = torch.device(payload["device"])
+    torch.manual_seed(payload.get("seed", 0))
+    name, seq_len, batch = payload["model"], payload["seq_len"], payload["batch_size"]
+    dtype_name = payload["dtype"]
+    dtype = common.DTYPES[dtype_name]
+    peak = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
+    overrides = dict(payload.get("overrides", {}))
+    base_len = model_config(name, payload["preset"], **overrides).max_seq_len
+    overrides["max_seq_len"] = max(base_len, seq_len)
+    model = build_model(name, payload["preset"], **overrides).to(device).train()
+    fpt = flops_breakdown(model.config, seq_len, training=True)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=payload.get("lr", 3e-4))
+    net = torch.compile(model) if payload.get("compile") else model
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(payload.get("seed", 0))
+    x = torch.randint(vocab, (batch, seq_len), generator=gen).to(device)
+    y = torch.randint(vocab, (batch, seq_len), generator=gen).to(device)
+
+    def autocast():
+        if dtype_name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    losses = []
+
+    def train_step() -> None:
+        with autocast():
+            _, loss = net(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    if device.type == "cpu":
+        common.limit_address_space(payload.get("max_memory_bytes"))
+    t_start = time.perf_counter()
+    for _ in range(payload["warmup"]):
+        train_step()
+    common.synchronize(device)
+    warmup_s = time.perf_counter() - t_start
+    budget = payload.get("time_budget_s")
+    meter = common.MemoryMeter(device)
+    meter.start()
+    steps_done, elapsed = 0, 0.0
+    t0 = time.perf_counter()
+    while steps_done < payload["steps"]:
+        train_step()
+        common.synchronize(device)
+        steps_done += 1
+        elapsed = time.perf_counter() - t0
+        if budget is not None and steps_done >= 2 and warmup_s + elapsed > budget:
+            break
+    tokens_per_s = batch * seq_len * steps_done / elapsed
+    achieved = tokens_per_s * fpt["total"]
+    common.emit({
+        "status": "ok",
+        "tokens_per_s": tokens_per_s,
+        "step_ms": elapsed / steps_done * 1e3,
+        "steps_timed": steps_done,
+        "warmup_s": warmup_s,
+        "flops_per_token": fpt["total"],
+        "flops_breakdown": {k: v for k, v in fpt.items() if k != "total"},
+        "achieved_flops": achieved,
+        "peak_flops": peak,
+        "mfu": achieved / peak,
+        "peak_mem_mb": meter.growth_bytes() / 2**20,
+        "memory_method": meter.method,
+        "parameters": params,
+        "final_loss": float(losses[-1]),
+    })
+
+
+# ------------------------------------------------------------------------------------ run
+def ratio_rows(runs: list[dict[str, Any]], a: str = "gam", b: str = "transformer"
+               ) -> list[dict[str, Any]]:
+    ok = {(r["model"], r["dtype"], r["seq_len"], r["batch_size"], r["compile"]): r
+          for r in runs if r["status"] == "ok"}
+    rows = []
+    for (model, dtype, seq_len, batch, comp), ra in ok.items():
+        if model != a:
+            continue
+        rb = ok.get((b, dtype, seq_len, batch, comp))
+        if rb is None:
+            continue
+        rows.append({"models": f"{a}/{b}", "dtype": dtype, "seq_len": seq_len,
+                     "batch_size": batch, "compile": comp,
+                     "tokens_per_s_ratio": ra["tokens_per_s"] / rb["tokens_per_s"],
+                     "inverse_flops_ratio": rb["flops_per_token"] / ra["flops_per_token"],
+                     "mfu_" + a: ra["mfu"], "mfu_" + b: rb["mfu"]})
+    return rows
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    parts = [f"# gam bench throughput: training tokens/s (preset {s['preset']}, batch "
+             f"{s['batch_size']}, AdamW, compile {s['compile']})", "",
+             common.environment_markdown(results["environment"], results["command"]), "",
+             common.markdown_table(
+                 ["model", "dtype", "T", "status", "tokens/s", "step (ms)",
+                  "MFLOP/token", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU",
+                  "peak mem (MB)"],
+                 [[r["model"], r["dtype"], r["seq_len"], r["status"],
+                   common.fmt(r.get("tokens_per_s"), 0), common.fmt(r.get("step_ms"), 0),
+                   common.fmt(r["flops_per_token"] / 1e6 if r.get("flops_per_token") else None,
+                              1),
+                   common.fmt(r["achieved_flops"] / 1e9 if r.get("achieved_flops") else None,
+                              1),
+                   common.fmt(r["peak_flops"] / 1e9 if r.get("peak_flops") else None, 1),
+                   f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-",
+                   common.fmt(r.get("peak_mem_mb"), 0)] for r in results["runs"]]), ""]
+    if results["ratios"]:
+        parts += ["## GAM vs Transformer (SDPA)", "",
+                  common.markdown_table(
+                      ["dtype", "T", "tokens/s ratio (gam/transformer)",
+                       "inverse FLOPs ratio (transformer/gam FLOPs per token)",
+                       "MFU gam", "MFU transformer"],
+                      [[r["dtype"], r["seq_len"], common.fmt(r["tokens_per_s_ratio"], 2),
+                        common.fmt(r["inverse_flops_ratio"], 2),
+                        f"{100 * r['mfu_gam']:.1f}%", f"{100 * r['mfu_transformer']:.1f}%"]
+                       for r in results["ratios"]]), ""]
+    parts.append("FLOPs per token: 3 x forward (Linear layers incl. the tied head, conv taps, "
+                 "GAM memory bank 2 x 2SC, attention 2 x 2TC per layer not causal-halved, "
+                 "Mamba scan 9 x d_inner x d_state); MFU = achieved / matmul peak measured in "
+                 "the same process for that dtype.")
+    failures = [r for r in results["runs"] if r.get("error")]
+    parts += [f"- {r['model']} {r['dtype']} T {r['seq_len']}: {r['status']}: {r['error']}"
+              for r in failures]
+    return "\n".join(parts)
+
+
+def _plot(results: dict[str, Any], path) -> None:
+    fig, (ax_t, ax_m) = common.new_figure(2)
+    ok = [r for r in results["runs"] if r["status"] == "ok"]
+    labels = [f"{r['model']}\n{r['dtype']} T{r['seq_len']}" for r in ok]
+    xs = range(len(ok))
+    ax_t.bar(xs, [r["tokens_per_s"] for r in ok], color="tab:blue")
+    ax_m.bar(xs, [100 * r["mfu"] for r in ok], color="tab:orange")
+    for ax, title, unit in ((ax_t, "training throughput", "tokens/s"),
+                            (ax_m, "MFU vs measured matmul peak", "%")):
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel(unit)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = common.resolve_device(args.device)
+    threads = common.setup_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
+                 if v is not None}
+    max_mem = common.default_memory_cap(device, args.max_memory_gb)
+    command = common.command_line(args.command, args.argv)
+    env = common.environment(device, threads)
+    print(f"gam bench throughput: models {args.models}, dtypes {args.dtype}, seq_len "
+          f"{args.seq_len}, batch {args.batch_size}, {steps} steps (+{warmup} warm-up), "
+          f"device {device}, {threads} threads", flush=True)
+    from gam.bench.flops import flops_per_token
+
+    runs: list[dict[str, Any]] = []
+    for model in args.models:
+        reason = common.model_available(model)
+        for dtype in args.dtype:
+            for seq_len in args.seq_len:
+                row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
+                                       "batch_size": args.batch_size, "compile": args.compile,
+                                       "preset": args.preset}
+                if reason is not None:
+                    row.update(status="unavailable", error=reason)
+                else:
+                    payload = {"model": model, "preset": args.preset, "overrides": overrides,
+                               "seq_len": seq_len, "batch_size": args.batch_size,
+                               "dtype": dtype, "compile": args.compile, "steps": steps,
+                               "warmup": warmup, "lr": args.lr, "device": str(device),
+                               "threads": args.threads, "seed": args.seed,
+                               "matmul_size": args.matmul_size,
+                               "time_budget_s": 0.6 * args.max_seconds,
+                               "max_memory_bytes": max_mem}
+                    status, records, error = common.run_worker(
+                        "gam.bench.throughput", payload, timeout=args.max_seconds)
+                    rec = records[-1] if records else {}
+                    rec.pop("traceback", None)
+                    row.update(rec)
+                    if status != "ok" or not records:
+                        row["status"] = status if status != "ok" else "error"
+                        row["error"] = error or "worker printed no result"
+                    if "flops_per_token" not in row:
+                        row["flops_per_token"] = flops_per_token(
+                            model, seq_len, preset=args.preset, **overrides,
+                            max_seq_len=max(seq_len, 1))
+                for key in ("tokens_per_s", "peak_flops", "mfu", "flops_per_token"):
+                    row.setdefault(key, None)
+                runs.append(row)
+                print(f"  {model:<12} {dtype} T={seq_len:<5} {row['status']:<8} "
+                      f"{common.fmt(row['tokens_per_s'], 0)} tok/s, "
+                      f"{common.fmt((row['flops_per_token'] or 0) / 1e6, 1)} MFLOP/token, "
+                      f"peak {common.fmt((row['peak_flops'] or 0) / 1e9, 1)} GFLOP/s, "
+                      f"MFU {common.fmt(100 * row['mfu'] if row['mfu'] else None, 1)}%"
+                      + (f"  [{row['error'][:120]}]" if row.get("error") else ""), flush=True)
+    ratios = ratio_rows(runs)
+    for r in ratios:
+        print(f"  gam/transformer {r['dtype']} T={r['seq_len']}: tokens/s ratio "
+              f"{r['tokens_per_s_ratio']:.2f}, inverse FLOPs ratio "
+              f"{r['inverse_flops_ratio']:.2f}", flush=True)
+    results = {
+        "command": command,
+        "settings": {"models": list(args.models), "preset": args.preset,
+                     "overrides": overrides, "batch_size": args.batch_size,
+                     "seq_lens": list(args.seq_len), "dtypes": list(args.dtype),
+                     "compile": args.compile, "steps": steps, "warmup": warmup,
+                     "lr": args.lr, "matmul_size": args.matmul_size,
+                     "max_seconds": args.max_seconds, "max_memory_bytes": max_mem,
+                     "quick": args.quick, "seed": args.seed,
+                     "step": "autocast forward with targets, backward, AdamW.step, "
+                             "zero_grad(set_to_none=True)",
+                     "flops_convention": "3 x forward; Linear (incl. tied head) 2*in*out, "
+                                         "conv taps, GAM memory 2 x 2*S*C, attention "
+                                         "2 x 2*T*C per layer (not causal-halved), Mamba "
+                                         "scan 9*d_inner*d_state"},
+        "runs": runs,
+        "ratios": ratios,
+        "environment": common.finish_environment(env),
+    }
+    out = common.write_results(args.out, results, _markdown(results))
+    _plot(results, out / "throughput.png")
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.worker_main(_worker))

@@ -1,0 +1,479 @@
+"""The ``gam`` command: train, evaluate, sample from, benchmark and export language models.
+
+    gam train --model gam --preset cpu-small --dataset wikitext2 --data-dir DATA
+    gam train --resume runs/gam-wikitext2-20250101-120000
+    gam eval RUN_DIR [--split test]
+    gam generate RUN_DIR --prompt "The history of" --max-new-tokens 100
+    gam bench ...       (forwarded to gam.bench.main)
+    gam export ...      (forwarded to gam.hf.export.main)
+
+Multi-process training: ``torchrun --nproc-per-node N -m gam train ...``.
+
+Errors the user can fix (missing data, bad numbers, corrupted checkpoint...) are printed as
+``gam: error: ...`` with exit status 2 and no traceback; a diverged run (NaN/inf loss) exits
+with status 3, an interrupted one with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+PROG = "gam"
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+# train options that --resume accepts (how to run, not what): everything else is the run's own
+RESUME_OPTIONS = {"data_dir", "threads", "quiet", "device", "cache_dir", "wandb", "tensorboard"}
+
+TRAIN_EPILOG = """\
+defaults are the paper's recipe (as its official code): blocks of 256 tokens (the model's
+max_seq_len), global batch 32, AdamW lr 3e-4 betas (0.9, 0.95) eps 1e-8 and weight decay 0.1 on
+EVERY parameter (--decay-filter all), 100 linear warm-up steps then cosine decay to --min-lr (0)
+over the run (5 epochs, or --max-steps if smaller), gradient clipping 1.0, fp32.
+--decay-filter nanogpt (alias --no-decay-norms-biases-embeddings) exempts norms, biases and
+the embeddings (the token embedding is also the tied output head) from weight decay, as
+minGPT/nanoGPT's configure_optimizers did.
+
+data: corpus -> BPE tokenizer (trained on the train split only unless
+--tokenizer-on-all-splits; cached under $GAM_CACHE_DIR or ~/.cache/gam) -> token ids (cached)
+-> blocks of --seq-len -> batches in an order fixed by (--seed, epoch). Named corpora are read
+from --data-dir, else $GAM_DATA_DIR, else the Hugging Face hub (unless --offline).
+
+run directory (--out, default runs/<model>-<dataset>-<timestamp>): config.json,
+metrics.jsonl, model.json + model.safetensors (gam.load_pretrained(RUN_DIR) works),
+tokenizer.json and checkpoint/ (saved every --save-every steps, at every epoch end and at the
+end, atomically). --resume RUN_DIR continues a stopped or killed run exactly (bit for bit on
+CPU); only --data-dir, --threads, --device, --cache-dir, --quiet, --wandb and --tensorboard
+may be given with it.
+
+multi-process: torchrun --nproc-per-node N -m gam train ... (DDP; gloo on CPU, nccl on GPU;
+--batch-size stays the global batch and must be divisible by N * --grad-accum).
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def parse_model_arg(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value) with value parsed as JSON when possible
+    (``128`` -> 128, ``0.1`` -> 0.1, ``true`` -> True, ``none``/``null`` -> None), else a
+    string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    lowered = raw.strip().lower()
+    if lowered in ("none", "null"):
+        return key, None
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+# ------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Gated Associative Memory (arXiv 2509.00605): train, evaluate, "
+        "sample, benchmark and export GAM, Transformer and Mamba language models.")
+    from gam import __version__
+
+    parser.add_argument("--version", action="version", version=f"gam {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    for name, target in (("bench", "gam.bench.main"), ("export", "gam.hf.export.main")):
+        p = sub.add_parser(name, add_help=False,
+                           help=f"benchmarks (forwarded to {target}; gam {name} --help)"
+                           if name == "bench" else
+                           f"export a run to Hugging Face format (forwarded to {target})")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _add_train(sub: Any) -> None:
+    from gam.models.registry import MODELS, PRESETS
+
+    p = sub.add_parser("train", help="train a model (or --resume a run)",
+                       description="Train a language model; see the notes below.",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODELS), default=None,
+                   help="model family / variant (default gam)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="size preset (default paper)")
+    g.add_argument("--model-arg", action="append", type=parse_model_arg, default=None,
+                   metavar="KEY=VALUE",
+                   help="override a model config field, repeatable "
+                        "(e.g. --model-arg num_memory_slots=128)")
+    g.add_argument("--dropout", type=_number, default=None, help="model dropout (default: preset)")
+    g = p.add_argument_group("data and tokenizer")
+    g.add_argument("--dataset", default=None,
+                   help="wikitext2 (default), wikitext2-tokens, tinystories, austen or text:PATH")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the corpus folders (default $GAM_DATA_DIR)")
+    g.add_argument("--cache-dir", default=None,
+                   help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)")
+    g.add_argument("--offline", action="store_true", default=None,
+                   help="never try the Hugging Face hub for a corpus")
+    g.add_argument("--seq-len", type=_positive_int, default=None,
+                   help="block length (default and maximum: the model's max_seq_len)")
+    g.add_argument("--max-train-rows", type=_positive_int, default=None,
+                   help="keep the first N rows of the train split")
+    g.add_argument("--max-val-rows", type=_positive_int, default=None,
+                   help="keep the first N rows of the valid/test splits")
+    g.add_argument("--tokenizer", choices=("bytelevel", "paper"), default=None,
+                   help="bytelevel BPE (default, lossless) or the official code's whitespace BPE")
+    g.add_argument("--vocab-size", type=_positive_int, default=None,
+                   help="tokenizer vocabulary size, also the model's vocab_size (default 10000)")
+    g.add_argument("--tokenizer-on-all-splits", action="store_true", default=None,
+                   help="train the tokenizer on train+valid+test as the official code (leaks "
+                        "evaluation text; default: train split only)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default 5")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after N optimizer steps (the cosine schedule ends there)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="global batch in blocks per optimizer step (default 32)")
+    g.add_argument("--grad-accum", type=int, default=None,
+                   help="split each process's batch into N micro-batches (default 1)")
+    g.add_argument("--lr", type=_number, default=None, help="peak learning rate (default 3e-4)")
+    g.add_argument("--min-lr", type=_number, default=None,
+                   help="learning rate at the end of the cosine (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="default 100")
+    g.add_argument("--weight-decay", type=_number, default=None, help="default 0.1")
+    g.add_argument("--betas", type=_number, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="AdamW betas (default 0.9 0.95)")
+    g.add_argument("--decay-filter", choices=("all", "nanogpt"), default=None,
+                   help="all: weight decay on every parameter (the official code, default); "
+                        "nanogpt: not on norms, biases and embeddings")
+    g.add_argument("--no-decay-norms-biases-embeddings", dest="decay_filter",
+                   action="store_const", const="nanogpt",
+                   help="same as --decay-filter nanogpt")
+    g.add_argument("--grad-clip", type=_number, default=None,
+                   help="max gradient norm, 0 disables (default 1.0)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="fp32 (default); bf16 = torch.autocast on CPU or CUDA; fp16 = autocast "
+                        "+ GradScaler, CUDA only")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of the init, the data order and dropout (default 42)")
+    g = p.add_argument_group("logging, evaluation, checkpoints")
+    g.add_argument("--out", default=None,
+                   help="run directory (default runs/<model>-<dataset>-<timestamp>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR exactly from its last checkpoint")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate every N steps (always at each epoch end and at the end)")
+    g.add_argument("--eval-batch-size", type=int, default=None,
+                   help="blocks per evaluation batch and process (default: the training one)")
+    g.add_argument("--gate-stat-batches", type=_nonneg_int, default=None,
+                   help="validation batches for the GAM gate statistics at each evaluation "
+                        "(default 4, 0 disables)")
+    g.add_argument("--log-every", type=int, default=None,
+                   help="write a metrics record every N steps (default 10)")
+    g.add_argument("--save-every", type=int, default=None,
+                   help="checkpoint every N steps (default 250; also at epoch ends and the end)")
+    g.add_argument("--quiet", action="store_true", default=None,
+                   help="no progress bar or log lines")
+    g.add_argument("--wandb", action="store_true", default=None,
+                   help="also log to Weights & Biases (needs wandb)")
+    g.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log to TensorBoard in RUN_DIR/tensorboard (needs tensorboard)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="auto (default) = cuda if available, else cpu")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (torch.set_num_threads); default one per core, "
+                        "fewer when other processes already keep the cores busy")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="token-weighted loss and perplexity of a run (prints JSON)",
+                       description="Token-weighted loss (sum of per-token losses / number of "
+                       "target tokens) and perplexity of a run's model on a split of its corpus, "
+                       "cut into blocks as in training. Prints one JSON object.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--data-dir", default=None, help="where the corpus lives now "
+                   "(default: as recorded in the run)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    rows = p.add_mutually_exclusive_group()
+    rows.add_argument("--max-val-rows", type=_positive_int, default=None,
+                      help="first N rows of the split (default: as in training)")
+    rows.add_argument("--all-rows", action="store_true", help="the whole split")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="sample text from a run, streamed as it is generated",
+                       description="Sample a continuation of --prompt with the run's model "
+                       "(cached decoding), printing text as tokens arrive.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=100)
+    p.add_argument("--temperature", type=_number, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-p", type=_number, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep going after the end-of-text token")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=_positive_int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+
+# ---------------------------------------------------------------------------------- commands
+def _setup_logging(quiet: bool) -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    log = logging.getLogger("gam")
+    if not any(getattr(h, "_gam_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._gam_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    skip = {"command", "func", "resume"}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def build_run_config(args: argparse.Namespace) -> Any:
+    """The RunConfig of ``gam train`` arguments (defaults filled from the dataclasses)."""
+    from gam.training import DataConfig, RunConfig, TokenizerConfig, TrainConfig
+
+    overrides = dict(args.model_arg or [])
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    train_keys = ("batch_size", "grad_accum", "epochs", "max_steps", "lr", "min_lr",
+                  "warmup_steps", "weight_decay", "decay_filter", "grad_clip", "dtype",
+                  "compile", "seed", "eval_every", "eval_batch_size", "gate_stat_batches",
+                  "log_every", "save_every")
+    train_kwargs = {k: getattr(args, k) for k in train_keys if getattr(args, k) is not None}
+    if args.betas is not None:
+        train_kwargs["betas"] = tuple(args.betas)
+    data = DataConfig(dataset=args.dataset or "wikitext2",
+                      data_dir=args.data_dir, max_train_rows=args.max_train_rows,
+                      max_val_rows=args.max_val_rows, seq_len=args.seq_len,
+                      use_hub=not args.offline)
+    tok_kwargs: dict[str, Any] = {}
+    if args.tokenizer is not None:
+        tok_kwargs["kind"] = args.tokenizer
+    if args.vocab_size is not None:
+        tok_kwargs["vocab_size"] = args.vocab_size
+    if args.tokenizer_on_all_splits:
+        tok_kwargs["on_all_splits"] = True
+    return RunConfig(model=args.model or "gam", preset=args.preset or "paper",
+                     model_overrides=overrides, data=data,
+                     tokenizer=TokenizerConfig(**tok_kwargs), train=TrainConfig(**train_kwargs))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from gam.training import RuntimeOptions, default_run_dir, resume, train
+
+    _setup_logging(bool(args.quiet))
+    options = RuntimeOptions(device=args.device or "auto", threads=args.threads,
+                             quiet=bool(args.quiet), wandb=bool(args.wandb),
+                             tensorboard=bool(args.tensorboard), cache_dir=args.cache_dir,
+                             data_dir=args.data_dir)
+    if args.resume is not None:
+        extra = sorted(set(_given(args)) - RESUME_OPTIONS)
+        if extra:
+            flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+            raise ValueError(f"--resume continues {args.resume} with its saved settings; these "
+                             f"options cannot be changed: {flags}")
+        result = resume(args.resume, options)
+    else:
+        run = build_run_config(args)
+        if args.data_dir is not None:
+            run.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
+        options.data_dir = None
+        out = args.out or default_run_dir(run.model, run.data.dataset)
+        result = train(run, out, options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    from gam.training import evaluate_run
+    from gam.training.distributed import set_threads
+
+    set_threads(args.threads)
+    result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir,
+                          batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                          max_val_rows=args.max_val_rows, all_rows=args.all_rows,
+                          cache_dir=args.cache_dir)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def stream_text(tokenizer: Any, prompt_ids: list[int], tokens: Any) -> Any:
+    """Yield text pieces of the continuation as token ids arrive from ``tokens``.
+
+    The accumulated ids are decoded each time and only the new suffix is yielded, so a
+    multi-byte character split over several byte-level tokens comes out whole (a trailing
+    U+FFFD, an incomplete character, is held back until it completes)."""
+    prefix = tokenizer.decode(prompt_ids) if prompt_ids else ""
+    generated: list[int] = []
+    shown = ""
+    for token in tokens:
+        generated.append(int(token))
+        full = tokenizer.decode(prompt_ids + generated)
+        text = full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(generated)
+        stable = text.rstrip("\ufffd")
+        if stable.startswith(shown) and len(stable) > len(shown):
+            yield stable[len(shown):]
+            shown = stable
+    full = tokenizer.decode(prompt_ids + generated)
+    text = full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(generated)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gam.data import eot_token_id
+    from gam.training import load_run
+    from gam.training.distributed import resolve_device, set_threads
+
+    set_threads(args.threads)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_run(args.run_dir, map_location=device)
+    try:
+        eos = eot_token_id(tokenizer)
+    except ValueError:
+        eos = None
+    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt \
+        else []
+    start = prompt_ids[-model.config.max_seq_len:] if prompt_ids else [
+        eos if eos is not None else 0]
+    idx = torch.tensor([start], dtype=torch.long, device=device)
+
+    def tokens() -> Any:
+        for token in model.generate_stream(
+                idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, eos_token_id=None if args.ignore_eos else eos,
+                seed=args.seed):
+            t = int(token[0])
+            if not args.ignore_eos and eos is not None and t == eos:
+                return
+            yield t
+
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    for piece in stream_text(tokenizer, prompt_ids, tokens()):
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+def _forward(command: str, argv: list[str]) -> int:
+    module_name = "gam.bench" if command == "bench" else "gam.hf.export"
+    try:
+        import importlib
+
+        module = importlib.import_module(module_name)
+        entry = module.main
+    except (ImportError, AttributeError) as e:
+        print(f"{PROG}: error: 'gam {command}' is not available: {module_name}.main could not "
+              f"be imported ({e})", file=sys.stderr)
+        return EXIT_ERROR
+    code = entry(argv)
+    return int(code or 0)
+
+
+# -------------------------------------------------------------------------------------- main
+def _error_message(e: BaseException) -> str:
+    """The error as one line (multi-line messages, e.g. where a corpus was looked for, are
+    joined)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
+        or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gam`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "export"):
+        return _forward(argv[0], argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version or a usage error (argparse printed it)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+
+    from gam.models.io import CheckpointError
+    from gam.training import TrainingDivergedError
+
+    try:
+        return int(args.func(args) or 0)
+    except TrainingDivergedError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; a run continues from its last checkpoint with "
+              f"'gam train --resume RUN_DIR'", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, FileNotFoundError, CheckpointError, KeyError, ImportError) as e:
+        print(f"{PROG}: error: {_error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

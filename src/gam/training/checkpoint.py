@@ -1,0 +1,231 @@
+"""Training checkpoints that a run killed at any moment can resume from, exactly.
+
+Layout of ``RUN_DIR/checkpoint/``::
+
+    latest.json                  {"dir": "step-00000120-ab12cd", "step": 120}
+    step-00000120-ab12cd/
+        model.safetensors        weights (gam.models.io.save_weights)
+        optimizer.pt             optimizer, LR scheduler and (fp16) grad-scaler states
+        rng.pt                   torch / CUDA / numpy / python RNG states of every rank
+        state.json               data position and counters (TrainingState)
+
+A checkpoint is written into a temporary sibling folder, every file flushed to disk, then the
+folder is renamed into place (atomic) and ``latest.json`` is replaced atomically
+(temporary file + ``os.replace``); only then are older checkpoints deleted. A kill at any point
+therefore leaves either the previous or the new checkpoint complete and pointed to. If
+``latest.json`` is lost, the newest complete ``step-*`` folder is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import secrets
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gam.models.io import CheckpointError, atomic_write_json, load_weights, save_weights
+
+CHECKPOINT_DIR = "checkpoint"
+LATEST = "latest.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
+RNG = "rng.pt"
+STATE = "state.json"
+
+
+@dataclass
+class TrainingState:
+    """Where a run is: ``step`` optimizer steps done; the next batch is batch
+    ``batch_in_epoch`` of epoch ``epoch`` (0-based). The epoch counters let a resumed run report
+    the same epoch time and throughput."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_train_time: float = 0.0
+    epoch_tokens: int = 0
+    total_train_time: float = 0.0
+    total_steps: int = 0
+    batches_per_epoch: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainingState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# -------------------------------------------------------------------------------------- RNG
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in a form ``torch.load(weights_only=True)``
+    accepts."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+# ----------------------------------------------------------------------------------- saving
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _torch_save_synced(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, state: TrainingState, rng_states: list[dict[str, Any]],
+                    scaler: Any = None) -> Path:
+    """Write a new checkpoint atomically and make it the latest; returns its folder."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state.step:08d}-{secrets.token_hex(3)}"
+    tmp = root / f".tmp-{name}"
+    tmp.mkdir()
+    try:
+        save_weights(model, tmp / WEIGHTS)
+        _torch_save_synced({"optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                            "scaler": scaler.state_dict() if scaler is not None else None},
+                           tmp / OPTIMIZER)
+        _torch_save_synced({"ranks": rng_states}, tmp / RNG)
+        atomic_write_json(tmp / STATE, asdict(state))
+        _fsync_dir(tmp)
+        final = root / name
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    atomic_write_json(root / LATEST, {"dir": name, "step": state.step})
+    for old in root.iterdir():
+        if old.name != name and old.is_dir() and (old.name.startswith("step-")
+                                                  or old.name.startswith(".tmp-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------- loading
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    state: TrainingState
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    rng_states: list[dict[str, Any]]
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+
+def read_state(folder: Path) -> TrainingState:
+    path = folder / STATE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return TrainingState.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted ({e})") from e
+
+
+def find_checkpoint(run_dir: str | Path) -> Path | None:
+    """Folder of the latest checkpoint of a run, or None if it has none."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    try:
+        latest = json.loads((root / LATEST).read_text())
+        folder = root / latest["dir"]
+        if folder.is_dir():
+            return folder
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                        key=lambda p: p.name, reverse=True)
+    for folder in candidates:
+        try:
+            read_state(folder)
+            return folder
+        except CheckpointError:
+            continue
+    return None
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted ({e})") from e
+
+
+def load_checkpoint(folder: str | Path) -> LoadedCheckpoint:
+    """Read a checkpoint folder (weights are loaded separately with ``load_into``)."""
+    folder = Path(folder)
+    state = read_state(folder)
+    opt = _torch_load(folder / OPTIMIZER)
+    rng = _torch_load(folder / RNG)
+    if not isinstance(opt, dict) or "optimizer" not in opt:
+        raise CheckpointError(f"checkpoint file {folder / OPTIMIZER} is corrupted")
+    if not isinstance(rng, dict) or not isinstance(rng.get("ranks"), list):
+        raise CheckpointError(f"checkpoint file {folder / RNG} is corrupted")
+    if not (folder / WEIGHTS).is_file():
+        raise CheckpointError(f"checkpoint file {folder / WEIGHTS} does not exist")
+    return LoadedCheckpoint(folder, state, opt["optimizer"], opt.get("scheduler"),
+                            opt.get("scaler"), rng["ranks"])
+
+
+def load_into(ckpt: LoadedCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: Any = None, scaler: Any = None) -> None:
+    """Load weights, optimizer, scheduler and scaler states of ``ckpt``."""
+    load_weights(model, ckpt.weights)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+        if scheduler is not None and ckpt.scheduler is not None:
+            scheduler.load_state_dict(ckpt.scheduler)
+        if scaler is not None and ckpt.scaler is not None:
+            scaler.load_state_dict(ckpt.scaler)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {ckpt.path / OPTIMIZER} does not match the "
+                              f"model or optimizer ({e})") from e

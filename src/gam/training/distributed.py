@@ -1,0 +1,147 @@
+"""Single- or multi-process execution: device choice, process group, and the few collectives
+training needs.
+
+``torchrun --nproc-per-node N -m gam train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+(and the rendezvous address); with ``WORLD_SIZE > 1`` a process group is created (``gloo`` on
+CPU, ``nccl`` on GPU) and the model is wrapped in ``DistributedDataParallel``. Without torchrun
+every collective below is a no-op, so the trainer code is the same in both cases.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def auto_threads() -> int | None:
+    """CPU threads to use when the user did not say (``--threads``).
+
+    None (torch's default, one per core) unless the machine is already busy: PyTorch's CPU
+    kernels end every parallel region in a barrier, so when other processes keep the cores
+    occupied each op waits for a descheduled thread (measured here: 100x slower at load 8 on
+    2 cores). Then use only the cores left idle (at least 1). ``OMP_NUM_THREADS`` (set by
+    torchrun for several processes) always wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    idle = int(cores - load + 0.5)
+    if idle >= cores:
+        return None
+    return max(1, min(cores, idle))
+
+
+def set_threads(threads: int | None) -> int:
+    """Apply ``--threads`` (or :func:`auto_threads` when None); returns the count in use."""
+    if threads is None:
+        threads = auto_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; ``cuda`` when none is available -> ValueError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but no CUDA device is available "
+                             "(use --device cpu or auto)")
+        if name == "cuda":
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device(name)
+    if name != "cpu":
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+@dataclass
+class DistContext:
+    """Rank, world size and device of this process; collectives that degrade to no-ops when
+    there is a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over all processes (``ReduceOp.AVG`` is NCCL-only, so average by
+        dividing the sum)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """``[obj of rank 0, obj of rank 1, ...]`` on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def shutdown(self, clean: bool = True) -> None:
+        """Destroy the process group; after a clean finish, first wait for every rank (a rank
+        tearing gloo down while another still uses it can abort)."""
+        if self.enabled and dist.is_initialized():
+            if clean:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def init_distributed(device: str = "auto") -> DistContext:
+    """Create the process group if launched by torchrun with more than one process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return DistContext(device=dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
+                       backend=backend)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model under DistributedDataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

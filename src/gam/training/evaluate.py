@@ -1,0 +1,80 @@
+"""Token-weighted evaluation: loss = (sum of per-token losses) / (number of target tokens).
+
+The split is cut into blocks of ``seq_len`` with ``drop_last=False``, so every token but the
+first is a target exactly once (the last block is padded, its padding targets ignored). Batch
+means are never averaged: a short last batch would otherwise weigh as much as a full one.
+Perplexity is ``exp(loss)``. With several processes, the blocks are split over the ranks and
+the two sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gam.data import IGNORE_INDEX, TokenBlocks
+from gam.training.distributed import DistContext, unwrap_model
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for bf16/fp16, a no-op for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype == "fp16" and device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a CUDA device (use bf16 on CPU)")
+    return torch.autocast(device_type=device.type,
+                          dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, seq_len: int,
+             batch_size: int = 32, dtype: str = "fp32", ctx: DistContext | None = None,
+             device: torch.device | None = None) -> dict[str, Any]:
+    """Token-weighted loss and perplexity of ``model`` on the token stream ``ids``.
+
+    Returns ``{"loss", "ppl", "tokens"}`` (``tokens``: number of target tokens).
+    """
+    base = unwrap_model(model)
+    if device is None:
+        device = next(base.parameters()).device
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    blocks = TokenBlocks(ids, seq_len, drop_last=False)
+    mine = list(range(rank, len(blocks), world))
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    was_training = base.training
+    base.eval()
+    try:
+        for start in range(0, len(mine), batch_size):
+            items = [blocks[i] for i in mine[start:start + batch_size]]
+            x = torch.stack([it[0] for it in items]).to(device)
+            y = torch.stack([it[1] for it in items]).to(device)
+            with autocast_context(device, dtype):
+                logits, _ = base(x)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            total[0] += loss.double()
+            total[1] += (y != IGNORE_INDEX).sum()
+    finally:
+        base.train(was_training)
+    if ctx is not None:
+        ctx.all_reduce_sum(total)
+    loss_sum, count = float(total[0]), int(total[1])
+    loss = loss_sum / count
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"),
+            "tokens": count}
+
+
+def first_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int
+                  ) -> list[torch.Tensor]:
+    """The first ``n_batches`` input batches (B, T) of a split, for diagnostics."""
+    blocks = TokenBlocks(ids, seq_len, drop_last=False)
+    out = []
+    for start in range(0, min(len(blocks), n_batches * batch_size), batch_size):
+        idx = range(start, min(start + batch_size, len(blocks)))
+        out.append(torch.stack([blocks[i][0] for i in idx]))
+    return out

@@ -1,0 +1,69 @@
+"""AdamW with the paper's weight-decay rule (or nanoGPT's) and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from gam.training.config import TrainConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = "all"
+                     ) -> list[dict]:
+    """Optimizer parameter groups.
+
+    ``all`` (the official GAM code): one group, every parameter decayed.
+    ``nanogpt`` (minGPT/nanoGPT style): no decay for parameters with fewer than 2 dimensions
+    (biases, LayerNorm weights), for embedding tables (token embedding = tied output head, and
+    position embedding) and for parameters flagged ``_no_weight_decay`` (e.g. Mamba's A_log, D).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_filter == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    if decay_filter != "nanogpt":
+        raise ValueError(f"unknown decay filter {decay_filter!r}; expected 'all' or 'nanogpt'")
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in params:
+        if p.dim() < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_filter)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+class WarmupCosine:
+    """LR multiplier at 0-based optimizer step ``s``: ``(s + 1) / warmup`` during warm-up, then
+    a cosine from 1 down to ``min_lr / lr`` at ``total_steps``.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` saves its settings.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = self.total_steps - self.warmup_steps
+        if span <= 0:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + 0.5 * (1.0 - self.min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr / cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

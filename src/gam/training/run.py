@@ -1,0 +1,128 @@
+"""Run directories: what a training run leaves behind, and how to load it back.
+
+Layout of ``RUN_DIR`` (``gam train --out RUN_DIR``)::
+
+    config.json        model name, preset, resolved model config, data, tokenizer, train recipe,
+                       derived schedule (total steps...), gam / torch versions
+    metrics.jsonl      one JSON record per logged step / evaluation (see gam.training.metrics)
+    model.json         gam.models.io.save_pretrained: latest weights, so that
+    model.safetensors  gam.load_pretrained(RUN_DIR) rebuilds the model
+    tokenizer.json     the run's tokenizer (tokenizers library JSON)
+    checkpoint/        resumable state (see gam.training.checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from gam.models.io import MODEL_JSON, CheckpointError, load_pretrained
+from gam.models.lm import CausalLM
+from gam.training.checkpoint import CHECKPOINT_DIR
+from gam.training.config import DataConfig, RunConfig, TokenizerConfig
+from gam.training.data import load_data, load_tokenizer_file
+from gam.training.distributed import DistContext, resolve_device
+from gam.training.evaluate import evaluate
+from gam.training.metrics import METRICS_FILE
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+__all__ = ["CONFIG_FILE", "METRICS_FILE", "TOKENIZER_FILE", "evaluate_run", "is_run_dir",
+           "load_run", "read_run_config"]
+
+
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``config.json`` of a run; ValueError if ``run_dir`` holds no run."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        extra = " (it has a checkpoint/ but no config.json)" if (
+            run_dir / CHECKPOINT_DIR).is_dir() else ""
+        raise ValueError(f"{run_dir} holds no training run: {CONFIG_FILE} is missing{extra}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"run config {path} is truncated or corrupted ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"run config {path} is corrupted (not a JSON object)")
+    return config
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab: int, tokenizer_path: Path,
+                model_path: Path, recorded: int | None = None) -> None:
+    """CheckpointError if the tokenizer can produce ids the model has no embedding for, or is
+    not the tokenizer the run recorded."""
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > model_vocab:
+        raise CheckpointError(
+            f"vocab size mismatch: tokenizer {tokenizer_path} has {size} tokens but the model "
+            f"in {model_path} has vocab_size {model_vocab}")
+    if recorded is not None and size != recorded:
+        raise CheckpointError(
+            f"vocab size mismatch: tokenizer {tokenizer_path} has {size} tokens but the run "
+            f"recorded a tokenizer of {recorded} tokens")
+
+
+def load_run(run_dir: str | os.PathLike[str], map_location: str | Any = "cpu"
+             ) -> tuple[CausalLM, Tokenizer, dict[str, Any]]:
+    """``(model, tokenizer, run_config)`` of a training run directory.
+
+    The model holds the latest saved weights (``RUN_DIR/model.safetensors``) in eval mode;
+    ``run_config`` is the parsed ``config.json``. Raises ValueError when ``run_dir`` holds no
+    run and CheckpointError (naming the file) for missing, truncated or mismatched files.
+    """
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if not (run_dir / MODEL_JSON).is_file():
+        raise CheckpointError(f"{run_dir} has no saved model yet ({run_dir / MODEL_JSON} is "
+                              f"missing; the run saves it with its first checkpoint)")
+    model = load_pretrained(run_dir, map_location=map_location)
+    tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
+    recorded = config.get("tokenizer", {}).get("actual_vocab_size")
+    check_vocab(tokenizer, model.config.vocab_size, run_dir / TOKENIZER_FILE,
+                run_dir / MODEL_JSON, recorded)
+    model.eval()
+    return model, tokenizer, config
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
+                 data_dir: str | None = None, batch_size: int | None = None,
+                 device: str = "auto", dtype: str = "fp32", max_val_rows: int | None = None,
+                 all_rows: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
+    """Token-weighted loss and perplexity of a run's model on ``split`` of its corpus, cut as
+    in training (same ``max_val_rows`` unless overridden, same block length)."""
+    dev = resolve_device(device)
+    model, tokenizer, config = load_run(run_dir, map_location=dev)
+    run = RunConfig.from_dict(config)
+    data: DataConfig = run.data
+    rows = None if all_rows else (max_val_rows if max_val_rows is not None
+                                  else data.max_val_rows)
+    data = DataConfig(dataset=data.dataset, data_dir=data.data_dir,
+                      max_train_rows=data.max_train_rows, max_val_rows=rows,
+                      seq_len=data.seq_len, use_hub=data.use_hub)
+    seq_len = data.seq_len or model.config.max_seq_len
+    if batch_size is None:
+        batch_size = run.train.eval_batch_size or run.train.batch_size
+    loaded = load_data(data, TokenizerConfig(**run.tokenizer.to_dict()), DistContext(device=dev),
+                       cache_dir=cache_dir, tokenizer=tokenizer, splits=(split,),
+                       data_dir=data_dir)
+    ids: np.ndarray = loaded.ids[split]
+    if len(ids) < 2:
+        raise ValueError(f"split {split!r} of {data.dataset!r} has {len(ids)} token(s); at "
+                         f"least 2 are needed to evaluate")
+    result = evaluate(model, ids, seq_len, batch_size=batch_size, dtype=dtype, device=dev)
+    return {"run_dir": str(run_dir), "model": config.get("model"), "dataset": data.dataset,
+            "split": split, "seq_len": seq_len, "loss": result["loss"], "ppl": result["ppl"],
+            "tokens": result["tokens"]}

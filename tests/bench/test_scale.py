@@ -1,0 +1,61 @@
+
+from gam.bench import main
+from gam.bench.scale import fit_rows
+
+RUN_KEYS = {"model", "seq_len", "batch_size", "status", "time_ms_median", "time_ms_min",
+            "peak_mem_mb"}
+
+
+def test_scale_smoke(out_dir, check):
+    code = main(["scale", "--preset", "tiny", "--models", "gam", "transformer",
+                 "--lengths", "32", "64", "--batch-size", "1", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--device", "cpu", "--out", str(out_dir)])
+    assert code == 0
+    results = check.load_results(out_dir)
+    check.assert_environment(results)
+    runs = results["runs"]
+    assert [(r["model"], r["seq_len"]) for r in runs] == [
+        ("gam", 32), ("gam", 64), ("transformer", 32), ("transformer", 64)]
+    for r in runs:
+        assert RUN_KEYS <= set(r), r
+        assert r["status"] == "ok", r
+        assert r["time_ms_min"] <= r["time_ms_median"]
+        assert r["peak_mem_mb"] >= 0
+    assert {f["model"] for f in results["fits"]} == {"gam", "transformer"}
+    for f in results["fits"]:
+        assert {"exponent_time", "exponent_memory"} <= set(f)
+        assert f["exponent_time"] is not None
+    check.assert_png(out_dir / "scale.png")
+    assert "Scaling exponents" in (out_dir / "results.md").read_text()
+
+
+def test_scale_records_timeout_and_skips_longer_lengths(out_dir, check):
+    code = main(["scale", "--preset", "tiny", "--models", "gam", "--lengths", "32", "64",
+                 "--batch-size", "1", "--repeats", "1", "--threads", "1", "--device", "cpu",
+                 "--max-seconds", "0.2", "--out", str(out_dir)])
+    assert code == 0
+    runs = check.load_results(out_dir)["runs"]
+    assert [r["status"] for r in runs] == ["timeout", "skipped"]
+    assert runs[0]["time_ms_median"] is None
+    check.assert_png(out_dir / "scale.png")
+
+
+def test_scale_records_oom(out_dir, check):
+    # naive attention at N 2048 needs > 256 MB of scores; the worker may only grow by 32 MB
+    code = main(["scale", "--preset", "tiny", "--models", "transformer-naive",
+                 "--lengths", "2048", "--batch-size", "4", "--repeats", "1", "--threads", "1",
+                 "--device", "cpu", "--max-memory-gb", "0.03", "--out", str(out_dir)])
+    assert code == 0
+    (run,) = check.load_results(out_dir)["runs"]
+    assert run["status"] == "oom", run
+
+
+def test_fit_rows_on_synthetic_runs():
+    runs = [{"model": "m", "seq_len": n, "status": "ok", "time_ms_median": 2e-3 * n ** 2,
+             "peak_mem_mb": 0.5 * n} for n in (256, 512, 1024, 2048)]
+    runs.append({"model": "m", "seq_len": 4096, "status": "oom", "time_ms_median": None,
+                 "peak_mem_mb": None})
+    (fit,) = fit_rows(runs, ["m"])
+    assert abs(fit["exponent_time"] - 2.0) < 1e-9
+    assert abs(fit["exponent_memory"] - 1.0) < 1e-9
+    assert fit["lengths"] == [256, 512, 1024, 2048]

@@ -1,0 +1,25 @@
+
+from gam.bench import main
+
+
+def test_throughput_smoke(out_dir, check):
+    code = main(["throughput", "--preset", "tiny", "--models", "gam", "transformer",
+                 "--dtype", "bf16", "--seq-len", "16", "--batch-size", "2",
+                 "--steps", "1", "--warmup", "0", "--matmul-size", "64", "--threads", "1",
+                 "--device", "cpu", "--out", str(out_dir)])
+    assert code == 0
+    results = check.load_results(out_dir)
+    check.assert_environment(results)
+    runs = results["runs"]
+    assert len(runs) == 2
+    for r in runs:
+        assert r["status"] == "ok", r
+        for key in ("model", "dtype", "seq_len", "batch_size", "tokens_per_s",
+                    "flops_per_token", "peak_flops", "mfu", "compile"):
+            assert key in r and r[key] is not None, key
+        assert r["mfu"] > 0 and r["peak_flops"] > 0
+    ratios = results["ratios"]
+    assert [r["dtype"] for r in ratios] == ["bf16"]
+    for r in ratios:
+        assert r["tokens_per_s_ratio"] > 0 and r["inverse_flops_ratio"] > 0
+    check.assert_png(out_dir / "throughput.png")

@@ -1,0 +1,83 @@
+"""Fixtures for the training tests.
+
+Every run is tiny (``--preset tiny``, a 512-token tokenizer, a few hundred WikiText-2 rows) so
+a whole training takes about a second. The caches live in one temporary folder for the session
+(``$GAM_CACHE_DIR``), so the tokenizer is trained once. Real-data tests find the shared data
+folder with ``gam.data.find_shared_data_dir()`` and skip when there is none.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gam.data import find_shared_data_dir
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """One private tokenizer / token-id cache for the whole session; no $GAM_DATA_DIR; the
+    hub never contacted (every run passes --data-dir or --offline)."""
+    cache = tmp_path_factory.mktemp("gam-cache")
+    saved = {k: os.environ.get(k) for k in ("GAM_CACHE_DIR", "GAM_DATA_DIR", "HF_HUB_OFFLINE")}
+    os.environ["GAM_CACHE_DIR"] = str(cache)
+    os.environ.pop("GAM_DATA_DIR", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield cache
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = find_shared_data_dir()
+    if found is None:
+        pytest.skip("real-data test: no shared/data folder beside the repository")
+    return found
+
+
+def tiny_train_args(data_dir: Path, out: Path, *extra: str, model: str = "gam") -> list[str]:
+    return ["train", "--model", model, "--preset", "tiny", "--dataset", "wikitext2",
+            "--data-dir", str(data_dir), "--max-train-rows", "400", "--max-val-rows", "40",
+            "--vocab-size", str(VOCAB), "--batch-size", "8", "--log-every", "1", "--quiet",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    """``tiny_args(data_dir, out, *extra)``: argv of a tiny ``gam train`` run."""
+    return tiny_train_args
+
+
+def run_gam(args: list[str], timeout: float = 240, env: dict[str, str] | None = None,
+            module: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "gam", *args] if module else [sys.executable, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(scope="session")
+def gam_subprocess():
+    """``gam_subprocess(args, timeout=..., env=..., module=True)``: run ``python -m gam``."""
+    return run_gam
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """A finished tiny GAM run (6 steps, evaluations at steps 3 and 6, dropout on)."""
+    from gam.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-gam"
+    code = main(tiny_train_args(data_dir, out, "--max-steps", "6", "--save-every", "3",
+                                "--eval-every", "3", "--dropout", "0.1", "--threads", "1"))
+    assert code == 0
+    return out

@@ -1,0 +1,83 @@
+"""A run killed with SIGKILL between checkpoints and resumed reproduces the uninterrupted run's
+per-step losses bit for bit (CPU, dropout on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gam.training import find_checkpoint, load_checkpoint, read_metrics
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+
+STEPS = 40
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = read_metrics(run, kind="train")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _max_step(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    best = 0
+    for line in lines:
+        try:
+            best = max(best, int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, ValueError):
+            pass
+    return best
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_subprocess):
+    extra = ("--max-steps", str(STEPS), "--save-every", "3", "--eval-every", "7",
+             "--dropout", "0.1", "--batch-size", "16", "--threads", "1")
+    full = tmp_path / "uninterrupted"
+    done = gam_subprocess(tiny_args(data_dir, full, *extra))
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gam", *tiny_args(data_dir, killed, *extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 180
+    try:
+        while _max_step(killed) < 5:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the run did not reach step 5"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    reached = _max_step(killed)
+    assert reached < STEPS, "the run finished before it could be killed"
+    checkpoint_step = load_checkpoint(find_checkpoint(killed)).state.step
+    assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0
+
+    resumed = gam_subprocess(["train", "--resume", str(killed), "--quiet", "--threads", "1"])
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == checkpoint_step and summary["step"] == STEPS
+
+    expected, got = _losses(full), _losses(killed)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == expected  # bit for bit: float equality of every step's loss
+    evals = lambda run: [(r["step"], r["val_loss"]) for r in read_metrics(run, kind="eval")]  # noqa: E731
+    assert evals(killed) == evals(full)
+    assert [r["step"] for r in read_metrics(killed, kind="resume")] == [checkpoint_step]

@@ -1,0 +1,144 @@
+"""Whole training runs on real data (tiny model): run directory, evaluation, divergence,
+gradient accumulation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gam
+from gam.cli import main
+from gam.data import TokenBlocks, encode_corpus, load_corpus
+from gam.training import evaluate, find_checkpoint, load_checkpoint, load_run, read_metrics
+
+
+def test_run_directory_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "model.json", "model.safetensors",
+            "tokenizer.json", "checkpoint"} <= names
+
+    config = json.loads((trained_run / "config.json").read_text())
+    for key in ("model", "preset", "model_config", "data", "tokenizer", "train", "gam_version",
+                "torch_version"):
+        assert key in config
+    assert config["model"] == "gam" and config["preset"] == "tiny"
+    assert config["model_config"]["vocab_size"] == 512
+    assert config["model_config"]["dropout"] == 0.1
+    assert config["data"]["dataset"] == "wikitext2" and config["data"]["seq_len"] == 64
+    assert config["tokenizer"]["kind"] == "bytelevel"
+    assert config["train"]["lr"] == 3e-4 and config["train"]["betas"] == [0.9, 0.95]
+    assert config["train"]["weight_decay"] == 0.1 and config["train"]["decay_filter"] == "all"
+
+    train = read_metrics(trained_run, kind="train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for r in train:
+        assert {"step", "loss", "lr", "epoch", "tokens_per_s"} <= set(r)
+    evals = read_metrics(trained_run, kind="eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in evals:
+        assert {"step", "epoch", "val_loss", "val_ppl", "epoch_time_s", "tokens_per_s",
+                "gates"} <= set(r)
+        assert r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
+        assert len(r["gates"]) == 2
+        assert {"local_mean", "local_std", "global_mean", "global_std"} <= set(r["gates"][0])
+
+    ckpt = load_checkpoint(find_checkpoint(trained_run))
+    assert ckpt.state.step == 6
+    model = gam.load_pretrained(trained_run)
+    assert isinstance(model, gam.GAMLM)
+
+
+def test_token_weighted_eval_matches_a_hand_computation(trained_run, data_dir):
+    model, tokenizer, config = load_run(trained_run)
+    corpus = load_corpus("wikitext2", data_dir, max_train_rows=400, max_val_rows=40)
+    ids = encode_corpus(corpus, tokenizer, splits=["valid"])["valid"]
+    seq_len = 64
+    assert (len(ids) - 1) % seq_len != 0  # the last block is partial: weighting matters
+
+    # by hand: every position t >= 1 of the stream is a target once
+    stream = torch.from_numpy(ids.astype("int64"))
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, seq_len):
+            x = stream[start:start + seq_len][None]
+            y = stream[start + 1:start + seq_len + 1][None]
+            x = x[:, :y.shape[1]]
+            logits, _ = model(x)
+            losses.append(F.cross_entropy(logits[0], y[0], reduction="none"))
+    per_token = torch.cat(losses).double()
+    assert per_token.numel() == len(ids) - 1
+    expected = float(per_token.mean())
+
+    for batch_size in (1, 3, 8):
+        result = evaluate(model, ids, seq_len, batch_size=batch_size)
+        assert result["tokens"] == len(ids) - 1
+        assert result["loss"] == pytest.approx(expected, rel=1e-5)
+        assert result["ppl"] == pytest.approx(torch.exp(torch.tensor(expected)).item(), rel=1e-5)
+
+    # a mean of batch means would weigh the short last block like a full one
+    blocks = TokenBlocks(ids, seq_len, drop_last=False)
+    block_means = []
+    with torch.no_grad():
+        for i in range(len(blocks)):
+            x, y = blocks[i]
+            _, loss = model(x[None], y[None])
+            block_means.append(float(loss))
+    assert sum(block_means) / len(block_means) != pytest.approx(expected, rel=1e-7)
+
+    # the run's final evaluation used the same weights and the same rule
+    final = read_metrics(trained_run, kind="eval")[-1]
+    assert final["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert final["val_tokens"] == len(ids) - 1
+
+
+def test_nan_loss_stops_keeps_checkpoint_and_exits_nonzero(tmp_path, data_dir, tiny_args,
+                                                           capsys):
+    out = tmp_path / "nan-run"
+    code = main(tiny_args(data_dir, out, "--max-steps", "20", "--save-every", "1", "--lr", "1e6",
+                          "--warmup-steps", "0", "--threads", "1"))
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "gam: error: loss is nan" in err and "Traceback" not in err
+    assert "last good checkpoint (step 1)" in err
+    diverged = read_metrics(out, kind="diverged")
+    assert len(diverged) == 1 and diverged[0]["step"] == 2
+    ckpt = load_checkpoint(find_checkpoint(out))
+    assert ckpt.state.step == 1
+    model, _, _ = load_run(out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_grad_accum_gives_the_same_curve(tmp_path, data_dir, tiny_args):
+    losses = []
+    for accum in (1, 4):
+        out = tmp_path / f"accum{accum}"
+        assert main(tiny_args(data_dir, out, "--max-steps", "4", "--grad-accum", str(accum),
+                              "--dropout", "0", "--threads", "1")) == 0
+        losses.append([r["loss"] for r in read_metrics(out, kind="train")])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_transformer_trains_without_gate_stats(tmp_path, data_dir, tiny_args):
+    out = tmp_path / "tf"
+    assert main(tiny_args(data_dir, out, "--max-steps", "2", "--threads", "1",
+                          model="transformer")) == 0
+    (record,) = read_metrics(out, kind="eval")
+    assert "gates" not in record
+    model, _, config = load_run(out)
+    assert config["model"] == "transformer" and isinstance(model, gam.models.TransformerLM)
+
+
+def test_resume_of_a_finished_run_does_nothing(trained_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 6 and summary["resumed_from"] == 6
+    after = read_metrics(run)
+    assert [r for r in after if r["kind"] != "resume"] == [
+        json.loads(line) for line in before.splitlines()]

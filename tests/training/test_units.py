@@ -1,0 +1,179 @@
+"""Unit tests of the training building blocks: data order, schedule, weight decay, configs,
+checkpoint files, gate statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from gam import build_model
+from gam.models.io import CheckpointError
+from gam.training import (
+    DataConfig,
+    EpochBatchSampler,
+    RunConfig,
+    TrainConfig,
+    TrainingState,
+    WarmupCosine,
+    epoch_permutation,
+    find_checkpoint,
+    gate_statistics,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+)
+from gam.training.checkpoint import capture_rng_state, restore_rng_state
+
+
+# ------------------------------------------------------------------------------- data order
+def test_epoch_permutation_is_a_function_of_seed_and_epoch():
+    a = epoch_permutation(100, seed=3, epoch=0)
+    assert sorted(a.tolist()) == list(range(100))
+    np.testing.assert_array_equal(a, epoch_permutation(100, seed=3, epoch=0))
+    assert not np.array_equal(a, epoch_permutation(100, seed=3, epoch=1))
+    assert not np.array_equal(a, epoch_permutation(100, seed=4, epoch=0))
+
+
+def test_rank_shards_partition_the_global_batches_and_resume_skips_exactly():
+    n, batch = 103, 8
+    full = list(EpochBatchSampler(n, batch, seed=1, epoch=2))
+    assert len(full) == n // batch  # the incomplete last batch is dropped
+    assert all(len(b) == batch for b in full)
+    shards = [list(EpochBatchSampler(n, batch, seed=1, epoch=2, rank=r, world_size=4))
+              for r in range(4)]
+    for i, global_batch in enumerate(full):
+        assert sum((s[i] for s in shards), []) == global_batch
+    resumed = list(EpochBatchSampler(n, batch, seed=1, epoch=2, start_batch=5))
+    assert resumed == full[5:]
+    with pytest.raises(ValueError, match="not divisible"):
+        EpochBatchSampler(n, 6, seed=1, epoch=0, world_size=4)
+
+
+# --------------------------------------------------------------------------------- schedule
+def test_warmup_then_cosine_to_min():
+    f = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert f(14) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+    assert WarmupCosine(0, 10)(0) == pytest.approx(1.0)
+    assert WarmupCosine(100, 10)(9) == pytest.approx(0.1)  # a run shorter than the warm-up
+
+
+# ----------------------------------------------------------------------------- weight decay
+def test_decay_filters():
+    model = build_model("gam", "tiny")
+    (everything,) = parameter_groups(model, 0.1, "all")
+    assert everything["weight_decay"] == 0.1
+    assert len(everything["params"]) == len(list(model.parameters()))
+
+    decay, no_decay = parameter_groups(model, 0.1, "nanogpt")
+    assert no_decay["weight_decay"] == 0.0
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    block = model.blocks[0]
+    for p in (model.head.weight, model.token_embedding.weight, model.pos_embedding.weight,
+              model.ln_f.weight, model.ln_f.bias, block.gate.bias, block.ln1.weight):
+        assert id(p) in ids(no_decay)
+    for p in (block.memory_bank, block.gate.weight, block.causal_conv.weight,
+              block.ffn.fc1.weight):
+        assert id(p) in ids(decay)
+    assert len(ids(decay) | ids(no_decay)) == len(list(model.parameters()))
+
+
+# ---------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"),
+    (dict(epochs=0), "epochs"), (dict(max_steps=-5), "max_steps"), (dict(lr=float("nan")), "lr"),
+    (dict(dtype="fp8"), "dtype"), (dict(decay_filter="some"), "decay_filter"),
+    (dict(betas=(0.9, 1.5)), "betas"), (dict(grad_clip=-1.0), "grad_clip"),
+])
+def test_train_config_rejects_bad_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_run_config_round_trip():
+    run = RunConfig(model="transformer", preset="tiny", model_overrides={"dropout": 0.0},
+                    data=DataConfig("austen", max_train_rows=10),
+                    train=TrainConfig(batch_size=4, betas=(0.8, 0.9)))
+    back = RunConfig.from_dict(json.loads(json.dumps(run.to_dict())))
+    assert back == run
+    with pytest.raises(ValueError, match="--vocab-size"):
+        RunConfig(model_overrides={"vocab_size": 100})
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _save_one(tmp_path, step):
+    model = build_model("gam", "tiny")
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(2, 10))
+    return save_checkpoint(tmp_path, model, opt, sched, TrainingState(step=step),
+                           [capture_rng_state()])
+
+
+def test_checkpoint_swap_and_fallback(tmp_path):
+    first = _save_one(tmp_path, 3)
+    second = _save_one(tmp_path, 6)
+    assert not first.exists()  # replaced, not accumulated
+    assert find_checkpoint(tmp_path) == second
+    (tmp_path / "checkpoint" / ".tmp-step-00000009-abc").mkdir()  # a save killed midway
+    (tmp_path / "checkpoint" / "latest.json").write_text("{trunc")  # a torn pointer
+    assert find_checkpoint(tmp_path) == second
+    ckpt = load_checkpoint(second)
+    assert ckpt.state.step == 6 and len(ckpt.rng_states) == 1
+
+
+def test_truncated_checkpoint_file_is_named(tmp_path):
+    folder = _save_one(tmp_path, 3)
+    opt_file = folder / "optimizer.pt"
+    opt_file.write_bytes(opt_file.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_checkpoint(folder)
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    a = (torch.rand(3), np.random.rand(), random.random())
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = (torch.rand(3), np.random.rand(), random.random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+# ---------------------------------------------------------------------------------- gates
+def test_gate_statistics_match_a_hand_computation():
+    torch.manual_seed(0)
+    model = build_model("gam", "tiny").eval()
+    batches = [torch.randint(0, 256, (2, 16)) for _ in range(3)]
+    stats = gate_statistics(model, [(x, x) for x in batches])
+    assert [s["layer"] for s in stats] == [0, 1]
+    with torch.no_grad():
+        for layer, block in enumerate(model.blocks):
+            values = {"local": [], "global": []}
+            for x in batches:
+                _, inputs = model.hidden_states(x, output_all=True)
+                g = torch.sigmoid(block.gate(block.ln1(inputs[layer]))).double()
+                local, global_ = g.chunk(2, dim=-1)
+                values["local"].append(local.flatten())
+                values["global"].append(global_.flatten())
+            for path, chunks in values.items():
+                v = torch.cat(chunks)
+                assert stats[layer][f"{path}_mean"] == pytest.approx(float(v.mean()), abs=1e-9)
+                assert stats[layer][f"{path}_std"] == pytest.approx(
+                    float(v.std(unbiased=False)), abs=1e-9)
+            assert stats[layer]["tokens"] == 3 * 2 * 16
+    assert model.training is False
+
+
+def test_gate_statistics_of_models_without_gates():
+    x = [torch.randint(0, 256, (1, 8))]
+    assert gate_statistics(build_model("transformer", "tiny"), x) == []
+    assert gate_statistics(build_model("gam-sum", "tiny"), x) == []
+    local_only = gate_statistics(build_model("gam", "tiny", use_global=False), x)
+    assert set(local_only[0]) == {"layer", "local_mean", "local_std", "tokens"}
+    assert math.isfinite(local_only[0]["local_mean"])

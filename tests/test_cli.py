@@ -191,8 +191,9 @@ def test_unknown_model_arg(tmp_path, data_dir, capsys):
 def test_model_arg_reaches_the_model(tmp_path, data_dir):
     out = tmp_path / "slots"
     assert main(train_args(out, "--max-steps", "1", "--model-arg", "num_memory_slots=8",
-                           data_dir=data_dir)) == 0
+                           "--no-decay-norms-biases-embeddings", data_dir=data_dir)) == 0
     config = json.loads((out / "config.json").read_text())
+    assert config["train"]["decay_filter"] == "nanogpt"
     assert config["model_config"]["num_memory_slots"] == 8
     assert config["model_overrides"] == {"num_memory_slots": 8}
 

@@ -335,6 +335,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = resume(args.resume, options)
     else:
         run = build_run_config(args)
+        if run.data.dataset.startswith("text:") and run.data.dataset[5:]:
+            # recorded absolute, so that eval / resume work from any directory
+            run.data.dataset = "text:" + str(Path(run.data.dataset[5:]).expanduser().resolve())
         if args.data_dir is not None:
             run.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
         options.data_dir = None
@@ -346,7 +349,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
     from gam.training import evaluate_run
     from gam.training.distributed import set_threads
 
@@ -466,11 +468,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDivergedError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except BrokenPipeError:  # e.g. `gam generate ... | head`: the reader left, not an error
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 0
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; a run continues from its last checkpoint with "
               f"'gam train --resume RUN_DIR'", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileNotFoundError, CheckpointError, KeyError, ImportError) as e:
+    except (ValueError, OSError, CheckpointError, KeyError, ImportError) as e:
+        # OSError covers DataNotFoundError / FileNotFoundError and e.g. an --out that is a file
         print(f"{PROG}: error: {_error_message(e)}", file=sys.stderr)
         return EXIT_ERROR
 

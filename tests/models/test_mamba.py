@@ -223,6 +223,20 @@ def test_cached_decoding_equals_full_forward(stacking, prompt_len):
         torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=0)
 
 
+def test_kernel_and_pure_pytorch_paths_agree_on_the_model(monkeypatch):
+    # the fused kernels (conv + silu, scan + D + gate) against conv1d and the torch scan
+    model = _tiny_model("residual").double()
+    idx = torch.randint(0, 64, (2, 40))
+    logits, loss = model(idx, idx)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    monkeypatch.setattr(_scan_cpp, "load", lambda: None)
+    logits_t, loss_t = model(idx, idx)
+    grads_t = torch.autograd.grad(loss_t, list(model.parameters()))
+    torch.testing.assert_close(logits, logits_t, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, grads_t, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_prefill_conv_state_is_last_pre_conv_inputs():
     block = MambaBlock(MambaConfig(stacking="paper", **TINY)).eval()
     x = torch.randn(1, 5, 32)
@@ -284,3 +298,16 @@ def test_paper_stacking_collapses_activations_residual_does_not():
     assert stds["residual"] > 0.5
     assert stds["paper"] < 1e-6 * stds["residual"]
     assert math.isfinite(stds["paper"])
+
+
+def test_decoding_with_kernel_size_one_has_an_empty_conv_state():
+    torch.manual_seed(0)
+    model = MambaLM(MambaConfig(stacking="residual", **{**TINY, "d_conv": 1})).eval()
+    idx = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        full, _ = model(idx)
+    logits, cache = model.prefill(idx[:, :5])
+    assert cache.layers[0].conv.shape == (1, 64, 0)
+    for t in range(5, 12):
+        logits, cache = model.step(idx[:, t], cache)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-4, rtol=0)

@@ -20,11 +20,16 @@ from gam.data import find_shared_data_dir
 VOCAB = 512
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_cache(tmp_path_factory):
-    """One private tokenizer / token-id cache for the whole session; no $GAM_DATA_DIR; the
-    hub never contacted (every run passes --data-dir or --offline)."""
-    cache = tmp_path_factory.mktemp("gam-cache")
+@pytest.fixture(scope="session")
+def session_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gam-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_environment(session_cache_dir):
+    """One private tokenizer / token-id cache shared by the training tests; no $GAM_DATA_DIR;
+    the hub never contacted. Restored after each module, so other test folders are unaffected."""
+    cache = session_cache_dir
     saved = {k: os.environ.get(k) for k in ("GAM_CACHE_DIR", "GAM_DATA_DIR", "HF_HUB_OFFLINE")}
     os.environ["GAM_CACHE_DIR"] = str(cache)
     os.environ.pop("GAM_DATA_DIR", None)
@@ -58,10 +63,11 @@ def tiny_args():
     return tiny_train_args
 
 
-def run_gam(args: list[str], timeout: float = 240, env: dict[str, str] | None = None,
+def run_gam(args: list[str], timeout: float = 240, env: dict[str, str | None] | None = None,
             module: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gam", *args] if module else [sys.executable, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
@@ -72,12 +78,14 @@ def gam_subprocess():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, data_dir) -> Path:
+def trained_run(tmp_path_factory, data_dir, session_cache_dir) -> Path:
     """A finished tiny GAM run (6 steps, evaluations at steps 3 and 6, dropout on)."""
     from gam.cli import main
 
     out = tmp_path_factory.mktemp("runs") / "tiny-gam"
     code = main(tiny_train_args(data_dir, out, "--max-steps", "6", "--save-every", "3",
-                                "--eval-every", "3", "--dropout", "0.1", "--threads", "1"))
+                                "--eval-every", "3", "--dropout", "0.1", "--threads", "1",
+                                # session fixtures are set up before the module environment
+                                "--cache-dir", str(session_cache_dir)))
     assert code == 0
     return out

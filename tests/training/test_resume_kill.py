@@ -57,7 +57,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_su
         while _max_step(killed) < 5:
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline, "the run did not reach step 5"
-            time.sleep(0.002)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -70,7 +70,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_su
     checkpoint_step = load_checkpoint(find_checkpoint(killed)).state.step
     assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0
 
-    resumed = gam_subprocess(["train", "--resume", str(killed), "--quiet", "--threads", "1"])
+    # no --threads and no OMP_NUM_THREADS: the run's recorded thread count (1) is reused
+    resumed = gam_subprocess(["train", "--resume", str(killed), "--quiet"],
+                             env={"OMP_NUM_THREADS": None})
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == checkpoint_step and summary["step"] == STEPS

@@ -47,7 +47,7 @@ def test_run_directory_contents(trained_run):
         assert {"local_mean", "local_std", "global_mean", "global_std"} <= set(r["gates"][0])
 
     ckpt = load_checkpoint(find_checkpoint(trained_run))
-    assert ckpt.state.step == 6
+    assert ckpt.state.step == 6 and ckpt.state.threads == 1  # reused by --resume
     model = gam.load_pretrained(trained_run)
     assert isinstance(model, gam.GAMLM)
 
@@ -142,3 +142,16 @@ def test_resume_of_a_finished_run_does_nothing(trained_run, tmp_path, capsys):
     after = read_metrics(run)
     assert [r for r in after if r["kind"] != "resume"] == [
         json.loads(line) for line in before.splitlines()]
+
+
+def test_resume_before_the_first_checkpoint_restarts_identically(trained_run, tmp_path,
+                                                                 data_dir):
+    run = tmp_path / "no-ckpt"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "checkpoint")
+    (run / "model.safetensors").unlink()
+    expected = [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")]
+    assert main(["train", "--resume", str(run), "--quiet", "--threads", "1",
+                 "--data-dir", str(data_dir)]) == 0
+    assert [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")] == expected
+    assert [r["step"] for r in read_metrics(run, kind="resume")] == []

@@ -200,12 +200,16 @@ def run(args: argparse.Namespace) -> int:
     env = common.environment(device, threads)
     print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
           f"tokens, batch {args.batch_size}, device {device}, {threads} threads", flush=True)
+    from gam.models.registry import model_config
+
     runs: list[dict[str, Any]] = []
+    configs: dict[str, Any] = {}
     for model in args.models:
         reason = common.model_available(model)
         records: list[dict[str, Any]] = []
         status, error = "unavailable", reason
         if reason is None:
+            configs[model] = model_config(model, args.preset, **overrides).to_dict()
             payload = {"model": model, "preset": args.preset, "overrides": overrides,
                        "contexts": contexts, "new_tokens": new_tokens,
                        "batch_size": args.batch_size, "device": str(device),
@@ -248,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
                      "overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
                      "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
                      "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,
-                     "decoding": "greedy; model.prefill(prompt) then model.step per token"},
+                     "decoding": "greedy; model.prefill(prompt) then model.step per token",
+                     "model_configs": configs},
         "runs": runs,
         "environment": common.finish_environment(env),
     }

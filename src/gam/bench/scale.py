@@ -241,12 +241,15 @@ def run(args: argparse.Namespace) -> int:
           f"{repeats} repeats, device {device}, {threads} threads", flush=True)
 
     runs: list[dict[str, Any]] = []
+    configs: dict[str, Any] = {}
     d_model = None
     for model in args.models:
         reason = common.model_available(model)
         failed_at: tuple[int, str] | None = None
         if reason is None:
-            d_model = model_config(model, args.preset, **overrides).d_model
+            config = model_config(model, args.preset, **overrides)
+            d_model = config.d_model
+            configs[model] = {**config.to_dict(), "n_layers": 1, "max_seq_len": "N"}
         for n in lengths:
             row: dict[str, Any] = {"model": model, "seq_len": n, "batch_size": batch}
             if reason is not None:
@@ -293,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
                      "preset": args.preset, "d_model": d_model, "repeats": repeats,
                      "warmup": args.warmup, "max_seconds": args.max_seconds,
                      "max_memory_bytes": max_mem, "quick": args.quick, "seed": args.seed,
-                     "memory_method": method,
+                     "memory_method": method, "block_configs": configs,
                      "measurement": "y = block(x); y.sum().backward(), x (B, N, d) requires "
                                     "grad, training mode, grads set to None before each run"},
         "runs": runs,

@@ -66,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------- worker
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMUL_SIZE,
-                        rounds: int = 3, min_seconds: float = 0.3) -> float:
-    """Best FLOP/s of an n x n @ n x n matmul loop with operands in ``dtype``."""
+                        rounds: int = 3, min_seconds: float | None = None) -> float:
+    """Best FLOP/s over ``rounds`` timed loops (each at least ``min_seconds``, default 0.3 s
+    for n >= 1024) of an n x n @ n x n matmul with operands in ``dtype``."""
+    if min_seconds is None:
+        min_seconds = 0.3 if n >= 1024 else 0.02
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
@@ -256,10 +259,14 @@ def run(args: argparse.Namespace) -> int:
           f"{args.seq_len}, batch {args.batch_size}, {steps} steps (+{warmup} warm-up), "
           f"device {device}, {threads} threads", flush=True)
     from gam.bench.flops import flops_per_token
+    from gam.models.registry import model_config
 
     runs: list[dict[str, Any]] = []
+    configs: dict[str, Any] = {}
     for model in args.models:
         reason = common.model_available(model)
+        if reason is None:
+            configs[model] = model_config(model, args.preset, **overrides).to_dict()
         for dtype in args.dtype:
             for seq_len in args.seq_len:
                 row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
@@ -316,7 +323,8 @@ def run(args: argparse.Namespace) -> int:
                      "flops_convention": "3 x forward; Linear (incl. tied head) 2*in*out, "
                                          "conv taps, GAM memory 2 x 2*S*C, attention "
                                          "2 x 2*T*C per layer (not causal-halved), Mamba "
-                                         "scan 9*d_inner*d_state"},
+                                         "scan 9*d_inner*d_state",
+                     "model_configs": configs},
         "runs": runs,
         "ratios": ratios,
         "environment": common.finish_environment(env),

@@ -222,41 +222,104 @@ class _TorchChunkedScan(torch.autograd.Function):
         return du, ddelta, dA, dB, dC, None
 
 
-class _KernelScan(torch.autograd.Function):
-    """The compiled CPU kernel (gam.models._scan_cpp) behind autograd, with the skip term D u
-    and the gate silu(z) fused in (as mamba-ssm's kernel does): fewer passes over (B, T, E)."""
-
-    @staticmethod
-    def forward(ctx: Any, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
-                B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None,
-                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y, h_last, ckpt = _scan_cpp.scan_forward(u, delta, A, B, C, D, z, chunk)
-        ctx.chunk = chunk
-        ctx.save_for_backward(u, delta, A, B, C, D, z, ckpt)
-        return y, h_last
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None
-                 ) -> tuple[torch.Tensor | None, ...]:
-        u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
-        grads = _scan_cpp.scan_backward(u, delta, A, B, C, D, z, ckpt, dy, dh_last, ctx.chunk)
-        return (*grads, None)
+# The compiled CPU kernels as torch custom ops (opaque to torch.compile, with fake
+# implementations for tracing), differentiated by their hand-written backward kernels.
+@torch.library.custom_op(
+    "gam::mamba_scan_fwd", mutates_args=(),
+    schema="(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor? z, "
+           "int chunk) -> (Tensor, Tensor, Tensor)")
+def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, chunk: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, ckpt = _scan_cpp.scan_forward(u, delta, A, B, C, D, z, chunk)
+    return y, h.contiguous(), ckpt
 
 
-class _KernelConvSiLU(torch.autograd.Function):
-    """silu(causal depthwise conv(x)) with the compiled kernel: reads x in place from the
-    in_proj output (a row-strided view) and recomputes the conv in backward."""
+@_scan_fwd_op.register_fake
+def _(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+      D: torch.Tensor, z: torch.Tensor | None, chunk: int
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    Bsz, T, Din = u.shape
+    N = A.shape[1]
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            u.new_empty(Bsz, Din, N), u.new_empty(Bsz, -(-T // chunk), N, Din))
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-                ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, bias)
-        return _scan_cpp.conv_forward(x, weight, bias, silu=True)
 
-    @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x, weight, bias = ctx.saved_tensors
-        return _scan_cpp.conv_backward(x, weight, bias, dout, silu=True)
+@torch.library.custom_op(
+    "gam::mamba_scan_bwd", mutates_args=(),
+    schema="(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor D, Tensor? z, "
+           "Tensor ckpt, Tensor dout, Tensor? dh_last, int chunk) "
+           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                 C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, ckpt: torch.Tensor,
+                 dout: torch.Tensor, dh_last: torch.Tensor | None, chunk: int
+                 ) -> tuple[torch.Tensor, ...]:
+    grads = _scan_cpp.scan_backward(u, delta, A, B, C, D, z, ckpt, dout, dh_last, chunk)
+    dz = grads[-1] if grads[-1] is not None else u.new_empty(0)  # no gate: an empty stand-in
+    return (*(g.contiguous() for g in grads[:-1]), dz)
+
+
+@_scan_bwd_op.register_fake
+def _(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+      D: torch.Tensor, z: torch.Tensor | None, ckpt: torch.Tensor, dout: torch.Tensor,
+      dh_last: torch.Tensor | None, chunk: int) -> tuple[torch.Tensor, ...]:
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    return (like(u), like(u), like(A), B.new_empty(B.shape), C.new_empty(C.shape), like(D),
+            like(u) if z is not None else u.new_empty(0))
+
+
+def _scan_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    u, delta, A, B, C, D, z, chunk = inputs
+    ctx.chunk = chunk
+    ctx.save_for_backward(u, delta, A, B, C, D, z, output[2])
+
+
+def _scan_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None, _: Any
+                   ) -> tuple[torch.Tensor | None, ...]:
+    u, delta, A, B, C, D, z, ckpt = ctx.saved_tensors
+    du, ddelta, dA, dB, dC, dD, dz = _scan_bwd_op(u, delta, A, B, C, D, z, ckpt, dy, dh_last,
+                                                  ctx.chunk)
+    return du, ddelta, dA, dB, dC, dD, (dz if z is not None else None), None
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+@torch.library.custom_op("gam::causal_conv_silu_fwd", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor bias) -> Tensor")
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _scan_cpp.conv_forward(x, weight, bias, silu=True)
+
+
+@_conv_fwd_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "gam::causal_conv_silu_bwd", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor bias, Tensor dout) -> (Tensor, Tensor, Tensor)")
+def _conv_bwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dout: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _scan_cpp.conv_backward(x, weight, bias, dout, silu=True)
+    return dx, dw.contiguous(), db
+
+
+@_conv_bwd_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dout: torch.Tensor
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _conv_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    ctx.save_for_backward(*inputs)  # x is kept, not the output: backward recomputes the conv
+
+
+def _conv_backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return _conv_bwd_op(*ctx.saved_tensors, dout)
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -265,7 +328,7 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     if x.device.type == "cpu" and _scan_cpp.load() is not None:
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type="cpu", enabled=False):
-            return _KernelConvSiLU.apply(x.to(dtype), weight.to(dtype), bias.to(dtype))
+            return _conv_fwd_op(x.to(dtype), weight.to(dtype), bias.to(dtype))
     return F.silu(causal_depthwise_conv(x, weight, bias))
 
 
@@ -318,8 +381,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         B_, C_ = B.to(dtype), C.to(dtype)
         if backend == "kernel":
             # B, C and z may stay row-strided views: the kernel takes a row stride
-            y, h = _KernelScan.apply(u_.contiguous(), delta_.contiguous(), A_, B_, C_, D_,
-                                     None if z is None else z.to(dtype), chunk_size)
+            y, h, _ = _scan_fwd_op(u_.contiguous(), delta_.contiguous(), A_, B_, C_, D_,
+                                   None if z is None else z.to(dtype), chunk_size)
         else:
             y, h = _TorchChunkedScan.apply(u_.contiguous(), delta_.contiguous(), A_,
                                            B_.contiguous(), C_.contiguous(), chunk_size)

@@ -56,6 +56,7 @@ class TrainingState:
     total_steps: int = 0
     batches_per_epoch: int = 0
     world_size: int = 1
+    threads: int = 0  # torch CPU threads per process (kept by --resume: bit-exact floats)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainingState:

@@ -91,7 +91,10 @@ def gate_statistics(model: nn.Module, batches: Iterable[Any],
             if max_batches is not None and n >= max_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            base(x.to(device))
+            if hasattr(base, "hidden_states"):
+                base.hidden_states(x.to(device))  # the blocks only: no vocabulary head
+            else:
+                base(x.to(device))
     finally:
         for h in handles:
             h.remove()

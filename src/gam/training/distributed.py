@@ -9,6 +9,7 @@ every collective below is a no-op, so the trainer code is the same in both cases
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +132,9 @@ def init_distributed(device: str = "auto") -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        # generous timeout: the other ranks wait while rank 0 trains the tokenizer
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(hours=2))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev,
                        backend=backend)
 

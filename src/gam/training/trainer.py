@@ -10,8 +10,10 @@ Exact resume: a checkpoint stores the weights, the optimizer / scheduler (/ grad
 every RNG state of every rank (dropout draws from the global torch RNG), and the data position
 (epoch, batch within epoch). The data order is a function of (seed, epoch) (see
 ``gam.training.data``), so the resumed run rebuilds it, skips the consumed batches and continues
-with bit-identical losses on CPU. ``metrics.jsonl`` is cut back to the checkpoint's step first,
-so the records of steps redone after the kill are not duplicated.
+with bit-identical losses on CPU. The torch thread count is recorded too and reused by the
+resumed run unless ``--threads`` says otherwise (a different count reorders float reductions).
+``metrics.jsonl`` is cut back to the checkpoint's step first, so the records of steps redone
+after the kill are not duplicated.
 
 A NaN/inf loss or gradient norm stops training before the optimizer step: nothing is saved
 over the last good checkpoint, a ``diverged`` record is logged and ``TrainingDivergedError``
@@ -167,10 +169,15 @@ class Trainer:
         opts, run = self.options, self.run_config
         cfg = run.train
         self.ctx = ctx
-        threads = set_threads(opts.threads)
         check_optional_loggers(opts.wandb, opts.tensorboard)
         run_dir = Path(ctx.broadcast_object(str(self.run_dir)))
         self.run_dir = run_dir
+        checkpoint_dir = find_checkpoint(run_dir) if self.resuming else None
+        threads = opts.threads
+        if threads is None and checkpoint_dir is not None:
+            # the thread count changes the order of float reductions: a resumed run keeps it
+            threads = read_state(checkpoint_dir).threads or None
+        threads = set_threads(threads)
         if not self.resuming:
             if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
                 raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
@@ -197,12 +204,14 @@ class Trainer:
             raise ValueError("--dtype fp16 needs a CUDA device (use bf16 on CPU)")
 
         # ---------------------------------------------------------------------- data
-        checkpoint_dir = find_checkpoint(run_dir) if self.resuming else None
         tokenizer = None
-        if self.resuming:
+        if self.resuming and (checkpoint_dir is not None
+                              or (run_dir / TOKENIZER_FILE).exists()):
             tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
+        if self.resuming and opts.data_dir is not None:
+            run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
         data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
-                         tokenizer=tokenizer, data_dir=opts.data_dir)
+                         tokenizer=tokenizer)
         tokenizer = data.tokenizer
         check_vocab(tokenizer, mcfg.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE)
         train_ids, val_ids = data.ids["train"], data.ids["valid"]
@@ -261,7 +270,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, cfg, total_steps)
         scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
         state = TrainingState(total_steps=total_steps, batches_per_epoch=batches_per_epoch,
-                              world_size=world)
+                              world_size=world, threads=threads)
         resumed_from = None
         if checkpoint_dir is not None:
             ckpt = load_checkpoint(checkpoint_dir)
@@ -274,6 +283,7 @@ class Trainer:
             load_into(ckpt, model, optimizer, scheduler, scaler)
             state = ckpt.state
             state.world_size = world
+            state.threads = threads
             resumed_from = state.step
             if len(ckpt.rng_states) == world:
                 restore_rng_state(ckpt.rng_states[ctx.rank])
@@ -407,7 +417,9 @@ class Trainer:
                 else contextlib.nullcontext()
             with no_sync:
                 with autocast_context(self.device, cfg.dtype):
-                    _, loss = self.train_model(xm, ym)
+                    # return_logits=False: the loss goes through the head chunk by chunk,
+                    # without holding all B*T x vocab logits
+                    _, loss = self.train_model(xm, ym, return_logits=False)
                 loss_sum += loss.detach().double()
                 scaled = loss / cfg.grad_accum
                 if self.scaler is not None:
@@ -426,7 +438,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # norm only
         grad_norm_value = float(grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself on inf/nan gradients

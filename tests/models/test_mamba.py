@@ -138,20 +138,27 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
                                delta_softplus=False, return_last_state=False):
         # mamba-ssm's contract: u, delta (B, D_in, T); B, C (B, N, T); no bias, no softplus here
         assert u.shape == delta.shape and u.shape[1] == A.shape[0] and B.shape[1] == A.shape[1]
-        assert z is None and delta_bias is None and not delta_softplus and return_last_state
+        assert delta_bias is None and not delta_softplus and return_last_state
+        assert A.dtype == D.dtype == torch.float32
+        assert all(t.dtype == u.dtype for t in (delta, B, C, z))
         calls.append(u.shape)
-        y, h = selective_scan_reference(u.transpose(1, 2), delta.transpose(1, 2), A,
-                                        B.transpose(1, 2), C.transpose(1, 2), D)
-        return y.transpose(1, 2), h
+        y, h = selective_scan_reference(*(t.float().transpose(1, 2) for t in (u, delta)), A,
+                                        *(t.float().transpose(1, 2) for t in (B, C)), D,
+                                        z.float().transpose(1, 2))
+        return y.to(u.dtype).transpose(1, 2), h
 
     monkeypatch.setattr(mamba, "_mamba_ssm_scan_fn", lambda: fake_selective_scan_fn)
     assert mamba.pick_backend("cuda", torch.bfloat16) == "mamba_ssm"
-    inputs = [t.detach() for t in _scan_inputs(2, 7, 6, 3, torch.float32)]
+    inputs = [t.detach() for t in _scan_inputs(2, 7, 6, 3, torch.float32, gate=True)]
     y, h = selective_scan(*inputs, backend="mamba_ssm")
     y_ref, h_ref = selective_scan_reference(*inputs)
-    assert calls == [(2, 6, 7)]
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(h, h_ref)
+    # under bf16 autocast the mixer hands over bf16 u, z, B, C and a float32 delta
+    u, delta, A, B, C, D, z = inputs
+    y, h = selective_scan(u.bfloat16(), delta, A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(),
+                          backend="mamba_ssm")
+    assert y.dtype == torch.bfloat16 and calls == [(2, 6, 7)] * 2
     monkeypatch.setattr(mamba, "_mamba_ssm_scan_fn", lambda: None)
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         selective_scan(*inputs, backend="mamba_ssm")
@@ -282,6 +289,10 @@ def test_generate_and_bf16_autocast_training_step():
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.bfloat16().eval()  # a pure bf16 model: the scan still runs in float32 inside
+    logits, _ = model(idx)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert model.generate(idx[:, :4], 3, temperature=0).shape == (2, 7)
 
 
 def test_paper_stacking_collapses_activations_residual_does_not():

@@ -479,7 +479,13 @@ def _build(cxx: str) -> Path:
         target = cache_dir() / "scan_kernel" / key / "libgam_scan.so"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # read-only home: build in the temp dir instead
+            target = Path(tempfile.gettempdir()) / f"gam-{os.getuid()}" / key / "libgam_scan.so"
+            if target.exists():
+                return target
+            target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             src = Path(tmp) / "scan.cpp"
             src.write_text(SOURCE)

@@ -22,10 +22,13 @@ Two ways to stack mixers (``MambaConfig.stacking``):
   inside the block, as in mamba-ssm; the shell's embedding dropout still applies.
 - ``"paper"`` (the ``mamba-paper`` model): the bare stack ``x = mixer(x)`` of the GAM paper's
   baseline, no residual and no norm. It is kept because it is what the paper describes and its
-  20.5M parameter count (tested) is only reached without norms. It does not train: measured at
-  paper width, the activation std falls from 1 to about 1e-10 over the 6 mixers (each mixer
-  shrinks its input by orders of magnitude at init), so the final LayerNorm sees noise at the
-  scale of its eps and the loss stays at ln(vocab). A test demonstrates the collapse.
+  20.5M parameter count (tested) is only reached without norms. It does not train well:
+  measured at paper size, the activation std falls from 1 to about 4e-10 over the 6 mixers at
+  init (each mixer shrinks its input ~40x; a test demonstrates it), so the final LayerNorm sees
+  values at the scale of its eps and the logits are uniform (loss ln(vocab)). In a short run
+  overfitting one batch (AdamW, lr 1e-3) the loss sat at ln(vocab) for ~12 steps, then the
+  mixers' gains grew, the activations blew up (the gate y * silu(z) makes each mixer
+  superlinear) and the loss was NaN by step 15: without norms the stack is unstable both ways.
 
 The scan comes three ways: ``selective_scan_reference`` (a sequential loop, the specification),
 ``selective_scan`` (the training path) and ``selective_scan_step`` (one token, for decoding).
@@ -324,11 +327,13 @@ _conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """silu(causal depthwise conv1d over time): x (B, T, E), weight (E, 1, K), bias (E,).
-    On CPU the compiled kernel (in float32 under autocast), elsewhere PyTorch's conv1d."""
+    On CPU the compiled kernel (computing in float32, returning x's dtype), elsewhere
+    PyTorch's conv1d."""
     if x.device.type == "cpu" and _scan_cpp.load() is not None:
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type="cpu", enabled=False):
-            return _conv_fwd_op(x.to(dtype), weight.to(dtype), bias.to(dtype))
+            out = _conv_fwd_op(x.to(dtype), weight.to(dtype), bias.to(dtype))
+        return out.to(x.dtype)
     return F.silu(causal_depthwise_conv(x, weight, bias))
 
 
@@ -370,10 +375,13 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         fn = _mamba_ssm_scan_fn()
         if fn is None:
             raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package")
-        # mamba-ssm's layout is channels first: u, delta, z (B, D_in, T); B, C (B, N, T)
-        y, h = fn(u.transpose(1, 2), delta.transpose(1, 2), A.float(), B.transpose(1, 2),
-                  C.transpose(1, 2), D.float(), z=None if z is None else z.transpose(1, 2),
-                  delta_bias=None, delta_softplus=False, return_last_state=True)
+        # mamba-ssm's layout is channels first: u, delta, z (B, D_in, T); B, C (B, N, T). Its
+        # kernel wants delta, B, C, z in u's dtype (it computes in float32 inside) and A, D
+        # in float32.
+        cl = lambda t: t.to(u.dtype).transpose(1, 2)
+        y, h = fn(cl(u), cl(delta), A.float(), cl(B), cl(C), D.float(),
+                  z=None if z is None else cl(z), delta_bias=None, delta_softplus=False,
+                  return_last_state=True)
         return y.transpose(1, 2), h
     dtype = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):

@@ -73,3 +73,14 @@ def test_recall_smoke(out_dir, check):
     assert gam_rf == {1 + 1 * (3 - 1)}  # 1 layer, kernel 3
     check.assert_png(out_dir / "recall.png")
     assert "Receptive field" in (out_dir / "results.md").read_text()
+
+
+def test_recall_per_length_trains_one_model_per_length(out_dir, check):
+    code = main(["recall", "--models", "gam", "--seq-lens", "16", "32", "--num-kv-pairs", "2",
+                 "--d-model", "16", "--n-layers", "1", "--vocab-size", "32", "--steps", "2",
+                 "--tokens-per-step", "64", "--eval-examples", "4", "--per-length",
+                 "--threads", "1", "--device", "cpu", "--out", str(out_dir)])
+    assert code == 0
+    results = check.load_results(out_dir)
+    assert [t["seq_lens"] for t in results["training"]] == [[16], [32]]
+    assert [(r["seq_len"], r["num_kv_pairs"]) for r in results["runs"]] == [(16, 2), (32, 2)]

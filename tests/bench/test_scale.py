@@ -23,7 +23,7 @@ def test_scale_smoke(out_dir, check):
         assert r["peak_mem_mb"] >= 0
     assert {f["model"] for f in results["fits"]} == {"gam", "transformer"}
     for f in results["fits"]:
-        assert {"exponent_time", "exponent_memory"} <= set(f)
+        assert {"exponent_time", "exponent_time_min", "exponent_memory"} <= set(f)
         assert f["exponent_time"] is not None
     check.assert_png(out_dir / "scale.png")
     assert "Scaling exponents" in (out_dir / "results.md").read_text()
@@ -52,10 +52,13 @@ def test_scale_records_oom(out_dir, check):
 
 def test_fit_rows_on_synthetic_runs():
     runs = [{"model": "m", "seq_len": n, "status": "ok", "time_ms_median": 2e-3 * n ** 2,
-             "peak_mem_mb": 0.5 * n} for n in (256, 512, 1024, 2048)]
+             "time_ms_min": 1e-3 * n ** 1.5, "peak_mem_mb": 0.5 * n}
+            for n in (256, 512, 1024, 2048)]
     runs.append({"model": "m", "seq_len": 4096, "status": "oom", "time_ms_median": None,
-                 "peak_mem_mb": None})
+                 "time_ms_min": None, "peak_mem_mb": None})
     (fit,) = fit_rows(runs, ["m"])
     assert abs(fit["exponent_time"] - 2.0) < 1e-9
+    assert abs(fit["exponent_time_tail"] - 2.0) < 1e-9
+    assert abs(fit["exponent_time_min"] - 1.5) < 1e-9
     assert abs(fit["exponent_memory"] - 1.0) < 1e-9
     assert fit["lengths"] == [256, 512, 1024, 2048]

@@ -151,6 +151,7 @@ def build_markdown(results: dict[str, Any]) -> str:
             ["variant", "", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "params at paper size (ours)", "paper params"],
             rows))
+        lines += tr.ngram_markdown(info)
     sweep = results.get("slots_sweep") or []
     if sweep:
         lines += ["", "## Memory slots (full model)", "",

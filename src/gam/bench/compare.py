@@ -104,6 +104,7 @@ def build_markdown(results: dict[str, Any]) -> str:
         lines.append(common.markdown_table(
             ["model", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "paper ppl", "paper s / epoch"], rows))
+        lines += tr.ngram_markdown(info)
         check = results["protocol_check"].get(dataset)
         if check:
             lines += ["", f"Identical tokenizer: {check['identical_tokenizer']}; identical data: "

@@ -22,6 +22,7 @@ Each model runs in its own process (one per model: a fresh allocator and thread 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from typing import Any
@@ -99,13 +100,14 @@ def _worker(payload: dict[str, Any]) -> None:
             for _ in range(WARMUP_STEPS):
                 logits, cache = model.step(token, cache)
                 token = logits.argmax(-1)
-            common.synchronize(device)
-            t0 = time.perf_counter()
+            step_s = []
             for _ in range(n_new):
+                common.synchronize(device)
+                t0 = time.perf_counter()
                 logits, cache = model.step(token, cache)
                 token = logits.argmax(-1)
-            common.synchronize(device)
-            decode_s = time.perf_counter() - t0
+                common.synchronize(device)
+                step_s.append(time.perf_counter() - t0)
             peak = meter.growth_bytes()
         except Exception as exc:  # noqa: BLE001 - recorded, larger contexts skipped
             status = "oom" if common.is_oom_error(exc) else "error"
@@ -116,8 +118,11 @@ def _worker(payload: dict[str, Any]) -> None:
             "ctx": ctx, "status": "ok", "new_tokens": n_new,
             "prefill_ms": prefill_s * 1e3,
             "prefill_tokens_per_s": batch * ctx / prefill_s,
-            "ms_per_token": decode_s / n_new * 1e3,
-            "tokens_per_s": batch * n_new / decode_s,
+            "ms_per_token": statistics.median(step_s) * 1e3,
+            "ms_per_token_mean": sum(step_s) / n_new * 1e3,
+            "ms_per_token_min": min(step_s) * 1e3,
+            "tokens_per_s": batch / statistics.median(step_s),
+            "tokens_per_s_mean": batch * n_new / sum(step_s),
             "state_mb": state_used / 2**20,
             "state_alloc_mb": state_alloc / 2**20,
             "peak_mem_mb": peak / 2**20,
@@ -144,8 +149,9 @@ def _markdown(results: dict[str, Any]) -> str:
     parts = [f"# gam bench decode: cached greedy decoding (preset {s['preset']}, batch "
              f"{s['batch_size']}, {s['new_tokens']} timed tokens per context)", "",
              common.environment_markdown(results["environment"], results["command"]), ""]
-    for title, field, digits in (("Decode speed (tokens/s, prefill excluded)", "tokens_per_s", 1),
-                                 ("Time per generated token (ms)", "ms_per_token", 2),
+    for title, field, digits in (("Decode speed (tokens/s = batch / median step time, "
+                                  "prefill excluded)", "tokens_per_s", 1),
+                                 ("Time per generated token (ms, median)", "ms_per_token", 2),
                                  ("Prefill time (ms)", "prefill_ms", 0),
                                  ("Decode state in use (MB)", "state_mb", 2),
                                  ("Peak memory growth during prefill + decode (MB)",

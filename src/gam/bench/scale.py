@@ -32,8 +32,10 @@ Every (model, length) runs in a fresh process (``python -m gam.bench.scale --wor
   thread count fixed (``--threads``) and reported.
 
 The scaling exponent of each model is the least-squares slope of log(time) and log(memory)
-against log(N) over its successful lengths (``exponent_time``, ``exponent_memory``), and over
-its three longest ones (``*_tail``, closer to the asymptotic order).
+against log(N) over its successful lengths (``exponent_time`` from the median times,
+``exponent_time_min`` from the min times, which are less sensitive to other load on the machine,
+``exponent_memory``), and over its three longest ones (``*_tail``, closer to the asymptotic
+order, since a fixed per-token cost dominates short lengths).
 """
 
 from __future__ import annotations
@@ -146,7 +148,8 @@ def fit_rows(runs: list[dict[str, Any]], models: list[str]) -> list[dict[str, An
                     key=lambda r: r["seq_len"])
         lens = [r["seq_len"] for r in ok]
         row: dict[str, Any] = {"model": model, "lengths": lens}
-        for key, field in (("time", "time_ms_median"), ("memory", "peak_mem_mb")):
+        for key, field in (("time", "time_ms_median"), ("time_min", "time_ms_min"),
+                           ("memory", "peak_mem_mb")):
             vals = [r[field] for r in ok]
             full = common.loglog_fit(lens, vals)
             tail = common.loglog_fit(lens[-3:], vals[-3:]) if len(lens) > 3 else full
@@ -181,10 +184,12 @@ def _markdown(results: dict[str, Any]) -> str:
                                   for n in lengths]), "",
            "## Scaling exponents (least-squares slope of log y vs log N)", "",
            common.markdown_table(
-               ["model", "time (all N)", "time (3 longest)", "memory (all N)",
-                "memory (3 longest)", "lengths fitted"],
+               ["model", "time (all N)", "time (3 longest)", "min time (all N)",
+                "min time (3 longest)", "memory (all N)", "memory (3 longest)",
+                "lengths fitted"],
                [[f["model"], common.fmt(f["exponent_time"], 2),
-                 common.fmt(f["exponent_time_tail"], 2), common.fmt(f["exponent_memory"], 2),
+                 common.fmt(f["exponent_time_tail"], 2), common.fmt(f["exponent_time_min"], 2),
+                 common.fmt(f["exponent_time_min_tail"], 2), common.fmt(f["exponent_memory"], 2),
                  common.fmt(f["exponent_memory_tail"], 2),
                  f"{f['lengths'][0]}-{f['lengths'][-1]}" if f["lengths"] else "-"]
                 for f in fits]), "",

@@ -3,15 +3,19 @@
 One training step is ``loss = model(x, y)`` (under ``torch.autocast(device, bfloat16)`` for
 ``--dtype bf16``; the weights stay fp32, as in mixed-precision training), ``loss.backward()``,
 ``AdamW.step()``, ``zero_grad(set_to_none=True)`` on random tokens of shape
-(``--batch-size``, seq_len). After ``--warmup`` steps, ``--steps`` steps are timed (fewer if
-``--max-seconds`` would be exceeded; at least 2 are timed); tokens/s = batch x seq_len x steps /
-time.
+(``--batch-size``, seq_len). After ``--warmup`` steps, ``--steps`` steps are timed one by one
+(fewer if ``--max-seconds`` would be exceeded; at least 2 are timed); tokens/s = batch x
+seq_len / median step time (robust to bursts of other load; ``tokens_per_s_mean`` uses the
+total time).
 
 FLOPs: ``gam.bench.flops.flops_per_token`` (training = 3 x forward; see that module for the
 convention), so achieved FLOP/s = tokens/s x FLOPs/token. MFU divides it by a matmul peak
-measured in the same process for the same dtype (best of a few timed loops of a
-2048 x 2048 @ 2048 x 2048 matmul with operands in that dtype), so MFU is relative to what this
-machine's BLAS actually reaches, not to a datasheet number.
+measured in the same process for the same dtype (the best of 5 timed loops of a
+2048 x 2048 @ 2048 x 2048 matmul with operands in that dtype, measured before and after the
+training steps, keeping the best), so MFU is relative to what this machine's BLAS actually
+reaches, not to a datasheet number. On a machine shared with other processes the peak and the
+training speed are both lowered by the others' load, not necessarily by the same factor; the
+achieved FLOP/s does not depend on the peak.
 
 Each (model, dtype, seq_len) runs in its own process (fresh allocator: the peak memory growth
 of the timed steps, over the model + optimizer state after warm-up, is reported; a configuration
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 import time
 from typing import Any
@@ -66,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------- worker
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMUL_SIZE,
-                        rounds: int = 3, min_seconds: float | None = None) -> float:
+                        rounds: int = 5, min_seconds: float | None = None) -> float:
     """Best FLOP/s over ``rounds`` timed loops (each at least ``min_seconds``, default 0.3 s
     for n >= 1024) of an n x n @ n x n matmul with operands in ``dtype``."""
     if min_seconds is None:
@@ -103,7 +108,7 @@ def _worker(payload: dict[str, Any]) -> None:
     name, seq_len, batch = payload["model"], payload["seq_len"], payload["batch_size"]
     dtype_name = payload["dtype"]
     dtype = common.DTYPES[dtype_name]
-    peak = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
+    peak_before = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
     overrides = dict(payload.get("overrides", {}))
     base_len = model_config(name, payload["preset"], **overrides).max_seq_len
     overrides["max_seq_len"] = max(base_len, seq_len)
@@ -142,29 +147,41 @@ def _worker(payload: dict[str, Any]) -> None:
     budget = payload.get("time_budget_s")
     meter = common.MemoryMeter(device)
     meter.start()
-    steps_done, elapsed = 0, 0.0
+    steps_done, elapsed, step_s = 0, 0.0, []
     t0 = time.perf_counter()
     while steps_done < payload["steps"]:
+        t_step = time.perf_counter()
         train_step()
         common.synchronize(device)
+        step_s.append(time.perf_counter() - t_step)
         steps_done += 1
         elapsed = time.perf_counter() - t0
         if budget is not None and steps_done >= 2 and warmup_s + elapsed > budget:
             break
-    tokens_per_s = batch * seq_len * steps_done / elapsed
+    tokens_per_s = batch * seq_len / statistics.median(step_s)
     achieved = tokens_per_s * fpt["total"]
+    peak_mem = meter.growth_bytes()
+    # measured again after training: the best of both is closer to what the machine can do
+    # when other processes share it
+    peak_after = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
+    peak_runs = [peak_before, peak_after]
+    peak = max(peak_runs)
     common.emit({
         "status": "ok",
         "tokens_per_s": tokens_per_s,
-        "step_ms": elapsed / steps_done * 1e3,
+        "tokens_per_s_mean": batch * seq_len * steps_done / elapsed,
+        "step_ms": statistics.median(step_s) * 1e3,
+        "step_ms_min": min(step_s) * 1e3,
+        "step_ms_all": [t * 1e3 for t in step_s],
         "steps_timed": steps_done,
         "warmup_s": warmup_s,
         "flops_per_token": fpt["total"],
         "flops_breakdown": {k: v for k, v in fpt.items() if k != "total"},
         "achieved_flops": achieved,
         "peak_flops": peak,
+        "peak_flops_runs": peak_runs,
         "mfu": achieved / peak,
-        "peak_mem_mb": meter.growth_bytes() / 2**20,
+        "peak_mem_mb": peak_mem / 2**20,
         "memory_method": meter.method,
         "parameters": params,
         "final_loss": float(losses[-1]),
@@ -197,7 +214,7 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{s['batch_size']}, AdamW, compile {s['compile']})", "",
              common.environment_markdown(results["environment"], results["command"]), "",
              common.markdown_table(
-                 ["model", "dtype", "T", "status", "tokens/s", "step (ms)",
+                 ["model", "dtype", "T", "status", "tokens/s", "median step (ms)",
                   "MFLOP/token", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU",
                   "peak mem (MB)"],
                  [[r["model"], r["dtype"], r["seq_len"], r["status"],

@@ -33,10 +33,7 @@ def test_cpu_small_preset_is_4_to_8_million_parameters():
 
 def test_every_registered_name_builds_tiny_and_runs():
     for name in MODELS:
-        try:
-            model = build_model(name, "tiny")
-        except ModuleNotFoundError:
-            pytest.skip("gam.models.mamba is not available")
+        model = build_model(name, "tiny")
         logits, loss = model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8,
                                                                                dtype=torch.long))
         assert logits.shape == (1, 8, PRESETS["tiny"]["vocab_size"])
@@ -111,3 +108,11 @@ def test_checkpoint_of_another_shape_is_rejected(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_weights(other, tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("name, exact", [("mamba", 20_510_720), ("mamba-paper", 20_504_576)])
+def test_mamba_paper_size_within_one_percent_of_paper(name, exact):
+    with torch.device("meta"):
+        total = count_parameters(build_model(name, "paper"))["total"]
+    assert total == exact
+    assert abs(total - 20.5e6) / 20.5e6 < 0.01

@@ -22,4 +22,6 @@ def test_throughput_smoke(out_dir, check):
     assert [r["dtype"] for r in ratios] == ["bf16"]
     for r in ratios:
         assert r["tokens_per_s_ratio"] > 0 and r["inverse_flops_ratio"] > 0
+        # halving the Transformer's attention FLOPs lowers its FLOPs, so the ratio too
+        assert 0 < r["inverse_flops_ratio_causal"] < r["inverse_flops_ratio"]
     check.assert_png(out_dir / "throughput.png")

@@ -4,7 +4,6 @@ tiny run, forwarding of ``gam bench`` / ``gam export``."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,31 +13,13 @@ from pathlib import Path
 import pytest
 
 from gam.cli import main, parse_model_arg, stream_text
-from gam.data import find_shared_data_dir
 from gam.training import find_checkpoint, read_metrics
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("gam-cache")
-    saved = {k: os.environ.get(k) for k in ("GAM_CACHE_DIR", "GAM_DATA_DIR", "HF_HUB_OFFLINE")}
-    os.environ["GAM_CACHE_DIR"] = str(cache)
-    os.environ.pop("GAM_DATA_DIR", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield cache
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="module")
-def data_dir() -> Path:
-    found = find_shared_data_dir()
-    if found is None:
-        pytest.skip("real-data test: no shared/data folder beside the repository")
-    return found
+def private_cache(tmp_path_factory, private_gam_environment):
+    with private_gam_environment(tmp_path_factory.mktemp("gam-cache")) as cache:
+        yield cache
 
 
 def train_args(out: Path, *extra: str, data_dir: Path | None = None) -> list[str]:

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from gam.data import find_shared_data_dir
-
 VOCAB = 512
 
 
@@ -26,28 +24,11 @@ def session_cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def private_environment(session_cache_dir):
+def private_environment(session_cache_dir, private_gam_environment):
     """One private tokenizer / token-id cache shared by the training tests; no $GAM_DATA_DIR;
     the hub never contacted. Restored after each module, so other test folders are unaffected."""
-    cache = session_cache_dir
-    saved = {k: os.environ.get(k) for k in ("GAM_CACHE_DIR", "GAM_DATA_DIR", "HF_HUB_OFFLINE")}
-    os.environ["GAM_CACHE_DIR"] = str(cache)
-    os.environ.pop("GAM_DATA_DIR", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield cache
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    found = find_shared_data_dir()
-    if found is None:
-        pytest.skip("real-data test: no shared/data folder beside the repository")
-    return found
+    with private_gam_environment(session_cache_dir) as cache:
+        yield cache
 
 
 def tiny_train_args(data_dir: Path, out: Path, *extra: str, model: str = "gam") -> list[str]:

@@ -230,12 +230,7 @@ def run(args: argparse.Namespace) -> int:
         path = plot_slots(res["slots_sweep"], out / f"slots-{slug}.png", args.dataset)
         if path is not None:
             plots.append(path.name)
-    res["plots"] = plots
-    common.write_results(out, res, build_markdown(res))
-    print(build_markdown(res))
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}"
-          + (f" and {', '.join(plots)}" if plots else ""))
-    return bench.exit_code()
+    return bench.finish(out, res, plots, build_markdown)
 
 
 def _paper_params(model: str) -> dict[str, int] | None:

@@ -365,6 +365,19 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def style_log_axis(ax, title: str, unit: str, xlabel: str, logy: bool = True) -> None:
+    """The look every length/context plot shares: log2 x, optional log y, grid, legend."""
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
 def write_results(out_dir: Path | str, results: dict[str, Any], markdown: str) -> Path:
     """Write ``results.json`` (strict JSON) and ``results.md``; return the folder."""
     out = Path(out_dir)

@@ -180,15 +180,7 @@ def _plot(results: dict[str, Any], path) -> None:
     titles = (("decode speed (prefill excluded)", "tokens/s", False),
               ("prefill time", "ms", True), ("decode state", "MB", True))
     for ax, (title, unit, logy) in zip(axes, titles, strict=True):
-        ax.set_xscale("log", base=2)
-        if logy:
-            ax.set_yscale("log")
-        ax.set_xlabel("context length")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+        common.style_log_axis(ax, title, unit, "context length", logy)
     s = results["settings"]
     fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
                  f"({results['environment']['device']})")

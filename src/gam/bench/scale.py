@@ -216,14 +216,7 @@ def _plot(results: dict[str, Any], path) -> None:
         ax_m.plot(n, [r["peak_mem_mb"] for r in ok], "o-", label=model)
     for ax, title, unit in ((ax_t, "forward + backward time", "ms"),
                             (ax_m, "peak memory (growth)", "MB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length N")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+        common.style_log_axis(ax, title, unit, "sequence length N")
     s = results["settings"]
     fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']} "
                  f"({results['environment']['device']})")

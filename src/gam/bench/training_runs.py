@@ -730,5 +730,15 @@ class Benchmark:
             "command": common.command_line(self.command, getattr(self.args, "argv", [])),
         }
 
+    def finish(self, out: Path, res: dict[str, Any], plots: list[str],
+               build_markdown: Callable[[dict[str, Any]], str]) -> int:
+        """Write the final results with their plots, print the table, return the exit code."""
+        res["plots"] = plots
+        common.write_results(out, res, build_markdown(res))
+        print(build_markdown(res))
+        print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}"
+              + (f" and {', '.join(plots)}" if plots else ""))
+        return self.exit_code()
+
     def exit_code(self) -> int:
         return 0 if self.rows and all(r.get("status") == "ok" for r in self.rows) else 1

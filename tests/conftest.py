@@ -1,0 +1,44 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gam.data import find_shared_data_dir
+
+
+@contextlib.contextmanager
+def _private_gam_environment(cache: Path) -> Iterator[Path]:
+    """A private tokenizer / token-id cache, no $GAM_DATA_DIR, the hub never contacted;
+    the previous environment restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ("GAM_CACHE_DIR", "GAM_DATA_DIR", "HF_HUB_OFFLINE")}
+    os.environ["GAM_CACHE_DIR"] = str(cache)
+    os.environ.pop("GAM_DATA_DIR", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield cache
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def private_gam_environment():
+    """``with private_gam_environment(cache_dir): ...`` isolates a test module's gam caches."""
+    return _private_gam_environment
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = find_shared_data_dir()
+    if found is None:
+        pytest.skip("real-data test: no shared/data folder beside the repository")
+    return found

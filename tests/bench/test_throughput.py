@@ -18,6 +18,8 @@ def test_throughput_smoke(out_dir, check):
                     "flops_per_token", "peak_flops", "mfu", "compile"):
             assert key in r and r[key] is not None, key
         assert r["mfu"] > 0 and r["peak_flops"] > 0
+        assert r["optimizer"] == "AdamW (fused)"  # the optimizer gam train builds
+        assert isinstance(r["malloc_tuned"], bool)
     ratios = results["ratios"]
     assert [r["dtype"] for r in ratios] == ["bf16"]
     for r in ratios:

@@ -1,8 +1,10 @@
 """``gam bench throughput``: training tokens/s, model FLOP/s and MFU.
 
-One training step is ``loss = model(x, y)`` (under ``torch.autocast(device, bfloat16)`` for
-``--dtype bf16``; the weights stay fp32, as in mixed-precision training), ``loss.backward()``,
-``AdamW.step()``, ``zero_grad(set_to_none=True)`` on random tokens of shape
+One training step is what ``gam train`` runs: ``loss = model(x, y, return_logits=False)``
+(the chunked linear cross-entropy; under ``torch.autocast(device, bfloat16)`` for
+``--dtype bf16``, the weights staying fp32 as in mixed-precision training), ``loss.backward()``,
+``AdamW.step()`` (``gam.training.optim.build_optimizer``: fused, the paper's betas and weight
+decay), ``zero_grad(set_to_none=True)`` on random tokens of shape
 (``--batch-size``, seq_len). After ``--warmup`` steps, ``--steps`` steps are timed one by one
 (fewer if ``--max-seconds`` would be exceeded; at least 2 are timed); tokens/s = batch x
 seq_len / median step time (robust to bursts of other load; ``tokens_per_s_mean`` uses the
@@ -18,7 +20,8 @@ training speed are both lowered by the others' load, not necessarily by the same
 achieved FLOP/s does not depend on the peak.
 
 Each (model, dtype, seq_len) runs in its own process (fresh allocator: the peak memory growth
-of the timed steps, over the model + optimizer state after warm-up, is reported; a configuration
+of the timed steps, over the model + optimizer state after warm-up, is reported; on CPU the
+worker applies ``gam.runtime.tune_cpu_allocator()`` as ``gam train`` does; a configuration
 that runs out of memory or time is recorded, not fatal). ``ratios`` compares GAM and the
 Transformer (SDPA) run at the same dtype and length: the measured tokens/s ratio next to the
 inverse ratio of their FLOPs per token (what the tokens/s ratio would be if both ran at the same
@@ -102,6 +105,13 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMU
 def _worker(payload: dict[str, Any]) -> None:
     from gam.bench.flops import flops_breakdown
     from gam.models.registry import build_model, model_config
+    from gam.runtime import tune_cpu_allocator
+    from gam.training.config import TrainConfig
+    from gam.training.optim import build_optimizer
+
+    allocator_tuned = device_is_cpu = payload["device"] == "cpu"
+    if device_is_cpu:
+        allocator_tuned = tune_cpu_allocator()
 
     device = torch.device(payload["device"])
     torch.manual_seed(payload.get("seed", 0))
@@ -115,7 +125,8 @@ def _worker(payload: dict[str, Any]) -> None:
     model = build_model(name, payload["preset"], **overrides).to(device).train()
     fpt = flops_breakdown(model.config, seq_len, training=True)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=payload.get("lr", 3e-4))
+    # the optimizer `gam train` builds: the paper's AdamW settings, fused where available
+    optimizer = build_optimizer(model, TrainConfig(lr=payload.get("lr", 3e-4)))
     net = torch.compile(model) if payload.get("compile") else model
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(payload.get("seed", 0))
@@ -131,7 +142,8 @@ def _worker(payload: dict[str, Any]) -> None:
 
     def train_step() -> None:
         with autocast():
-            _, loss = net(x, y)
+            # what training runs: the loss through the head chunk by chunk, no full logits
+            _, loss = net(x, y, return_logits=False)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -140,7 +152,15 @@ def _worker(payload: dict[str, Any]) -> None:
     if device.type == "cpu":
         common.limit_address_space(payload.get("max_memory_bytes"))
     t_start = time.perf_counter()
-    for _ in range(payload["warmup"]):
+    for i in range(payload["warmup"]):
+        if i == 0 and payload.get("compile"):
+            try:
+                train_step()
+            except Exception as exc:
+                raise RuntimeError(
+                    f"torch.compile of {name} failed on {device.type} "
+                    f"({type(exc).__name__}: {str(exc)[:300]}); run without --compile") from exc
+            continue
         train_step()
     common.synchronize(device)
     warmup_s = time.perf_counter() - t_start
@@ -185,6 +205,9 @@ def _worker(payload: dict[str, Any]) -> None:
         "memory_method": meter.method,
         "parameters": params,
         "final_loss": float(losses[-1]),
+        "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused")
+                                                 else ""),
+        "malloc_tuned": allocator_tuned,
     })
 
 
@@ -347,8 +370,11 @@ def run(args: argparse.Namespace) -> int:
                      "lr": args.lr, "matmul_size": args.matmul_size,
                      "max_seconds": args.max_seconds, "max_memory_bytes": max_mem,
                      "quick": args.quick, "seed": args.seed,
-                     "step": "autocast forward with targets, backward, AdamW.step, "
-                             "zero_grad(set_to_none=True)",
+                     "step": "autocast forward with targets (return_logits=False: chunked "
+                             "linear cross-entropy, as gam train), backward, AdamW.step "
+                             "(gam train's optimizer: fused, betas (0.9, 0.95), wd 0.1), "
+                             "zero_grad(set_to_none=True); CPU: gam.runtime."
+                             "tune_cpu_allocator() applied",
                      "flops_convention": "3 x forward; Linear (incl. tied head) 2*in*out, "
                                          "conv taps, GAM memory 2 x 2*S*C, attention "
                                          "2 x 2*T*C per layer (not causal-halved), Mamba "

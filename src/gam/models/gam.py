@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gam.models.fused import gated_residual
 from gam.models.lm import CausalLM, FeedForward, LMConfig
 
 
@@ -77,40 +78,40 @@ _RETRIEVAL_CHUNK = 8192
 
 
 class _FusedRetrieval(torch.autograd.Function):
-    """softmax(h M^T) M that saves only h, M, the output and a per-token logsumexp (fp32) for
-    backward, and recomputes the scores there: the flash-attention trick with plain matmuls.
+    """softmax(h M^T) M that saves only h and M for backward and recomputes the scores
+    there: the flash-attention trick with plain matmuls. The softmax runs in fp32 (one
+    ``softmax(..., dtype=float32)`` call reading the bf16 scores under autocast).
 
-    Backward, with P = softmax(S), O = P M, D = rowsum(dO * O):
-        dS = P * (dO M^T - D),   dh = dS M,   dM = dS^T h + P^T dO.
+    Backward, with P = softmax(S), O = P M, D = rowsum(dO * O) = rowsum(dP * P):
+        dP = dO M^T,   dS = P * (dP - D),   dh = dS M,   dM = dS^T h + P^T dO.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(h.dtype, torch.float32)  # softmax never below fp32
         out = torch.empty_like(h)  # (N, C)
-        lse = torch.empty(h.shape[0], 1, dtype=acc, device=h.device)
         for i in range(0, h.shape[0], _RETRIEVAL_CHUNK):
             rows = slice(i, i + _RETRIEVAL_CHUNK)
-            scores = (h[rows] @ memory.T).to(acc)  # (n, S)
-            lse[rows] = torch.logsumexp(scores, dim=-1, keepdim=True)
-            out[rows] = torch.exp(scores - lse[rows]).to(h.dtype) @ memory
-        ctx.save_for_backward(h, memory, out, lse)
+            p = torch.softmax(h[rows] @ memory.T, dim=-1, dtype=acc)  # (n, S)
+            torch.mm(p.to(h.dtype), memory, out=out[rows])
+        ctx.save_for_backward(h, memory)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, memory, out, lse = ctx.saved_tensors
-        acc = lse.dtype
+        h, memory = ctx.saved_tensors
+        acc = torch.promote_types(h.dtype, torch.float32)
         grad_out = grad_out.to(h.dtype)
         grad_h = torch.empty_like(h)
         grad_m = torch.zeros(memory.shape, dtype=acc, device=memory.device)
         for i in range(0, h.shape[0], _RETRIEVAL_CHUNK):
             rows = slice(i, i + _RETRIEVAL_CHUNK)
-            p = torch.exp((h[rows] @ memory.T).to(acc) - lse[rows])  # (n, S)
-            d = (grad_out[rows].to(acc) * out[rows].to(acc)).sum(-1, keepdim=True)  # (n, 1)
-            ds = (p * ((grad_out[rows] @ memory.T).to(acc) - d)).to(h.dtype)  # (n, S)
-            grad_h[rows] = ds @ memory
-            grad_m += (ds.T @ h[rows] + p.to(h.dtype).T @ grad_out[rows]).to(acc)
+            p = torch.softmax(h[rows] @ memory.T, dim=-1, dtype=acc)  # (n, S)
+            dp = (grad_out[rows] @ memory.T).to(acc)  # (n, S)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+            ds, p = ds.to(h.dtype), p.to(h.dtype)
+            torch.mm(ds, memory, out=grad_h[rows])
+            grad_m.add_(ds.T @ h[rows]).add_(p.T @ grad_out[rows])
         return grad_h, grad_m.to(memory.dtype)
 
 
@@ -189,17 +190,24 @@ class GAMBlock(nn.Module):
             out = out + g * p
         return out
 
-    def _mix(self, h: torch.Tensor) -> torch.Tensor:
+    def _fuse_residual(self, x: torch.Tensor, h: torch.Tensor, local: torch.Tensor | None,
+                       global_: torch.Tensor | None) -> torch.Tensor:
+        """x + _fuse(h, local, global_), the gating and the residual add in one node
+        (``fused.gated_residual``)."""
+        paths = [p for p in (local, global_) if p is not None]
+        if self.gate is None:
+            return x + (paths[0] if len(paths) == 1 else paths[0] + paths[1])
+        return gated_residual(x, self.gate(h), paths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)  # (B, T, C)
         local = global_ = None
         if self.causal_conv is not None:
             local = causal_depthwise_conv(h, self.causal_conv.weight, self.causal_conv.bias)
         if self.memory_bank is not None:
             global_ = memory_retrieval(h, self.memory_bank, self.config.retrieval)  # (B, T, C)
-        return self._fuse(h, local, global_)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._mix(self.ln1(x))  # (B, T, C)
-        return x + self.ffn(self.ln2(x))  # (B, T, C)
+        x = self._fuse_residual(x, h, local, global_)  # (B, T, C)
+        return self.ffn(self.ln2(x), x)  # x + FFN(LN(x)), (B, T, C)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's block, written as in the official code, to test the fast path against."""
@@ -243,8 +251,8 @@ class GAMBlock(nn.Module):
                              self.causal_conv.bias, groups=C).transpose(1, 2)  # (B, T, C)
         if self.memory_bank is not None:
             global_ = memory_retrieval(h, self.memory_bank, self.config.retrieval)
-        y = x + self._fuse(h, local, global_)
-        y = y + self.ffn(self.ln2(y))
+        y = self._fuse_residual(x, h, local, global_)
+        y = self.ffn(self.ln2(y), y)
         return y, window[:, window.shape[1] - k1:].contiguous()
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,8 +264,8 @@ class GAMBlock(nn.Module):
             local = (window * w).sum(dim=1) + self.causal_conv.bias  # (B, C)
         if self.memory_bank is not None:
             global_ = memory_retrieval_reference(h, self.memory_bank)  # (B, C)
-        y = x + self._fuse(h, local, global_)
-        y = y + self.ffn(self.ln2(y))
+        y = self._fuse_residual(x, h, local, global_)
+        y = self.ffn(self.ln2(y), y)
         return y, window[:, 1:]
 
 

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gam.models.fused import Dropout
+
 IGNORE_INDEX = -100
 
 
@@ -78,10 +80,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(d_model, ffn_mult * d_model)
         self.fc2 = nn.Linear(ffn_mult * d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))  # (..., C)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """FFN(x), or ``residual + FFN(x)`` with the add fused into the dropout."""
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))), residual)  # (..., C)
 
 
 class CausalLM(nn.Module):
@@ -99,7 +102,7 @@ class CausalLM(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         self.token_embedding.weight = self.head.weight
         self.pos_embedding = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding else None
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList([self.make_block(i) for i in range(c.n_layers)])
         self.ln_f = nn.LayerNorm(c.d_model)
 

@@ -15,51 +15,75 @@ import torch
 from gam.models.gam import autocast_dtype
 from gam.models.lm import IGNORE_INDEX
 
-# 256 rows x 10000 vocab stays cache-friendly: measured ~1.8x faster than 1024 rows on CPU.
+# Softmax work in chunks of 256 rows x 10000 vocab stays cache-friendly (measured ~1.8x
+# faster than 1024-row chunks on CPU); the matmuls run on groups of GROUP_ROWS rows, which
+# are more efficient and accumulate the (V, C) weight gradient 4x less often.
 DEFAULT_CHUNK_ROWS = 256
+GROUP_ROWS = 1024
 
 
-def _chunk_loss_and_grad(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         ignore_index: int, need_grad: bool, scale: float | torch.Tensor):
-    acc = torch.promote_types(x.dtype, torch.float32)
-    logits = (x @ weight.T).to(acc)  # (n, V); autocast makes the matmul bf16 when enabled
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                   need_grad: bool) -> torch.Tensor:
+    """Summed NLL of ``logits`` (n, V) against ``targets``; with ``need_grad``, overwrite
+    ``logits`` with d(loss_sum)/d(logits) = softmax - onehot (0 on ignored rows)."""
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
+                                                                       torch.float32))  # (n, V)
     valid = targets != ignore_index
     safe = targets.clamp(min=0)
-    target_logit = logits.gather(1, safe[:, None])[:, 0]
-    loss_sum = ((lse - target_logit) * valid).sum()
-    if not need_grad:
-        return loss_sum, None
-    grad = torch.exp(logits - lse[:, None])  # softmax, (n, V)
-    grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
-    grad *= (valid.to(grad.dtype) * scale)[:, None]
-    return loss_sum, grad
+    loss_sum = -(logp.gather(1, safe[:, None])[:, 0] * valid).sum()
+    if need_grad:
+        grad = logp.exp_()  # softmax, in place
+        grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
+        ignored = (~valid).nonzero()[:, 0]
+        if ignored.numel():
+            grad.index_fill_(0, ignored, 0.0)
+        logits.copy_(grad)
+    return loss_sum
+
+
+def _chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                  ignore_index: int, chunk_rows: int, grad_x: torch.Tensor | None = None,
+                  grad_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed NLL over all rows; fills ``grad_x`` (N, C) and accumulates into ``grad_w``
+    (V, C, fp32) the gradients of that sum when they are given."""
+    need_grad = grad_x is not None
+    loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    group_rows = max(chunk_rows, (GROUP_ROWS // chunk_rows) * chunk_rows)
+    for g in range(0, x.shape[0], group_rows):
+        rows = slice(g, g + group_rows)
+        logits = x[rows] @ weight.T  # (n, V) in x's dtype (bf16 under autocast)
+        for i in range(0, logits.shape[0], chunk_rows):
+            sub = slice(i, i + chunk_rows)
+            loss += _softmax_grad_(logits[sub], targets[rows][sub], ignore_index, need_grad)
+        if need_grad:
+            torch.mm(logits, weight, out=grad_x[rows])
+            grad_w.add_(logits.T @ x[rows])  # mixed-dtype add: no (V, C) cast copy
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in forward, for the summed loss, and scaled in backward by
+    ``grad_loss`` (times 1 / n_valid for the mean): one multiply of (N, C) and (V, C)
+    instead of one over every (rows, V) chunk."""
+
     @staticmethod
     def forward(ctx, x, weight, targets, ignore_index, reduction, chunk_rows):
-        n_valid = (targets != ignore_index).sum()
         acc = torch.promote_types(x.dtype, torch.float32)
-        scale = 1.0 / n_valid.to(acc) if reduction == "mean" else 1.0
-        loss = torch.zeros((), dtype=acc, device=x.device)
         grad_x = torch.empty_like(x)  # (N, C)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        for i in range(0, x.shape[0], chunk_rows):
-            rows = slice(i, i + chunk_rows)
-            loss_sum, g = _chunk_loss_and_grad(x[rows], weight, targets[rows], ignore_index,
-                                               True, scale)
-            loss += loss_sum
-            g = g.to(x.dtype)
-            grad_x[rows] = g @ weight
-            grad_w += (g.T @ x[rows]).to(acc)
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return loss * scale if reduction == "mean" else loss
+        loss = _chunked_loss(x, weight, targets, ignore_index, chunk_rows, grad_x, grad_w)
+        scale = torch.ones((), dtype=acc, device=x.device)
+        if reduction == "mean":
+            scale = 1.0 / (targets != ignore_index).sum().to(acc)
+        ctx.save_for_backward(grad_x, grad_w, scale)
+        ctx.weight_dtype = weight.dtype
+        return loss * scale
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), \
+        grad_x, grad_w, scale = ctx.saved_tensors
+        factor = grad_loss * scale  # fp32 scalar
+        return grad_x * factor.to(grad_x.dtype), (grad_w * factor).to(ctx.weight_dtype), \
             None, None, None, None
 
 
@@ -79,10 +103,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(x, weight, targets, ignore_index, reduction,
                                          chunk_rows)
-    loss = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-    for i in range(0, x.shape[0], chunk_rows):
-        rows = slice(i, i + chunk_rows)
-        loss += _chunk_loss_and_grad(x[rows], weight, targets[rows], ignore_index, False, 1.0)[0]
+    loss = _chunked_loss(x, weight, targets, ignore_index, chunk_rows)
     if reduction == "mean":
         return loss / (targets != ignore_index).sum()
     return loss

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gam.models.fused import Dropout
 from gam.models.lm import CausalLM, FeedForward, LMConfig
 
 ATTENTION_KINDS = ("sdpa", "naive")
@@ -117,13 +118,13 @@ class TransformerBlock(nn.Module):
         self.max_seq_len = config.max_seq_len
         self.ln1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
         self.ln2 = nn.LayerNorm(config.d_model)
         self.ffn = FeedForward(config.d_model, config.ffn_mult, config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.ln1(x)))  # (B, T, C)
-        return x + self.ffn(self.ln2(x))
+        x = self.resid_dropout(self.attn(self.ln1(x)), x)  # x + dropout(attn), (B, T, C)
+        return self.ffn(self.ln2(x), x)  # x + ffn, (B, T, C)
 
     def prefill(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         a, cache = self.attn.prefill(self.ln1(x), self.max_seq_len)

@@ -39,6 +39,7 @@ import gam
 from gam.data import TokenBlocks, eot_token_id
 from gam.models.io import CheckpointError, atomic_write_json, save_pretrained
 from gam.models.registry import model_config, model_from_config
+from gam.runtime import tune_cpu_allocator
 from gam.training.checkpoint import (
     CHECKPOINT_DIR,
     TrainingState,
@@ -178,6 +179,7 @@ class Trainer:
             # the thread count changes the order of float reductions: a resumed run keeps it
             threads = read_state(checkpoint_dir).threads or None
         threads = set_threads(threads)
+        tune_cpu_allocator()
         if not self.resuming:
             if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
                 raise ValueError(f"{run_dir} already holds a run; continue it with --resume "

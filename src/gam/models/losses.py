@@ -34,9 +34,12 @@ def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: in
     if need_grad:
         grad = logp.exp_()  # softmax, in place
         grad[torch.arange(len(safe), device=grad.device), safe] -= 1.0
-        ignored = (~valid).nonzero()[:, 0]
-        if ignored.numel():
-            grad.index_fill_(0, ignored, 0.0)
+        if torch.compiler.is_compiling():  # no data-dependent shapes in a compiled graph
+            grad.mul_(valid[:, None])
+        else:
+            ignored = (~valid).nonzero()[:, 0]  # usually none: skip the (n, V) pass
+            if ignored.numel():
+                grad.index_fill_(0, ignored, 0.0)
         logits.copy_(grad)
     return loss_sum
 

@@ -3,17 +3,21 @@
 For each model (gam, transformer with its KV cache, mamba; ``--preset`` default ``paper``,
 built with ``max_seq_len`` = longest context + new tokens, eval mode, random weights) and each
 context length ``ctx`` (128 ... 16384): a random prompt of ``ctx`` tokens is encoded by
-``model.prefill`` (timed and reported as ``prefill_ms``, not part of tokens/s), a few untimed
-steps warm the step path, then ``--new-tokens`` greedy tokens are generated with
-``model.step``; ``ms_per_token`` and ``tokens_per_s`` (batch x tokens / s) come from those
-steps alone.
+``model.prefill`` (timed and reported as ``prefill_ms``, not part of tokens/s) and a few untimed
+steps warm the step path; the caches of all contexts are kept. Then ``--new-tokens`` greedy
+tokens are generated with ``model.step`` in rounds, one step of every context per round, so
+that a slow spell of a shared machine affects all contexts alike (timing each context's
+steps in one block showed +-15% between contexts for GAM, whose step does the same work at
+every context). ``ms_per_token`` (median) and ``tokens_per_s`` (batch / median step time)
+come from those steps alone.
 
 Memory per context: ``state_mb`` is the decode state after the prompt of ``ctx`` tokens (GAM:
 k-1 conv inputs per layer; Mamba: conv inputs and the SSM state; Transformer: the keys and values
 of the ``ctx`` tokens seen, i.e. the KV cache's used part), ``state_alloc_mb`` what the cache
 objects hold (this Transformer preallocates its KV cache to max_seq_len), and ``peak_mem_mb``
-the peak memory growth during prefill + decoding (``MemoryMeter``: RSS on a CPU,
-``max_memory_allocated`` on a GPU) over the loaded model.
+the peak memory growth during prefill + warm-up steps (``MemoryMeter``: RSS on a CPU,
+``max_memory_allocated`` on a GPU) over what was allocated before (the model and the caches
+of the shorter contexts).
 
 Each model runs in its own process (one per model: a fresh allocator and thread pool, a
 ``--max-seconds`` limit whose contexts that did not finish are recorded as ``timeout``).
@@ -84,6 +88,9 @@ def _worker(payload: dict[str, Any]) -> None:
     for _ in range(WARMUP_STEPS):
         logits, cache = model.step(logits.argmax(-1), cache)
     del logits, cache
+    # Phase 1, one context after another: prefill (timed), warm-up steps, memory. The caches
+    # are kept so that phase 2 can time every context in the same rounds.
+    live: list[dict[str, Any]] = []
     for ctx in contexts:
         prompt = torch.randint(vocab, (batch, ctx), generator=gen).to(device)
         meter = common.MemoryMeter(device)
@@ -100,36 +107,43 @@ def _worker(payload: dict[str, Any]) -> None:
             for _ in range(WARMUP_STEPS):
                 logits, cache = model.step(token, cache)
                 token = logits.argmax(-1)
-            step_s = []
-            for _ in range(n_new):
-                common.synchronize(device)
-                t0 = time.perf_counter()
-                logits, cache = model.step(token, cache)
-                token = logits.argmax(-1)
-                common.synchronize(device)
-                step_s.append(time.perf_counter() - t0)
             peak = meter.growth_bytes()
         except Exception as exc:  # noqa: BLE001 - recorded, larger contexts skipped
             status = "oom" if common.is_oom_error(exc) else "error"
             common.emit({"ctx": ctx, "status": status,
                          "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-            return
+            break
+        live.append({"ctx": ctx, "token": token, "cache": cache, "step_s": [],
+                     "prefill_s": prefill_s, "state_used": state_used,
+                     "state_alloc": state_alloc, "peak": peak})
+        del logits, prompt
+    # Phase 2: n_new rounds, each one step of every context in turn, so that a slow spell of
+    # the machine (other tenants, frequency) hits all contexts alike instead of one.
+    for _ in range(n_new):
+        for run in live:
+            common.synchronize(device)
+            t0 = time.perf_counter()
+            logits, run["cache"] = model.step(run["token"], run["cache"])
+            run["token"] = logits.argmax(-1)
+            common.synchronize(device)
+            run["step_s"].append(time.perf_counter() - t0)
+    for run in live:
+        step_s = run["step_s"]
         common.emit({
-            "ctx": ctx, "status": "ok", "new_tokens": n_new,
-            "prefill_ms": prefill_s * 1e3,
-            "prefill_tokens_per_s": batch * ctx / prefill_s,
+            "ctx": run["ctx"], "status": "ok", "new_tokens": n_new,
+            "prefill_ms": run["prefill_s"] * 1e3,
+            "prefill_tokens_per_s": batch * run["ctx"] / run["prefill_s"],
             "ms_per_token": statistics.median(step_s) * 1e3,
             "ms_per_token_mean": sum(step_s) / n_new * 1e3,
             "ms_per_token_min": min(step_s) * 1e3,
             "tokens_per_s": batch / statistics.median(step_s),
             "tokens_per_s_mean": batch * n_new / sum(step_s),
-            "state_mb": state_used / 2**20,
-            "state_alloc_mb": state_alloc / 2**20,
-            "peak_mem_mb": peak / 2**20,
+            "state_mb": run["state_used"] / 2**20,
+            "state_alloc_mb": run["state_alloc"] / 2**20,
+            "peak_mem_mb": run["peak"] / 2**20,
             "memory_method": meter.method,
             "parameters": params, "max_seq_len": max_len,
         })
-        del logits, cache, prompt
 
 
 # ------------------------------------------------------------------------------------ run

@@ -1,30 +1,38 @@
-"""Where a training step's time goes: ``python -m gam.bench.profile_step MODEL {fp32,bf16}``.
+"""Where a training step's time goes: ``python -m gam.bench.profile_step MODEL {fp32,bf16}
+[PRESET]``.
 
-Runs two warm-up and two profiled training steps (forward, backward, AdamW) of a paper-size
-model at batch 8 x 256 on one thread and prints torch.profiler's table of operators by self
-time. Used for the throughput notes in docs/results.md.
+Runs two warm-up and two profiled training steps (forward, backward, AdamW) of a model
+(preset ``paper`` by default) at batch 8 x max_seq_len, on one thread
+(``GAM_PROFILE_THREADS=2`` for two), with the step of ``gam bench throughput`` (chunked loss,
+gam train's fused AdamW, allocator tuning), and prints torch.profiler's table of operators by
+self time. Used for the throughput notes in docs/results.md.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gam.models.registry import build_model
+from gam.runtime import tune_cpu_allocator
+from gam.training.config import TrainConfig
+from gam.training.optim import build_optimizer
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    name, dtype = (args + ["gam", "bf16"][len(args):])[:2]
-    torch.set_num_threads(1)
+    name, dtype, preset = (args + ["gam", "bf16", "paper"][len(args):])[:3]
+    torch.set_num_threads(int(os.environ.get("GAM_PROFILE_THREADS", "1")))
+    tune_cpu_allocator()  # as gam train and gam bench throughput do
     torch.manual_seed(0)
-    model = build_model(name, "paper")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=True)
-    idx = torch.randint(0, 10000, (8, 256))
-    tgt = torch.randint(0, 10000, (8, 256))
+    model = build_model(name, preset)
+    opt = build_optimizer(model, TrainConfig())
+    vocab, seq_len = model.config.vocab_size, model.config.max_seq_len
+    idx = torch.randint(0, vocab, (8, seq_len))
+    tgt = torch.randint(0, vocab, (8, seq_len))
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):

@@ -34,5 +34,5 @@ def test_bf16_loss_curve_tracks_fp32(name):
     fp32, bf16 = _curve(name, "fp32"), _curve(name, "bf16")
     assert fp32[-1] < fp32[0] - 1.0  # the task is learned, so the curves carry information
     worst = max(abs(a - b) for a, b in zip(fp32, bf16, strict=True))
-    # measured here: 0.017 (gam), 0.038 (transformer), 0.003 (mamba) nats over 40 steps
+    # measured here: 0.0015 (gam), 0.021 (transformer), 0.016 (mamba) nats over 40 steps
     assert worst < 0.1, worst

@@ -27,3 +27,15 @@ def test_throughput_smoke(out_dir, check):
         # halving the Transformer's attention FLOPs lowers its FLOPs, so the ratio too
         assert 0 < r["inverse_flops_ratio_causal"] < r["inverse_flops_ratio"]
     check.assert_png(out_dir / "throughput.png")
+
+
+def test_throughput_compile_smoke(out_dir, check):
+    """--compile goes through torch.compile in the worker and still reports a run."""
+    code = main(["throughput", "--preset", "tiny", "--models", "gam", "--dtype", "fp32",
+                 "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                 "--matmul-size", "64", "--threads", "1", "--device", "cpu", "--compile",
+                 "--out", str(out_dir)])
+    assert code == 0
+    (run,) = check.load_results(out_dir)["runs"]
+    assert run["status"] == "ok", run
+    assert run["compile"] is True and run["tokens_per_s"] > 0

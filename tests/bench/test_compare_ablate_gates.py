@@ -200,6 +200,19 @@ def test_compare_seeds_aggregate_rows(env, corpus):
     assert " ± " in (out / "results.md").read_text()
 
 
+def test_compare_model_arg_reaches_every_run(env, corpus):
+    out = env / "compare-model-arg"
+    rc = _bench("compare", *_quick(out, corpus, "--models", "gam", "transformer", "--datasets",
+                                   f"text:{corpus}", "--max-steps", "2",
+                                   "--model-arg", "pos_embedding_std=0.02"))
+    assert rc == 0
+    runs = _results(out)["runs"]
+    assert [r["overrides"] for r in runs] == [{"pos_embedding_std": 0.02}] * 2
+    for r in runs:
+        config = json.loads((Path(r["run_dir"]) / "config.json").read_text())
+        assert "0.02" in json.dumps(config)
+
+
 def test_compare_bad_model_is_a_usage_error(env, corpus, capsys):
     rc = _bench("compare", *_quick(env / "bad", corpus, "--models", "gam", "nope",
                                    "--datasets", f"text:{corpus}"))

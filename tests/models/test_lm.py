@@ -155,3 +155,14 @@ def test_torch_compile_matches_eager_loss_and_gradients(name):
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pos_embedding_std_initialises_and_validates():
+    torch.manual_seed(0)
+    paper = build_model("gam", "tiny", max_seq_len=256)
+    small = build_model("gam", "tiny", max_seq_len=256, pos_embedding_std=0.02)
+    assert 0.9 < paper.pos_embedding.weight.std().item() < 1.1  # nn.Embedding's N(0, 1)
+    assert 0.018 < small.pos_embedding.weight.std().item() < 0.022
+    for bad in (0, -1.0, True, "0.02"):
+        with pytest.raises(ValueError, match="pos_embedding_std"):
+            build_model("gam", "tiny", pos_embedding_std=bad)

@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bench = tr.Benchmark(args, "ablate")
         specs = build_specs(args, bench.protocol, bench.seeds)
+        tr.apply_model_args(specs, args)
         tr.check_models(specs, bench.protocol)
     except ValueError as exc:
         print(f"gam bench ablate: error: {exc}", file=sys.stderr, flush=True)

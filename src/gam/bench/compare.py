@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
                  for d in args.datasets for k in bench.seeds for m in args.models]
         if len(set(args.models)) != len(args.models):
             raise ValueError(f"--models lists a model twice: {args.models}")
+        tr.apply_model_args(specs, args)
         tr.check_models(specs, bench.protocol)
     except ValueError as exc:
         print(f"gam bench compare: error: {exc}", file=sys.stderr, flush=True)

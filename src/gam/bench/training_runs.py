@@ -181,6 +181,10 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
                    help="override the tokenizer kind")
     g.add_argument("--model-preset", default=keep, metavar="NAME",
                    help="override the build_model size preset (paper, cpu-small, tiny)")
+    g.add_argument("--model-arg", action="append", type=_model_arg, default=keep,
+                   metavar="KEY=VALUE", dest="model_args",
+                   help="a model config field for every model, repeatable (e.g. --model-arg "
+                        "pos_embedding_std=0.02); as `gam train --model-arg`")
     g.add_argument("--max-train-rows", type=_optional_positive_int, default=keep, metavar="N",
                    help="override the train row limit ('none': all)")
     g.add_argument("--max-val-rows", type=_optional_positive_int, default=keep, metavar="N",
@@ -198,6 +202,20 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no per-step training log")
     parser.epilog = "presets: " + "; ".join(
         f"{name}: {p.description}" for name, p in PROTOCOLS.items()) + "."
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    from gam.cli import parse_model_arg
+
+    return parse_model_arg(text)
+
+
+def apply_model_args(specs: Sequence[RunSpec], args: argparse.Namespace) -> None:
+    """Merge ``--model-arg`` overrides into every spec (a spec's own overrides, such as the
+    ablation's slot sweep, win)."""
+    common_overrides = dict(getattr(args, "model_args", None) or [])
+    for spec in specs:
+        spec.overrides = {**common_overrides, **spec.overrides}
 
 
 _OVERRIDES = ("epochs", "max_steps", "dtype", "batch_size", "seq_len", "lr", "warmup_steps",

@@ -42,6 +42,9 @@ class LMConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     pos_embedding: bool = True
+    # None: nn.Embedding's N(0, 1), as the official code (much larger than the tied token
+    # embedding's +-1/sqrt(d) uniform init); a number: N(0, std), e.g. GPT-2's 0.02.
+    pos_embedding_std: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "ffn_mult"):
@@ -50,6 +53,11 @@ class LMConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        std = self.pos_embedding_std
+        if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float))
+                                or not std > 0):
+            raise ValueError(f"pos_embedding_std must be a positive number or None (N(0, 1)), "
+                             f"got {std!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +110,8 @@ class CausalLM(nn.Module):
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         self.token_embedding.weight = self.head.weight
         self.pos_embedding = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding else None
+        if self.pos_embedding is not None and c.pos_embedding_std is not None:
+            nn.init.normal_(self.pos_embedding.weight, std=float(c.pos_embedding_std))
         self.dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList([self.make_block(i) for i in range(c.n_layers)])
         self.ln_f = nn.LayerNorm(c.d_model)

@@ -64,12 +64,17 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of "
-                             f"{sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values)
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` for a dataclass, with a ValueError naming unknown fields."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of "
+                         f"{sorted(known)}")
+    return cls(**values)
 
 
 @dataclass

@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from gam.models.lm import dataclass_from_dict
+
 DTYPES = ("fp32", "bf16", "fp16")
 DECAY_FILTERS = ("all", "nanogpt")
 PAPER_VOCAB_SIZE = 10000
@@ -38,13 +40,7 @@ def _finite_number(value: Any) -> bool:
         and math.isfinite(value)
 
 
-def _from_known(cls: type, values: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of "
-                         f"{sorted(known)}")
-    return cls(**values)
+_from_known = dataclass_from_dict
 
 
 @dataclass

@@ -115,7 +115,7 @@ def _worker(payload: dict[str, Any]) -> None:
             break
         live.append({"ctx": ctx, "token": token, "cache": cache, "step_s": [],
                      "prefill_s": prefill_s, "state_used": state_used,
-                     "state_alloc": state_alloc, "peak": peak})
+                     "state_alloc": state_alloc, "peak": peak, "memory_method": meter.method})
         del logits, prompt
     # Phase 2: n_new rounds, each one step of every context in turn, so that a slow spell of
     # the machine (other tenants, frequency) hits all contexts alike instead of one.
@@ -141,7 +141,7 @@ def _worker(payload: dict[str, Any]) -> None:
             "state_mb": run["state_used"] / 2**20,
             "state_alloc_mb": run["state_alloc"] / 2**20,
             "peak_mem_mb": run["peak"] / 2**20,
-            "memory_method": meter.method,
+            "memory_method": run["memory_method"],
             "parameters": params, "max_seq_len": max_len,
         })
 

@@ -109,9 +109,7 @@ def _worker(payload: dict[str, Any]) -> None:
     from gam.training.config import TrainConfig
     from gam.training.optim import build_optimizer
 
-    allocator_tuned = device_is_cpu = payload["device"] == "cpu"
-    if device_is_cpu:
-        allocator_tuned = tune_cpu_allocator()
+    allocator_tuned = tune_cpu_allocator() if payload["device"] == "cpu" else False
 
     device = torch.device(payload["device"])
     torch.manual_seed(payload.get("seed", 0))

@@ -194,10 +194,9 @@ class GAMBlock(nn.Module):
                        global_: torch.Tensor | None) -> torch.Tensor:
         """x + _fuse(h, local, global_), the gating and the residual add in one node
         (``fused.gated_residual``)."""
-        paths = [p for p in (local, global_) if p is not None]
         if self.gate is None:
-            return x + (paths[0] if len(paths) == 1 else paths[0] + paths[1])
-        return gated_residual(x, self.gate(h), paths)
+            return x + self._fuse(h, local, global_)
+        return gated_residual(x, self.gate(h), [p for p in (local, global_) if p is not None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)  # (B, T, C)

@@ -45,11 +45,37 @@ def open_text(path: Path) -> IO[str]:
     return open(path, encoding="utf-8")
 
 
+class DataFileError(ValueError):
+    """A data file exists but cannot be read as what it should be (a corrupted or truncated
+    ``.xz``, a binary file given as text). The message names the file and what was expected."""
+
+
+def _expected(path: Path) -> str:
+    if path.name.endswith(XZ_SUFFIX):
+        return "an xz-compressed UTF-8 text file"
+    return "a UTF-8 text file"
+
+
 def iter_lines(path: Path) -> Iterator[str]:
-    """Yield the lines of a text file without their line terminator."""
-    with open_text(path) as handle:
-        for line in handle:
-            yield line[:-1] if line.endswith("\n") else line
+    """Yield the lines of a text file without their line terminator.
+
+    Raises DataFileError (one line: the file, what was expected, what was found) when the file
+    is not readable as its kind of text; lzma and codecs errors alone name no file.
+    """
+    try:
+        with open_text(path) as handle:
+            for line in handle:
+                yield line[:-1] if line.endswith("\n") else line
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start:e.start + 1].hex() if e.object else "?"
+        raise DataFileError(f"data file {path} is not {_expected(path)}: it holds byte 0x{bad}, "
+                            f"which is not valid UTF-8 (a binary file?)") from None
+    except EOFError:
+        raise DataFileError(f"data file {path} is truncated: expected {_expected(path)}, the "
+                            f"xz stream ends early (copy or download it again)") from None
+    except lzma.LZMAError as e:
+        raise DataFileError(f"data file {path} is corrupted: expected {_expected(path)} ({e}; "
+                            f"copy or download it again)") from None
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -61,14 +87,63 @@ def safe_name(name: str, max_len: int = 48) -> str:
     return cleaned[-max_len:]
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows.
+
+    ``os.umask`` can only be read by setting it, which briefly changes it for every thread;
+    Linux reports it in ``/proc/self/status``, so that is tried first.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (0666) or ``mkdir()`` (0777) would give under the current umask."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+def mkstemp_default_mode(path: Path) -> tuple[int, str]:
+    """``tempfile.mkstemp`` beside ``path``, with the mode a plain ``open()`` would give.
+
+    mkstemp creates its file 0600 (private), and ``os.replace`` keeps that mode: every file
+    written atomically would be unreadable for the group and others, unlike what the user's
+    umask asks for.
+    """
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, default_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp_name)
+        raise
+    return fd, tmp_name
+
+
+def mkdtemp_default_mode(parent: Path, prefix: str, suffix: str = ".tmp") -> Path:
+    """``tempfile.mkdtemp`` in ``parent``, with the mode a plain ``mkdir()`` would give
+    (mkdtemp makes it 0700, which a rename into place would keep)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(folder, default_mode(directory=True))
+    return folder
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write a file through a temporary sibling and ``os.replace`` it into place.
 
     Readers (including other processes sharing the cache) never see a half-written file, and a
-    crash mid-write leaves at most a stray temporary file, never a corrupt cache entry.
+    crash mid-write leaves at most a stray temporary file, never a corrupt cache entry. The
+    file gets the umask's mode (e.g. 0644), as if written with ``open()``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = mkstemp_default_mode(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

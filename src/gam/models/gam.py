@@ -158,7 +158,8 @@ def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 class GAMBlock(nn.Module):
     """One GAM block. Parameter names follow the official code (causal_conv, memory_bank,
-    gate, ffn, ln1, ln2) so that its checkpoints map one to one."""
+    gate, ln1, ln2) except the FFN's (official ``ffn.0``/``ffn.2``, here ``ffn.fc1``/``ffn.fc2``):
+    ``gam.load_official`` (models/official.py) renames an official checkpoint's keys."""
 
     def __init__(self, config: GAMConfig) -> None:
         super().__init__()
@@ -178,6 +179,14 @@ class GAMBlock(nn.Module):
         self.gate = nn.Linear(c.d_model, self.n_paths * c.d_model) if c.use_gate else None
         self.ln2 = nn.LayerNorm(c.d_model)
         self.ffn = FeedForward(c.d_model, c.ffn_mult, c.dropout)
+
+    def residual_projections(self) -> list[nn.Linear]:
+        # The conv + memory branch ends in the gated sum, with no output Linear: only the FFN.
+        return [self.ffn.fc2]
+
+    def reset_family_parameters(self) -> None:
+        if self.memory_bank is not None:
+            nn.init.xavier_uniform_(self.memory_bank)
 
     def _fuse(self, h: torch.Tensor, local: torch.Tensor | None, global_: torch.Tensor | None
               ) -> torch.Tensor:

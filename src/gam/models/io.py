@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gam.data._files import default_mode, mkstemp_default_mode
 from gam.models.lm import CausalLM
 from gam.models.registry import MODELS, config_class, model_from_config
 
@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_default_mode(path)  # umask mode, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,9 +49,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied weights stored once (the head shares the token embedding)."""
+    """State dict with tied weights stored once, as the head (an untied embedding is kept)."""
     sd = model.state_dict()
-    sd.pop("token_embedding.weight", None)
+    emb, head = sd.get("token_embedding.weight"), sd.get("head.weight")
+    if emb is not None and head is not None and emb.data_ptr() == head.data_ptr():
+        del sd["token_embedding.weight"]
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 
 
@@ -59,10 +61,11 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Atomically write the model's weights as safetensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = mkstemp_default_mode(path)  # umask mode, not mkstemp's 0600
     os.close(fd)
     try:
         save_file(state_dict_for_saving(model), tmp)
+        os.chmod(tmp, default_mode())  # safetensors writes its files 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """The language-model shell shared by every family (GAM, Transformer, Mamba).
 
-Token + learned position embeddings -> dropout -> N blocks -> final LayerNorm -> head tied to
-the token embedding, exactly as the paper's GAM model. Each family only supplies its block, so the
-three models differ in the sequence mixer and in nothing else.
+Token + learned position embeddings -> dropout -> N blocks -> final LayerNorm -> head (tied to
+the token embedding by default), exactly as the paper's GAM model. Each family only supplies its
+block, so the three models differ in the sequence mixer and in nothing else.
 
 A block implements three methods:
 
@@ -11,6 +11,14 @@ A block implements three methods:
   block's decode state after the last token;
 - ``step(x, state)``: (B, C) -> ((B, C), state), one token of cached decoding.
 
+and, for ``CausalLM.init_weights`` (both optional: a block without them has no residual
+projections and no family parameters):
+
+- ``residual_projections()``: the last nn.Linear of each residual branch (scaled down by
+  ``init="gpt2"``);
+- ``reset_family_parameters()``: re-draw the parameters with a family-specific init (memory
+  bank, SSM parameters, ...), which every scheme keeps.
+
 The decode state is family specific (GAM: the last kernel-1 normalised conv inputs; Transformer:
 the KV cache; Mamba: conv inputs and SSM state) and is documented next to each ``step``.
 """
@@ -18,6 +26,7 @@ the KV cache; Mamba: conv inputs and SSM state) and is documented next to each `
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -29,11 +38,45 @@ import torch.nn.functional as F
 from gam.models.fused import Dropout
 
 IGNORE_INDEX = -100
+INIT_SCHEMES = ("paper", "gpt2")
+GPT2_STD = 0.02
+# What configs saved before ``init`` / ``tie_embeddings`` existed were built with: they load
+# with these values whatever the defaults become.
+_LEGACY_INIT = {"init": "paper", "tie_embeddings": True}
 
 
 @dataclass
 class LMConfig:
-    """Fields every family shares. Family configs subclass this and add their own."""
+    """Fields every family shares. Family configs subclass this and add their own.
+
+    ``init`` chooses the distributions (applied by ``CausalLM.init_weights``; d = d_model,
+    L = n_layers), ``tie_embeddings`` whether the head is the token embedding (False adds a
+    separate vocab x d head weight):
+
+    - ``"paper"``: the official code's init, i.e. every module's PyTorch default, bit for bit
+      what it draws for a given torch seed. Tied: the shared weight takes the head's nn.Linear
+      init U(-1/sqrt(d), 1/sqrt(d)) (std 1/sqrt(3d)), since the official code ties by giving
+      the embedding the head's weight. Untied: token embedding nn.Embedding's N(0, 1), head
+      U(+-1/sqrt(d)) (the textbook nn.TransformerEncoder LM). Positions N(0, 1). Every
+      nn.Linear weight and bias U(+-1/sqrt(fan_in)), LayerNorm weight 1 / bias 0, plus the
+      family parameters below; residual Mamba's out_proj is divided by sqrt(L) (mamba-ssm's
+      prenorm-residual rescale).
+    - ``"gpt2"``: GPT-2 / nanoGPT. Token embedding, untied head, positions and every nn.Linear
+      weight N(0, 0.02), nn.Linear biases 0, LayerNorm weight 1 / bias 0; the residual
+      projections, the last nn.Linear of each residual branch (``residual_projections()``:
+      attention ``proj`` and FFN ``fc2`` for the Transformer; FFN ``fc2`` only for GAM, whose
+      gated conv + memory branch has no output Linear; ``out_proj`` for residual Mamba; none for
+      ``mamba-paper``, which has no residual), N(0, 0.02 / sqrt(2 L)) in every family. GAM's
+      gate is an ordinary Linear: N(0, 0.02), bias 0, so both gates start near 0.5.
+
+    In both schemes the family parameters keep the family's init (``reset_family_parameters``):
+    GAM's memory bank Xavier uniform; Mamba's A_log = log(1..d_state) (S4D-real), D = 1 and
+    dt_proj (weight U(+-dt_rank^-0.5), bias softplus^-1 of a step log-uniform in [1e-3, 1e-1]);
+    and convolutions (GAM's depthwise conv, Mamba's conv1d) keep nn.Conv1d's default.
+    ``pos_embedding_std``, when set, replaces the scheme's position std (1 or 0.02).
+    The candidates this is meant to compare: (paper, tied) the official code, (paper, untied)
+    the textbook N(0, 1) embedding, (gpt2, tied) nanoGPT, (gpt2, untied).
+    """
 
     vocab_size: int = 10000
     max_seq_len: int = 256
@@ -42,9 +85,11 @@ class LMConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     pos_embedding: bool = True
-    # None: nn.Embedding's N(0, 1), as the official code (much larger than the tied token
-    # embedding's +-1/sqrt(d) uniform init); a number: N(0, std), e.g. GPT-2's 0.02.
+    # None: the init scheme's (paper: nn.Embedding's N(0, 1), much larger than the tied token
+    # embedding's +-1/sqrt(d) uniform; gpt2: 0.02); a number: N(0, std) in every scheme.
     pos_embedding_std: float | None = None
+    init: str = "paper"
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_layers", "ffn_mult"):
@@ -58,13 +103,18 @@ class LMConfig:
                                 or not std > 0):
             raise ValueError(f"pos_embedding_std must be a positive number or None (N(0, 1)), "
                              f"got {std!r}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
-        return dataclass_from_dict(cls, values)
+        """Rebuild a saved config; one saved before ``init`` existed gets the paper init."""
+        return dataclass_from_dict(cls, {**_LEGACY_INIT, **values})
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -111,18 +161,66 @@ class CausalLM(nn.Module):
         c = config
         # The paper ties by giving the embedding the head's weight, so both start from
         # nn.Linear's init (uniform +-1/sqrt(d)); keep that to reproduce its curves.
+        # The modules below draw their defaults in the official code's order: that *is* the
+        # "paper" init, bit for bit, so it is not redrawn at the end.
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
-        self.token_embedding.weight = self.head.weight
+        if c.tie_embeddings:
+            self.token_embedding.weight = self.head.weight
         self.pos_embedding = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_embedding else None
         if self.pos_embedding is not None and c.pos_embedding_std is not None:
             nn.init.normal_(self.pos_embedding.weight, std=float(c.pos_embedding_std))
         self.dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList([self.make_block(i) for i in range(c.n_layers)])
         self.ln_f = nn.LayerNorm(c.d_model)
+        if c.init != "paper":
+            self.init_weights()
 
     def make_block(self, layer_idx: int) -> nn.Module:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re-)initialise every parameter with ``config.init`` (see ``LMConfig``), in place:
+        the Parameter objects and the tying stay, so an optimizer or an outside wrapper (e.g.
+        Hugging Face's ``_init_weights``) can call it. For ``"paper"`` it draws the same
+        distributions as construction but not the same numbers (construction draws module by
+        module in the official code's order, this draws shell, then modules, then family
+        parameters); for ``"gpt2"`` construction itself ends with this call."""
+        c = self.config
+        if c.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {c.init!r}")
+        gpt2 = c.init == "gpt2"
+        tied = self.token_embedding.weight is self.head.weight
+        if gpt2:
+            nn.init.normal_(self.token_embedding.weight, std=GPT2_STD)
+            if not tied:
+                nn.init.normal_(self.head.weight, std=GPT2_STD)
+        else:
+            self.head.reset_parameters()
+            if not tied:
+                self.token_embedding.reset_parameters()
+        if self.pos_embedding is not None:
+            std = c.pos_embedding_std if c.pos_embedding_std is not None else (
+                GPT2_STD if gpt2 else 1.0)
+            nn.init.normal_(self.pos_embedding.weight, std=float(std))
+        self.ln_f.reset_parameters()
+        for block in self.blocks:
+            for module in block.modules():
+                if gpt2 and isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=GPT2_STD)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
+                elif hasattr(module, "reset_parameters"):  # norms, convs; everything in paper
+                    module.reset_parameters()
+            # after the generic pass, so a family parameter held by a Linear (Mamba's dt_proj)
+            # keeps the family's init in every scheme
+            if hasattr(block, "reset_family_parameters"):
+                block.reset_family_parameters()
+            if gpt2 and hasattr(block, "residual_projections"):
+                # GPT-2: keeps the residual stream's variance O(1) in depth
+                for proj in block.residual_projections():
+                    nn.init.normal_(proj.weight, std=GPT2_STD / math.sqrt(2 * c.n_layers))
 
     # ------------------------------------------------------------------ checks
     def check_input_ids(self, idx: torch.Tensor, start_pos: int = 0) -> None:
@@ -254,6 +352,7 @@ class CausalLM(nn.Module):
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(int(seed))
         limit = self.config.max_seq_len
+        cropped = False
         context = idx[:, -limit:]
         logits, cache = self.prefill(context)
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
@@ -269,6 +368,9 @@ class CausalLM(nn.Module):
             if cache.seq_len < limit:
                 logits, cache = self.step(token, cache)
             else:
+                if not cropped:  # once per call, not once per token
+                    cropped = True
+                    _warn_cropped(limit)
                 context = context[:, -limit:]
                 logits, cache = self.prefill(context)
 
@@ -288,6 +390,12 @@ class CausalLM(nn.Module):
     def receptive_field(self) -> int:
         """How many tokens (the current one included) can influence a position's logits."""
         return self.config.max_seq_len
+
+
+def _warn_cropped(limit: int) -> None:
+    # 4 = past generate_stream and torch.no_grad's generator wrapper: the caller's loop
+    warnings.warn(f"generation passed max_seq_len={limit}: the oldest tokens are dropped and "
+                  f"each new token sees only the last {limit}", stacklevel=4)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,

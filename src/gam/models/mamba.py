@@ -410,6 +410,11 @@ class MambaState(NamedTuple):
     ssm: torch.Tensor
 
 
+def _s4d_real_log_a(d_inner: int, d_state: int) -> torch.Tensor:
+    """log(1..N) for every channel: A = -exp(A_log) = -(1..N), S4D-real. (E, N)."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 selective-SSM mixer with mamba-ssm's parameter names, shapes and init
     (paper size: 2,542,080 parameters)."""
@@ -424,20 +429,30 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(e, e, c.d_conv, groups=e, bias=True)
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e, bias=True)
-        # mamba-ssm's dt init: weight uniform +-r^-0.5; bias = softplus^-1(dt) for dt
-        # log-uniform in [1e-3, 1e-1], so softplus(dt_proj(.)) starts in that range.
-        nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
-        dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self._init_dt_proj()
         # S4D-real init A = -(1..N) for every channel, stored as log so A stays negative
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32))
-                                  .repeat(e, 1))  # (E, N)
+        self.A_log = nn.Parameter(_s4d_real_log_a(e, n))  # (E, N)
         self.D = nn.Parameter(torch.ones(e))
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
         self.out_proj = nn.Linear(e, d, bias=False)
+
+    @torch.no_grad()
+    def _init_dt_proj(self) -> None:
+        # mamba-ssm's dt init: weight uniform +-r^-0.5; bias = softplus^-1(dt) for dt
+        # log-uniform in [1e-3, 1e-1], so softplus(dt_proj(.)) starts in that range.
+        r, e = self.config.dt_rank_value, self.config.d_inner
+        nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt = dt.clamp(min=1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    @torch.no_grad()
+    def reset_family_parameters(self) -> None:
+        """dt_proj, A_log and D back to mamba-ssm's init (the construction's)."""
+        self._init_dt_proj()
+        self.A_log.copy_(_s4d_real_log_a(*self.A_log.shape))
+        self.D.fill_(1.0)
 
     def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x (..., E) -> delta (..., E), B (..., N), C (..., N), A (E, N)."""
@@ -482,9 +497,23 @@ class MambaBlock(nn.Module):
         self.residual = config.stacking == "residual"
         self.norm = nn.LayerNorm(config.d_model) if self.residual else None
         self.mixer = MambaMixer(config)
+        self.n_layers = config.n_layers
+        self._rescale_out_proj()
+
+    @torch.no_grad()
+    def _rescale_out_proj(self) -> None:
         if self.residual:  # mamba-ssm's rescale_prenorm_residual
-            with torch.no_grad():
-                self.mixer.out_proj.weight.div_(math.sqrt(config.n_layers))
+            self.mixer.out_proj.weight.div_(math.sqrt(self.n_layers))
+
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.mixer.out_proj] if self.residual else []
+
+    def reset_family_parameters(self) -> None:
+        """The mixer's SSM parameters, and out_proj's 1/sqrt(n_layers) on top of its Linear
+        init (``init_weights`` has just reset it; gpt2 then replaces it as a residual
+        projection)."""
+        self.mixer.reset_family_parameters()
+        self._rescale_out_proj()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.residual:

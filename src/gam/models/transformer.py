@@ -122,6 +122,12 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(config.d_model)
         self.ffn = FeedForward(config.d_model, config.ffn_mult, config.dropout)
 
+    def residual_projections(self) -> list[nn.Linear]:
+        return [self.attn.proj, self.ffn.fc2]
+
+    def reset_family_parameters(self) -> None:
+        pass  # every parameter is in a Linear or a LayerNorm: the scheme covers them all
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resid_dropout(self.attn(self.ln1(x)), x)  # x + dropout(attn), (B, T, C)
         return self.ffn(self.ln2(x), x)  # x + ffn, (B, T, C)

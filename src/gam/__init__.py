@@ -10,6 +10,7 @@ from gam.models import (
     TransformerConfig,
     build_model,
     count_parameters,
+    load_official,
     load_pretrained,
     model_config,
     receptive_field,
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CausalLM", "CheckpointError", "GAMConfig", "GAMLM", "MODELS", "PRESETS", "TransformerConfig",
-    "build_model", "count_parameters", "load_pretrained", "model_config", "receptive_field",
-    "save_pretrained", "__version__",
+    "build_model", "count_parameters", "load_official", "load_pretrained", "model_config",
+    "receptive_field", "save_pretrained", "__version__",
 ]

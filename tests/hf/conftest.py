@@ -108,3 +108,51 @@ def make_lm():
 def make_run():
     """``make_run(root, name="gam", kind="bytelevel")``: a hand-made run directory."""
     return make_run_dir
+
+
+class _WarningRecorder:
+    """The warnings transformers logs (its loggers, and warnings.warn) during a test."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.records: list[str] = []
+        recorder = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                recorder.records.append(record.getMessage())
+
+        self.handler = _Handler(level=logging.WARNING)
+
+    def clear(self) -> None:
+        import transformers.utils.logging as hf_logging
+
+        self.records.clear()
+        # warning_once remembers what it said: forget it, so every warning shows again
+        getattr(hf_logging.warning_once, "cache_clear", lambda: None)()
+
+    def messages(self) -> list[str]:
+        return list(self.records)
+
+
+@pytest.fixture
+def hf_warnings(recwarn):
+    """Records what transformers warns; ``.messages()`` adds Python warnings raised since."""
+    import logging
+
+    recorder = _WarningRecorder()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(recorder.handler)
+    recorder.clear()
+    original = recorder.messages
+
+    def messages() -> list[str]:
+        python = [str(w.message) for w in recwarn.list]
+        return original() + python
+
+    recorder.messages = messages  # type: ignore[method-assign]
+    try:
+        yield recorder
+    finally:
+        logger.removeHandler(recorder.handler)

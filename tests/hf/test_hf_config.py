@@ -45,7 +45,8 @@ def test_variant_name(flags, name):
 
 
 @pytest.mark.parametrize("bad", [dict(d_model=0), dict(use_local=False, use_global=False),
-                                 dict(conv_kernel_size=0), dict(tie_word_embeddings=False)])
+                                 dict(conv_kernel_size=0), dict(init="xavier"),
+                                 dict(tie_embeddings=False, tie_word_embeddings=True)])
 def test_invalid_values_raise(bad):
     with pytest.raises(ValueError):
         GAMHFConfig(**bad)

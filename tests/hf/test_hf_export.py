@@ -1,6 +1,10 @@
 """``gam export``: a hand-made run directory -> a Hugging Face folder usable offline."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,7 +20,8 @@ def test_export_loads_with_auto_classes_and_matches_the_run(run_dir, tmp_path):
     out = export_run(run_dir, tmp_path / "hf")
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-            "tokenizer_config.json", "README.md"} <= names
+            "tokenizer_config.json", "README.md", "configuration_gam.py",
+            "modeling_gam.py"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     tok = transformers.AutoTokenizer.from_pretrained(out)
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -25,7 +30,10 @@ def test_export_loads_with_auto_classes_and_matches_the_run(run_dir, tmp_path):
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert model.config.eos_token_id == model.generation_config.eos_token_id == eot
     assert model.generation_config.pad_token_id == eot
-    assert model.generation_config.max_length == model.config.max_seq_len == 64
+    # no max_length in the generation config: it would clash with generate(max_new_tokens=...);
+    # the context travels as the config's max_seq_len and the tokenizer's model_max_length
+    assert "max_length" not in json.loads((out / "generation_config.json").read_text())
+    assert model.config.max_seq_len == 64
     assert tok.model_max_length == 64 and tok.padding_side == "left"
     text = "The cat sat on the mat."
     ids = tok(text, return_tensors="pt").input_ids
@@ -45,9 +53,45 @@ def test_pipeline_text_generation_offline(run_dir, tmp_path):
                       batch_size=2)  # left-padded batch
     single = generator("A dog", max_new_tokens=4, do_sample=False)
     assert batch[0][0]["generated_text"] == single[0]["generated_text"]
-    # the default generation config stops at the model's context instead of overrunning it
-    ids = generator("The cat", return_tensors=True)[0]["generated_token_ids"]
-    assert 2 < len(ids) <= 64
+    # past the model's context: a clear error, never tokens from positions it has no embedding
+    # for (transformers 5's pipeline asks for 256 new tokens unless told otherwise)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generator("The cat", max_new_tokens=64, do_sample=False)
+
+
+def test_exported_folder_loads_as_remote_code_without_importing_gam(run_dir, tmp_path):
+    """What lm_eval --model hf does: AutoModelForCausalLM with trust_remote_code, in a fresh
+    interpreter that never imported gam (the folder's entry points import it)."""
+    out = export_run(run_dir, tmp_path / "hf")
+    ids = [[5, 6, 7, 8]]
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        assert "gam" not in sys.modules
+        config = AutoConfig.from_pretrained({str(out)!r}, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        print(type(config).__name__, type(model).__name__)
+        with torch.no_grad():
+            print(model.eval()(torch.tensor({ids})).logits.sum().item())
+    """)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names, total = proc.stdout.split("\n")[:2]
+    assert names == "GAMHFConfig GAMForCausalLM"
+    with torch.no_grad():
+        expected = gam.load_pretrained(run_dir).eval()(torch.tensor(ids))[0].sum().item()
+    assert float(total) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_plain_generate_of_an_export_warns_nothing(run_dir, tmp_path, hf_warnings):
+    out = export_run(run_dir, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_warnings.clear()
+    ids = torch.tensor([[5, 6, 7]])
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+    assert hf_warnings.messages() == []
 
 
 def test_export_paper_tokenizer_special_tokens(make_run, tmp_path):
@@ -100,3 +144,14 @@ def test_export_reports_a_corrupted_checkpoint(make_run, tmp_path, capsys):
     assert main([str(run_dir), str(tmp_path / "hf")]) == 1
     assert "corrupted" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_exported_files_follow_the_umask(run_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = export_run(run_dir, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    for item in out.rglob("*"):
+        assert item.stat().st_mode & 0o777 == (0o755 if item.is_dir() else 0o644), item.name

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gam.hf import GAMCache, GAMForCausalLM  # noqa: E402
+from gam.hf import CACHE_ARG, GAMCache, GAMForCausalLM, output_cache  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [18]]
 
@@ -29,8 +29,8 @@ def test_greedy_cached_equals_uncached_and_library(make_lm):
     ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     cached = _gen(hf, ids)
     uncached = _gen(hf, ids, use_cache=False)
-    assert isinstance(cached.past_key_values, GAMCache)
-    assert cached.past_key_values.get_seq_length() == ids.shape[1] + 11
+    assert isinstance(output_cache(cached), GAMCache)
+    assert output_cache(cached).get_seq_length() == ids.shape[1] + 11
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached.logits, uncached.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -92,12 +92,12 @@ def test_cache_continues_a_sequence_in_chunks(hf_model):
     with torch.no_grad():
         full = hf_model(full_ids, attention_mask=full_mask).logits
         first = hf_model(ids, attention_mask=mask, use_cache=True)
-        cache = first.past_key_values
+        cache = output_cache(first)
         assert cache.next_position.tolist() == [len(p) for p in PROMPTS]
         # the mask may cover the cached tokens and the new ones, or the new ones only
         second = hf_model(more, attention_mask=full_mask, past_key_values=cache).logits
-        cache_b = hf_model(ids, attention_mask=mask).past_key_values
-        third = hf_model(more, past_key_values=cache_b).logits
+        cache_b = output_cache(hf_model(ids, attention_mask=mask))
+        third = hf_model(more, cache=cache_b).logits  # both argument names are accepted
         real = mask.bool()
     torch.testing.assert_close(first.logits[real], full[:, :ids.shape[1]][real])
     torch.testing.assert_close(second, full[:, ids.shape[1]:])
@@ -131,13 +131,38 @@ def test_user_cache_continuation_and_chunked_prefill(hf_model):
     ids = torch.tensor([PROMPTS[0], PROMPTS[2] + PROMPTS[1] + [19]])
     ref = hf_model.generate(ids, max_new_tokens=12, do_sample=False)
     out = hf_model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
-                            past_key_values=GAMCache(config=hf_model.config))
+                            **{CACHE_ARG: GAMCache(config=hf_model.config)})
     assert torch.equal(out.sequences, ref[:, :-4])
     # generate again from the returned cache: only the tokens it has not seen are run
     more = hf_model.generate(out.sequences, max_new_tokens=4, do_sample=False,
-                             past_key_values=out.past_key_values)
+                             **{CACHE_ARG: output_cache(out)})
     assert torch.equal(more, ref)
+    # the other name works too (transformers >= 5.24 renames it, with its own warning)
+    for name in ("past_key_values", "cache"):
+        try:
+            again = hf_model.generate(ids, max_new_tokens=12, do_sample=False,
+                                      **{name: GAMCache(config=hf_model.config)})
+        except (TypeError, ValueError) as exc:  # a release that knows only one of the names
+            assert name != CACHE_ARG, exc
+            continue
+        assert torch.equal(again, ref), name
     if hasattr(transformers.GenerationConfig(), "prefill_chunk_size"):  # transformers 5
         chunked = hf_model.generate(ids, max_new_tokens=12, do_sample=False, prefill_chunk_size=3,
-                                    past_key_values=GAMCache(config=hf_model.config))
+                                    **{CACHE_ARG: GAMCache(config=hf_model.config)})
         assert torch.equal(chunked, ref)
+
+
+def test_our_generation_paths_warn_nothing(hf_model, hf_warnings):
+    """Greedy, beam search, left padding and a user cache under this release's argument name:
+    no deprecation warning and no max_length/max_new_tokens clash from our code."""
+    ids, mask = _left_pad(PROMPTS[:2])
+    hf_warnings.clear()
+    hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    hf_model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=2, do_sample=False)
+    out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                            return_dict_in_generate=True,
+                            **{CACHE_ARG: GAMCache(config=hf_model.config)})
+    assert output_cache(out).get_seq_length() == ids.shape[1] + 2
+    with torch.no_grad():
+        output_cache(hf_model(ids, attention_mask=mask, use_cache=True))
+    assert hf_warnings.messages() == []

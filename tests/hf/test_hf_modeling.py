@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import gam  # noqa: E402
-from gam.hf import GAMCache, GAMForCausalLM, GAMModel  # noqa: E402
+from gam.hf import GAMCache, GAMForCausalLM, GAMModel, output_cache  # noqa: E402
 
 VARIANTS = ["gam", "gam-sum", "gam-global-only", "gam-local-only"]
 
@@ -128,7 +128,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_lm, padded):
     kwargs = {"attention_mask": mask} if padded else {}
     plain(idx, labels=idx, **kwargs).loss.backward()
     out = ckpt(idx, labels=idx, use_cache=True, **kwargs)
-    assert out.past_key_values is None  # no cache while checkpointing
+    assert output_cache(out) is None  # no cache while checkpointing
     out.loss.backward()
     torch.testing.assert_close(out.loss, plain(idx, labels=idx, **kwargs).loss)
     for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
@@ -197,4 +197,8 @@ def test_checks(hf_model):
         hf_model(_ids(B=1, T=4), attention_mask=torch.ones(1, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="GAMCache"):
         hf_model(_ids(B=1, T=4), past_key_values=transformers.DynamicCache())
-    assert isinstance(hf_model(_ids(B=1, T=4)).past_key_values, GAMCache)
+    with pytest.raises(TypeError, match="GAMCache"):
+        hf_model(_ids(B=1, T=4), cache=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="not both"):
+        hf_model(_ids(B=1, T=4), cache=GAMCache(2), past_key_values=GAMCache(2))
+    assert isinstance(output_cache(hf_model(_ids(B=1, T=4))), GAMCache)

@@ -23,11 +23,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from gam.hf.configuration_gam import GAM_VARIANTS, GAMHFConfig
 from gam.hf.modeling_gam import (
+    CACHE_ARG,
     GAMCache,
     GAMForCausalLM,
     GAMModel,
     GAMPreTrainedModel,
     causal_lm_loss,
+    output_cache,
 )
 
 
@@ -52,6 +54,6 @@ def __getattr__(name: str) -> object:  # lazy: `python -m gam.hf.export` then ru
 
 
 __all__ = [
-    "GAM_VARIANTS", "GAMCache", "GAMForCausalLM", "GAMHFConfig", "GAMModel",
-    "GAMPreTrainedModel", "causal_lm_loss", "export_run", "register",
+    "CACHE_ARG", "GAM_VARIANTS", "GAMCache", "GAMForCausalLM", "GAMHFConfig", "GAMModel",
+    "GAMPreTrainedModel", "causal_lm_loss", "export_run", "output_cache", "register",
 ]

@@ -8,7 +8,8 @@ standard names are aliases of the GAM ones::
     config.num_hidden_layers       -> config.n_layers
     config.max_position_embeddings -> config.max_seq_len
 
-The head is always tied to the token embedding (``tie_word_embeddings=True``), as in the paper.
+``tie_word_embeddings`` is the library's ``tie_embeddings`` (True by default, as in the paper);
+``init`` and ``pos_embedding_std`` choose the initialisation exactly as in the library.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ class GAMHFConfig(PretrainedConfig):
         "num_hidden_layers": "n_layers",
         "max_position_embeddings": "max_seq_len",
     }
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,
         use_cache: bool = True,
-        tie_word_embeddings: bool = True,
+        tie_word_embeddings: bool | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -61,15 +62,18 @@ class GAMHFConfig(PretrainedConfig):
         # Every GAMConfig field (vocab_size, max_seq_len, d_model, n_layers, ffn_mult, dropout,
         # pos_embedding, num_memory_slots, conv_kernel_size, use_local, use_global, use_gate, and
         # any the library adds later) is read from kwargs by name, with the library's default.
-        if not tie_word_embeddings:
-            raise ValueError("GAM always ties its output head to the token embedding; "
-                             "tie_word_embeddings=False is not supported")
+        tie_given = "tie_embeddings" in kwargs
         for name, default in GAM_FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
+        if tie_word_embeddings is not None:
+            if tie_given and tie_word_embeddings != self.tie_embeddings:
+                raise ValueError(f"tie_word_embeddings={tie_word_embeddings} contradicts "
+                                 f"tie_embeddings={self.tie_embeddings}; give one of them")
+            self.tie_embeddings = tie_word_embeddings
         self.use_cache = use_cache
         # Aliases (hidden_size=...) arrive in kwargs; the base class sets them through
         # attribute_map, after the assignments above, so they take precedence.
-        super().__init__(tie_word_embeddings=True, bos_token_id=bos_token_id,
+        super().__init__(tie_word_embeddings=bool(self.tie_embeddings), bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.to_gam_config()  # validate with the library's checks
 

@@ -4,7 +4,9 @@ The run directory holds ``model.json`` + ``model.safetensors`` (``gam.load_pretr
 ``tokenizer.json`` (a ``tokenizers`` file) and the run's ``config.json`` (its ``tokenizer.kind``,
 ``"bytelevel"`` or ``"paper"``, picks the special tokens). The output folder holds the model
 (``config.json``, ``model.safetensors``, ``generation_config.json``), a
-``PreTrainedTokenizerFast`` and a short model card, so that, offline::
+``PreTrainedTokenizerFast``, a short model card and two remote-code entry points
+(``configuration_gam.py``, ``modeling_gam.py``, named by ``auto_map`` in ``config.json``), so that,
+offline::
 
     import gam.hf
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -12,6 +14,10 @@ The run directory holds ``model.json`` + ``model.safetensors`` (``gam.load_pretr
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     pipeline("text-generation", model=out_dir)("Once upon a time", max_new_tokens=20)
+
+and, without importing ``gam`` (tools such as ``lm_eval --model hf`` that only know transformers),
+``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)``. The entry points only
+import the installed ``gam`` package, so the model code is never copied into the folder.
 
 Only the GAM variants convert (gam, gam-sum, gam-global-only, gam-local-only).
 """
@@ -23,7 +29,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from gam.data._files import default_mode, mkdtemp_default_mode
 from gam.hf.configuration_gam import GAM_VARIANTS
 from gam.hf.modeling_gam import GAMForCausalLM
 from gam.models.io import MODEL_JSON, CheckpointError, load_model_config, load_pretrained
@@ -39,6 +45,25 @@ from gam.models.registry import count_parameters
 GAM_MODEL_NAMES = tuple(sorted(set(GAM_VARIANTS.values())))
 RUN_CONFIG = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+
+# trust_remote_code entry points: transformers imports these files from the folder and takes the
+# classes named in auto_map; they re-export the installed package's classes, so a folder loaded
+# either way gives the same classes (and transformers names `gam` as the package to install).
+_REMOTE_CODE_NOTE = ("Entry point for AutoModel*.from_pretrained(..., trust_remote_code=True), "
+                     "written by `gam export`.\nNeeds the gam package: pip install 'gam[hf]'.")
+REMOTE_CODE: dict[str, str] = {
+    "configuration_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
+                            "from gam.hf.configuration_gam import GAMHFConfig\n\n"
+                            '__all__ = ["GAMHFConfig"]\n',
+    "modeling_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
+                       "from gam.hf.modeling_gam import GAMForCausalLM, GAMModel\n\n"
+                       '__all__ = ["GAMForCausalLM", "GAMModel"]\n',
+}
+AUTO_MAP: dict[str, str] = {
+    "AutoConfig": "configuration_gam.GAMHFConfig",
+    "AutoModel": "modeling_gam.GAMModel",
+    "AutoModelForCausalLM": "modeling_gam.GAMForCausalLM",
+}
 
 # Special tokens of the two tokenizer kinds of gam.data.tokenizer.
 SPECIAL_TOKENS: dict[str, dict[str, str | None]] = {
@@ -123,6 +148,17 @@ model = AutoModelForCausalLM.from_pretrained("PATH")
 print(pipeline("text-generation", model=model, tokenizer=tokenizer)("Hello", max_new_tokens=20))
 ```
 
+Without `import gam.hf` (e.g. from tools that only know transformers), load it as remote code;
+the folder's `modeling_gam.py` imports the installed `gam` package:
+
+```python
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+```
+
+```bash
+lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True --tasks TASK
+```
+
 Prompt plus generated tokens must fit in {c.max_seq_len} positions (learned position embeddings).
 """
 
@@ -131,10 +167,11 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                overwrite: bool = False) -> Path:
     """Convert the ``gam train`` run in ``run_dir`` to a Hugging Face folder ``out_dir``.
 
-    Writes the model (safetensors, tied head stored once), its generation config (token ids,
-    ``max_length`` = the model's context), the tokenizer and a README. The folder is written
-    next to ``out_dir`` first and moved into place at the end, so a failed export leaves no
-    partial folder. An existing non-empty ``out_dir`` is refused unless ``overwrite`` (its
+    Writes the model (safetensors, tied head stored once, ``auto_map`` for remote code), its
+    generation config (token ids only: a ``max_length`` there would clash with every
+    ``generate(max_new_tokens=...)``), the remote-code entry points, the tokenizer and a
+    README. The folder is written next to ``out_dir`` first and moved into place at the end,
+    so a failed export leaves no partial folder. An existing non-empty ``out_dir`` is refused unless ``overwrite`` (its
     files of the same names are then replaced).
 
     Raises ``FileNotFoundError`` (missing run dir or tokenizer), ``CheckpointError``
@@ -177,14 +214,19 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     # tokenizer_class: lets pipeline() of transformers 4 find the tokenizer of a model type that
     # AutoTokenizer does not know
     model = GAMForCausalLM.from_gam(lm, tokenizer_class="PreTrainedTokenizerFast", **ids)
-    model.generation_config = GenerationConfig(max_length=lm.config.max_seq_len, **ids)
+    model.generation_config = GenerationConfig(**ids)
+    model.config.auto_map = dict(AUTO_MAP)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp = mkdtemp_default_mode(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(name, run_dir, model, kind))
+        for filename, source in REMOTE_CODE.items():
+            (tmp / filename).write_text(source)
+        for item in tmp.rglob("*"):  # safetensors writes 0600 whatever the umask
+            os.chmod(item, default_mode(item.is_dir()))
         if not out_dir.exists():
             os.replace(tmp, out_dir)
         else:

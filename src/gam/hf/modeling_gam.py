@@ -19,6 +19,7 @@ library's. The wrapper adds what HF expects around them:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,29 @@ from gam.models.gam import GAMLM, GAMBlock
 IGNORE_INDEX = -100
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
+#: What this transformers release calls the cache, as a forward/generate argument and as a model
+#: output field: ``cache`` from 5.24 on (where ``past_key_values`` is deprecated, with a warning),
+#: ``past_key_values`` before. The models accept both names in ``forward``.
+CACHE_ARG = ("cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)}
+             else "past_key_values")
+
+
+def output_cache(output: Any) -> GAMCache | None:
+    """The cache a model output or a ``generate(..., return_dict_in_generate=True)`` result
+    holds, whichever name this transformers release gives it (no deprecation warning)."""
+    return output.get(CACHE_ARG)
+
+
+def _one_cache(cache: GAMCache | None, past_key_values: GAMCache | None) -> GAMCache | None:
+    """The cache passed to ``forward`` under either name (both at once is an error)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    cache = past_key_values if cache is None else cache
+    if cache is not None and not isinstance(cache, GAMCache):
+        raise TypeError(f"GAM's cache must be a GAMCache (returned by the model), got "
+                        f"{type(cache).__name__}")
+    return cache
+
 
 class GAMCache(Cache):
     """Decode state of a GAM stack.
@@ -45,8 +69,9 @@ class GAMCache(Cache):
     ``seq_len``: tokens consumed so far, padding included (``get_seq_length``);
     ``next_position``: (B,) position of each row's next token (its real tokens so far).
 
-    ``generate`` and the forward create it; pass ``GAMCache(config=model.config)`` as
-    ``past_key_values`` to keep it after ``generate`` or for chunked prefill.
+    ``generate`` and the forward create it; pass ``GAMCache(config=model.config)`` as the
+    cache (``cache=`` from transformers 5.24, ``past_key_values=`` before; ``CACHE_ARG`` names
+    it) to keep it after ``generate`` or for chunked prefill; ``output_cache(out)`` reads it.
     """
 
     is_compileable = False
@@ -142,26 +167,21 @@ class GAMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The library's initialisation (the modules' own defaults): nn.Linear/Conv1d/LayerNorm
-        defaults, N(0, 1) position embedding, Xavier memory bank; the token embedding is the
-        head's weight (nn.Linear init), as in the paper."""
-        if isinstance(module, nn.Embedding):
-            tied = any(module.weight is m.head.weight for m in self.modules()
-                       if isinstance(m, GAMLM))
-            if not tied:
-                module.reset_parameters()
-        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.LayerNorm)):
-            module.reset_parameters()
-        elif isinstance(module, GAMBlock) and module.memory_bank is not None:
-            nn.init.xavier_uniform_(module.memory_bank)
+        """The library's initialisation, whatever the config asks (``init``, ``tie_embeddings``,
+        ``pos_embedding_std``): ``GAMLM.init_weights`` re-draws the whole wrapped model, so a
+        model from ``from_config`` gets the distributions ``gam.build_model`` gives. Its
+        submodules are covered by that call."""
+        if isinstance(module, GAMLM):
+            module.init_weights()
 
 
 class GAMModel(GAMPreTrainedModel):
     """The GAM stack: ``last_hidden_state`` is the final LayerNorm-ed hidden state (B, T, C)."""
 
-    # The head and the token embedding are one tensor; as in every HF LM, the file stores the
-    # input embedding and the head is the tied target (transformers 4 re-ties head <- embedding
-    # after loading, so this direction also keeps files interchangeable between 4 and 5).
+    # Tied (the default), the head and the token embedding are one tensor; as in every HF LM,
+    # the file stores the input embedding and the head is the tied target (transformers 4
+    # re-ties head <- embedding after loading, so this direction also keeps files
+    # interchangeable between 4 and 5). transformers ties only when tie_word_embeddings is set.
     if _TRANSFORMERS_MAJOR >= 5:
         _tied_weights_keys = {"gam.head.weight": "gam.token_embedding.weight"}
     else:
@@ -179,7 +199,8 @@ class GAMModel(GAMPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.gam.token_embedding = value
-        self.gam.head.weight = value.weight  # GAM's head stays tied to the embedding
+        if self.config.tie_embeddings:
+            self.gam.head.weight = value.weight
 
     # ------------------------------------------------------------------ inputs
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
@@ -260,6 +281,7 @@ class GAMModel(GAMPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: GAMCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """``hidden_states`` (with ``output_hidden_states``): the embeddings, the output of
@@ -277,9 +299,7 @@ class GAMModel(GAMPreTrainedModel):
             use_cache = False  # a cache would keep every block's inputs alive
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if past_key_values is not None and not isinstance(past_key_values, GAMCache):
-            raise TypeError(f"GAM's past_key_values must be a GAMCache (returned by the model), "
-                            f"got {type(past_key_values).__name__}")
+        cache = _one_cache(cache, past_key_values)
 
         lm = self.gam
         if input_ids is not None:
@@ -291,7 +311,6 @@ class GAMModel(GAMPreTrainedModel):
             device = inputs_embeds.device
         if T == 0:
             raise ValueError("the input must hold at least one token per row, got seq_len 0")
-        cache = past_key_values
         if cache is None and use_cache:
             cache = GAMCache(cfg.n_layers)
         past = cache.get_seq_length() if cache is not None else 0
@@ -335,8 +354,8 @@ class GAMModel(GAMPreTrainedModel):
         out_cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (x, out_cache, all_hidden) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=x, past_key_values=out_cache,
-                                       hidden_states=all_hidden, attentions=None)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=all_hidden,
+                                       attentions=None, **{CACHE_ARG: out_cache})
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -399,7 +418,8 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.model.gam.head = value
-        self.model.gam.token_embedding.weight = value.weight
+        if self.config.tie_embeddings:
+            self.model.gam.token_embedding.weight = value.weight
 
     def forward(
         self,
@@ -414,6 +434,7 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: GAMCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         """Logits (B, T, vocab) and, with ``labels`` (B, T), the shifted next-token loss.
@@ -423,9 +444,10 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
+                         position_ids=position_ids, cache=_one_cache(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True)
+        out_cache = output_cache(out)
         hidden = out.last_hidden_state  # (B, T, C)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.model.gam.head(hidden[:, keep, :])  # (B, T', V)
@@ -433,8 +455,7 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
         if not return_dict:
-            rest = tuple(v for v in (out.past_key_values, out.hidden_states) if v is not None)
+            rest = tuple(v for v in (out_cache, out.hidden_states) if v is not None)
             return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      attentions=None, **{CACHE_ARG: out_cache})

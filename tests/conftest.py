@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from gam.data import find_shared_data_dir
-
 
 @contextlib.contextmanager
 def _private_gam_environment(cache: Path) -> Iterator[Path]:
@@ -36,9 +34,13 @@ def private_gam_environment():
     return _private_gam_environment
 
 
+# The real data: ../shared/data relative to the repository. Tests hand it to gam only through
+# --data-dir or $GAM_DATA_DIR; no command looks for it on its own.
+SHARED_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    found = find_shared_data_dir()
-    if found is None:
-        pytest.skip("real-data test: no shared/data folder beside the repository")
-    return found
+    if not SHARED_DATA_DIR.is_dir():
+        pytest.skip(f"real-data test: no {SHARED_DATA_DIR} folder beside the repository")
+    return SHARED_DATA_DIR

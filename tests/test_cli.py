@@ -343,3 +343,60 @@ def test_missing_subcommand_module_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gam.hf.export", None)
     assert main(["export", "RUN", "OUT"]) == 2
     assert "gam: error: 'gam export' is not available" in error_of(capsys)
+
+
+# ---------------------------------------------------------- validation first, progress notes
+@pytest.mark.parametrize("flag, value, name", [("--temperature", "-1", "temperature"),
+                                               ("--temperature", "nan", "temperature"),
+                                               ("--top-p", "0", "top_p")])
+def test_generate_validates_before_printing_anything(run_dir, capsys, flag, value, name):
+    assert main(["generate", str(run_dir), "--prompt", "The game", flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the prompt is not echoed before the error
+    assert name in captured.err and flag in captured.err and "Traceback" not in captured.err
+
+
+def test_generate_validates_before_loading_the_run(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-run"), "--temperature", "-1"]) == 2
+    assert "temperature" in error_of(capsys)
+
+
+def test_eval_says_what_it_is_doing_unless_quiet(run_dir, capsys):
+    assert main(["eval", str(run_dir)]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays pure JSON
+    assert "evaluating split 'valid'" in captured.err and "evaluated in" in captured.err
+    assert main(["eval", str(run_dir), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_train_announces_the_evaluation_and_the_compilation(tmp_path, data_dir, capsys,
+                                                            monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)  # the message, not 20 s
+    args = [a for a in train_args(tmp_path / "run", "--max-steps", "2", "--compile",
+                                  data_dir=data_dir) if a != "--quiet"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "compiling the model (torch.compile)" in err and "first step took" in err
+    assert "evaluating step 2 on" in err
+
+
+def test_a_run_inside_its_warmup_is_warned_about(tmp_path, data_dir, capsys):
+    assert main(train_args(tmp_path / "run", "--max-steps", "2", data_dir=data_dir)) == 0
+    err = capsys.readouterr().err  # a warning: shown even with --quiet
+    assert "all 2 steps are inside the 100-step warm-up (--warmup-steps)" in err
+    assert main(train_args(tmp_path / "run2", "--max-steps", "2", "--warmup-steps", "1",
+                           data_dir=data_dir)) == 0
+    assert "warm-up" not in capsys.readouterr().err
+
+
+def test_generate_past_the_window_ends_with_a_note(run_dir, capsys):
+    assert main(["generate", str(run_dir), "--prompt", "A", "--max-new-tokens", "80",
+                 "--ignore-eos", "--seed", "0"]) == 0  # tiny: max_seq_len 64
+    captured = capsys.readouterr()
+    assert "max_seq_len" not in captured.out
+    assert captured.err.strip().splitlines() == [
+        "gam: note: the text grew past the model's max_seq_len (64 tokens); from there on "
+        "each token saw only the last 64"]

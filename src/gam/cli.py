@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,8 @@ EXIT_INTERRUPTED = 130
 
 # train options that --resume accepts (how to run, not what): everything else is the run's own
 RESUME_OPTIONS = {"data_dir", "threads", "quiet", "device", "cache_dir", "wandb", "tensorboard"}
+# ... and what may change the run's length (extend a finished run)
+RESUME_LENGTH_OPTIONS = {"max_steps", "epochs"}
 
 TRAIN_EPILOG = """\
 defaults are the paper's recipe (as its official code): blocks of 256 tokens (the model's
@@ -50,7 +54,14 @@ metrics.jsonl, model.json + model.safetensors (gam.load_pretrained(RUN_DIR) work
 tokenizer.json and checkpoint/ (saved every --save-every steps, at every epoch end and at the
 end, atomically). --resume RUN_DIR continues a stopped or killed run exactly (bit for bit on
 CPU); only --data-dir, --threads, --device, --cache-dir, --quiet, --wandb and --tensorboard
-may be given with it.
+may be given with it, and --max-steps / --epochs to change its length: e.g. --resume RUN_DIR
+--max-steps 1000 extends a finished 500-step run. The new total replaces the recorded one and
+the cosine is recomputed to end there, continuing from the LR the new schedule gives at the
+current step (the warm-up is not redone; at the old end the LR was at --min-lr, so it rises
+again): the result is not the run a 1000-step training would have given.
+--resume refuses (and changes nothing) when the run saved a checkpoint that has gone missing;
+a run's model.safetensors / model.json that are missing or corrupted are rewritten from the
+checkpoint.
 
 multi-process: torchrun --nproc-per-node N -m gam train ... (DDP; gloo on CPU, nccl on GPU;
 --batch-size stays the global batch and must be divisible by N * --grad-accum).
@@ -141,23 +152,27 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--model-arg", action="append", type=parse_model_arg, default=None,
                    metavar="KEY=VALUE",
                    help="override a model config field, repeatable "
-                        "(e.g. --model-arg num_memory_slots=128)")
+                        "(e.g. --model-arg num_memory_slots=128; default: none, the preset's "
+                        "values)")
     g.add_argument("--dropout", type=_number, default=None, help="model dropout (default: preset)")
     g = p.add_argument_group("data and tokenizer")
     g.add_argument("--dataset", default=None,
-                   help="wikitext2 (default), wikitext2-tokens, tinystories, austen or text:PATH")
+                   help="wikitext2 (default), wikitext2-tokens, tinystories, austen or text:PATH "
+                        "(a text file or a folder with train.txt, valid.txt)")
     g.add_argument("--data-dir", default=None,
-                   help="folder holding the corpus folders (default $GAM_DATA_DIR)")
+                   help="folder holding the corpus folders (default: $GAM_DATA_DIR, else the "
+                        "Hugging Face hub)")
     g.add_argument("--cache-dir", default=None,
                    help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)")
     g.add_argument("--offline", action="store_true", default=None,
-                   help="never try the Hugging Face hub for a corpus")
+                   help="never try the Hugging Face hub for a corpus (default: try it when "
+                        "the data is not found locally)")
     g.add_argument("--seq-len", type=_positive_int, default=None,
                    help="block length (default and maximum: the model's max_seq_len)")
     g.add_argument("--max-train-rows", type=_positive_int, default=None,
-                   help="keep the first N rows of the train split")
+                   help="keep the first N rows of the train split (default: all)")
     g.add_argument("--max-val-rows", type=_positive_int, default=None,
-                   help="keep the first N rows of the valid/test splits")
+                   help="keep the first N rows of the valid/test splits (default: all)")
     g.add_argument("--tokenizer", choices=("bytelevel", "paper"), default=None,
                    help="bytelevel BPE (default, lossless) or the official code's whitespace BPE")
     g.add_argument("--vocab-size", type=_positive_int, default=None,
@@ -166,9 +181,13 @@ def _add_train(sub: Any) -> None:
                    help="train the tokenizer on train+valid+test as the official code (leaks "
                         "evaluation text; default: train split only)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="default 5")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="passes over the train split (default 5); with --resume: the run's "
+                        "new length, dropping a recorded --max-steps (see below)")
     g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after N optimizer steps (the cosine schedule ends there)")
+                   help="stop after N optimizer steps, the cosine schedule ends there (default: "
+                        "none, the --epochs); with --resume: the run's new length, the cosine "
+                        "is recomputed to end there (see below)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch in blocks per optimizer step (default 32)")
     g.add_argument("--grad-accum", type=int, default=None,
@@ -176,8 +195,11 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--lr", type=_number, default=None, help="peak learning rate (default 3e-4)")
     g.add_argument("--min-lr", type=_number, default=None,
                    help="learning rate at the end of the cosine (default 0)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default 100")
-    g.add_argument("--weight-decay", type=_number, default=None, help="default 0.1")
+    g.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps before the cosine (default 100, the paper's; a "
+                        "short run, e.g. --max-steps 500, wants ~20)")
+    g.add_argument("--weight-decay", type=_number, default=None,
+                   help="AdamW weight decay (default 0.1)")
     g.add_argument("--betas", type=_number, nargs=2, default=None, metavar=("B1", "B2"),
                    help="AdamW betas (default 0.9 0.95)")
     g.add_argument("--decay-filter", choices=("all", "nanogpt"), default=None,
@@ -185,22 +207,26 @@ def _add_train(sub: Any) -> None:
                         "nanogpt: not on norms, biases and embeddings")
     g.add_argument("--no-decay-norms-biases-embeddings", dest="decay_filter",
                    action="store_const", const="nanogpt",
-                   help="same as --decay-filter nanogpt")
+                   help="same as --decay-filter nanogpt (default: off, --decay-filter all)")
     g.add_argument("--grad-clip", type=_number, default=None,
                    help="max gradient norm, 0 disables (default 1.0)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="fp32 (default); bf16 = torch.autocast on CPU or CUDA; fp16 = autocast "
                         "+ GradScaler, CUDA only")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (default: off; the first step then takes "
+                        "~20 s on a CPU)")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the init, the data order and dropout (default 42)")
     g = p.add_argument_group("logging, evaluation, checkpoints")
     g.add_argument("--out", default=None,
                    help="run directory (default runs/<model>-<dataset>-<timestamp>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR exactly from its last checkpoint")
+                   help="continue the run in RUN_DIR exactly from its last checkpoint "
+                        "(default: start a new run)")
     g.add_argument("--eval-every", type=int, default=None,
-                   help="also evaluate every N steps (always at each epoch end and at the end)")
+                   help="also evaluate every N steps (default: none; always at each epoch end "
+                        "and at the end)")
     g.add_argument("--eval-batch-size", type=int, default=None,
                    help="blocks per evaluation batch and process (default: the training one)")
     g.add_argument("--gate-stat-batches", type=_nonneg_int, default=None,
@@ -211,11 +237,12 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--save-every", type=int, default=None,
                    help="checkpoint every N steps (default 250; also at epoch ends and the end)")
     g.add_argument("--quiet", action="store_true", default=None,
-                   help="no progress bar or log lines")
+                   help="no progress bar or log lines, warnings and errors only (default: off)")
     g.add_argument("--wandb", action="store_true", default=None,
-                   help="also log to Weights & Biases (needs wandb)")
+                   help="also log to Weights & Biases (needs wandb; default: off)")
     g.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also log to TensorBoard in RUN_DIR/tensorboard (needs tensorboard)")
+                   help="also log to TensorBoard in RUN_DIR/tensorboard (needs tensorboard; "
+                        "default: off)")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                    help="auto (default) = cuda if available, else cpu")
@@ -233,16 +260,26 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--split", default="valid", help="valid (default) or test")
     p.add_argument("--data-dir", default=None, help="where the corpus lives now "
-                   "(default: as recorded in the run)")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=None)
+                   "(default: the run's recorded --data-dir, else $GAM_DATA_DIR, else the "
+                   "Hugging Face hub)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tokenizer / token-id cache (default: $GAM_CACHE_DIR or ~/.cache/gam)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="blocks per batch (default: the run's --eval-batch-size, else its "
+                        "--batch-size)")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--max-val-rows", type=_positive_int, default=None,
                       help="first N rows of the split (default: as in training)")
-    rows.add_argument("--all-rows", action="store_true", help="the whole split")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=_positive_int, default=None)
+    rows.add_argument("--all-rows", action="store_true",
+                      help="the whole split (default: off, the row limit of training)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="fp32 (default); bf16 / fp16: autocast (fp16 on CUDA only)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default) = cuda if available, else cpu")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's, one per core)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress messages on stderr, only the JSON (default: off)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -252,19 +289,40 @@ def _add_generate(sub: Any) -> None:
                        "(cached decoding), printing text as tokens arrive.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=100)
-    p.add_argument("--temperature", type=_number, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_number, default=None)
+    p.add_argument("--max-new-tokens", type=_nonneg_int, default=100,
+                   help="tokens to generate at most (default 100; fewer if the end-of-text "
+                        "token comes)")
+    p.add_argument("--temperature", type=_number, default=1.0,
+                   help="sampling temperature, >= 0; 0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="sample among the K most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=_number, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability "
+                        "reaches P, 0 < P <= 1 (default: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true",
-                   help="keep going after the end-of-text token")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=_positive_int, default=None)
+                   help="keep going after the end-of-text token (default: stop there)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default) = cuda if available, else cpu")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's, one per core)")
     p.set_defaults(func=cmd_generate)
 
 
 # ---------------------------------------------------------------------------------- commands
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (a plain StreamHandler
+    keeps the stream of the moment it was made, e.g. one a test harness has since closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     import os
 
@@ -272,7 +330,7 @@ def _setup_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet or rank != 0 else logging.INFO
     log = logging.getLogger("gam")
     if not any(getattr(h, "_gam_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._gam_cli = True  # type: ignore[attr-defined]
         log.addHandler(handler)
@@ -327,12 +385,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                              tensorboard=bool(args.tensorboard), cache_dir=args.cache_dir,
                              data_dir=args.data_dir)
     if args.resume is not None:
-        extra = sorted(set(_given(args)) - RESUME_OPTIONS)
+        extra = sorted(set(_given(args)) - RESUME_OPTIONS - RESUME_LENGTH_OPTIONS)
         if extra:
             flags = ", ".join("--" + k.replace("_", "-") for k in extra)
             raise ValueError(f"--resume continues {args.resume} with its saved settings; these "
-                             f"options cannot be changed: {flags}")
-        result = resume(args.resume, options)
+                             f"options cannot be changed: {flags} (only the run's length, with "
+                             f"--max-steps or --epochs)")
+        result = resume(args.resume, options, max_steps=args.max_steps, epochs=args.epochs)
     else:
         run = build_run_config(args)
         if run.data.dataset.startswith("text:") and run.data.dataset[5:]:
@@ -352,6 +411,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gam.training import evaluate_run
     from gam.training.distributed import set_threads
 
+    _setup_logging(bool(args.quiet))  # progress on stderr: loading and evaluating take a while
     set_threads(args.threads)
     result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir,
                           batch_size=args.batch_size, device=args.device, dtype=args.dtype,
@@ -384,6 +444,16 @@ def stream_text(tokenizer: Any, prompt_ids: list[int], tokens: Any) -> Any:
         yield text[len(shown):]
 
 
+def check_generate_args(args: argparse.Namespace) -> None:
+    """ValueError naming the option for sampling settings the model would reject later (after
+    the prompt was already printed)."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"temperature (--temperature) must be a number >= 0 (0 = greedy), "
+                         f"got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"top_p (--top-p) must be in (0, 1], got {args.top_p}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -391,6 +461,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gam.training import load_run
     from gam.training.distributed import resolve_device, set_threads
 
+    check_generate_args(args)  # before anything is loaded or printed
     set_threads(args.threads)
     device = resolve_device(args.device)
     model, tokenizer, _ = load_run(args.run_dir, map_location=device)
@@ -400,8 +471,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         eos = None
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids if args.prompt \
         else []
-    start = prompt_ids[-model.config.max_seq_len:] if prompt_ids else [
-        eos if eos is not None else 0]
+    limit = model.config.max_seq_len
+    if len(prompt_ids) > limit:
+        print(f"{PROG}: note: the prompt has {len(prompt_ids)} tokens; the model sees only its "
+              f"last {limit} (max_seq_len)", file=sys.stderr, flush=True)
+    start = prompt_ids[-limit:] if prompt_ids else [eos if eos is not None else 0]
     idx = torch.tensor([start], dtype=torch.long, device=device)
 
     def tokens() -> Any:
@@ -417,11 +491,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
-    for piece in stream_text(tokenizer, prompt_ids, tokens()):
-        out.write(piece)
-        out.flush()
+    with warnings.catch_warnings(record=True) as caught:
+        # the library's warning would land mid-text with a source line: a note comes after it
+        warnings.filterwarnings("always", message="generation passed max_seq_len")
+        for piece in stream_text(tokenizer, prompt_ids, tokens()):
+            out.write(piece)
+            out.flush()
     out.write("\n")
     out.flush()
+    cropped = [w for w in caught if "generation passed max_seq_len" in str(w.message)]
+    for w in caught:
+        if w not in cropped:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if cropped:
+        print(f"{PROG}: note: the text grew past the model's max_seq_len ({limit} tokens); "
+              f"from there on each token saw only the last {limit}", file=sys.stderr,
+              flush=True)
     return 0
 
 
@@ -445,6 +530,8 @@ def _error_message(e: BaseException) -> str:
     """The error as one line (multi-line messages, e.g. where a corpus was looked for, are
     joined)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    # a missing corpus: say --data-dir, not the library's data_dir=
+    text = getattr(e, "cli_message", None) or text
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
         or type(e).__name__
 

@@ -21,7 +21,6 @@ import torch
 
 from gam.bench import main as bench_main
 from gam.bench import training_runs as tr
-from gam.data import find_shared_data_dir
 
 WORDS = ("the cat dog bird sat ran on under a an mat tree house river saw big small red "
          "green quick slow and then it was day night when where who what very old new one "
@@ -220,10 +219,7 @@ def test_compare_bad_model_is_a_usage_error(env, corpus, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_compare_on_shared_wikitext2(env):
-    data_dir = find_shared_data_dir()
-    if data_dir is None:
-        pytest.skip("real-data test: no shared/data folder beside the repository")
+def test_compare_on_shared_wikitext2(env, data_dir):
     out = env / "compare-wikitext"
     rc = _bench("compare", "--quick", "--threads", "1", "--quiet", "--max-steps", "2",
                 "--max-train-rows", "300", "--max-val-rows", "40", "--models", "gam",

@@ -20,8 +20,6 @@ except ImportError:  # pragma: no cover - depends on how the environment was set
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     import gam.data  # noqa: F401
 
-from gam.data import find_shared_data_dir
-
 
 @pytest.fixture(autouse=True)
 def isolated_environment(tmp_path_factory, monkeypatch):
@@ -39,15 +37,9 @@ def cache_dir(isolated_environment) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """The real data folder (``shared/data`` beside the repository), or skip."""
-    found = find_shared_data_dir()
-    if found is None:
-        pytest.skip(
-            "real-data test: no shared/data folder found beside the repository or the working "
-            "directory (it holds wikitext-2-raw/, wikitext-2/ and fallback-prose/)"
-        )
-    return found
+def shared_data_dir(data_dir) -> Path:
+    """The real data folder (``../shared/data`` relative to the repository), or skip."""
+    return data_dir
 
 
 def write_text(path: Path, text: str, xz: bool = False) -> Path:

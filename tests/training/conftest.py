@@ -2,8 +2,9 @@
 
 Every run is tiny (``--preset tiny``, a 512-token tokenizer, a few hundred WikiText-2 rows) so
 a whole training takes about a second. The caches live in one temporary folder for the session
-(``$GAM_CACHE_DIR``), so the tokenizer is trained once. Real-data tests find the shared data
-folder with ``gam.data.find_shared_data_dir()`` and skip when there is none.
+(``$GAM_CACHE_DIR``), so the tokenizer is trained once. Real-data tests get the shared data
+folder from the ``data_dir`` fixture (``../shared/data``, passed with --data-dir) and skip when
+there is none.
 """
 
 from __future__ import annotations

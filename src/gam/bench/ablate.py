@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gam-local-only, or any other)")
     parser.add_argument("--slots", type=int, nargs="+", default=None, metavar="N",
                         help="also train the full model with each number of memory slots "
-                             "(e.g. 128 256 512 1024)")
+                             "(e.g. 128 256 512 1024; default: no slot sweep)")
     parser.add_argument("--dataset", default="wikitext2",
                         help="wikitext2 (the paper's), austen (stand-in for TinyStories), "
                              "tinystories, or text:PATH")

@@ -528,3 +528,11 @@ def model_available(name: str) -> str | None:
     except ImportError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def error_text(exc: BaseException) -> str:
+    """An error as one line for a command-line user: a missing corpus says ``--data-dir``
+    (not the library's ``data_dir=``), and a multi-line message is joined."""
+    text = getattr(exc, "cli_message", None) or str(exc)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
+        or type(exc).__name__

@@ -42,16 +42,22 @@ WARMUP_STEPS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME")
-    parser.add_argument("--preset", default="paper")
-    parser.add_argument("--d-model", type=int, default=None, help="override d_model")
-    parser.add_argument("--n-layers", type=int, default=None, help="override n_layers")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
+                        help="build_model names to time (default: %(default)s)")
+    parser.add_argument("--preset", default="paper",
+                        help="size preset of every model: paper, cpu-small or tiny (default: "
+                             "%(default)s)")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="override d_model (default: the preset's)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help="override n_layers (default: the preset's)")
     parser.add_argument("--contexts", nargs="+", type=int, default=None, metavar="CTX",
                         help="context (prompt) lengths (default 128..16384 doubling; quick: "
                              "128..2048)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="timed generated tokens per context (default 64; quick 16)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="sequences decoded together (default: %(default)s)")
     parser.add_argument("--max-seconds", type=float, default=900.0,
                         help="wall-clock limit per model (its own process)")
 

@@ -11,7 +11,8 @@ Outputs (in ``--out``): ``results.json`` (per run: the statistics per layer, and
 over training steps that the trainer logs at every evaluation in ``metrics.jsonl``, when
 present), ``results.md`` (a table per run: one row per layer), ``gates-<run>.png`` (per-layer
 bars of the mean gate values, local vs global, with +-1 std error bars) and
-``gates-evolution-<run>.png`` (mean gate value per layer vs training step).
+``gates-evolution-<run>.png`` (mean gate value per layer vs training step, one panel for
+the local gates and one for the global gates).
 
 A run that is not a GAM (e.g. a Transformer) or a GAM ablation without gates (``gam-sum``,
 ``gam-global-only``, ``gam-local-only``) is an error (exit status 2), named before any work.
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from gam.bench import common
+from gam.models.io import CheckpointError
 
 PATHS = ("local", "global")
 
@@ -170,24 +172,35 @@ def plot_evolution(result: dict[str, Any], path: Path, title: str) -> Path | Non
     evo = result["evolution"]
     if not evo:
         return None
-    fig, (ax,) = common.new_figure()
+    # one panel per path: a layer's local and global means often both sit near 0.5, and on
+    # one axes their lines would hide each other; the colour still identifies the layer
+    fig, axes = common.new_figure(ncols=len(PATHS), width=5.0)
     steps = [e["step"] for e in evo]
     n_layers = max(len(e["gates"]) for e in evo)
-    for layer in range(n_layers):
-        for name, style in zip(PATHS, ("-", "--"), strict=True):
+    styles = {"local": ("-", "o"), "global": ("--", "s")}
+    for ax, name in zip(axes, PATHS, strict=True):
+        drawn = False
+        for layer in range(n_layers):
             ys = [next((g.get(f"{name}_mean") for g in e["gates"] if g.get("layer") == layer),
                        None) for e in evo]
             if all(y is None for y in ys):
                 continue
-            ax.plot(steps, [y if y is not None else float("nan") for y in ys], style,
-                    marker="o", markersize=3, color=f"C{layer % 10}",
-                    label=f"layer {layer} {name}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("mean gate value (validation batches)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+            line, marker = styles[name]
+            ax.plot(steps, [y if y is not None else float("nan") for y in ys], line,
+                    marker=marker, markersize=4, color=f"C{layer % 10}",
+                    label=f"layer {layer}")
+            drawn = True
+        ax.set_title(f"sigmoid(g_{name})")
+        ax.set_xlabel("training step")
+        ax.set_ylim(0, 1)
+        ax.grid(True, alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            ax.text(0.5, 0.5, f"no {name} gate logged", ha="center", va="center",
+                    transform=ax.transAxes)
+    axes[0].set_ylabel("mean gate value (validation batches)")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path
 
@@ -229,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, opt, 1) < 1:
                 raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got "
                                  f"{getattr(args, opt)}")
-    except ValueError as exc:
-        print(f"gam bench gates: error: {exc}", file=sys.stderr, flush=True)
+    except (ValueError, CheckpointError) as exc:
+        print(f"gam bench gates: error: {common.error_text(exc)}", file=sys.stderr, flush=True)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,8 +252,9 @@ def run(args: argparse.Namespace) -> int:
     for run_dir, config, name in zip(args.run_dirs, configs, names, strict=True):
         try:
             result = analyse_run(Path(run_dir), config, args, device)
-        except (ValueError, OSError) as exc:
-            print(f"gam bench gates: error: {exc}", file=sys.stderr, flush=True)
+        except (ValueError, OSError, CheckpointError) as exc:
+            print(f"gam bench gates: error: {common.error_text(exc)}", file=sys.stderr,
+                  flush=True)
             return 2
         result["name"] = name
         title = f"{result['model']} on {result['dataset']} (step {result['step']})"

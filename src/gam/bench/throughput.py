@@ -48,10 +48,15 @@ MATMUL_SIZE = 2048
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
                         help="build_model names")
-    parser.add_argument("--preset", default="paper")
-    parser.add_argument("--d-model", type=int, default=None, help="override d_model")
-    parser.add_argument("--n-layers", type=int, default=None, help="override n_layers")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--preset", default="paper",
+                        help="size preset of every model: paper, cpu-small or tiny (default: "
+                             "%(default)s)")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="override d_model (default: the preset's)")
+    parser.add_argument("--n-layers", type=int, default=None,
+                        help="override n_layers (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences per training step (default: %(default)s)")
     parser.add_argument("--seq-len", nargs="+", type=int, default=[256], metavar="T",
                         help="sequence length(s); max_seq_len is raised to it if needed")
     parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"],

@@ -52,7 +52,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -194,9 +193,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
                         "step only)")
     g = parser.add_argument_group("data and output")
     g.add_argument("--data-dir", default=keep, metavar="DIR",
-                   help="folder with the corpora (default: $GAM_DATA_DIR, else a shared/data "
-                        "folder beside the repository if there is one, else the Hugging Face "
-                        "hub)")
+                   help="folder with the corpora (default: $GAM_DATA_DIR, else the Hugging "
+                        "Face hub)")
     g.add_argument("--cache-dir", default=keep, metavar="DIR",
                    help="tokenizer / token-id cache (default: $GAM_CACHE_DIR or ~/.cache/gam)")
     g.add_argument("--quiet", action="store_true", help="no per-step training log")
@@ -231,18 +229,12 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
 
 
 def resolve_data_dir(data_dir: str | None) -> tuple[str | None, bool]:
-    """``(folder, explicit)``: --data-dir (explicit: authoritative), else None if
-    $GAM_DATA_DIR is set (the loader reads it), else the shared data folder beside the
-    repository if there is one (a default only: a corpus missing there is looked for in the
-    usual places), else None."""
+    """``(folder, explicit)``: --data-dir (explicit: authoritative), else None: the loader then
+    tries $GAM_DATA_DIR and the hub, as every other command does (never a folder guessed from
+    where the checkout sits)."""
     if data_dir is not None:
         return str(Path(data_dir).expanduser()), True
-    if os.environ.get("GAM_DATA_DIR"):
-        return None, False
-    from gam.data import find_shared_data_dir
-
-    found = find_shared_data_dir()
-    return (str(found) if found is not None else None), False
+    return None, False
 
 
 def seeds_of(args: argparse.Namespace) -> list[int]:
@@ -687,17 +679,9 @@ class Benchmark:
             print(f"gam bench {self.command}: {text}", file=sys.stderr, flush=True)
 
     def prepare(self, dataset: str) -> dict[str, Any]:
-        from gam.data import DataNotFoundError
-
         data_dir = self.data_dir
         try:
-            try:
-                info = prepare_dataset(self.protocol, dataset, data_dir, self.cache_dir)
-            except DataNotFoundError:
-                if self.data_dir_explicit or data_dir is None:
-                    raise
-                data_dir = None  # not in the default folder: $GAM_DATA_DIR / the hub
-                info = prepare_dataset(self.protocol, dataset, data_dir, self.cache_dir)
+            info = prepare_dataset(self.protocol, dataset, data_dir, self.cache_dir)
             info["status"] = "ok"
             info["data_dir"] = data_dir
             self.data_dirs[dataset] = data_dir
@@ -706,8 +690,9 @@ class Benchmark:
                      f"validation tokens")
         except Exception as exc:  # noqa: BLE001 - reported, the other datasets still run
             info = {"dataset": dataset, "status": "error", "note": DATASET_NOTES.get(dataset),
-                    "error": f"{type(exc).__name__}: {exc}"}
-            self.log(f"{dataset}: cannot be loaded: {type(exc).__name__}: {exc}")
+                    "error": f"{type(exc).__name__}: {common.error_text(exc)}"}
+            self.log(f"{dataset}: cannot be loaded: {type(exc).__name__}: "
+                     f"{common.error_text(exc)}")
         self.datasets[dataset] = info
         return info
 

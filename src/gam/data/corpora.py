@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from gam.data._files import DataFileError as DataFileError  # re-exported: corrupt data files
 from gam.data._files import describe_text_file, find_text_file, iter_lines
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,13 @@ class DataNotFoundError(FileNotFoundError):
 
     Subclasses :class:`FileNotFoundError` so callers that already handle missing files keep
     working; the message lists the expected folder layout and every place that was tried.
+    ``str(error)`` speaks to a library caller (``data_dir=<folder>``); ``cli_message`` says
+    the same to a command-line user (``--data-dir <folder>``).
     """
+
+    def __init__(self, message: str, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message if cli_message is not None else message
 
 
 @dataclass(repr=False)
@@ -263,12 +270,13 @@ def load_corpus(
         try:
             return _load_from_dir(name, spec, root, "data_dir argument", limits)
         except _Missing as missing:
-            attempts.append(f"data_dir argument: {missing}")
+            attempts.append(f"{_DATA_DIR_OPTION} argument: {missing}")
         raise _not_found(
             name,
             spec,
             attempts,
-            note=f"Not consulted because data_dir was given explicitly: ${ENV_DATA_DIR}"
+            note=f"Not consulted because {_DATA_DIR_OPTION} was given explicitly: "
+            f"${ENV_DATA_DIR}"
             + (f" and the {spec.hub_label()}." if spec.hub_id else f". {spec.hub_label()}."),
         )
 
@@ -322,6 +330,10 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
 
 def find_shared_data_dir(starts: Iterable[str | os.PathLike[str]] | None = None) -> Path | None:
     """Find a ``shared/data`` folder next to the repository (or any parent folder).
+
+    A helper for development scripts only: no command and no loader uses it (a command finds
+    data through ``--data-dir``, ``$GAM_DATA_DIR`` or the hub, and nowhere else), so that what
+    is read never depends on where the checkout happens to sit.
 
     The checkout sits beside the shared data folder (``<root>/main`` and
     ``<root>/shared/data``), so walking up from this file and from the working directory
@@ -567,6 +579,10 @@ def _check_not_empty(name: str, split: str, rows: list[str], where: str, limit: 
     )
 
 
+# stands for the data-folder option in messages built once for two audiences
+_DATA_DIR_OPTION = "\0data-dir-option\0"
+
+
 def _not_found(name: str, spec: _Spec, attempts: list[str], note: str = "") -> DataNotFoundError:
     tried = "\n".join(f"  {i}. {attempt}" for i, attempt in enumerate(attempts, 1))
     message = (
@@ -574,7 +590,12 @@ def _not_found(name: str, spec: _Spec, attempts: list[str], note: str = "") -> D
         f"Expected layout (plain or .xz): {spec.layout()}\n"
         f"Tried, in order:\n{tried}\n"
         + (f"{note}\n" if note else "")
-        + f"Fix: pass data_dir=<folder> or set ${ENV_DATA_DIR}=<folder>"
+        + f"Fix: pass {_DATA_DIR_OPTION}=<folder> or set ${ENV_DATA_DIR}=<folder>"
         + (", or make the hub reachable." if spec.hub_id else ".")
     )
-    return DataNotFoundError(message)
+    library = message.replace(f"{_DATA_DIR_OPTION} argument", "data_dir argument")
+    cli = message.replace(f"{_DATA_DIR_OPTION} argument", "--data-dir")
+    cli = cli.replace(f"{_DATA_DIR_OPTION}=<folder>", "--data-dir <folder>")
+    cli = cli.replace("<data_dir>/", "<folder>/")
+    return DataNotFoundError(library.replace(_DATA_DIR_OPTION, "data_dir"),
+                             cli.replace(_DATA_DIR_OPTION, "--data-dir"))

@@ -75,3 +75,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     fn = WarmupCosine(cfg.warmup_steps, total_steps, cfg.min_lr / cfg.lr)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def retarget_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """Make a (restored) warm-up + cosine schedule end at ``total_steps`` instead.
+
+    Used when a resumed run is extended or shortened: the cosine is recomputed for the new
+    total from the step the run is at, and the learning rate of the next step is set from it
+    (the restored optimizer still holds the one the old schedule gave).
+    """
+    for fn in scheduler.lr_lambdas:
+        if isinstance(fn, WarmupCosine):
+            fn.total_steps = int(total_steps)
+    step = scheduler.last_epoch
+    groups = scheduler.optimizer.param_groups
+    for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in groups]

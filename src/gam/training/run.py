@@ -14,7 +14,9 @@ Layout of ``RUN_DIR`` (``gam train --out RUN_DIR``)::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from gam.training.data import load_data, load_tokenizer_file
 from gam.training.distributed import DistContext, resolve_device
 from gam.training.evaluate import evaluate
 from gam.training.metrics import METRICS_FILE
+
+logger = logging.getLogger("gam.training")
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -106,6 +110,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
     dev = resolve_device(device)
     model, tokenizer, config = load_run(run_dir, map_location=dev)
     run = RunConfig.from_dict(config)
+    logger.info("loaded %s (%s); reading split %r of %s ...", run_dir, config.get("model"),
+                split, run.data.dataset)
     data: DataConfig = run.data
     rows = None if all_rows else (max_val_rows if max_val_rows is not None
                                   else data.max_val_rows)
@@ -122,7 +128,13 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
     if len(ids) < 2:
         raise ValueError(f"split {split!r} of {data.dataset!r} has {len(ids)} token(s); at "
                          f"least 2 are needed to evaluate")
+    blocks = -(-(len(ids) - 1) // seq_len)
+    logger.info("evaluating split %r: %s tokens in %s blocks of %d (batches of %d) on %s ...",
+                split, f"{len(ids):,}", f"{blocks:,}", seq_len, batch_size, dev)
+    t0 = time.perf_counter()
     result = evaluate(model, ids, seq_len, batch_size=batch_size, dtype=dtype, device=dev)
+    logger.info("evaluated in %.1f s: loss %.4f, ppl %.2f", time.perf_counter() - t0,
+                result["loss"], result["ppl"])
     return {"run_dir": str(run_dir), "model": config.get("model"), "dataset": data.dataset,
             "split": split, "seq_len": seq_len, "loss": result["loss"], "ppl": result["ppl"],
             "tokens": result["tokens"]}

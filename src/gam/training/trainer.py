@@ -34,14 +34,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import gam
 from gam.data import TokenBlocks, eot_token_id
-from gam.models.io import CheckpointError, atomic_write_json, save_pretrained
+from gam.models.io import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    atomic_write_json,
+    load_model_config,
+    save_pretrained,
+    state_dict_for_saving,
+)
 from gam.models.registry import model_config, model_from_config
 from gam.runtime import tune_cpu_allocator
 from gam.training.checkpoint import (
     CHECKPOINT_DIR,
+    LATEST,
     TrainingState,
     capture_rng_state,
     find_checkpoint,
@@ -63,7 +74,7 @@ from gam.training.metrics import (
     read_metrics,
     truncate_metrics,
 )
-from gam.training.optim import build_optimizer, build_scheduler
+from gam.training.optim import build_optimizer, build_scheduler, retarget_schedule
 from gam.training.run import CONFIG_FILE, TOKENIZER_FILE, check_vocab, read_run_config
 
 logger = logging.getLogger("gam.training")
@@ -103,11 +114,28 @@ def train(run: RunConfig, out_dir: str | Path, options: RuntimeOptions | None = 
     return Trainer(run, Path(out_dir), options or RuntimeOptions(), resume=False).run()
 
 
-def resume(run_dir: str | Path, options: RuntimeOptions | None = None) -> TrainResult:
+def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
+           max_steps: int | None = None, epochs: int | None = None) -> TrainResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, exactly as if it had never
-    stopped (from step 0 if it died before its first checkpoint)."""
+    stopped (from step 0 if it died before its first checkpoint).
+
+    ``max_steps`` / ``epochs`` change the run's length (e.g. to extend a finished run): they
+    replace the recorded values (``epochs`` without ``max_steps`` also drops a recorded
+    ``max_steps``, which would still cap the run), the total is recomputed
+    (``min(epochs * batches_per_epoch, max_steps)``) and the cosine of the LR schedule is
+    recomputed to end at the new total from the step the run is at (the warm-up is not
+    redone). Without them the run continues bit for bit. Raises CheckpointError, changing
+    nothing, if the run saved a checkpoint that is gone.
+    """
     run_dir = Path(run_dir)
     run = RunConfig.from_dict(read_run_config(run_dir))
+    if epochs is not None:
+        run.train.epochs = epochs
+        # "train it for N epochs": a recorded --max-steps would otherwise still cap it
+        run.train.max_steps = max_steps
+    elif max_steps is not None:
+        run.train.max_steps = max_steps
+    run.train.validate()
     return Trainer(run, run_dir, options or RuntimeOptions(), resume=True).run()
 
 
@@ -174,6 +202,8 @@ class Trainer:
         run_dir = Path(ctx.broadcast_object(str(self.run_dir)))
         self.run_dir = run_dir
         checkpoint_dir = find_checkpoint(run_dir) if self.resuming else None
+        if self.resuming and checkpoint_dir is None:
+            _refuse_lost_checkpoint(run_dir)
         threads = opts.threads
         if threads is None and checkpoint_dir is not None:
             # the thread count changes the order of float reductions: a resumed run keeps it
@@ -274,15 +304,24 @@ class Trainer:
         state = TrainingState(total_steps=total_steps, batches_per_epoch=batches_per_epoch,
                               world_size=world, threads=threads)
         resumed_from = None
+        retargeted_from = None
         if checkpoint_dir is not None:
             ckpt = load_checkpoint(checkpoint_dir)
-            if ckpt.state.batches_per_epoch != batches_per_epoch or \
-                    ckpt.state.total_steps != total_steps:
+            if ckpt.state.batches_per_epoch != batches_per_epoch:
                 raise CheckpointError(
                     f"checkpoint {checkpoint_dir} was made with {ckpt.state.batches_per_epoch} "
-                    f"batches per epoch and {ckpt.state.total_steps} total steps, the data now "
-                    f"gives {batches_per_epoch} and {total_steps}")
+                    f"batches per epoch, the data now gives {batches_per_epoch}")
+            if total_steps < ckpt.state.step:
+                raise ValueError(
+                    f"{run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
+                    f"steps of --epochs {cfg.epochs} / --max-steps {cfg.max_steps}; give a "
+                    f"larger --max-steps or --epochs with --resume")
             load_into(ckpt, model, optimizer, scheduler, scaler)
+            if ckpt.state.total_steps != total_steps:
+                # --resume --max-steps/--epochs: a new length; the cosine ends there instead
+                retargeted_from = ckpt.state.total_steps
+                retarget_schedule(scheduler, total_steps)
+                ckpt.state.total_steps = total_steps
             state = ckpt.state
             state.world_size = world
             state.threads = threads
@@ -307,6 +346,8 @@ class Trainer:
             if not (run_dir / TOKENIZER_FILE).is_file():
                 tokenizer.save(str(run_dir / TOKENIZER_FILE))
             truncate_metrics(run_dir / METRICS_FILE, state.step)
+            if checkpoint_dir is not None:
+                _repair_saved_model(run_dir, model, state.step)
         ctx.barrier()
 
         self.model = model
@@ -323,8 +364,14 @@ class Trainer:
         self.progress = progress
         try:
             if resumed_from is not None:
-                writer.write({"kind": "resume", "step": state.step})
-                progress.message(f"resumed {run_dir} at step {state.step}/{total_steps}")
+                record: dict[str, Any] = {"kind": "resume", "step": state.step}
+                note = ""
+                if retargeted_from is not None:
+                    record.update(total_steps=total_steps, previous_total_steps=retargeted_from)
+                    note = (f" (length changed from {retargeted_from} steps; the cosine now "
+                            f"ends at step {total_steps})")
+                writer.write(record)
+                progress.message(f"resumed {run_dir} at step {state.step}/{total_steps}{note}")
             elif ctx.is_main and not opts.quiet:
                 n = gam.count_parameters(model)
                 progress.message(
@@ -332,6 +379,13 @@ class Trainer:
                     f"{run.data.dataset}: {len(train_blocks):,} blocks of {seq_len}, "
                     f"{batches_per_epoch} steps/epoch, {total_steps} steps, {world} process(es) "
                     f"x {threads} thread(s) on {device} -> {run_dir}")
+            if ctx.is_main and resumed_from is None and cfg.warmup_steps >= total_steps:
+                # the README's smoke run did this: 50 steps inside a 100-step warm-up
+                logger.warning(
+                    "warning: all %d steps are inside the %d-step warm-up (--warmup-steps): the "
+                    "learning rate never reaches --lr %g; for a short run give e.g. "
+                    "--warmup-steps %d", total_steps, cfg.warmup_steps, cfg.lr,
+                    max(1, total_steps // 10))
             self._loop(train_blocks, batches_per_epoch, total_steps)
         finally:
             progress.close()
@@ -355,9 +409,12 @@ class Trainer:
         self.train_model = train_model
         model.train()
         if state.step >= total_steps:
-            self.progress.message(f"run already finished ({state.step}/{total_steps} steps)")
+            self.progress.message(
+                f"run already finished ({state.step}/{total_steps} steps); to train it longer "
+                f"give --max-steps N (or --epochs N) with --resume")
             return
         tokens_per_step = cfg.batch_size * self.seq_len
+        resumed_at = state.step
         window_time, window_tokens = 0.0, 0
         run_started = time.perf_counter()
         while state.step < total_steps:
@@ -372,8 +429,14 @@ class Trainer:
                 except StopIteration:
                     break
                 lr = self.optimizer.param_groups[0]["lr"]
+                first_compiled = cfg.compile and state.step == resumed_at
+                if first_compiled:
+                    self.progress.message("compiling the model (torch.compile): the first step "
+                                          "takes a while (~20 s on a CPU)...")
                 loss, grad_norm = self._train_step(x, y)
                 dt = time.perf_counter() - t0
+                if first_compiled:
+                    self.progress.message(f"compiled; first step took {dt:.1f} s")
                 state.step += 1
                 state.batch_in_epoch += 1
                 state.epoch_train_time += dt
@@ -471,6 +534,9 @@ class Trainer:
     # ------------------------------------------------------------------- eval and save
     def _evaluate(self, epoch_end: bool) -> None:
         cfg, ctx, state = self.run_config.train, self.ctx, self.state
+        # the bar stays frozen while the whole split is evaluated: say what is going on
+        self.progress.message(f"evaluating step {state.step} on {len(self.val_ids):,} "
+                              f"validation tokens...")
         t0 = time.perf_counter()
         result = evaluate(self.model, self.val_ids, self.seq_len, self.eval_batch_size,
                           cfg.dtype, ctx, self.device)
@@ -511,3 +577,52 @@ def load_checkpoint_step(folder: Path) -> int:
         return read_state(folder).step
     except CheckpointError:
         return -1
+
+
+def _refuse_lost_checkpoint(run_dir: Path) -> None:
+    """CheckpointError if the run saved a checkpoint that is gone.
+
+    Resuming from step 0 is right for a run that died before its first checkpoint, but after
+    one it would silently retrain and cut ``metrics.jsonl`` back to nothing. A checkpoint was
+    saved if ``checkpoint/latest.json`` or the run's ``model.safetensors`` exist (both are
+    written only with a checkpoint).
+    """
+    latest = run_dir / CHECKPOINT_DIR / LATEST
+    weights = run_dir / MODEL_WEIGHTS
+    if not latest.exists() and not weights.exists():
+        return
+    recorded = [int(r.get("step", 0)) for r in read_metrics(run_dir / METRICS_FILE)]
+    done = f" (metrics.jsonl records steps up to {max(recorded)})" if recorded else ""
+    raise CheckpointError(
+        f"cannot resume {run_dir}: it saved a checkpoint{done} but "
+        f"{run_dir / CHECKPOINT_DIR} holds no complete step-* folder; nothing was changed. "
+        f"Restore the checkpoint folder, or train a new run with another --out")
+
+
+def _repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None:
+    """Rewrite ``RUN_DIR/model.json`` + ``model.safetensors`` from the checkpoint's weights (in
+    ``model``) if they are missing, unreadable or stale, so that eval / generate / export work.
+    """
+    weights = run_dir / MODEL_WEIGHTS
+    expected = state_dict_for_saving(model)
+    why = None
+    try:
+        load_model_config(run_dir)
+        saved = load_file(str(weights)) if weights.is_file() else None
+    except (CheckpointError, SafetensorError, OSError, ValueError) as e:
+        why, saved = f"unreadable: {_one_line(e)}", None
+    if why is None:
+        if saved is None:
+            why = "missing"
+        elif saved.keys() != expected.keys() or not all(
+                torch.equal(saved[k], v) for k, v in expected.items()):
+            why = "not the checkpoint's weights"
+    if why is None:
+        return
+    save_pretrained(model, run_dir)
+    logger.warning("repaired %s and %s from the checkpoint of step %d (they were %s)",
+                   weights, run_dir / MODEL_JSON, step, why)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,154 @@
+"""``gam train --resume`` when things went wrong: a lost checkpoint folder is refused without
+touching the run, a corrupted model.safetensors of a finished run is rewritten from the
+checkpoint, and --max-steps / --epochs change the length of a (finished) run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gam.cli import main
+from gam.data._files import current_umask
+from gam.training import find_checkpoint, load_run, read_metrics
+from gam.training.optim import WarmupCosine
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, data_dir, tiny_args, session_cache_dir) -> Path:
+    """A finished 4-step run whose schedule leaves the warm-up (2 steps) and decays to 0."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    assert main(tiny_args(data_dir, out, "--max-steps", "4", "--warmup-steps", "2",
+                          "--lr", "1e-3", "--threads", "1",
+                          "--cache-dir", str(session_cache_dir))) == 0
+    return out
+
+
+def test_lost_checkpoint_folder_is_refused_and_nothing_changes(run_copy, capsys):
+    shutil.rmtree(find_checkpoint(run_copy))  # latest.json still names it
+    before = _files(run_copy)
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"gam: error: cannot resume {run_copy}")
+    assert "nothing was changed" in err and "steps up to 6" in err
+    assert _files(run_copy) == before  # metrics.jsonl and everything else kept
+
+
+def test_lost_checkpoint_without_latest_json_is_refused_too(run_copy, capsys):
+    shutil.rmtree(run_copy / "checkpoint")  # model.safetensors still says one was saved
+    before = _files(run_copy)
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert _files(run_copy) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_finished_run_with_a_broken_model_file_is_repaired(run_copy, damage, capsys):
+    weights = run_copy / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        weights.unlink()
+    metrics_before = read_metrics(run_copy)
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "repaired" in err and "model.safetensors" in err
+    model, _, _ = load_run(run_copy)
+    saved = load_file(str(find_checkpoint(run_copy) / "model.safetensors"))
+    for name, tensor in saved.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert [r for r in read_metrics(run_copy) if r["kind"] != "resume"] == metrics_before
+
+
+def test_intact_finished_run_is_not_rewritten(run_copy, capsys):
+    before = (run_copy / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 0
+    assert "repaired" not in capsys.readouterr().err
+    assert (run_copy / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resume_with_max_steps_extends_a_finished_run(short_run, tmp_path, capsys):
+    run = tmp_path / "extended"
+    shutil.copytree(short_run, run)
+    old = read_metrics(run, kind="train")
+    assert [r["step"] for r in old] == [1, 2, 3, 4]
+    assert main(["train", "--resume", str(run), "--max-steps", "8", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 8 and summary["total_steps"] == 8
+    assert summary["resumed_from"] == 4
+    records = read_metrics(run, kind="train")
+    assert records[:4] == old  # the first four steps' records are kept as they were
+    assert [r["step"] for r in records] == list(range(1, 9))
+    # the cosine is recomputed for the new total: step 5 (0-based 4) of warmup 2, total 8
+    expected = [1e-3 * WarmupCosine(2, 8)(s - 1) for s in range(5, 9)]
+    assert [r["lr"] for r in records[4:]] == pytest.approx(expected, rel=1e-9)
+    assert records[4]["lr"] > 1e-4  # not stuck at the old schedule's end (min_lr 0)
+    (resume,) = read_metrics(run, kind="resume")
+    assert resume == {"kind": "resume", "step": 4, "total_steps": 8,
+                      "previous_total_steps": 4}
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["max_steps"] == 8 and config["schedule"]["total_steps"] == 8
+    assert [r["step"] for r in read_metrics(run, kind="eval")][-1] == 8
+
+
+def test_resume_with_epochs_drops_the_recorded_max_steps(short_run, tmp_path, capsys):
+    run = tmp_path / "epochs"
+    shutil.copytree(short_run, run)
+    per_epoch = json.loads((run / "config.json").read_text())["schedule"]["batches_per_epoch"]
+    assert main(["train", "--resume", str(run), "--epochs", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == summary["total_steps"] == per_epoch > 4
+    config = json.loads((run / "config.json").read_text())
+    assert (config["train"]["epochs"], config["train"]["max_steps"]) == (1, None)
+
+
+def test_resume_cannot_shorten_below_the_step_done(short_run, tmp_path, capsys):
+    run = tmp_path / "short"
+    shutil.copytree(short_run, run)
+    before = _files(run)
+    assert main(["train", "--resume", str(run), "--max-steps", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already at step 4" in err and "--max-steps" in err
+    assert _files(run) == before
+
+
+def test_finished_run_says_how_to_extend(short_run, tmp_path, capsys):
+    run = tmp_path / "again"
+    shutil.copytree(short_run, run)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "--max-steps N (or --epochs N) with --resume" in capsys.readouterr().err
+
+
+def test_other_options_are_still_refused_with_resume(short_run, capsys):
+    assert main(["train", "--resume", str(short_run), "--lr", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr" in err and "--max-steps or --epochs" in err
+
+
+def test_run_files_get_the_umask_mode(trained_run):
+    mask = current_umask()  # the fixture's run was written under this process's umask
+    ckpt = find_checkpoint(trained_run)
+    for path in (trained_run / "config.json", trained_run / "model.json",
+                 trained_run / "model.safetensors", trained_run / "metrics.jsonl",
+                 trained_run / "checkpoint" / "latest.json", ckpt / "model.safetensors",
+                 ckpt / "state.json", ckpt / "optimizer.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~mask

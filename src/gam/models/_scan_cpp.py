@@ -45,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -463,8 +464,6 @@ def _cpu_signature() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.machine() + platform.processor()
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from gam.models.fused import gated_residual
 from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.runtime import autocast_dtype  # noqa: F401 - also imported from here
 
 
 @dataclass
@@ -63,15 +64,13 @@ class GAMConfig(LMConfig):
             raise ValueError(f"num_memory_slots must be an integer >= 1, got "
                              f"{self.num_memory_slots!r}")
 
+    @property
+    def receptive_field(self) -> int:
+        return gam_receptive_field(self)
+
 
 RETRIEVAL_IMPLS = ("fused", "sdpa", "naive")
 
-
-def autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast would give a matmul of ``x`` (``x.dtype`` outside autocast)."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 # Rows (tokens) per chunk in the fused retrieval: bounds its transient (rows, slots) buffers.
 _RETRIEVAL_CHUNK = 8192
@@ -188,6 +187,16 @@ class GAMBlock(nn.Module):
         if self.memory_bank is not None:
             nn.init.xavier_uniform_(self.memory_bank)
 
+    def gate_paths(self) -> list[str]:
+        if self.gate is None:
+            return []
+        return [name for name, on in (("local", self.config.use_local),
+                                      ("global", self.config.use_global)) if on]
+
+    def mixing_flops(self, seq_len: int, causal_halved: bool = False) -> dict[str, float]:
+        """The memory bank (S x C) is read twice per token: scores h M^T and readout P M."""
+        return {"memory": memory_bank_flops(self.memory_bank)}
+
     def _fuse(self, h: torch.Tensor, local: torch.Tensor | None, global_: torch.Tensor | None
               ) -> torch.Tensor:
         paths = [p for p in (local, global_) if p is not None]
@@ -285,9 +294,13 @@ class GAMLM(CausalLM):
     def make_block(self, layer_idx: int) -> nn.Module:
         return GAMBlock(self.config)
 
-    @property
-    def receptive_field(self) -> int:
-        return gam_receptive_field(self.config)
+
+def memory_bank_flops(memory_bank: torch.Tensor | None) -> float:
+    """Forward FLOPs per token of a retrieval from an (S, C) bank: 2 x 2*S*C."""
+    if memory_bank is None:
+        return 0.0
+    slots, dim = memory_bank.shape
+    return 2 * 2.0 * slots * dim
 
 
 def gam_receptive_field(config: GAMConfig) -> int:

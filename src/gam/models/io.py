@@ -17,7 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gam.data._files import default_mode, mkstemp_default_mode
+from gam.data._files import (  # noqa: F401 - the atomic writes are also imported from here
+    atomic_write_bytes,
+    atomic_write_json,
+    default_mode,
+    mkstemp_default_mode,
+)
 from gam.models.lm import CausalLM
 from gam.models.registry import MODELS, config_class, model_from_config
 
@@ -27,25 +32,6 @@ MODEL_WEIGHTS = "model.safetensors"
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or does not match the model."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = mkstemp_default_mode(path)  # umask mode, not mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:

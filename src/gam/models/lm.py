@@ -19,6 +19,19 @@ projections and no family parameters):
 - ``reset_family_parameters()``: re-draw the parameters with a family-specific init (memory
   bank, SSM parameters, ...), which every scheme keeps.
 
+and, for the tools that report on a model (all optional, with the defaults in brackets), so
+that they never need to know a family:
+
+- ``gate_paths()``: names of the paths its sigmoid gate weighs, in the order of the gate
+  Linear's output chunks (GAM: ``local``, ``global``; gam-delta adds ``delta``) [no gates];
+- ``mixing_flops(seq_len, causal_halved)``: forward FLOPs per token of the context-mixing work
+  that is not an ``nn.Linear`` or ``nn.Conv1d``, by kind (GAM ``memory``, ``attention``,
+  Mamba's ``scan``, gam-delta's ``delta``) [none];
+- ``decode_state_bytes(state)``: bytes of a decode state in use (a preallocated KV cache
+  counts its filled part) [every tensor in the state, ``state_nbytes``].
+
+The receptive field is a property of the config (``LMConfig.receptive_field``).
+
 The decode state is family specific (GAM: the last kernel-1 normalised conv inputs; Transformer:
 the KV cache; Mamba: conv inputs and SSM state) and is documented next to each ``step``.
 """
@@ -35,9 +48,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gam.models.constants import IGNORE_INDEX
 from gam.models.fused import Dropout
+from gam.models.losses import linear_cross_entropy
 
-IGNORE_INDEX = -100
 INIT_SCHEMES = ("paper", "gpt2")
 GPT2_STD = 0.02
 # What configs saved before ``init`` / ``tie_embeddings`` existed were built with: they load
@@ -107,6 +121,12 @@ class LMConfig:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+
+    @property
+    def receptive_field(self) -> int:
+        """Tokens (the current one included) that can influence a position's logits: the whole
+        context unless a family's config says less (GAM)."""
+        return self.max_seq_len
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -293,8 +313,6 @@ class CausalLM(nn.Module):
         if targets is not None:
             self._check_targets(idx, targets)
         if targets is not None and not return_logits:
-            from gam.models.losses import linear_cross_entropy
-
             loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head.weight,
                                         targets.reshape(-1))
             return None, loss
@@ -388,8 +406,42 @@ class CausalLM(nn.Module):
 
     @property
     def receptive_field(self) -> int:
-        """How many tokens (the current one included) can influence a position's logits."""
-        return self.config.max_seq_len
+        """How many tokens (the current one included) can influence a position's logits
+        (``LMConfig.receptive_field``)."""
+        return self.config.receptive_field
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of every tensor in a decode state (a tensor, or tuples / lists / dicts of them)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, (tuple, list)):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def block_gate_paths(block: nn.Module) -> list[str]:
+    """``block.gate_paths()``, or [] for a block without gates."""
+    paths = getattr(block, "gate_paths", None)
+    return list(paths()) if callable(paths) else []
+
+
+def block_mixing_flops(block: nn.Module, seq_len: int, causal_halved: bool = False
+                       ) -> dict[str, float]:
+    """``block.mixing_flops(...)`` by kind, or {} for a block whose work is all Linear /
+    Conv1d."""
+    flops = getattr(block, "mixing_flops", None)
+    if not callable(flops):
+        return {}
+    return {kind: float(v) for kind, v in flops(seq_len, causal_halved).items() if v}
+
+
+def block_decode_state_bytes(block: nn.Module, state: Any) -> int:
+    """``block.decode_state_bytes(state)``, or every tensor of the state."""
+    used = getattr(block, "decode_state_bytes", None)
+    return int(used(state)) if callable(used) else state_nbytes(state)
 
 
 def _warn_cropped(limit: int) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from gam.models.gam import autocast_dtype
-from gam.models.lm import IGNORE_INDEX
+from gam.models.constants import IGNORE_INDEX
+from gam.runtime import autocast_dtype
 
 # Softmax work in chunks of 256 rows x 10000 vocab stays cache-friendly (measured ~1.8x
 # faster than 1024-row chunks on CPU); the matmuls run on groups of GROUP_ROWS rows, which

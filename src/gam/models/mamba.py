@@ -415,6 +415,9 @@ def _s4d_real_log_a(d_inner: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1)
 
 
+SCAN_FLOPS_PER_STATE = 9
+
+
 class MambaMixer(nn.Module):
     """The Mamba-1 selective-SSM mixer with mamba-ssm's parameter names, shapes and init
     (paper size: 2,542,080 parameters)."""
@@ -507,6 +510,12 @@ class MambaBlock(nn.Module):
 
     def residual_projections(self) -> list[nn.Linear]:
         return [self.mixer.out_proj] if self.residual else []
+
+    def mixing_flops(self, seq_len: int, causal_halved: bool = False) -> dict[str, float]:
+        """The selective scan: ``SCAN_FLOPS_PER_STATE * d_inner * d_state`` per token (the
+        convention of mamba-ssm's FLOP counter: discretisation, input, state update, output)."""
+        d_inner, d_state = self.mixer.A_log.shape
+        return {"scan": float(SCAN_FLOPS_PER_STATE * d_inner * d_state)}
 
     def reset_family_parameters(self) -> None:
         """The mixer's SSM parameters, and out_proj's 1/sqrt(n_layers) on top of its Linear

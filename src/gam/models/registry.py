@@ -1,7 +1,10 @@
 """``build_model(name, preset, **overrides)``: the one factory the CLI, benchmarks and tests use.
 
 Names: gam, gam-global-only, gam-local-only, gam-sum (paper Table 3), transformer,
-transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack).
+transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack), and
+gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
+ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
+and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size).
 
 Presets fix the sizes shared by all families:
 
@@ -14,14 +17,15 @@ Presets fix the sizes shared by all families:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.nn as nn
 
 from gam.models.gam import GAMLM, GAMConfig
+from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
 from gam.models.lm import CausalLM, LMConfig
+from gam.models.mamba import MambaConfig, MambaLM
 from gam.models.transformer import TransformerConfig, TransformerLM
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,48 +41,50 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _mamba_classes() -> tuple[type[LMConfig], type[CausalLM]]:
-    from gam.models.mamba import MambaConfig, MambaLM
+class ModelSpec(NamedTuple):
+    """A registered name: its config and model classes and the settings that define it."""
 
-    return MambaConfig, MambaLM
-
-
-def _gam() -> tuple[type[LMConfig], type[CausalLM]]:
-    return GAMConfig, GAMLM
+    config_cls: type[LMConfig]
+    model_cls: type[CausalLM]
+    variant: dict[str, Any]
 
 
-def _transformer() -> tuple[type[LMConfig], type[CausalLM]]:
-    return TransformerConfig, TransformerLM
-
-
-# name -> (classes, fixed settings that define the variant)
-MODELS: dict[str, tuple[Callable[[], tuple[type[LMConfig], type[CausalLM]]], dict[str, Any]]] = {
-    "gam": (_gam, {}),
-    "gam-global-only": (_gam, dict(use_local=False, use_gate=False)),
-    "gam-sum": (_gam, dict(use_gate=False)),
-    "gam-local-only": (_gam, dict(use_global=False, use_gate=False)),
-    "transformer": (_transformer, dict(attention="sdpa")),
-    "transformer-naive": (_transformer, dict(attention="naive")),
-    "mamba": (_mamba_classes, dict(stacking="residual")),
-    "mamba-paper": (_mamba_classes, dict(stacking="paper")),
+MODELS: dict[str, ModelSpec] = {
+    "gam": ModelSpec(GAMConfig, GAMLM, {}),
+    "gam-global-only": ModelSpec(GAMConfig, GAMLM, dict(use_local=False, use_gate=False)),
+    "gam-sum": ModelSpec(GAMConfig, GAMLM, dict(use_gate=False)),
+    "gam-local-only": ModelSpec(GAMConfig, GAMLM, dict(use_global=False, use_gate=False)),
+    "transformer": ModelSpec(TransformerConfig, TransformerLM, dict(attention="sdpa")),
+    "transformer-naive": ModelSpec(TransformerConfig, TransformerLM, dict(attention="naive")),
+    "mamba": ModelSpec(MambaConfig, MambaLM, dict(stacking="residual")),
+    "mamba-paper": ModelSpec(MambaConfig, MambaLM, dict(stacking="paper")),
+    # delta heads: the config's default 4 (head dim d_model // 4: 128 / 64 / 8 at the presets)
+    "gam-delta": ModelSpec(GAMDeltaConfig, GAMDeltaLM, {}),
+    "gam-delta-no-bank": ModelSpec(GAMDeltaConfig, GAMDeltaLM, dict(use_global=False)),
+    "gam-delta-no-decay": ModelSpec(GAMDeltaConfig, GAMDeltaLM, dict(use_delta_decay=False)),
+    # paper size: 22,649,456 parameters, GAM's 22,599,680 + 0.22% (the head dim 96 is absolute:
+    # at the other presets it is not a match)
+    "gam-delta-matched": ModelSpec(GAMDeltaConfig, GAMDeltaLM,
+                                   dict(ffn_mult=2, delta_head_dim=96)),
 }
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name]
 
 
 def config_class(name: str) -> type[LMConfig]:
     """The config dataclass of a registered model name."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name][0]()[0]
+    return _spec(name).config_cls
 
 
 def model_config(name: str, preset: str = "paper", **overrides: Any) -> LMConfig:
     """The config ``build_model`` would use, without building the model."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODELS)}")
+    config_cls, _, variant = _spec(name)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    classes, variant = MODELS[name]
-    config_cls, _ = classes()
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -98,17 +104,17 @@ def build_model(name: str, preset: str = "paper", **overrides: Any) -> CausalLM:
 
 
 def model_from_config(name: str, config: LMConfig) -> CausalLM:
-    if name not in MODELS:
-        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(MODELS)}")
-    _, model_cls = MODELS[name][0]()
-    model = model_cls(config)
+    """The registered model ``name`` built from ``config`` (its ``model_name`` set)."""
+    model = _spec(name).model_cls(config)
     model.model_name = name
     return model
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total parameters (tied weights counted once) and non-embedding parameters (without the
-    token embedding / tied head and the position embedding, as nanoGPT counts)."""
+    """Total parameters (tied weights counted once) and non-embedding parameters: the total
+    without the token and position embedding tables. A tied head is the token embedding, so it
+    is excluded; an untied head (``tie_embeddings=False``, vocab x d more in the total) is an
+    output layer and stays in non_embedding, as in nanoGPT's ``get_num_params``."""
     total = sum(p.numel() for p in model.parameters())
     embedding = 0
     for attr in ("token_embedding", "pos_embedding"):
@@ -119,12 +125,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def receptive_field(model_or_config: CausalLM | LMConfig) -> int:
-    """Tokens (the current one included) that can influence a position's logits: for GAM
-    1 + n_layers * (kernel - 1); for attention and Mamba the whole context (max_seq_len)."""
-    if isinstance(model_or_config, CausalLM):
-        return model_or_config.receptive_field
-    if isinstance(model_or_config, GAMConfig):
-        from gam.models.gam import gam_receptive_field
-
-        return gam_receptive_field(model_or_config)
-    return model_or_config.max_seq_len
+    """Tokens (the current one included) that can influence a position's logits
+    (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba
+    and GAM-Delta the whole context (max_seq_len)."""
+    return model_or_config.receptive_field

@@ -125,6 +125,19 @@ class TransformerBlock(nn.Module):
     def residual_projections(self) -> list[nn.Linear]:
         return [self.attn.proj, self.ffn.fc2]
 
+    def mixing_flops(self, seq_len: int, causal_halved: bool = False) -> dict[str, float]:
+        """QK^T and AV: 2 x 2*T*C per token with the full length T (the PaLM / Chinchilla
+        convention), or T/2 with ``causal_halved`` (what a causal kernel executes)."""
+        dim = self.attn.qkv.in_features
+        t_eff = seq_len / 2 if causal_halved else seq_len
+        return {"attention": 2 * 2.0 * t_eff * dim}
+
+    def decode_state_bytes(self, state: dict) -> int:
+        """The KV cache is preallocated to max_seq_len: count its first ``len`` positions."""
+        n = int(state["len"])
+        return sum(state[key][..., :n, :].numel() * state[key].element_size()
+                   for key in ("k", "v"))
+
     def reset_family_parameters(self) -> None:
         pass  # every parameter is in a Linear or a LayerNorm: the scheme covers them all
 

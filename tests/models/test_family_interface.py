@@ -1,0 +1,56 @@
+"""What tools ask a family, through the block interface of ``lm.py`` (never by type): receptive
+field, gate paths, context-mixing FLOPs and decode-state bytes, for every registered name."""
+
+import pytest
+import torch
+
+from gam import build_model, receptive_field
+from gam.models.lm import (
+    block_decode_state_bytes,
+    block_gate_paths,
+    block_mixing_flops,
+    state_nbytes,
+)
+from gam.models.registry import MODELS
+
+EXPECTED_GATES = {
+    "gam": ["local", "global"], "gam-delta": ["local", "global", "delta"],
+    "gam-delta-no-bank": ["local", "delta"], "gam-delta-no-decay": ["local", "global", "delta"],
+    "gam-delta-matched": ["local", "global", "delta"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_block_interface(name):
+    torch.manual_seed(0)
+    model = build_model(name, "tiny").eval()
+    c = model.config
+    assert receptive_field(model) == receptive_field(c) == c.receptive_field
+    expected_rf = 1 + c.n_layers * (c.conv_kernel_size - 1) if name in (
+        "gam", "gam-sum", "gam-local-only") else (1 if name == "gam-global-only" else
+                                                  c.max_seq_len)
+    assert c.receptive_field == expected_rf
+    block = model.blocks[0]
+    assert block_gate_paths(block) == EXPECTED_GATES.get(name, [])
+    if block_gate_paths(block):  # one gate chunk per path
+        assert block.gate.out_features == len(block_gate_paths(block)) * c.d_model
+    flops = block_mixing_flops(block, 64)
+    kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}}.get(name)
+    if kinds is None:
+        kinds = ({"memory", "delta"} if name.startswith("gam-delta") else {"memory"}
+                 if name.startswith("gam") else {"attention"} if name.startswith("transformer")
+                 else {"scan"})
+    assert set(flops) == kinds and all(v > 0 for v in flops.values())
+    if name.startswith("transformer"):
+        assert block_mixing_flops(block, 64, causal_halved=True)["attention"] == \
+            flops["attention"] / 2
+        assert block_mixing_flops(block, 128)["attention"] == 2 * flops["attention"]
+    with torch.no_grad():
+        _, cache = model.prefill(torch.randint(0, c.vocab_size, (2, 5)))
+    state = cache.layers[0]
+    used = block_decode_state_bytes(block, state)
+    assert 0 < used <= state_nbytes(state)
+    if name.startswith("transformer"):  # 5 of max_seq_len positions of K and V are filled
+        assert used == state_nbytes(state) * 5 // c.max_seq_len
+    else:
+        assert used == state_nbytes(state)

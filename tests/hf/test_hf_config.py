@@ -97,3 +97,18 @@ def test_import_gam_works_without_transformers():
         "    raise SystemExit('gam.hf imported without transformers')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_gam_delta_config_fields_and_round_trip(tmp_path):
+    from gam.models.gam_delta import GAMDeltaConfig
+
+    cfg = GAMHFConfig(gam_model_name="gam-delta", d_model=32, n_layers=2, delta_heads=2)
+    assert cfg.to_gam_config() == GAMDeltaConfig(d_model=32, n_layers=2, delta_heads=2)
+    cfg.save_pretrained(tmp_path)
+    back = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert back.gam_model_name == "gam-delta" and back.to_gam_config() == cfg.to_gam_config()
+    # a delta field without a name selects the family; a plain GAM config has no such field
+    assert GAMHFConfig(delta_heads=2, d_model=32).gam_model_name == "gam-delta"
+    assert not hasattr(GAMHFConfig(), "delta_heads")
+    with pytest.raises(ValueError, match="gam_model_name"):
+        GAMHFConfig(gam_model_name="transformer")

@@ -155,3 +155,13 @@ def test_exported_files_follow_the_umask(run_dir, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     for item in out.rglob("*"):
         assert item.stat().st_mode & 0o777 == (0o755 if item.is_dir() else 0o644), item.name
+
+
+def test_export_gam_delta_run(make_run, tmp_path):
+    run_dir = make_run(tmp_path, "gam-delta")
+    out = export_run(run_dir, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.gam_model_name == "gam-delta"
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gam.load_pretrained(run_dir).eval()(ids)[0])

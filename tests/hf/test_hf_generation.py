@@ -23,8 +23,9 @@ def _gen(model, ids, **kwargs):
                           output_logits=True, **kwargs)
 
 
-def test_greedy_cached_equals_uncached_and_library(make_lm):
-    lm = make_lm()
+@pytest.mark.parametrize("name", ["gam", "gam-delta"])
+def test_greedy_cached_equals_uncached_and_library(make_lm, name):
+    lm = make_lm(name)
     hf = GAMForCausalLM.from_gam(lm, pad_token_id=0).eval()
     ids = torch.tensor([PROMPTS[0], PROMPTS[0][::-1]])
     cached = _gen(hf, ids)
@@ -37,7 +38,7 @@ def test_greedy_cached_equals_uncached_and_library(make_lm):
     assert torch.equal(cached.sequences, lm.generate(ids, 12, temperature=0))
 
 
-@pytest.mark.parametrize("name", ["gam", "gam-local-only"])
+@pytest.mark.parametrize("name", ["gam", "gam-local-only", "gam-delta"])
 def test_beam_search_cached_equals_uncached(make_lm, name):
     hf = GAMForCausalLM.from_gam(make_lm(name), pad_token_id=0, eos_token_id=1).eval()
     ids = torch.tensor([PROMPTS[0][:4], PROMPTS[2]])
@@ -49,7 +50,15 @@ def test_beam_search_cached_equals_uncached(make_lm, name):
     assert torch.equal(cached, uncached)
 
 
-def test_left_padded_batch_equals_each_prompt_alone(hf_model):
+@pytest.fixture(params=["gam", "gam-delta"])
+def any_hf_model(request, make_lm):
+    from gam.hf import GAMForCausalLM as Model
+
+    return Model.from_gam(make_lm(request.param), pad_token_id=0, eos_token_id=1).eval()
+
+
+def test_left_padded_batch_equals_each_prompt_alone(any_hf_model):
+    hf_model = any_hf_model
     ids, mask = _left_pad(PROMPTS)
     batch = _gen(hf_model, ids, attention_mask=mask)
     for i, prompt in enumerate(PROMPTS):
@@ -62,7 +71,8 @@ def test_left_padded_batch_equals_each_prompt_alone(hf_model):
     assert torch.equal(uncached.sequences, batch.sequences)
 
 
-def test_left_padded_beam_search_equals_each_prompt_alone(hf_model):
+def test_left_padded_beam_search_equals_each_prompt_alone(any_hf_model):
+    hf_model = any_hf_model
     ids, mask = _left_pad(PROMPTS[:3])
     kwargs = dict(max_new_tokens=8, num_beams=3, do_sample=False, length_penalty=0.0)
     batch = hf_model.generate(ids, attention_mask=mask, **kwargs)
@@ -84,7 +94,8 @@ def test_sampling_top_k_top_p(hf_model):
     assert torch.equal(top1, hf_model.generate(ids, max_new_tokens=10, do_sample=False))
 
 
-def test_cache_continues_a_sequence_in_chunks(hf_model):
+def test_cache_continues_a_sequence_in_chunks(any_hf_model):
+    hf_model = any_hf_model
     ids, mask = _left_pad(PROMPTS)
     more = torch.tensor([[20, 21, 22]] * len(PROMPTS))
     full_ids = torch.cat([ids, more], dim=1)
@@ -127,7 +138,8 @@ def test_generating_past_the_context_raises_clearly(hf_model):
         hf_model.generate(ids, max_new_tokens=hf_model.config.max_seq_len, do_sample=False)
 
 
-def test_user_cache_continuation_and_chunked_prefill(hf_model):
+def test_user_cache_continuation_and_chunked_prefill(any_hf_model):
+    hf_model = any_hf_model
     ids = torch.tensor([PROMPTS[0], PROMPTS[2] + PROMPTS[1] + [19]])
     ref = hf_model.generate(ids, max_new_tokens=12, do_sample=False)
     out = hf_model.generate(ids, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,

@@ -10,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 import gam  # noqa: E402
 from gam.hf import GAMCache, GAMForCausalLM, GAMModel, output_cache  # noqa: E402
 
-VARIANTS = ["gam", "gam-sum", "gam-global-only", "gam-local-only"]
+VARIANTS = ["gam", "gam-sum", "gam-global-only", "gam-local-only", "gam-delta",
+            "gam-delta-no-bank", "gam-delta-no-decay"]
 
 
 def _ids(B=3, T=20, seed=1, vocab=300):

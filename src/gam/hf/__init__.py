@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "gam.hf needs the Hugging Face transformers package: pip install 'gam[hf]' "
         "(or pip install 'transformers>=4.46')") from exc
 
-from gam.hf.configuration_gam import GAM_VARIANTS, GAMHFConfig
+from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig
 from gam.hf.modeling_gam import (
     CACHE_ARG,
     GAMCache,
@@ -54,6 +54,7 @@ def __getattr__(name: str) -> object:  # lazy: `python -m gam.hf.export` then ru
 
 
 __all__ = [
-    "CACHE_ARG", "GAM_VARIANTS", "GAMCache", "GAMForCausalLM", "GAMHFConfig", "GAMModel",
-    "GAMPreTrainedModel", "causal_lm_loss", "export_run", "output_cache", "register",
+    "CACHE_ARG", "GAMCache", "GAMForCausalLM", "GAMHFConfig", "GAMModel",
+    "GAMPreTrainedModel", "HF_MODEL_NAMES", "causal_lm_loss", "export_run", "output_cache",
+    "register",
 ]

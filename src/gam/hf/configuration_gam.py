@@ -1,8 +1,10 @@
 """``GAMHFConfig``: the Hugging Face config of a GAM language model.
 
-It carries exactly the fields of :class:`gam.models.gam.GAMConfig` (same names, same defaults,
-validated by the library's own checks) plus the usual ``PretrainedConfig`` attributes. HF's
-standard names are aliases of the GAM ones::
+``gam_model_name`` is the library's registered name (``gam``, its Table 3 ablations, ``gam-delta``
+and its variants: every registry family whose config is a ``GAMConfig``). The config carries
+exactly the fields of that name's config class (same names, same defaults, validated by the
+library's own checks) plus the usual ``PretrainedConfig`` attributes. HF's standard names are
+aliases of the GAM ones::
 
     config.hidden_size             -> config.d_model
     config.num_hidden_layers       -> config.n_layers
@@ -20,17 +22,35 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from gam.models.gam import GAMConfig
+from gam.models.registry import MODELS, config_class
 
 #: The GAMConfig fields, in order, with their defaults (the paper's model).
 GAM_FIELDS: dict[str, Any] = {f.name: f.default for f in fields(GAMConfig)}
 
-#: Registered library names of the GAM variants, keyed by (use_local, use_global, use_gate).
-GAM_VARIANTS: dict[tuple[bool, bool, bool], str] = {
-    (True, True, True): "gam",
-    (True, True, False): "gam-sum",
-    (False, True, False): "gam-global-only",
-    (True, False, False): "gam-local-only",
-}
+#: The registered names the wrapper takes: every family whose config is a GAMConfig (their
+#: blocks share GAMBlock's prefill / extend(pad_mask) / step protocol).
+HF_MODEL_NAMES: tuple[str, ...] = tuple(
+    name for name in MODELS if issubclass(config_class(name), GAMConfig))
+
+
+def _fields(name: str) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(config_class(name))}
+
+
+def infer_model_name(values: dict[str, Any]) -> str:
+    """The registered name whose fixed settings (the registry's variant flags) ``values`` has,
+    for configs saved before ``gam_model_name`` was stored; the plain family when none fits."""
+    family_fields = set().union(*map(_fields, HF_MODEL_NAMES)) - set(GAM_FIELDS)
+    given = set(values) & family_fields
+    for name in HF_MODEL_NAMES:
+        known = _fields(name)
+        if not given <= set(known):
+            continue  # fields this family does not have
+        variant = {**{k: known[k] for k in ("use_local", "use_global", "use_gate")},
+                   **MODELS[name].variant}
+        if all(values.get(k, known.get(k)) == v for k, v in variant.items()):
+            return name
+    return "gam"
 
 
 class GAMHFConfig(PretrainedConfig):
@@ -52,6 +72,7 @@ class GAMHFConfig(PretrainedConfig):
 
     def __init__(
         self,
+        gam_model_name: str | None = None,
         use_cache: bool = True,
         tie_word_embeddings: bool | None = None,
         bos_token_id: int | None = None,
@@ -63,7 +84,13 @@ class GAMHFConfig(PretrainedConfig):
         # pos_embedding, num_memory_slots, conv_kernel_size, use_local, use_global, use_gate, and
         # any the library adds later) is read from kwargs by name, with the library's default.
         tie_given = "tie_embeddings" in kwargs
-        for name, default in GAM_FIELDS.items():
+        if gam_model_name is None:
+            gam_model_name = infer_model_name(kwargs)
+        if gam_model_name not in HF_MODEL_NAMES:
+            raise ValueError(f"gam_model_name must be one of {HF_MODEL_NAMES} (the GAM "
+                             f"families), got {gam_model_name!r}")
+        self.gam_model_name = gam_model_name
+        for name, default in _fields(gam_model_name).items():
             setattr(self, name, kwargs.pop(name, default))
         if tie_word_embeddings is not None:
             if tie_given and tie_word_embeddings != self.tie_embeddings:
@@ -85,18 +112,13 @@ class GAMHFConfig(PretrainedConfig):
     __hash__ = None  # type: ignore[assignment]
 
     def to_gam_config(self) -> GAMConfig:
-        """The library's ``GAMConfig`` with these hyper-parameters."""
-        return GAMConfig(**{name: getattr(self, name) for name in GAM_FIELDS})
+        """The library config (``GAMConfig``, or the family's subclass) with these values."""
+        cls = config_class(self.gam_model_name)
+        return cls(**{name: getattr(self, name) for name in _fields(self.gam_model_name)})
 
     @classmethod
-    def from_gam_config(cls, config: GAMConfig, **kwargs: Any) -> GAMHFConfig:
-        """Build the HF config of a library ``GAMConfig`` (kwargs: token ids etc.)."""
-        return cls(**config.to_dict(), **kwargs)
-
-    @property
-    def gam_model_name(self) -> str:
-        """The library's registered name for this variant (``gam``, ``gam-sum``,
-        ``gam-global-only`` or ``gam-local-only``; ``gam`` for other flag combinations, whose
-        config is saved in full anyway)."""
-        return GAM_VARIANTS.get((bool(self.use_local), bool(self.use_global), bool(self.use_gate)),
-                                "gam")
+    def from_gam_config(cls, config: GAMConfig, model_name: str | None = None,
+                        **kwargs: Any) -> GAMHFConfig:
+        """Build the HF config of a library config (``model_name``: its registered name,
+        inferred from the variant flags when omitted; kwargs: token ids etc.)."""
+        return cls(gam_model_name=model_name, **config.to_dict(), **kwargs)

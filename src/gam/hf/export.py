@@ -19,13 +19,12 @@ and, without importing ``gam`` (tools such as ``lm_eval --model hf`` that only k
 ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)``. The entry points only
 import the installed ``gam`` package, so the model code is never copied into the folder.
 
-Only the GAM variants convert (gam, gam-sum, gam-global-only, gam-local-only).
+Only the GAM families convert (gam, its ablations, gam-delta and its variants: ``HF_MODEL_NAMES``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -37,14 +36,11 @@ from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from gam.data._files import default_mode, mkdtemp_default_mode
-from gam.hf.configuration_gam import GAM_VARIANTS
+from gam.hf.configuration_gam import HF_MODEL_NAMES
 from gam.hf.modeling_gam import GAMForCausalLM
 from gam.models.io import MODEL_JSON, CheckpointError, load_model_config, load_pretrained
 from gam.models.registry import count_parameters
-
-GAM_MODEL_NAMES = tuple(sorted(set(GAM_VARIANTS.values())))
-RUN_CONFIG = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+from gam.training.rundir import TOKENIZER_FILE, read_run_config_if_any
 
 # trust_remote_code entry points: transformers imports these files from the folder and takes the
 # classes named in auto_map; they re-export the installed package's classes, so a folder loaded
@@ -73,17 +69,6 @@ SPECIAL_TOKENS: dict[str, dict[str, str | None]] = {
     "paper": {"bos_token": "[SOS]", "eos_token": "[EOS]", "unk_token": "[UNK]",
               "pad_token": "[PAD]"},
 }
-
-
-def _read_run_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RUN_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    return config if isinstance(config, dict) else {}
 
 
 def _tokenizer_kind(run_config: dict[str, Any], tokenizer: Tokenizer, path: Path) -> str:
@@ -171,8 +156,8 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     generation config (token ids only: a ``max_length`` there would clash with every
     ``generate(max_new_tokens=...)``), the remote-code entry points, the tokenizer and a
     README. The folder is written next to ``out_dir`` first and moved into place at the end,
-    so a failed export leaves no partial folder. An existing non-empty ``out_dir`` is refused unless ``overwrite`` (its
-    files of the same names are then replaced).
+    so a failed export leaves no partial folder. An existing non-empty ``out_dir`` is refused
+    unless ``overwrite`` (its files of the same names are then replaced).
 
     Raises ``FileNotFoundError`` (missing run dir or tokenizer), ``CheckpointError``
     (missing/corrupted weights), ``ValueError`` (not a GAM model, inconsistent tokenizer) and
@@ -194,12 +179,12 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                                   "replace its files")
 
     name, _ = load_model_config(run_dir)
-    if name not in GAM_MODEL_NAMES:
+    if name not in HF_MODEL_NAMES:
         raise ValueError(f"{run_dir} holds a {name!r} model; gam export converts GAM models only "
-                         f"({', '.join(GAM_MODEL_NAMES)})")
+                         f"({', '.join(HF_MODEL_NAMES)})")
     lm = load_pretrained(run_dir).float().eval()
 
-    run_config = _read_run_config(run_dir)
+    run_config = read_run_config_if_any(run_dir)
     tok_path = run_dir / TOKENIZER_FILE
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} does not exist: the run directory has no tokenizer")

@@ -1,12 +1,14 @@
 """GAM as a Hugging Face causal LM: ``GAMModel`` (AutoModel) and ``GAMForCausalLM``.
 
-Both wrap the library's :class:`gam.models.gam.GAMLM` (attribute ``gam``): its embeddings,
+Both wrap a library model of a GAM family (attribute ``gam``: a ``GAMLM``, ``GAMDeltaLM``, ...,
+built by the registry from ``config.gam_model_name``): its embeddings,
 blocks, final norm and tied head are used as they are, so the weights and the numerics are the
 library's. The wrapper adds what HF expects around them:
 
-* **Cache** (:class:`GAMCache`): per block, the decode state of ``GAMBlock`` (its last k-1
-  LayerNorm-ed inputs, (B, k-1, C)), plus the number of tokens consumed and each row's next
-  position. O(1) in the context length; ``reorder_cache`` for beam search.
+* **Cache** (:class:`GAMCache`): per block, the block's decode state (``GAMBlock``: its last
+  k-1 LayerNorm-ed inputs, (B, k-1, C); ``GAMDeltaBlock``: those plus its delta-rule memory),
+  plus the number of tokens consumed and each row's next position. O(1) in the context length;
+  ``reorder_cache`` for beam search.
 * **Padding**: ``attention_mask`` zeros mark padding. Positions come from the mask
   (``cumsum - 1``), so each row's real tokens get the positions they would have alone, and the
   normalised conv inputs of padded tokens are zeroed in every block, which is exactly the zero
@@ -31,10 +33,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from gam.hf.configuration_gam import GAMHFConfig
-from gam.models.gam import GAMLM, GAMBlock
+from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig
+from gam.models.constants import IGNORE_INDEX
+from gam.models.lm import CausalLM
+from gam.models.registry import model_from_config
 
-IGNORE_INDEX = -100
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 #: What this transformers release calls the cache, as a forward/generate argument and as a model
@@ -64,8 +67,10 @@ def _one_cache(cache: GAMCache | None, past_key_values: GAMCache | None) -> GAMC
 class GAMCache(Cache):
     """Decode state of a GAM stack.
 
-    ``conv_states[i]``: block i's last ``conv_kernel_size - 1`` normalised inputs, (B, k-1, C),
-    oldest first (zeros stand for positions before a row's start and for its padding);
+    ``conv_states[i]``: block i's decode state: for GAM its last ``conv_kernel_size - 1``
+    normalised inputs, (B, k-1, C), oldest first (zeros stand for positions before a row's start
+    and for its padding); for gam-delta a ``GAMDeltaState`` (those, the q/k/v conv windows and
+    the (B, H, d_k, d_v) memory);
     ``seq_len``: tokens consumed so far, padding included (``get_seq_length``);
     ``next_position``: (B,) position of each row's next token (its real tokens so far).
 
@@ -114,7 +119,7 @@ class GAMCache(Cache):
         return self.next_position.shape[0]
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.conv_states = [None if s is None else fn(s) for s in self.conv_states]
+        self.conv_states = [_map_state(s, fn) for s in self.conv_states]
         if self.next_position is not None:
             self.next_position = fn(self.next_position)
 
@@ -138,14 +143,24 @@ class GAMCache(Cache):
                                   "older tokens")
 
 
-def _block_extend(block: GAMBlock, x: torch.Tensor, state: torch.Tensor | None,
+def _map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor of a block's decode state (a tensor, or a NamedTuple of
+    tensors such as gam-delta's)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    return type(state)(*(_map_state(s, fn) for s in state))
+
+
+def _block_extend(block: nn.Module, x: torch.Tensor, state: torch.Tensor | None,
                   pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``block`` on T new tokens x (B, T, C) that follow ``state`` (None = the start),
     with padded tokens (``pad_mask`` (B, T) False) masked: ``GAMBlock.extend``."""
     return block.extend(x, state, pad_mask)
 
 
-def _masked_forward(block: GAMBlock, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+def _masked_forward(block: nn.Module, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
     return _block_extend(block, x, None, pad_mask)[0]
 
 
@@ -156,7 +171,7 @@ class GAMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["GAMBlock"]
+    _no_split_modules = ["GAMBlock", "GAMDeltaBlock"]
     _is_stateful = True  # no assisted generation: the conv state cannot be rolled back
     _supports_cache_class = True  # transformers 4
 
@@ -168,10 +183,10 @@ class GAMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The library's initialisation, whatever the config asks (``init``, ``tie_embeddings``,
-        ``pos_embedding_std``): ``GAMLM.init_weights`` re-draws the whole wrapped model, so a
+        ``pos_embedding_std``): ``CausalLM.init_weights`` re-draws the whole wrapped model, so a
         model from ``from_config`` gets the distributions ``gam.build_model`` gives. Its
         submodules are covered by that call."""
-        if isinstance(module, GAMLM):
+        if isinstance(module, CausalLM):
             module.init_weights()
 
 
@@ -189,8 +204,7 @@ class GAMModel(GAMPreTrainedModel):
 
     def __init__(self, config: GAMHFConfig) -> None:
         super().__init__(config)
-        self.gam = GAMLM(config.to_gam_config())
-        self.gam.model_name = config.gam_model_name  # so gam.save_pretrained(model.gam) works
+        self.gam = model_from_config(config.gam_model_name, config.to_gam_config())
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -381,8 +395,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
 class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
     """GAM language model with its (tied) head: ``generate()``, ``labels`` loss, pipelines.
 
-    ``model.gam`` is the wrapped library ``GAMLM`` (``gam.save_pretrained(model.gam, dir)``
-    writes a library checkpoint); :meth:`from_gam` wraps an existing ``GAMLM``.
+    ``model.gam`` is the wrapped library model (``gam.save_pretrained(model.gam, dir)``
+    writes a library checkpoint); :meth:`from_gam` wraps an existing one.
     """
 
     def __init__(self, config: GAMHFConfig) -> None:
@@ -391,17 +405,19 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @property
-    def gam(self) -> GAMLM:
+    def gam(self) -> CausalLM:
         """The wrapped library model (shares the parameters)."""
         return self.model.gam
 
     @classmethod
-    def from_gam(cls, lm: GAMLM, **config_kwargs: Any) -> GAMForCausalLM:
+    def from_gam(cls, lm: CausalLM, **config_kwargs: Any) -> GAMForCausalLM:
         """A ``GAMForCausalLM`` holding a copy of ``lm``'s weights (same dtype and device);
         ``config_kwargs`` set HF config attributes (token ids, ...)."""
-        if not isinstance(lm, GAMLM):
-            raise TypeError(f"from_gam takes a gam GAMLM, got {type(lm).__name__}")
-        config = GAMHFConfig.from_gam_config(lm.config, **config_kwargs)
+        name = getattr(lm, "model_name", None)
+        if not isinstance(lm, CausalLM) or name not in HF_MODEL_NAMES:
+            raise TypeError(f"from_gam takes a gam model of a GAM family {HF_MODEL_NAMES} "
+                            f"(built by gam.build_model), got {type(lm).__name__} {name!r}")
+        config = GAMHFConfig.from_gam_config(lm.config, name, **config_kwargs)
         param = next(lm.parameters())
         model = cls(config).to(device=param.device, dtype=param.dtype)
         model.gam.load_state_dict(lm.state_dict())

@@ -1,0 +1,546 @@
+"""``gam bench listops``: Long Range Arena ListOps (Tay et al. 2021) for any registry family.
+
+Data: ``gam.data.listops`` (the published generator: MIN / MAX / MED / SM over digits, up to
+10 levels and 10 arguments, lengths kept by rejection, splits distinct), generated once per
+``(sizes, lengths, --seed)`` into the gam cache (``$GAM_CACHE_DIR/listops/``); every run of a
+benchmark reads the same arrays.
+
+Model: ``gam.build_model(name, ...)`` with the ListOps vocabulary (16 ids, 0 = padding) and
+``max_seq_len = max_len``; a ``Linear(d_model, 10)`` head reads the final normalised hidden
+state (``model.hidden_states``) at each sequence's last real token. Sequences are right-padded
+(to the longest of the batch): a causal model's state at the last real token does not depend on
+the padding after it, so no mask is needed, and the last token has seen the whole expression.
+LRA's encoders pool over a bidirectional encoding instead; a causal reading at the end is the
+natural equivalent for decoder-only models.
+
+Training: the library's AdamW (``gam.training.optim``: betas (0.9, 0.95), weight decay on
+matrices only, the ``nanogpt`` filter), linear warm-up then cosine decay to 0 over ``--steps``,
+gradient clipping at 1, cross-entropy on the 10 classes, shuffled epochs over the training
+split. Validation accuracy every ``--eval-every`` steps gives the learning curve; the weights
+with the best validation accuracy are kept, and the reported test accuracy is that of the
+best-validation weights (as LRA reports), with the final weights' test accuracy beside it.
+
+Every (model, seed) is trained in a fresh ``python -m gam.bench.listops --worker`` process
+(``common.run_worker``), so one family's memory or crash cannot affect another's numbers. The
+result of each run is written to ``OUT/runs/<model>-seed<k>.json`` as soon as it finishes and
+``results.json`` / ``results.md`` / ``listops.png`` are rewritten after every run, so an
+interrupted benchmark loses at most the run in progress; rerunning the same command reuses the
+finished runs whose settings match (``action: reused``) and trains the others.
+
+Protocols (``--preset``; every number can be overridden by its option):
+
+- ``cpu``: sized for a 2-core CPU, one thread: lengths 100-500 (LRA: 500-2000), 20,000 /
+  500 / 1,000 sequences, d 64, 4 layers (GAM: 64 memory slots; Transformer: 4 heads; Mamba:
+  d_state 16, expand 2), batch 32, 800 steps (1.3 epochs), lr 2e-3, 100 warm-up steps,
+  validation every 100 steps. Measured on an idle core: 0.29 / 0.35 / 0.43 s per step for
+  GAM / Transformer / Mamba, i.e. 4-6 minutes per (model, seed) with the evaluations (about
+  twice that when other jobs share the cores);
+- ``lra``: LRA's data (500-2000 tokens, 96,000 / 2,000 / 2,000), a model of LRA's baseline
+  width (the ``paper`` preset: d 512, 6 layers, 8 heads), batch 32, 5,000 steps, lr 1e-4,
+  1,000 warm-up steps, validation every 250 steps. Meant for a GPU;
+- ``--quick``: a smoke test (lengths 10-40, a few hundred sequences, d 32, 1 layer, 20 steps).
+
+Position embeddings start at N(0, 0.02) (``--pos-embedding-std``; 0 removes them), not the
+shell's default N(0, 1), which on this project's other tasks drowned the token identities
+(see ``gam.bench.recall``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gam.bench import common
+from gam.data import listops
+from gam.models.io import atomic_write_json
+from gam.models.registry import (
+    MODELS,
+    build_model,
+    config_class,
+    count_parameters,
+    receptive_field,
+)
+from gam.training.config import TrainConfig
+from gam.training.evaluate import autocast_context
+from gam.training.optim import build_optimizer, build_scheduler
+
+DEFAULT_MODELS = ["gam", "transformer", "mamba"]
+BUCKET_BATCHES = 16  # batches whose rows are sorted together by length (see epoch_batches)
+PUBLISHED = {  # LRA Table 1 (Tay et al. 2021) and S4 (Gu et al. 2022), test accuracy (%)
+    "Transformer (LRA)": 36.37, "Reformer (LRA)": 37.27, "Linear Transformer (LRA)": 16.13,
+    "Performer (LRA)": 18.01, "S4 (6 layers, d 256, bidirectional)": 59.5,
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a run of the benchmark depends on, besides the model name and seed."""
+
+    min_len: int
+    max_len: int
+    n_train: int
+    n_valid: int
+    n_test: int
+    max_depth: int
+    model_preset: str
+    d_model: int
+    n_layers: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    eval_every: int
+    eval_batch_size: int
+    dropout: float
+    pos_embedding_std: float
+    dtype: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "cpu": Protocol(min_len=100, max_len=500, n_train=20_000, n_valid=500, n_test=1_000,
+                    max_depth=10, model_preset="cpu-small", d_model=64, n_layers=4,
+                    batch_size=32, steps=800, lr=2e-3, warmup_steps=100, weight_decay=0.1,
+                    eval_every=100, eval_batch_size=100, dropout=0.0, pos_embedding_std=0.02,
+                    dtype="fp32"),
+    "lra": Protocol(min_len=500, max_len=2000, n_train=96_000, n_valid=2_000, n_test=2_000,
+                    max_depth=10, model_preset="paper", d_model=512, n_layers=6, batch_size=32,
+                    steps=5_000, lr=1e-4, warmup_steps=1_000, weight_decay=0.1, eval_every=250,
+                    eval_batch_size=64, dropout=0.1, pos_embedding_std=0.02, dtype="fp32"),
+    "quick": Protocol(min_len=10, max_len=40, n_train=256, n_valid=64, n_test=64, max_depth=10,
+                      model_preset="tiny", d_model=32, n_layers=1, batch_size=16, steps=20,
+                      lr=3e-3, warmup_steps=4, weight_decay=0.1, eval_every=10,
+                      eval_batch_size=64, dropout=0.0, pos_embedding_std=0.02, dtype="fp32"),
+}
+_OPTION_OF = {"min_len": "min_len", "max_len": "max_len", "n_train": "n_train",
+              "n_valid": "n_valid", "n_test": "n_test", "max_depth": "max_depth",
+              "d_model": "d_model", "n_layers": "n_layers", "batch_size": "batch_size",
+              "steps": "steps", "lr": "lr", "warmup_steps": "warmup_steps",
+              "weight_decay": "weight_decay", "eval_every": "eval_every", "dropout": "dropout",
+              "pos_embedding_std": "pos_embedding_std", "dtype": "dtype"}
+
+
+def resolve_protocol(args: argparse.Namespace) -> tuple[str, Protocol]:
+    name = "quick" if args.quick else args.preset
+    overrides = {f: getattr(args, o) for f, o in _OPTION_OF.items()
+                 if getattr(args, o, None) is not None}
+    p = replace(PROTOCOLS[name], **overrides)
+    for field_name in ("min_len", "n_train", "n_valid", "n_test", "max_depth", "d_model",
+                       "n_layers", "batch_size", "steps", "eval_every"):
+        if getattr(p, field_name) < 1:
+            raise ValueError(f"--{field_name.replace('_', '-')} must be >= 1, got "
+                             f"{getattr(p, field_name)}")
+    if p.n_train < p.batch_size:
+        raise ValueError(f"--n-train {p.n_train} is smaller than --batch-size {p.batch_size}")
+    if p.max_len < p.min_len:
+        raise ValueError(f"--max-len {p.max_len} is smaller than --min-len {p.min_len}")
+    return name, p
+
+
+# ---------------------------------------------------------------------------- the model
+def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
+    """GAM gets d_model memory slots (the paper's ratio), Mamba d_state 16 and expand 2, the
+    Transformer 4 heads of d/4 (8 from the paper preset at d 512): only the fields a family
+    has are passed."""
+    known = {f.name for f in fields(config_class(name))}
+    wanted = {"num_memory_slots": d_model, "d_state": 16}
+    if d_model < 512:
+        wanted.update(n_heads=4, expand=2)
+    return {k: v for k, v in wanted.items() if k in known}
+
+
+class ListOpsClassifier(nn.Module):
+    """A causal backbone read out at each row's last real token by a 10-way linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = listops.NUM_CLASSES) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.config.d_model, num_classes)
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h, _ = self.backbone.hidden_states(idx)  # (B, T, C), final LayerNorm applied
+        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        return self.classifier(last)  # (B, 10)
+
+
+def build_classifier(name: str, p: Protocol) -> ListOpsClassifier:
+    std = p.pos_embedding_std
+    backbone = build_model(name, p.model_preset, vocab_size=listops.VOCAB_SIZE,
+                           max_seq_len=p.max_len, d_model=p.d_model, n_layers=p.n_layers,
+                           dropout=p.dropout, pos_embedding=std > 0,
+                           pos_embedding_std=std if std > 0 else None,
+                           **_family_overrides(name, p.d_model))
+    return ListOpsClassifier(backbone)
+
+
+# ------------------------------------------------------------------------------ training
+def _batch(split: listops.ListOpsSplit, rows: np.ndarray, device: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths = split.lengths[rows]
+    t = int(lengths.max())  # crop the padding to the longest row of the batch
+    x = torch.from_numpy(split.tokens[rows, :t].astype(np.int64)).to(device)
+    n = torch.from_numpy(lengths.astype(np.int64)).to(device)
+    y = torch.from_numpy(split.labels[rows]).to(device)
+    return x, n, y
+
+
+@torch.no_grad()
+def accuracy(model: ListOpsClassifier, split: listops.ListOpsSplit, batch_size: int,
+             device: torch.device, dtype: str = "fp32") -> float:
+    """Accuracy over a whole split; rows batched by length so that little padding is run."""
+    was_training = model.training
+    model.eval()
+    order = np.argsort(split.lengths, kind="stable")
+    correct = 0
+    for i in range(0, len(order), batch_size):
+        x, n, y = _batch(split, order[i:i + batch_size], device)
+        with autocast_context(device, dtype):
+            logits = model(x, n)
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, len(split))
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  bucket: int = BUCKET_BATCHES) -> list[np.ndarray]:
+    """One epoch of batches (full batches only): shuffle, sort each window of ``bucket``
+    batches by length, cut it into batches, shuffle the batches. Rows of similar length share a
+    batch, so much less padding is run (about 40% less at 100-500 tokens) while every batch
+    is still a random draw of the split."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    window = batch_size * bucket
+    for i in range(0, len(order) - batch_size + 1, window):
+        chunk = order[i:i + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk) - batch_size + 1,
+                                                           batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train_and_evaluate(name: str, seed: int, p: Protocol, splits: dict[str, Any],
+                       device: torch.device, log=print) -> dict[str, Any]:
+    """Train one model on the train split; return its learning curve and test accuracies."""
+    torch.manual_seed(seed)
+    model = build_classifier(name, p).to(device).train()
+    cfg = TrainConfig(batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                      decay_filter="nanogpt", warmup_steps=p.warmup_steps, grad_clip=1.0,
+                      dtype=p.dtype, seed=seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, p.steps)
+    train, valid, test = splits["train"], splits["valid"], splits["test"]
+    rng = np.random.default_rng(seed)
+    batches: list[np.ndarray] = []
+    curve: list[dict[str, Any]] = []
+    best = {"valid_accuracy": -1.0, "step": 0, "state": None}
+    real_tokens = run_tokens = 0
+    train_seconds = 0.0
+    recent_loss: list[float] = []
+    for step in range(1, p.steps + 1):
+        if not batches:  # a new epoch, reshuffled
+            batches = epoch_batches(train.lengths, p.batch_size, rng)
+        rows = batches.pop()
+        t0 = time.perf_counter()
+        x, n, y = _batch(train, rows, device)
+        with autocast_context(device, p.dtype):
+            logits = model(x, n)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_value = float(loss)  # syncs, so the step time below is complete on a GPU too
+        train_seconds += time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        real_tokens += int(n.sum())
+        run_tokens += x.numel()
+        recent_loss.append(loss_value)
+        if step % p.eval_every == 0 or step == p.steps:
+            acc = accuracy(model, valid, p.eval_batch_size, device, p.dtype)
+            train_loss = statistics.fmean(recent_loss)
+            recent_loss = []
+            curve.append({"step": step, "valid_accuracy": acc, "train_loss": train_loss,
+                          "train_seconds": train_seconds})
+            if acc > best["valid_accuracy"]:
+                best = {"valid_accuracy": acc, "step": step,
+                        "state": copy.deepcopy(model.state_dict())}
+            log(f"    {name} seed {seed} step {step}: train loss {train_loss:.3f}, valid "
+                f"accuracy {100 * acc:.1f}%, {train_seconds:.0f} s")
+    final_test = accuracy(model, test, p.eval_batch_size, device, p.dtype)
+    model.load_state_dict(best["state"])
+    best_test = accuracy(model, test, p.eval_batch_size, device, p.dtype)
+    params = count_parameters(model.backbone)
+    return {
+        "test_accuracy": best_test, "test_accuracy_final": final_test,
+        "best_valid_accuracy": best["valid_accuracy"], "best_step": best["step"],
+        "final_valid_accuracy": curve[-1]["valid_accuracy"],
+        "receptive_field": receptive_field(model.backbone),
+        "parameters": params["total"] + sum(q.numel() for q in model.classifier.parameters()),
+        "parameters_non_embedding": params["non_embedding"],
+        "steps": p.steps, "train_seconds": train_seconds,
+        "tokens_per_s": real_tokens / train_seconds if train_seconds else None,
+        "positions_per_s": run_tokens / train_seconds if train_seconds else None,
+        "train_tokens": real_tokens, "curve": curve,
+        "model_config": model.backbone.config.to_dict(),
+    }
+
+
+def load_splits(p: Protocol, data_seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    return listops.load_or_make_dataset(p.n_train, p.n_valid, p.n_test, p.min_len, p.max_len,
+                                        data_seed, max_depth=p.max_depth)
+
+
+def _worker(payload: dict[str, Any]) -> None:
+    device = torch.device(payload["device"])
+    p = Protocol(**payload["protocol"])
+    splits, _ = load_splits(p, payload["data_seed"])
+    t0 = time.perf_counter()
+    log_file = payload.get("log_file")
+
+    def log(line: str) -> None:  # the parent only reads stdout at the end: progress goes here
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device, log=log)
+    common.emit({"status": "ok", "wall_seconds": time.perf_counter() - t0, **result})
+
+
+# ------------------------------------------------------------------------------ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
+                        help="registry names (gam.build_model), any family")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="K",
+                        help="training seeds (initialisation and batch order); the data "
+                             "depends on --seed only")
+    parser.add_argument("--preset", choices=("cpu", "lra"), default="cpu",
+                        help="protocol: cpu (lengths 100-500, d 64, 4 layers, 800 steps: 4-6 "
+                             "min per model and seed on one idle thread) or lra (500-2000 tokens, "
+                             "96k/2k/2k, d 512, 6 layers; for a GPU); --quick overrides it")
+    g = parser.add_argument_group("protocol overrides (default: the --preset's value)")
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (matrices only)")
+    g.add_argument("--d-model", type=int, default=None, help="model width")
+    g.add_argument("--n-layers", type=int, default=None, help="number of blocks")
+    g.add_argument("--dropout", type=float, default=None, help="dropout in the backbone")
+    g.add_argument("--pos-embedding-std", type=float, default=None,
+                   help="std of the learned position embeddings at init; 0 = none")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="autocast dtype (fp16 on CUDA only)")
+    g.add_argument("--min-len", type=int, default=None, help="shortest sequence (tokens)")
+    g.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens)")
+    g.add_argument("--max-depth", type=int, default=None, help="levels of a tree (LRA: 10)")
+    g.add_argument("--n-train", type=int, default=None, help="training sequences")
+    g.add_argument("--n-valid", type=int, default=None, help="validation sequences")
+    g.add_argument("--n-test", type=int, default=None, help="test sequences")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="steps between validation evaluations (the learning curve)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="wall-clock limit of one (model, seed) run; the run is recorded "
+                             "as a timeout (default: none)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every run again instead of reusing finished runs in "
+                             "OUT/runs with the same settings")
+
+
+def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        ok = [r for r in runs if r["model"] == model and r["status"] == "ok"]
+        row: dict[str, Any] = {"model": model, "runs": len(ok),
+                               "status": "ok" if ok else next(
+                                   r["status"] for r in runs if r["model"] == model)}
+        for key in ("test_accuracy", "test_accuracy_final", "best_valid_accuracy",
+                    "tokens_per_s", "train_seconds"):
+            vals = [r[key] for r in ok if r.get(key) is not None]
+            row[key] = statistics.fmean(vals) if vals else None
+            row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
+        row["test_accuracy_per_seed"] = {r["seed"]: r["test_accuracy"] for r in ok}
+        for key in ("receptive_field", "parameters"):
+            row[key] = ok[0][key] if ok else None
+        rows.append(row)
+    return rows
+
+
+def _pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    p = s["protocol"]
+    data = results["data"]
+    head = (f"# gam bench listops: LRA ListOps test accuracy (%), protocol {s['protocol_name']}"
+            f", lengths {p['min_len']}-{p['max_len']}, d {p['d_model']}, {p['n_layers']} "
+            f"layers, {p['steps']} steps of {p['batch_size']}")
+    summary = common.markdown_table(
+        ["model", "test acc (best valid)", "test acc (final)", "best valid acc", "per seed",
+         "params", "receptive field", "train tokens/s", "train s"],
+        [[r["model"], _pct(r["test_accuracy"], r["test_accuracy_std"]),
+          _pct(r["test_accuracy_final"], r["test_accuracy_final_std"]),
+          _pct(r["best_valid_accuracy"]),
+          " / ".join(f"{100 * v:.1f}" for v in r["test_accuracy_per_seed"].values()) or
+          r["status"], f"{r['parameters']:,}" if r["parameters"] else "-",
+          common.fmt(r["receptive_field"]),
+          common.fmt(r["tokens_per_s"], 0), common.fmt(r["train_seconds"], 0)]
+         for r in results["summary"]])
+    runs = common.markdown_table(
+        ["model", "seed", "status", "test acc (best valid)", "best step", "test acc (final)",
+         "train tokens/s", "action"],
+        [[r["model"], r["seed"], r["status"], _pct(r.get("test_accuracy")),
+          r.get("best_step", "-"), _pct(r.get("test_accuracy_final")),
+          common.fmt(r.get("tokens_per_s"), 0), r.get("action", "-")] for r in results["runs"]])
+    published = common.markdown_table(
+        ["published (LRA: lengths 500-2000, bidirectional encoders)", "test acc (%)"],
+        [[k, f"{v:.2f}"] for k, v in PUBLISHED.items()])
+    return "\n".join([
+        head, "", common.environment_markdown(results["environment"], results["command"]), "",
+        f"Test accuracy of the weights with the best validation accuracy (mean ± std over "
+        f"seeds {s['seeds']}); 'final' = the weights after the last step. Majority class on "
+        f"test: {100 * data['majority_test']:.1f}% (class {data['majority_class']}). Data: "
+        f"{p['n_train']:,} / {p['n_valid']:,} / {p['n_test']:,} sequences, mean length "
+        f"{data['mean_length_train']:.0f} tokens, depth <= {p['max_depth']}, data seed "
+        f"{s['data_seed']}; read out at the last real token of a causal model.", "",
+        summary, "", "## Runs", "", runs, "", "## Published", "", published])
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    fig, (ax,) = common.new_figure(1, width=6.5, height=4.5)
+    colors: dict[str, Any] = {}
+    for r in results["runs"]:
+        if r["status"] != "ok" or not r.get("curve"):
+            continue
+        color = colors.setdefault(r["model"], f"C{len(colors)}")
+        steps = [c["step"] for c in r["curve"]]
+        accs = [100 * c["valid_accuracy"] for c in r["curve"]]
+        ax.plot(steps, accs, "o-", ms=3, color=color,
+                label=f"{r['model']} seed {r['seed']}",
+                alpha=1.0 if r["seed"] == results["settings"]["seeds"][0] else 0.55)
+    ax.axhline(100 * results["data"]["majority_valid"], ls="--", color="gray",
+               label="majority class (valid)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation accuracy (%)")
+    p = results["settings"]["protocol"]
+    ax.set_title(f"ListOps {p['min_len']}-{p['max_len']} tokens, d {p['d_model']}, "
+                 f"{p['n_layers']} layers")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    results["summary"] = _summary(results["runs"])
+    common.write_results(out, results, _markdown(results))
+    _plot(results, out / "listops.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = common.resolve_device(args.device)
+    threads = common.setup_threads(args.threads)
+    protocol_name, p = resolve_protocol(args)
+    for m in args.models:  # a typo fails now, not after an hour of other models
+        if m not in MODELS:
+            raise ValueError(f"unknown model {m!r}; expected one of {sorted(MODELS)}")
+    command = common.command_line(args.command, args.argv)
+    env = common.environment(device, threads)
+    out = Path(args.out)
+    print(f"gam bench listops: protocol {protocol_name}, models {args.models}, seeds "
+          f"{args.seeds}, lengths {p.min_len}-{p.max_len}, {p.n_train}/{p.n_valid}/{p.n_test} "
+          f"sequences, d {p.d_model}, {p.n_layers} layers, {p.steps} steps, device {device}, "
+          f"{threads} threads", flush=True)
+    splits, gen = load_splits(p, args.seed)
+    n_gen = p.n_train + p.n_valid + p.n_test
+    print(f"  data: {'loaded' if gen['cached'] else 'generated'} {n_gen} sequences in "
+          f"{gen['seconds']:.1f} s ({gen['path']})", flush=True)
+    test_counts = np.bincount(splits["test"].labels, minlength=listops.NUM_CLASSES)
+    valid_counts = np.bincount(splits["valid"].labels, minlength=listops.NUM_CLASSES)
+    data = {"cache": gen["path"], "generation_seconds": None if gen["cached"] else gen["seconds"],
+            "sequences_per_s": None if gen["cached"] else n_gen / gen["seconds"],
+            "label_counts_test": test_counts.tolist(),
+            "label_counts_train": np.bincount(splits["train"].labels,
+                                              minlength=listops.NUM_CLASSES).tolist(),
+            "majority_class": int(test_counts.argmax()),
+            "majority_test": float(test_counts.max() / test_counts.sum()),
+            "majority_valid": float(valid_counts.max() / valid_counts.sum()),
+            "mean_length_train": float(splits["train"].lengths.mean())}
+    settings = {"protocol_name": protocol_name, "protocol": asdict(p), "models": args.models,
+                "seeds": args.seeds, "data_seed": args.seed, "device": str(device),
+                "readout": "Linear(d_model, 10) on the final normalised hidden state at the "
+                           "last real token (right padding)",
+                "optimizer": "AdamW betas (0.9, 0.95), nanogpt decay filter, warm-up + cosine "
+                             "to 0, clip 1.0",
+                "reported": "test accuracy of the best-validation weights; final weights too"}
+    results = {"command": command, "settings": settings, "data": data, "runs": [],
+               "environment": env}
+    del splits
+    # seed-major order: an interrupted benchmark still has every model at the first seed
+    for seed in args.seeds:
+        for model in args.models:
+            run_file = out / "runs" / f"{model}-seed{seed}.json"
+            key = {"protocol": asdict(p), "model": model, "seed": seed, "data_seed": args.seed,
+                   "device": device.type}
+            row: dict[str, Any] = {"model": model, "seed": seed}
+            if not args.retrain and run_file.is_file():
+                old = json.loads(run_file.read_text())
+                if old.get("key") == key and old.get("status") == "ok":
+                    row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
+                    results["runs"].append(row)
+                    print(f"  {model} seed {seed}: reused {run_file}", flush=True)
+                    _write(out, results)
+                    continue
+            reason = common.model_available(model)
+            if reason is not None:
+                row.update(status="unavailable", error=reason)
+            else:
+                payload = {"model": model, "seed": seed, "protocol": asdict(p),
+                           "data_seed": args.seed, "device": str(device),
+                           "threads": args.threads, "log_file": str(run_file.with_suffix(".log"))}
+                run_file.parent.mkdir(parents=True, exist_ok=True)
+                run_file.with_suffix(".log").write_text("")
+                t0 = time.perf_counter()
+                status, records, error = common.run_worker("gam.bench.listops", payload,
+                                                           timeout=args.max_seconds)
+                rec = records[-1] if records else {"status": status, "error": error}
+                row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
+                row.pop("traceback", None)
+            results["runs"].append(row)
+            if row["status"] == "ok":
+                atomic_write_json(run_file, {"key": key, **row})
+                print(f"  {model} seed {seed}: test {100 * row['test_accuracy']:.1f}% (best "
+                      f"valid {100 * row['best_valid_accuracy']:.1f}% at step "
+                      f"{row['best_step']}; final {100 * row['test_accuracy_final']:.1f}%), "
+                      f"rf {row['receptive_field']}, {row['tokens_per_s']:.0f} tokens/s, "
+                      f"{row['wall_seconds']:.0f} s", flush=True)
+            else:
+                print(f"  {model} seed {seed}: {row['status']}: {row.get('error')}", flush=True)
+            results["environment"] = common.finish_environment(env)
+            _write(out, results)
+    results["environment"] = common.finish_environment(env)
+    _write(out, results)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'listops.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.worker_main(_worker))

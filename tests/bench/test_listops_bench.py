@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+from gam.bench import main
+from gam.bench.listops import ListOpsClassifier, epoch_batches
+from gam.data.listops import VOCAB_SIZE
+from gam.models.registry import build_model
+
+
+def test_readout_ignores_right_padding():
+    torch.manual_seed(0)
+    model = ListOpsClassifier(build_model("transformer", "tiny", vocab_size=VOCAB_SIZE,
+                                          max_seq_len=16)).eval()
+    x = torch.randint(1, VOCAB_SIZE, (1, 10))
+    padded = torch.cat([x, torch.zeros(1, 6, dtype=torch.long)], dim=1)
+    n = torch.tensor([10])
+    assert torch.allclose(model(x, n), model(padded, n), atol=1e-5)
+
+
+def test_epoch_batches_cover_the_split_once():
+    lengths = np.random.default_rng(0).integers(10, 100, size=330)
+    batches = epoch_batches(lengths, 16, np.random.default_rng(1), bucket=4)
+    rows = np.concatenate(batches)
+    assert all(len(b) == 16 for b in batches)
+    assert len(rows) == len(set(rows.tolist())) == 320  # full batches only, no repeats
+
+
+def test_listops_bench_quick(out_dir, check, tmp_path, monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))  # inherited by the workers
+    # one worker process (the slow part: it imports torch); the readout is tested above
+    args = ["listops", "--quick", "--models", "gam", "--seeds", "0",
+            "--d-model", "16", "--steps", "6", "--eval-every", "3", "--threads", "1",
+            "--device", "cpu", "--out", str(out_dir)]
+    assert main(args) == 0
+    res = check.load_results(out_dir)
+    check.assert_environment(res)
+    check.assert_png(out_dir / "listops.png")
+    assert "listops" in (out_dir / "results.md").read_text()
+    assert res["settings"]["protocol"]["d_model"] == 16
+    assert 0 < res["data"]["majority_test"] <= 1
+    assert len(res["runs"]) == 1
+    for r in res["runs"]:
+        assert r["status"] == "ok", r.get("error")
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["test_accuracy_final"] <= 1
+        assert r["parameters"] > 0 and r["tokens_per_s"] > 0
+        assert [c["step"] for c in r["curve"]] == [3, 6]
+        assert (out_dir / "runs" / f"{r['model']}-seed0.json").is_file()
+    assert res["runs"][0]["receptive_field"] == 3  # 1 layer, kernel 3
+    assert res["summary"][0]["model"] == "gam"
+    # the same command again reuses the finished runs
+    assert main(args) == 0
+    assert {r["action"] for r in check.load_results(out_dir)["runs"]} == {"reused"}
+
+
+def test_listops_bench_rejects_unknown_model(out_dir):
+    with pytest.raises(ValueError, match="unknown model"):
+        main(["listops", "--quick", "--models", "nope", "--out", str(out_dir)])

@@ -1,9 +1,20 @@
+import json
+
 import pytest
 import torch
 
 from gam.bench import main
-from gam.bench.common import model_available
-from gam.bench.recall import IGNORE_INDEX, make_mqar_batch, query_distances
+from gam.bench.recall import (
+    IGNORE_INDEX,
+    TEXTBOOK,
+    Protocol,
+    build_recall_model,
+    choose_lr,
+    make_mqar_batch,
+    parse_variant,
+    query_distances,
+)
+from gam.models.lm import LMConfig
 
 
 @pytest.mark.parametrize("random_non_queries", [True, False])
@@ -52,35 +63,122 @@ def test_query_distances():
         assert dist >= 2
 
 
-def test_recall_smoke(out_dir, check):
-    models = ["gam", "transformer"] + ([] if model_available("mamba") else ["mamba"])
-    code = main(["recall", "--models", *models, "--seq-lens", "16", "32",
-                 "--num-kv-pairs", "2", "4", "--d-model", "16", "--n-layers", "1",
-                 "--vocab-size", "32", "--steps", "3", "--tokens-per-step", "128",
-                 "--eval-examples", "8", "--threads", "1", "--device", "cpu",
-                 "--out", str(out_dir)])
-    assert code == 0
+def _quick(out_dir, *extra):
+    return ["recall", "--quick", "--in-process", "--threads", "1", "--device", "cpu",
+            "--out", str(out_dir), *extra]
+
+
+def test_recall_smoke_sweeps_lrs_and_resumes(out_dir, check):
+    models = ["gam", TEXTBOOK, "transformer:init=gpt2,tie_embeddings=false"]
+    assert main(_quick(out_dir, "--models", *models)) == 0
     results = check.load_results(out_dir)
     check.assert_environment(results)
+    lrs = results["settings"]["lrs"]
+    configs = results["configs"]
+    assert len(configs) == len(models) * len(lrs) and len(lrs) >= 2
+    assert all(c["status"] == "ok" and c["action"] == "trained" for c in configs)
     runs = results["runs"]
-    # T 16: pairs 2 and 4; T 32: pairs 2 and 4
-    assert len(runs) == len(models) * 4
+    assert sorted({(r["model"], r["num_kv_pairs"]) for r in runs}) == sorted(
+        (m, p) for m in models for p in (2, 4))  # T 32: the pair counts with 8P <= 32
     for r in runs:
-        assert r["status"] == "ok", r
-        assert 0.0 <= r["accuracy"] <= 1.0
-        assert r["receptive_field"] >= 1 and 0.0 <= r["reachable_fraction"] <= 1.0
-    gam_rf = {r["receptive_field"] for r in runs if r["model"] == "gam"}
-    assert gam_rf == {1 + 1 * (3 - 1)}  # 1 layer, kernel 3
+        group = [c for c in configs if c["model"] == r["model"]]
+        best = max(c["val_accuracy"] for c in group)
+        chosen = [c for c in group if c["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["lr"] == r["lr"]
+        assert chosen[0]["val_accuracy"] == best  # picked on validation, not on test
+        assert r["accuracy"] == chosen[0]["pairs"][str(r["num_kv_pairs"])]["accuracy"]
+        assert r["copy_plateau"] == pytest.approx(1 / r["num_kv_pairs"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["reachable_fraction"] <= 1.0
+    rf = {r["model"]: r["receptive_field"] for r in runs}
+    assert rf == {"gam": 1 + 2 * (3 - 1), TEXTBOOK: 32, models[2]: 32}
+    assert {r["model"]: (r["init"], r["tied"]) for r in runs}[models[2]] == ("gpt2", "no")
+    gam_reach = [r["reachable_fraction"] for r in runs if r["model"] == "gam"]
+    assert all(f < 1.0 for f in gam_reach)
+    assert all(r["reachable_fraction"] == 1.0 for r in runs if r["model"] != "gam")
     check.assert_png(out_dir / "recall.png")
-    assert "Receptive field" in (out_dir / "results.md").read_text()
+    md = (out_dir / "results.md").read_text()
+    assert "copy plateau" in md and "reachable (rf 5)" in md and "sweep" in md
+    # the same command again trains nothing and reports the same numbers
+    assert main(_quick(out_dir, "--models", *models)) == 0
+    again = check.load_results(out_dir)
+    assert all(c["action"] == "reused" for c in again["configs"])
+    assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in runs]
+    # other settings are not reused
+    assert main(_quick(out_dir, "--models", "gam", "--lrs", "3e-3", "--steps", "5")) == 0
+    assert [c["action"] for c in check.load_results(out_dir)["configs"]] == ["trained"]
 
 
-def test_recall_per_length_trains_one_model_per_length(out_dir, check):
-    code = main(["recall", "--models", "gam", "--seq-lens", "16", "32", "--num-kv-pairs", "2",
-                 "--d-model", "16", "--n-layers", "1", "--vocab-size", "32", "--steps", "2",
-                 "--tokens-per-step", "64", "--eval-examples", "4", "--per-length",
+def test_recall_trains_each_configuration_in_a_worker(out_dir, check):
+    code = main(["recall", "--quick", "--models", TEXTBOOK, "--lrs", "1e-2", "--steps", "5",
                  "--threads", "1", "--device", "cpu", "--out", str(out_dir)])
     assert code == 0
-    results = check.load_results(out_dir)
-    assert [t["seq_lens"] for t in results["training"]] == [[16], [32]]
-    assert [(r["seq_len"], r["num_kv_pairs"]) for r in results["runs"]] == [(16, 2), (32, 2)]
+    (config,) = check.load_results(out_dir)["configs"]
+    assert config["status"] == "ok" and config["action"] == "trained", config
+    saved = json.loads((out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.json").read_text())
+    assert saved["key"]["lr"] == 0.01 and saved["steps"] == 5
+    assert "step 5" in (out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.log").read_text()
+
+
+def test_a_bad_model_override_fails_before_training(out_dir):
+    with pytest.raises(ValueError, match="unknown setting"):
+        main(_quick(out_dir, "--models", "transformer:no_such_field=1"))
+    with pytest.raises(ValueError, match="unknown model"):
+        main(_quick(out_dir, "--models", "no-such-model"))
+    assert not (out_dir / "configs").exists()
+
+
+def test_parse_variant():
+    assert parse_variant("transformer") == ("transformer", {})
+    assert parse_variant("transformer:init=gpt2,tie_embeddings=false") == (
+        "transformer", {"init": "gpt2", "tie_embeddings": False})
+    assert parse_variant("gam:pos_embedding_std=0.02") == ("gam", {"pos_embedding_std": 0.02})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_variant("transformer:gpt2")
+
+
+def test_choose_lr_uses_validation_then_fewer_steps():
+    def c(lr, val, steps, status="ok"):
+        return {"lr": lr, "val_accuracy": val, "steps": steps, "status": status}
+
+    assert choose_lr([c(1e-3, 0.5, 100), c(3e-3, 0.9, 100), c(1e-2, 0.7, 100)])["lr"] == 3e-3
+    assert choose_lr([c(1e-3, 1.0, 900), c(3e-3, 1.0, 400)])["lr"] == 3e-3
+    assert choose_lr([c(1e-3, 0.2, 100), c(3e-3, None, 0, status="error")])["lr"] == 1e-3
+    assert choose_lr([c(1e-3, None, 0, status="timeout")]) is None
+
+
+PROTOCOL = Protocol(vocab_size=32, d_model=16, n_layers=2, steps=1, tokens_per_step=64,
+                    warmup_fraction=0.1, weight_decay=0.1, eval_every=1, val_examples=4,
+                    test_examples=4, target_accuracy=0.99, random_filler=True, max_seconds=None)
+
+
+def test_model_overrides_reach_the_model():
+    default = build_recall_model("transformer", {}, 32, PROTOCOL)
+    assert default.config.init == LMConfig().init  # the library's default, whatever it is
+    tied = default.head.weight is default.token_embedding.weight
+    assert tied == LMConfig().tie_embeddings
+    m = build_recall_model("transformer", {"init": "gpt2", "tie_embeddings": False}, 32,
+                           PROTOCOL)
+    assert m.config.init == "gpt2" and m.head.weight is not m.token_embedding.weight
+    assert float(m.token_embedding.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
+    gam = build_recall_model("gam", {}, 32, PROTOCOL)
+    assert gam.config.num_memory_slots == 16 and gam.receptive_field == 5
+
+
+def test_textbook_transformer_is_causal_untied_and_unit_scale():
+    torch.manual_seed(0)
+    m = build_recall_model(TEXTBOOK, {}, 32, PROTOCOL).eval()
+    assert m.head.weight is not m.token_embedding.weight
+    assert float(m.token_embedding.weight.detach().std()) == pytest.approx(1.0, rel=0.2)
+    assert float(m.pos_embedding.detach().std()) == pytest.approx(1.0, rel=0.2)
+    x = torch.randint(0, 32, (2, 32))
+    x2 = x.clone()
+    x2[:, 20] = (x2[:, 20] + 1) % 32
+    with torch.no_grad():
+        a, _ = m(x)
+        b, _ = m(x2)
+    assert torch.allclose(a[:, :20], b[:, :20], atol=1e-5)  # the future is invisible
+    assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-5)
+    y = torch.full_like(x, IGNORE_INDEX)
+    y[:, 5] = 3
+    _, loss = m(x, y)
+    assert loss is not None and torch.isfinite(loss)

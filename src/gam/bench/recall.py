@@ -1,4 +1,4 @@
-"""``gam bench recall``: multi-query associative recall (MQAR).
+"""``gam bench recall``: multi-query associative recall (MQAR), after zoology's protocol.
 
 The task of the zoology benchmark (Arora et al. 2023, "Zoology: measuring and improving recall
 in efficient language models"): a sequence starts with ``P`` key-value pairs
@@ -7,62 +7,106 @@ the vocabulary, token 0 excluded), followed by a query region where every key ap
 more, in random order, at a random even offset; the model must predict, at each query position,
 the value that was paired with that key. Targets are ``-100`` everywhere else, so accuracy is
 measured on query positions only. Positions of the query region that hold no query are random
-tokens (zoology's ``random_non_queries``) or 0.
+tokens (zoology's ``random_non_queries``, the default here) or 0 (``--zero-filler``).
 
 What it shows: recall needs a token to look up information from arbitrarily far back. GAM's
 tokens mix only through its causal convolutions (the memory bank is the same learned matrix for
 every sequence), so a GAM stack has a receptive field of ``1 + n_layers * (k - 1)`` tokens
 (``gam.receptive_field(model)``, 5 for 2 layers with kernel 3) and cannot recall a pair seen
 further back than that. Each result row records the receptive field and the fraction of queries
-whose pair lies inside it (``reachable``): GAM cannot even copy a value it cannot see, so its
-accuracy beyond guessing a value (2/vocab) is bounded by that fraction.
-Attention (and, to the extent its state allows, Mamba) sees the whole context.
+whose pair lies inside it (``reachable``). Attention (and, to the extent its state allows,
+Mamba or a delta-rule memory) sees the whole context.
 
-Protocol (defaults sized for a 2-core CPU, about 4 minutes per model): one small model per
-family (``--d-model`` 64, ``--n-layers`` 2, vocab ``--vocab-size`` 64, dropout 0; GAM's memory
-has d_model slots, Mamba d_state 16 instead of the tiny preset's 4, the Transformer the tiny
-preset's 4 heads) is trained on fresh random batches that cycle through every (length, pairs)
-task (``--per-length``: one model per length, as zoology does), with AdamW, gradient clipping
-at 1, linear warm-up and cosine decay stretched over ``--max-seconds`` (or ``--steps`` if
-reached first), then evaluated per task on ``--eval-examples`` held-out sequences.
+Protocol (zoology's, scaled to a CPU; every number is an option):
 
-Two choices differ from ``build_model``'s defaults, both measured on this task:
+- **one model per sequence length**, trained on a mixture of that length's pair counts (each
+  batch splits evenly between them; pair counts with ``8 P <= T``, i.e. the pairs fill at most
+  a quarter of the sequence: T 64 -> 4, 8; T 128 and 256 -> 4, 8, 16), then evaluated per
+  (length, pairs);
+- fresh random batches every step (``--tokens-per-step`` 2048: batch 32 at T 64, 16 at 128, 8
+  at 256) for ``--steps`` 2000 steps, AdamW of the library (``gam.training.optim``: betas
+  (0.9, 0.95), weight decay 0.1 on matrices only, the ``nanogpt`` filter), linear warm-up over
+  10% of the steps then cosine to 0, gradient clipping 1.0, vocabulary 128, d 64, 2 layers,
+  dropout 0;
+- a **validation** set (256 sequences per pair count, its own fixed seed) is scored every
+  ``--eval-every`` 100 steps; training stops early once every pair count reaches
+  ``--target-accuracy`` 99% on it; the **test** set (1,000 sequences per pair count, another
+  fixed seed) is scored once at the end. Training, validation and test draw from three
+  generators seeded from (split, seed, length[, pairs]), so they are distinct streams;
+- the **learning rate** is chosen per (model, length) from ``--lrs`` (1e-3 3e-3 1e-2) by the
+  mean validation accuracy at the end of training (ties: the fewer steps); every sweep result
+  is kept in ``configs`` and in the sweep table;
+- the **copy plateau** 1/P (what copying any value of the context scores: the plateau before a
+  model learns the association) and GAM's reachable fraction stand beside every accuracy.
 
-- no position embeddings (``pos_embedding=False``; ``--pos-embedding learned`` restores
-  them). The shell's learned position embeddings start at N(0, 1), about 14 times the tied token
-  embeddings (uniform +-1/sqrt(d) at d 64), so after the first LayerNorm a token's identity is a
-  small perturbation of its position: a 2-layer Transformer on T 16 / 2 pairs / vocab 16 stayed
-  at the copy plateau (50%) for 3,000 steps, while the same model without position embeddings
-  (or with them initialised at std 0.02) solved it in 400. Attention still knows the order
-  through the causal mask; GAM and Mamba through their convolutions and recurrence;
-- non-query positions hold 0 (``--random-filler`` for zoology's random tokens), so every
-  occurrence of a key in the query region is a query.
+Calibration (2-core Xeon shared with other jobs, 1 thread): the textbook reference at T 64
+reaches 99.0 / 99.6% (4 / 8 pairs) at lr 3e-3 after 1,000 of 2,000 steps (86 s of training);
+with a 1,000-step schedule it stays at 49 / 29% (the cosine has decayed the lr before the
+association is found), and lr 1e-3 or 1e-2 stay at the copy plateau. A configuration that
+never reaches the target costs 2,000 steps: 150-210 s of training at T 64 (Transformer), plus
+~25 s of worker start and evaluations.
 
-Expect the copy plateau first: a model that has not yet learned the association scores about
-1/P by copying any value of the context; learning the association takes thousands of steps
-(zoology trains for tens of thousands), so on a CPU budget the longer or denser tasks may stay
-at the plateau for every family: read accuracies against the ``copy`` column. On a GPU raise
-``--max-seconds`` / ``--steps``.
+Models: any registry name, with per-model config overrides as ``NAME:KEY=VALUE,...``
+(``transformer:init=gpt2,tie_embeddings=false``) and overrides for every registry model by
+``--model-arg KEY=VALUE``; the library's defaults otherwise (``init``, ``tie_embeddings``,
+position embeddings: whatever ``LMConfig`` says at run time; GAM d_model memory slots, Mamba
+d_state 16, 4 heads), and ``textbook-transformer``, a reference built from ``torch.nn`` parts
+(``gam.bench.textbook_transformer``: ``nn.TransformerEncoder`` pre-LN, N(0, 1) token and
+position embeddings, untied head) which tells a failure of a model from a failure of the
+protocol.
+
+Engineering: every (model, length, lr) configuration trains in a fresh
+``python -m gam.bench.recall --worker`` process (``common.run_worker``); its record is written
+to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
+``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
+configuration. Rerunning the same command with the same ``--out`` reuses every finished
+configuration whose settings match (``action: reused``) and trains the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
+import re
+import sys
 import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gam.bench import common
+from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
+from gam.cli import parse_model_arg
+from gam.models.constants import IGNORE_INDEX
+from gam.models.io import atomic_write_bytes, atomic_write_json
+from gam.models.registry import (
+    MODELS,
+    config_class,
+    count_parameters,
+    model_config,
+    model_from_config,
+)
+from gam.training.config import TrainConfig
+from gam.training.optim import build_optimizer, build_scheduler
 
-IGNORE_INDEX = -100
-DEFAULT_MODELS = ["gam", "transformer", "mamba"]
-DEFAULT_SEQ_LENS = [64, 128, 256, 512]
-QUICK_SEQ_LENS = [64, 128]
-DEFAULT_PAIRS = [2, 4, 8, 16]
-QUICK_PAIRS = [2, 4, 8]
+TEXTBOOK = "textbook-transformer"
+DEFAULT_SEQ_LENS = [64, 128, 256]
+QUICK_SEQ_LENS = [32]
+DEFAULT_PAIRS = [4, 8, 16]
+QUICK_PAIRS = [2, 4]
+DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
+QUICK_LRS = [3e-3, 1e-2]
+MAX_PAIR_FRACTION = 8  # pair counts with 8 P <= T: the pairs fill at most a quarter of T
+
+
+def default_models() -> list[str]:
+    """The reference first, then the families; gam-delta once its family is registered."""
+    names = [TEXTBOOK, "transformer", "gam", "mamba"]
+    return names + (["gam-delta"] if "gam-delta" in MODELS else [])
 
 
 # ----------------------------------------------------------------------------- the data
@@ -129,38 +173,105 @@ def query_distances(inputs: torch.Tensor, targets: torch.Tensor, num_kv_pairs: i
 
 
 def pairs_for_length(seq_len: int, pairs: list[int], vocab_size: int) -> list[int]:
-    return [p for p in pairs if 4 * p <= seq_len and p <= vocab_size // 2 - 1]
+    return [p for p in pairs if MAX_PAIR_FRACTION * p <= seq_len and p <= vocab_size // 2 - 1]
 
 
-# ------------------------------------------------------------------------------ training
+def stream_seed(*parts: Any) -> int:
+    """A generator seed for one data stream (split, seed, length, ...): a hash, so that
+    training, validation and test streams never share a seed."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+# ------------------------------------------------------------------------------ protocol
+@dataclass(frozen=True)
+class Protocol:
+    """Everything a configuration's numbers depend on besides model, length, lr and seed."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    steps: int
+    tokens_per_step: int
+    warmup_fraction: float
+    weight_decay: float
+    eval_every: int
+    val_examples: int
+    test_examples: int
+    target_accuracy: float
+    random_filler: bool
+    max_seconds: float | None
+
+
+def batch_size(p: Protocol, seq_len: int, n_pairs: int) -> int:
+    # at least 4 sequences per pair count, so that every batch holds the whole mixture
+    return max(4 * n_pairs, p.tokens_per_step // seq_len)
+
+
+# ------------------------------------------------------------------------------ models
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME[:KEY=VALUE,...]`` -> (name, overrides); a one-line ValueError if malformed."""
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        try:
+            key, value = parse_model_arg(item)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"model {text!r}: {exc}") from None
+        overrides[key] = value
+    if name != TEXTBOOK and name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected {TEXTBOOK} or one of "
+                         f"{sorted(MODELS)}")
+    return name, overrides
+
+
 def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
-    """Per-family sizes of the recall models: GAM's memory has d_model slots (the paper's
-    ratio); Mamba uses d_state 16 (mamba-ssm's default and the paper's) instead of the tiny
-    preset's 4; the Transformer keeps the tiny preset's 4 heads."""
-    from dataclasses import fields
-
-    from gam.models.registry import config_class
-
+    """GAM's memory has d_model slots (the paper's ratio); Mamba d_state 16 (mamba-ssm's default
+    and the paper's) instead of the tiny preset's 4; the tiny preset's 4 heads and expand 2."""
     known = {f.name for f in fields(config_class(name))}
     wanted = {"num_memory_slots": d_model, "d_state": 16}
     return {k: v for k, v in wanted.items() if k in known}
 
 
-def build_recall_model(name: str, max_seq_len: int, args: argparse.Namespace):
-    from gam.models.registry import build_model
+def recall_config(name: str, overrides: dict[str, Any], seq_len: int, p: Protocol):
+    """The model config of a configuration: the registry's (library defaults, the tiny
+    preset's small sizes) with the recall sizes and ``overrides``, or the textbook's."""
+    sizes = dict(d_model=p.d_model, n_layers=p.n_layers, vocab_size=p.vocab_size,
+                 max_seq_len=seq_len)
+    if name == TEXTBOOK:
+        known = {f.name for f in fields(TextbookConfig)} - set(sizes)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {unknown} for {TEXTBOOK}; expected some of "
+                             f"{sorted(known)}")
+        return TextbookConfig(**sizes, **overrides)
+    return model_config(name, "tiny", dropout=0.0, **sizes,
+                        **{**_family_overrides(name, p.d_model), **overrides})
 
-    return build_model(name, "tiny", d_model=args.d_model, n_layers=args.n_layers,
-                       vocab_size=args.vocab_size, max_seq_len=max_seq_len, dropout=0.0,
-                       pos_embedding=args.pos_embedding == "learned",
-                       **_family_overrides(name, args.d_model))
+
+def build_recall_model(name: str, overrides: dict[str, Any], seq_len: int, p: Protocol
+                       ) -> torch.nn.Module:
+    config = recall_config(name, overrides, seq_len, p)
+    if name == TEXTBOOK:
+        return TextbookTransformerLM(config)
+    return model_from_config(name, config)
 
 
+def init_label(name: str, config: Any) -> tuple[str, str]:
+    """(init, tied) as the tables show them."""
+    if name == TEXTBOOK:
+        return "textbook N(0,1)", "no"
+    return config.init, "yes" if config.tie_embeddings else "no"
+
+
+# ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, seed: int,
-             device: torch.device, batch_size: int = 128, random_non_queries: bool = False
+             device: torch.device, batch_size: int = 128, random_non_queries: bool = True
              ) -> dict[str, Any]:
     """Accuracy on the query positions of ``n_examples`` held-out sequences, and the key
     distance of every query."""
+    was_training = model.training
     model.eval()
     correct = total = 0
     distances = []
@@ -177,160 +288,311 @@ def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, 
         total += int(mask.sum())
         distances.append(query_distances(x, y, pairs))
         done += b
-    model.train()
+    model.train(was_training)
     return {"accuracy": correct / total, "queries": total,
             "distances": torch.cat(distances)}
 
 
-def lr_factor(progress: float, warmup: float = 0.05, floor: float = 0.05) -> float:
-    """Linear warm-up over the first ``warmup`` of training, then cosine decay to ``floor``."""
-    if progress < warmup:
-        return max(progress / warmup, 1e-3)
-    t = min(1.0, (progress - warmup) / (1.0 - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+# ------------------------------------------------------------------------------ training
+def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list[int],
+                 lr: float, p: Protocol, seed: int, device: torch.device, log=print
+                 ) -> dict[str, Any]:
+    """Train one model at one length and lr on the mixture of ``pairs``; return its
+    validation curve, final validation and test accuracy per pair count."""
+    torch.manual_seed(seed)  # the same initial weights for every lr of a model
+    model = build_recall_model(name, overrides, seq_len, p).to(device).train()
+    per_pair = batch_size(p, seq_len, len(pairs)) // len(pairs)
+    cfg = TrainConfig(batch_size=per_pair * len(pairs), lr=lr, weight_decay=p.weight_decay,
+                      decay_filter="nanogpt",
+                      warmup_steps=max(1, round(p.warmup_fraction * p.steps)), grad_clip=1.0,
+                      seed=seed)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, p.steps)
+    # the same training stream for every model and lr at this length
+    gen = torch.Generator().manual_seed(stream_seed("train", seed, seq_len))
 
+    def validate() -> dict[int, float]:
+        return {q: evaluate(model, seq_len, q, p.vocab_size, p.val_examples,
+                            stream_seed("valid", seed, seq_len, q), device,
+                            random_non_queries=p.random_filler)["accuracy"] for q in pairs}
 
-def train_one(name: str, tasks: list[tuple[int, int]], args: argparse.Namespace,
-              device: torch.device, seed: int, log_every: int = 0
-              ) -> tuple[Any, dict[str, Any]]:
-    """Train one model on fresh MQAR batches cycling through ``tasks`` ((seq_len, pairs); the
-    batch size of each is tokens_per_step / seq_len). Training progress is the larger of
-    step / ``args.steps`` and elapsed / ``args.max_seconds``, so the learning-rate schedule
-    (warm-up, cosine) always completes, on a fast or a slow machine; training also stops early
-    once the running training accuracy reaches ``args.target_accuracy``."""
-    torch.manual_seed(seed)
-    max_len = max(t for t, _ in tasks)
-    model = build_recall_model(name, max_len, args).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(seed + 1)
-    t0 = time.perf_counter()
-    step, check_acc, stop_reason, progress = 0, None, "steps", 0.0
-    recent: list[float] = []
-    window = 8 * len(tasks)
-    while progress < 1.0:
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(progress)
-        seq_len, p = tasks[step % len(tasks)]
+    curve: list[dict[str, Any]] = []
+    train_seconds, stop_reason, step, loss_value = 0.0, "steps", 0, math.nan
+    t_start = time.perf_counter()
+    while step < p.steps:
         step += 1
-        batch = max(4, args.tokens_per_step // seq_len)
-        x, y = make_mqar_batch(batch, seq_len, p, args.vocab_size, generator=gen,
-                               random_non_queries=args.random_filler)
-        x, y = x.to(device), y.to(device)
-        logits, _ = model(x)
-        mask = y != IGNORE_INDEX
-        loss = F.cross_entropy(logits[mask].float(), y[mask])
-        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        batches = [make_mqar_batch(per_pair, seq_len, q, p.vocab_size, generator=gen,
+                                   random_non_queries=p.random_filler) for q in pairs]
+        x = torch.cat([b[0] for b in batches]).to(device)
+        y = torch.cat([b[1] for b in batches]).to(device)
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        recent.append(float((logits.detach()[mask].argmax(-1) == y[mask]).float().mean()))
-        elapsed = time.perf_counter() - t0
-        progress = max(step / args.steps, elapsed / args.max_seconds if args.max_seconds
-                       else 0.0)
-        if log_every and step % log_every == 0:
-            print(f"    {name} step {step}: loss {float(loss.detach()):.3f}, training "
-                  f"accuracy {sum(recent[-log_every:]) / len(recent[-log_every:]):.3f}, "
-                  f"{elapsed:.0f} s", flush=True)
-        if len(recent) >= window and step % len(tasks) == 0:
-            check_acc = sum(recent[-window:]) / window
-            if check_acc >= args.target_accuracy:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_value = float(loss.detach())
+        train_seconds += time.perf_counter() - t0
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        out_of_time = p.max_seconds is not None and train_seconds >= p.max_seconds
+        if step % p.eval_every == 0 or step == p.steps or out_of_time:
+            val = validate()
+            curve.append({"step": step, "train_loss": loss_value, "train_seconds": train_seconds,
+                          "val_accuracy": {str(q): a for q, a in val.items()}})
+            log(f"    {name} T {seq_len} lr {lr:g} step {step}: loss {loss_value:.3f}, "
+                f"validation " + ", ".join(f"P{q} {100 * a:.1f}%" for q, a in val.items())
+                + f", {train_seconds:.0f} s")
+            if min(val.values()) >= p.target_accuracy:
                 stop_reason = "target accuracy"
                 break
+            if out_of_time:
+                stop_reason = "time limit"
+                break
+    rf = int(model.receptive_field)
+    final_val = {int(q): a for q, a in curve[-1]["val_accuracy"].items()}
+    test = {}
+    for q in pairs:
+        ev = evaluate(model, seq_len, q, p.vocab_size, p.test_examples,
+                      stream_seed("test", seed, seq_len, q), device,
+                      random_non_queries=p.random_filler)
+        test[str(q)] = {"accuracy": ev["accuracy"], "queries": ev["queries"],
+                        "reachable_fraction": float((ev["distances"] <= rf - 1).float().mean()),
+                        "val_accuracy": final_val[q]}
+    if isinstance(model.config, TextbookConfig):
+        parameters = sum(t.numel() for t in model.parameters())
     else:
-        stop_reason = "steps" if step >= args.steps else "time limit"
-    info = {"steps": step, "train_seconds": time.perf_counter() - t0,
-            "final_loss": float(loss.detach()), "train_accuracy_recent": check_acc,
-            "stop_reason": stop_reason, "tasks": [list(t) for t in tasks],
-            "parameters": sum(p.numel() for p in model.parameters())}
-    return model, info
+        parameters = count_parameters(model)["total"]
+    return {"status": "ok", "steps": step, "stop_reason": stop_reason,
+            "train_seconds": train_seconds, "run_seconds": time.perf_counter() - t_start,
+            "final_loss": loss_value, "batch_size": cfg.batch_size,
+            "val_accuracy": sum(final_val.values()) / len(final_val),
+            "receptive_field": rf, "parameters": parameters, "pairs": test, "curve": curve,
+            "model_config": model.config.to_dict()}
+
+
+def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
+    """``--in-process``: the worker's work in this process, a failure recorded as the worker's
+    would be."""
+    records: list[dict[str, Any]] = []
+    try:
+        _worker(payload, emit=records.append)
+    except Exception as exc:  # noqa: BLE001 - recorded
+        records.append({"status": "oom" if common.is_oom_error(exc) else "error",
+                        "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+    return records[-1]
+
+
+def _worker(payload: dict[str, Any], emit=common.emit) -> None:
+    log_file = payload.get("log_file")
+
+    def log(line: str) -> None:  # the parent reads stdout only at the end: progress goes here
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
+
+    t0 = time.perf_counter()
+    result = train_config(payload["name"], payload["overrides"], payload["seq_len"],
+                          payload["pairs"], payload["lr"], Protocol(**payload["protocol"]),
+                          payload["seed"], torch.device(payload["device"]), log=log)
+    emit({**result, "wall_seconds": time.perf_counter() - t0})
+
+
+def choose_lr(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The finished configuration with the best mean validation accuracy (ties: fewer steps,
+    then the smaller lr); None if none finished."""
+    ok = [c for c in configs if c.get("status") == "ok"]
+    if not ok:
+        return None
+    return max(ok, key=lambda c: (round(c["val_accuracy"], 6), -c["steps"], -c["lr"]))
 
 
 # ------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME")
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME[:K=V,...]",
+                        help=f"registry names or {TEXTBOOK}, each optionally with config "
+                             f"overrides, e.g. transformer:init=gpt2,tie_embeddings=false "
+                             f"(default: {' '.join(default_models())})")
+    parser.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
+                        metavar="KEY=VALUE",
+                        help="config override for every registry model (repeatable; not "
+                             f"applied to {TEXTBOOK}), e.g. init=gpt2 (default: none)")
     parser.add_argument("--seq-lens", nargs="+", type=int, default=None, metavar="T",
-                        help="sequence lengths (default 64 128 256 512; quick 64 128)")
+                        help="sequence lengths, one model per length (default 64 128 256; "
+                             "quick 32)")
     parser.add_argument("--num-kv-pairs", nargs="+", type=int, default=None, metavar="P",
-                        help="numbers of pairs, those with 4P <= T at each length (default "
-                             "2 4 8 16; quick 2 4 8)")
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--n-layers", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=64,
-                        help="keys from [1, V/2), values from [V/2, V)")
-    parser.add_argument("--pos-embedding", choices=("none", "learned"), default="none",
-                        help="the shell's learned position embeddings (N(0,1) at init) or none; "
-                             "see the module docstring")
-    parser.add_argument("--random-filler", action="store_true",
-                        help="fill non-query positions with random tokens (zoology's "
-                             "random_non_queries) instead of 0")
-    parser.add_argument("--per-length", action="store_true",
-                        help="train one model per sequence length (zoology's protocol) "
-                             "instead of one model on all lengths")
+                        help="pair counts; each length trains on those with 8P <= T "
+                             "(default 4 8 16; quick 2 4)")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+                        help="peak learning rates swept per (model, length); the best "
+                             "validation accuracy is reported (default 1e-3 3e-3 1e-2; quick "
+                             "3e-3 1e-2)")
+    parser.add_argument("--d-model", type=int, default=None,
+                        help="width of every model (default 64; quick 32)")
+    parser.add_argument("--n-layers", type=int, default=2,
+                        help="layers of every model (default: 2)")
+    parser.add_argument("--vocab-size", type=int, default=128,
+                        help="keys from [1, V/2), values from [V/2, V) (default: 128)")
+    parser.add_argument("--zero-filler", action="store_true",
+                        help="fill non-query positions with 0 instead of zoology's random "
+                             "tokens (default: random tokens)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="max training steps per model (default 20000; quick 5000)")
-    parser.add_argument("--max-seconds", type=float, default=None,
-                        help="training time per model; the schedule is stretched to it "
-                             "(default 230; quick 40)")
-    parser.add_argument("--tokens-per-step", type=int, default=2048,
-                        help="batch size = tokens-per-step / seq_len (at least 4)")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+                        help="optimizer steps per configuration (default 2000; quick 30)")
+    parser.add_argument("--tokens-per-step", type=int, default=None,
+                        help="batch size = tokens-per-step / T, split evenly between the "
+                             "pair counts (default 2048; quick 256)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1,
+                        help="linear warm-up over this fraction of the steps, then cosine to "
+                             "0 (default: 0.1)")
+    parser.add_argument("--weight-decay", type=float, default=0.1,
+                        help="AdamW weight decay on matrices (nanogpt filter) (default: 0.1)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="steps between validation scores (default 100; quick 15)")
     parser.add_argument("--target-accuracy", type=float, default=0.99,
-                        help="stop training early when the running training accuracy "
-                             "reaches it")
+                        help="stop a configuration once every pair count reaches this "
+                             "validation accuracy (default: 0.99)")
+    parser.add_argument("--val-examples", type=int, default=None,
+                        help="validation sequences per pair count (default 256; quick 32)")
     parser.add_argument("--eval-examples", type=int, default=None,
-                        help="held-out sequences per (length, pairs) (default 256; quick 128)")
-    parser.add_argument("--log-every", type=int, default=0, help="print training progress")
+                        help="test sequences per pair count (default 1000; quick 64)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="training-time limit of one configuration: it then stops, is "
+                             "evaluated and recorded with stop 'time limit' (default: none)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="train every configuration in this process instead of one fresh "
+                             "worker process each: starts faster (smoke tests), but a crash "
+                             "ends the run (default: one process per configuration)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every configuration again instead of reusing the "
+                             "finished ones in OUT/configs (default: reuse)")
+
+
+def resolve_protocol(args: argparse.Namespace) -> Protocol:
+    q = args.quick
+
+    def pick(value: Any, default: Any, quick: Any) -> Any:
+        return value if value is not None else (quick if q else default)
+
+    p = Protocol(vocab_size=args.vocab_size, d_model=pick(args.d_model, 64, 32),
+                 n_layers=args.n_layers, steps=pick(args.steps, 2000, 30),
+                 tokens_per_step=pick(args.tokens_per_step, 2048, 256),
+                 warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
+                 eval_every=pick(args.eval_every, 100, 15),
+                 val_examples=pick(args.val_examples, 256, 32),
+                 test_examples=pick(args.eval_examples, 1000, 64),
+                 target_accuracy=args.target_accuracy, random_filler=not args.zero_filler,
+                 max_seconds=args.max_seconds)
+    for name in ("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step", "eval_every",
+                 "val_examples", "test_examples"):
+        if getattr(p, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
+    if not 0.0 <= p.warmup_fraction < 1.0:
+        raise ValueError(f"--warmup-fraction must be in [0, 1), got {p.warmup_fraction}")
+    return p
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _summary(configs: list[dict[str, Any]], variants: list[str], seq_lens: list[int]
+             ) -> list[dict[str, Any]]:
+    """One row per (model, length, pairs) at the chosen lr."""
+    rows = []
+    for t in seq_lens:
+        for v in variants:
+            group = [c for c in configs if c["model"] == v and c["seq_len"] == t]
+            if not group:
+                continue
+            best = choose_lr(group)
+            ref = best or group[-1]
+            for q in ref["pairs_trained"]:
+                row: dict[str, Any] = {"model": v, "seq_len": t, "num_kv_pairs": q,
+                                       "init": ref["init"], "tied": ref["tied"],
+                                       "copy_plateau": 1.0 / q,
+                                       "lrs_tried": [c["lr"] for c in group]}
+                if best is None:
+                    row.update(status=ref["status"], accuracy=None, error=ref.get("error"))
+                else:
+                    r = best["pairs"][str(q)]
+                    row.update(status="ok", accuracy=r["accuracy"],
+                               val_accuracy=r["val_accuracy"], queries=r["queries"],
+                               reachable_fraction=r["reachable_fraction"],
+                               receptive_field=best["receptive_field"], lr=best["lr"],
+                               steps=best["steps"], stop_reason=best["stop_reason"],
+                               train_seconds=best["train_seconds"])
+                rows.append(row)
+    return rows
 
 
 def _markdown(results: dict[str, Any]) -> str:
-    runs = results["runs"]
     s = results["settings"]
-    models = list(dict.fromkeys(r["model"] for r in runs))
-    keys = list(dict.fromkeys((r["seq_len"], r["num_kv_pairs"]) for r in runs))
-    by = {(r["model"], r["seq_len"], r["num_kv_pairs"]): r for r in runs}
-    rf = {r["model"]: r.get("receptive_field") for r in runs}
-
-    def cell(m: str, t: int, p: int) -> str:
-        r = by.get((m, t, p))
-        if r is None:
-            return ""
-        if r["status"] != "ok":
-            return r["status"]
-        return f"{100 * r['accuracy']:.1f}"
-
-    def reachable(t: int, p: int) -> str:
-        r = next((by[(m, t, p)] for m in models if m.startswith("gam") and (m, t, p) in by
-                  and by[(m, t, p)].get("reachable_fraction") is not None), None)
-        return "-" if r is None else f"{100 * r['reachable_fraction']:.1f}"
-
-    parts = [f"# gam bench recall: MQAR accuracy on query positions (%), d {s['d_model']}, "
-             f"{s['n_layers']} layers, vocab {s['vocab_size']}", "",
+    p = s["protocol"]
+    runs = results["runs"]
+    parts = [f"# gam bench recall: MQAR test accuracy on query positions (%), d {p['d_model']}, "
+             f"{p['n_layers']} layers, vocab {p['vocab_size']}", "",
              common.environment_markdown(results["environment"], results["command"]), "",
-             "Receptive field (tokens): " + ", ".join(
-                 f"{m} {rf[m] if rf[m] is not None else '-'}" for m in models)
-             + ". GAM mixes tokens only through its causal convolutions "
-               "(1 + n_layers x (k - 1) tokens), so it cannot recall a pair further back; "
-               "'reachable' is the share of queries whose key and value lie inside GAM's "
-               "receptive field. 'copy' is 100/P, the accuracy of copying any value of the "
-               "context (the plateau before a model learns the association).", "",
-             common.markdown_table(
-                 ["T", "pairs", *models, "copy (%)", "reachable for gam (%)"],
-                 [[t, p, *(cell(m, t, p) for m in models), f"{100 / p:.1f}", reachable(t, p)]
-                  for t, p in keys]), "",
-             "## Training", "",
-             common.markdown_table(
-                 ["model", "lengths", "steps", "seconds", "stop", "final loss"],
-                 [[t["model"], " ".join(str(v) for v in t["seq_lens"]), t.get("steps", "-"),
-                   common.fmt(t.get("train_seconds"), 0), t.get("stop_reason", t.get("status")),
-                   common.fmt(t.get("final_loss"), 3)] for t in results["training"]])]
+             f"One model per (model, length, lr), trained on that length's pair counts mixed in "
+             f"each batch, {p['steps']} steps of {p['tokens_per_step']} tokens (AdamW, weight "
+             f"decay {p['weight_decay']}, warm-up {100 * p['warmup_fraction']:g}% then cosine, "
+             f"clip 1), stopped early when every pair count reaches "
+             f"{100 * p['target_accuracy']:g}% validation accuracy; the lr is chosen per "
+             f"(model, length) among {s['lrs']} on {p['val_examples']} validation sequences "
+             f"per pair count; accuracy on {p['test_examples']} test sequences (other seeds). "
+             f"Filler: {'random tokens' if p['random_filler'] else '0'}. 'copy' = 100/P "
+             f"(copying any value of the context); 'reachable (rf r)' = queries whose pair "
+             f"lies inside a receptive field of r tokens (GAM's), the most GAM can recall."]
+    for t in s["seq_lens"]:
+        rows_t = [r for r in runs if r["seq_len"] == t]
+        if not rows_t:
+            continue
+        ps = sorted({r["num_kv_pairs"] for r in rows_t})
+        by = {(r["model"], r["num_kv_pairs"]): r for r in rows_t}
+        table = []
+        for v in dict.fromkeys(r["model"] for r in rows_t):
+            first = next(r for r in rows_t if r["model"] == v)
+            cells = []
+            for q in ps:
+                r = by.get((v, q))
+                cells.append("" if r is None else (_pct(r["accuracy"]) if r["status"] == "ok"
+                                                   else r["status"]))
+            table.append([v, first["init"], first["tied"], *cells,
+                          f"{first['lr']:g}" if first.get("lr") else "-",
+                          first.get("steps", "-"), common.fmt(first.get("train_seconds"), 0)])
+        table.append(["copy plateau (1/P)", "", "", *(f"{100 / q:.1f}" for q in ps), "", "", ""])
+        reach = {}
+        for r in rows_t:
+            rf = r.get("receptive_field")
+            if r["status"] == "ok" and rf is not None and rf < t:
+                reach.setdefault(rf, {})[r["num_kv_pairs"]] = r["reachable_fraction"]
+        for rf, vals in sorted(reach.items()):
+            table.append([f"reachable (rf {rf})", "", "", *(_pct(vals.get(q)) for q in ps),
+                          "", "", ""])
+        parts += ["", f"## T = {t}", "", common.markdown_table(
+            ["model", "init", "tied", *(f"P {q}" for q in ps), "chosen lr", "steps",
+             "train s"], table)]
+    sweep = [[c["model"], c["seq_len"], f"{c['lr']:g}", c["status"],
+              _pct(c.get("val_accuracy")),
+              " / ".join(_pct(r["accuracy"]) for r in c.get("pairs", {}).values()) or "-",
+              c.get("steps", "-"), c.get("stop_reason", "-"),
+              common.fmt(c.get("train_seconds"), 0), common.fmt(c.get("wall_seconds"), 0),
+              "yes" if c.get("chosen") else "", c.get("action", "-")]
+             for c in results["configs"]]
+    parts += ["", "## Learning-rate sweep (every configuration)", "", common.markdown_table(
+        ["model", "T", "lr", "status", "val acc (mean)", "test acc per P", "steps", "stop",
+         "train s", "wall s", "chosen", "action"], sweep)]
     return "\n".join(parts)
 
 
-def _plot(results: dict[str, Any], path) -> None:
+def _plot(results: dict[str, Any], path: Path) -> None:
     runs = [r for r in results["runs"] if r["status"] == "ok"]
     seq_lens = sorted({r["seq_len"] for r in runs}) or [0]
-    fig, axes = common.new_figure(len(seq_lens), width=4.0, height=3.6)
+    fig, axes = common.new_figure(len(seq_lens), width=4.5, height=3.8)
     for ax, t in zip(axes, seq_lens, strict=True):
         for model in dict.fromkeys(r["model"] for r in runs):
             rows = sorted((r for r in runs if r["model"] == model and r["seq_len"] == t),
@@ -339,104 +601,143 @@ def _plot(results: dict[str, Any], path) -> None:
                 ax.plot([r["num_kv_pairs"] for r in rows], [100 * r["accuracy"] for r in rows],
                         "o-", label=model)
         ps = sorted({r["num_kv_pairs"] for r in runs if r["seq_len"] == t})
-        ax.plot(ps, [100 / p for p in ps], "--", color="gray", label="copy a value (1/P)")
+        ax.plot(ps, [100 / q for q in ps], "--", color="gray", label="copy plateau (1/P)")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-2, 102)
         ax.set_xlabel("key-value pairs")
         ax.set_title(f"T = {t}")
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("MQAR accuracy (%)")
+    axes[0].set_ylabel("MQAR test accuracy (%)")
     if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend()
+        axes[0].legend(fontsize=7)
+    p = results["settings"]["protocol"]
+    fig.suptitle(f"multi-query associative recall, d {p['d_model']}, {p['n_layers']} layers, "
+                 f"best lr per model and length")
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+
+
+def _write(out: Path, results: dict[str, Any], plot: bool = False) -> None:
     s = results["settings"]
-    fig.suptitle(f"multi-query associative recall, d {s['d_model']}, {s['n_layers']} layers")
-    fig.savefig(path, dpi=120)
+    results["runs"] = _summary(results["configs"], s["models"], s["seq_lens"])
+    chosen = {}
+    for t in s["seq_lens"]:
+        for v in s["models"]:
+            best = choose_lr([c for c in results["configs"] if c["model"] == v
+                              and c["seq_len"] == t])
+            if best is not None:
+                chosen[(v, t)] = best["lr"]
+    for c in results["configs"]:
+        c["chosen"] = chosen.get((c["model"], c["seq_len"])) == c["lr"]
+    results["environment"] = common.finish_environment(results["environment"])
+    clean = common._finite(results)  # strict JSON: NaN/inf -> null
+    atomic_write_bytes(out / "results.json",
+                       (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(out / "results.md", (_markdown(clean).rstrip() + "\n").encode())
+    if plot:  # once at the end: matplotlib costs more than a quick configuration
+        _plot(clean, out / "recall.png")
 
 
 def run(args: argparse.Namespace) -> int:
-    from gam.models.registry import receptive_field
-
     device = common.resolve_device(args.device)
     threads = common.setup_threads(args.threads)
+    p = resolve_protocol(args)
     seq_lens = sorted(set(args.seq_lens or (QUICK_SEQ_LENS if args.quick else DEFAULT_SEQ_LENS)))
     all_pairs = sorted(set(args.num_kv_pairs or (QUICK_PAIRS if args.quick else DEFAULT_PAIRS)))
-    args.steps = args.steps or (5000 if args.quick else 20000)
-    if args.max_seconds is None:
-        args.max_seconds = 40.0 if args.quick else 230.0
-    n_eval = args.eval_examples or (128 if args.quick else 256)
-    tasks = [(t, p) for t in seq_lens for p in pairs_for_length(t, all_pairs, args.vocab_size)]
-    if not tasks:
-        raise SystemExit("gam bench recall: no (length, pairs) with 4 x pairs <= length")
-    groups = ([[tk for tk in tasks if tk[0] == t] for t in seq_lens] if args.per_length
-              else [tasks])
-    groups = [g for g in groups if g]
+    lrs = list(dict.fromkeys(args.lrs or (QUICK_LRS if args.quick else DEFAULT_LRS)))
+    global_args = dict(args.model_arg)
+    variants: list[tuple[str, str, dict[str, Any]]] = []  # (label, name, overrides)
+    for text in args.models or default_models():
+        name, own = parse_variant(text)
+        overrides = own if name == TEXTBOOK else {**global_args, **own}
+        variants.append((text, name, overrides))
+    labels = [v[0] for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--models lists a model twice: {labels}")
+    lengths = {t: pairs_for_length(t, all_pairs, p.vocab_size) for t in seq_lens}
+    if not any(lengths.values()):
+        raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
+                         f"length among {all_pairs} for lengths {seq_lens}")
+    out = Path(args.out)
     command = common.command_line(args.command, args.argv)
-    env = common.environment(device, threads)
-    print(f"gam bench recall: models {args.models}, lengths {seq_lens}, pairs {all_pairs}, "
-          f"d {args.d_model}, {args.n_layers} layers, vocab {args.vocab_size}, "
-          f"{len(groups)} model(s) per family, <= {args.max_seconds:g} s / {args.steps} steps "
-          f"each, device {device}, {threads} threads", flush=True)
-    runs: list[dict[str, Any]] = []
-    training: list[dict[str, Any]] = []
-    for mi, name in enumerate(args.models):
-        reason = common.model_available(name)
-        for gi, group in enumerate(groups):
-            lens = sorted({t for t, _ in group})
-            if reason is not None:
-                training.append({"model": name, "seq_lens": lens, "status": "unavailable",
-                                 "error": reason})
-                runs += [{"model": name, "seq_len": t, "num_kv_pairs": p,
-                          "status": "unavailable", "accuracy": None, "error": reason}
-                         for t, p in group]
-                continue
-            try:
-                model, info = train_one(name, group, args, device,
-                                        seed=args.seed + 1000 * mi + gi,
-                                        log_every=args.log_every)
-            except Exception as exc:  # noqa: BLE001 - recorded
-                status = "oom" if common.is_oom_error(exc) else "error"
-                training.append({"model": name, "seq_lens": lens, "status": status,
-                                 "error": f"{type(exc).__name__}: {exc}"})
-                runs += [{"model": name, "seq_len": t, "num_kv_pairs": p, "status": status,
-                          "accuracy": None, "error": str(exc)[:300]} for t, p in group]
-                print(f"  {name} T={lens}: {status}: {exc}", flush=True)
-                continue
-            rf = receptive_field(model)
-            training.append({"model": name, "seq_lens": lens, "status": "ok", **info})
-            for t, p in group:
-                ev = evaluate(model, t, p, args.vocab_size, n_eval,
-                              seed=10_000_000 + args.seed + 97 * t + p, device=device,
-                              random_non_queries=args.random_filler)
-                dist = ev.pop("distances")
-                runs.append({"model": name, "seq_len": t, "num_kv_pairs": p, "status": "ok",
-                             "accuracy": ev["accuracy"], "queries": ev["queries"],
-                             "receptive_field": rf,
-                             "reachable_fraction": float((dist <= rf - 1).float().mean()),
-                             "chance": 1.0 / p, "train_steps": info["steps"]})
-            accs = ", ".join(f"T{r['seq_len']}/P{r['num_kv_pairs']} {100 * r['accuracy']:.0f}%"
-                             for r in runs[-len(group):])
-            print(f"  {name:<12} rf {rf:<4} {info['steps']} steps ({info['train_seconds']:.0f} "
-                  f"s, {info['stop_reason']}): {accs}", flush=True)
-            del model
-    results = {
-        "command": command,
-        "settings": {"models": list(args.models), "seq_lens": seq_lens, "pairs": all_pairs,
-                     "tasks": [list(t) for t in tasks], "per_length": args.per_length,
-                     "d_model": args.d_model, "n_layers": args.n_layers,
-                     "vocab_size": args.vocab_size, "pos_embedding": args.pos_embedding,
-                     "random_filler": args.random_filler, "steps": args.steps,
-                     "max_seconds": args.max_seconds, "tokens_per_step": args.tokens_per_step,
-                     "lr": args.lr, "weight_decay": args.weight_decay,
-                     "target_accuracy": args.target_accuracy, "eval_examples": n_eval,
-                     "quick": args.quick, "seed": args.seed,
-                     "task": "MQAR (zoology): P key-value pairs, then every key queried once "
-                             "at a random even offset of the rest; accuracy on query positions "
-                             "only"},
-        "runs": runs,
-        "training": training,
-        "environment": common.finish_environment(env),
-    }
-    out = common.write_results(args.out, results, _markdown(results))
-    _plot(results, out / "recall.png")
+    settings = {"models": labels, "model_args": global_args, "seq_lens": seq_lens,
+                "pairs": all_pairs, "pairs_by_length": {str(t): v for t, v in lengths.items()},
+                "lrs": lrs, "protocol": asdict(p), "seed": args.seed, "device": str(device),
+                "threads": threads,
+                "optimizer": "gam.training.optim AdamW betas (0.9, 0.95), nanogpt decay filter, "
+                             "warm-up then cosine to 0, clip 1.0",
+                "task": "MQAR (zoology): P key-value pairs, then every key queried once at a "
+                        "random even offset of the rest; accuracy on query positions only"}
+    results: dict[str, Any] = {"command": command, "settings": settings, "configs": [],
+                               "runs": [], "environment": common.environment(device, threads)}
+    n_configs = sum(len(lrs) for t in seq_lens if lengths[t] for _ in variants)
+    print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, d {p.d_model}, "
+          f"{p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of {p.tokens_per_step} "
+          f"tokens, {n_configs} configurations, device {device}, {threads} threads", flush=True)
+    # length-major: an interrupted benchmark still has every model at the first length
+    for t in seq_lens:
+        pairs = lengths[t]
+        if not pairs:
+            continue
+        for label, name, overrides in variants:
+            reason = common.model_available(name) if name != TEXTBOOK else None
+            init, tied = "-", "-"
+            if reason is None:
+                try:
+                    init, tied = init_label(name, recall_config(name, overrides, t, p))
+                except (TypeError, ValueError) as exc:  # a bad override: fail now, not later
+                    raise ValueError(f"model {label!r}: {exc}") from None
+            for lr in lrs:
+                key = {"protocol": asdict(p), "model": label, "name": name,
+                       "overrides": overrides, "seq_len": t, "pairs": pairs, "lr": lr,
+                       "seed": args.seed, "device": device.type}
+                cid = _slug(f"{label}-T{t}-lr{lr:g}")
+                cfile = out / "configs" / f"{cid}.json"
+                row: dict[str, Any] = {"model": label, "name": name, "overrides": overrides,
+                                       "init": init, "tied": tied, "seq_len": t,
+                                       "pairs_trained": pairs, "lr": lr}
+                old = json.loads(cfile.read_text()) if cfile.is_file() else {}
+                if not args.retrain and old.get("key") == key and old.get("status") == "ok":
+                    row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
+                elif reason is not None:
+                    row.update(status="unavailable", error=reason, action="skipped")
+                else:
+                    cfile.parent.mkdir(parents=True, exist_ok=True)
+                    log_file = cfile.with_suffix(".log")
+                    log_file.write_text("")
+                    payload = {"name": name, "overrides": overrides, "seq_len": t,
+                               "pairs": pairs, "lr": lr, "protocol": asdict(p),
+                               "seed": args.seed, "device": str(device), "threads": threads,
+                               "log_file": str(log_file)}
+                    t0 = time.perf_counter()
+                    if args.in_process:
+                        rec = _train_here(payload)
+                    else:
+                        limit = None if p.max_seconds is None else 2 * p.max_seconds + 600
+                        status, records, error = common.run_worker("gam.bench.recall", payload,
+                                                                   timeout=limit)
+                        rec = records[-1] if records else {"status": status, "error": error}
+                    rec.pop("traceback", None)
+                    row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
+                    if row["status"] == "ok":
+                        atomic_write_json(cfile, {"key": key, **row})
+                results["configs"].append(row)
+                if row["status"] == "ok":
+                    accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%"
+                                     for q, r in row["pairs"].items())
+                    print(f"  {label} T {t} lr {lr:g}: {accs} (validation "
+                          f"{100 * row['val_accuracy']:.1f}%), {row['steps']} steps "
+                          f"({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
+                          f"{row['action']}", flush=True)
+                else:
+                    print(f"  {label} T {t} lr {lr:g}: {row['status']}: {row.get('error')}",
+                          flush=True)
+                _write(out, results)
+    _write(out, results, plot=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'recall.png'}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.worker_main(_worker))

@@ -17,29 +17,69 @@ with status 3, an interrupted one with 130.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from gam import __version__
+from gam.data import eot_token_id
+from gam.models.io import CheckpointError
+from gam.runtime import resolve_device, set_threads
+from gam.training import (
+    RuntimeOptions,
+    TrainConfig,
+    TrainingDivergedError,
+    default_run_dir,
+    evaluate_run,
+    load_run,
+    resume,
+    train,
+)
+from gam.training.argtypes import nonneg_int as _nonneg_int
+from gam.training.argtypes import number as _number
+from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import positive_int as _positive_int
+from gam.training.config import RunConfig
+from gam.training.options import (
+    add_setting_arguments,
+    format_default,
+    options_given,
+    run_config_from_settings,
+    run_settings,
+    setting_key,
+)
+
+__all__ = ["PROG", "build_parser", "build_run_config", "main", "parse_model_arg",
+           "stream_text"]
 
 PROG = "gam"
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
-# train options that --resume accepts (how to run, not what): everything else is the run's own
-RESUME_OPTIONS = {"data_dir", "threads", "quiet", "device", "cache_dir", "wandb", "tensorboard"}
+# train options that --resume accepts (how to run, not what: RuntimeOptions); everything else is
+# the run's own
+RESUME_OPTIONS = {setting_key(f) for f in fields(RuntimeOptions)}
 # ... and what may change the run's length (extend a finished run)
 RESUME_LENGTH_OPTIONS = {"max_steps", "epochs"}
 
-TRAIN_EPILOG = """\
-defaults are the paper's recipe (as its official code): blocks of 256 tokens (the model's
-max_seq_len), global batch 32, AdamW lr 3e-4 betas (0.9, 0.95) eps 1e-8 and weight decay 0.1 on
-EVERY parameter (--decay-filter all), 100 linear warm-up steps then cosine decay to --min-lr (0)
-over the run (5 epochs, or --max-steps if smaller), gradient clipping 1.0, fp32.
+# the defaults below are TrainConfig's (filled in by TRAIN_EPILOG)
+_TRAIN_EPILOG = (
+    "defaults are the paper's recipe (as its official code): blocks of 256 tokens (the model's\n"
+    "max_seq_len), global batch {batch_size}, AdamW lr {lr} betas {betas} eps {eps} and weight "
+    "decay {weight_decay} on\nEVERY parameter (--decay-filter {decay_filter}), {warmup_steps} "
+    "linear warm-up steps then cosine decay to --min-lr ({min_lr})\nover the run ({epochs} "
+    "epochs, or --max-steps if smaller), gradient clipping {grad_clip}, {dtype}." + """
 --decay-filter nanogpt (alias --no-decay-norms-biases-embeddings) exempts norms, biases and
 the embeddings (the token embedding is also the tied output head) from weight decay, as
 minGPT/nanoGPT's configure_optimizers did.
@@ -65,55 +105,10 @@ checkpoint.
 
 multi-process: torchrun --nproc-per-node N -m gam train ... (DDP; gloo on CPU, nccl on GPU;
 --batch-size stays the global batch and must be divisible by N * --grad-accum).
-"""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def parse_model_arg(text: str) -> tuple[str, Any]:
-    """``key=value`` -> (key, value) with value parsed as JSON when possible
-    (``128`` -> 128, ``0.1`` -> 0.1, ``true`` -> True, ``none``/``null`` -> None), else a
-    string."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    lowered = raw.strip().lower()
-    if lowered in ("none", "null"):
-        return key, None
-    if lowered in ("true", "false"):
-        return key, lowered == "true"
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
+""")
+_RECIPE = TrainConfig()
+TRAIN_EPILOG = _TRAIN_EPILOG.format(**{
+    **vars(_RECIPE), **{k: format_default(getattr(_RECIPE, k)) for k in ("lr", "eps", "min_lr")}})
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -121,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Gated Associative Memory (arXiv 2509.00605): train, evaluate, "
         "sample, benchmark and export GAM, Transformer and Mamba language models.")
-    from gam import __version__
-
     parser.add_argument("--version", action="version", version=f"gam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -139,116 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(sub: Any) -> None:
-    from gam.models.registry import MODELS, PRESETS
-
+    """``gam train``: an option per setting of gam.training.config (help and default from the
+    field), plus --dropout, --out and --resume."""
     p = sub.add_parser("train", help="train a model (or --resume a run)",
                        description="Train a language model; see the notes below.",
                        epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=sorted(MODELS), default=None,
-                   help="model family / variant (default gam)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="size preset (default paper)")
-    g.add_argument("--model-arg", action="append", type=parse_model_arg, default=None,
-                   metavar="KEY=VALUE",
-                   help="override a model config field, repeatable "
-                        "(e.g. --model-arg num_memory_slots=128; default: none, the preset's "
-                        "values)")
-    g.add_argument("--dropout", type=_number, default=None, help="model dropout (default: preset)")
-    g = p.add_argument_group("data and tokenizer")
-    g.add_argument("--dataset", default=None,
-                   help="wikitext2 (default), wikitext2-tokens, tinystories, austen or text:PATH "
-                        "(a text file or a folder with train.txt, valid.txt)")
-    g.add_argument("--data-dir", default=None,
-                   help="folder holding the corpus folders (default: $GAM_DATA_DIR, else the "
-                        "Hugging Face hub)")
-    g.add_argument("--cache-dir", default=None,
-                   help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)")
-    g.add_argument("--offline", action="store_true", default=None,
-                   help="never try the Hugging Face hub for a corpus (default: try it when "
-                        "the data is not found locally)")
-    g.add_argument("--seq-len", type=_positive_int, default=None,
-                   help="block length (default and maximum: the model's max_seq_len)")
-    g.add_argument("--max-train-rows", type=_positive_int, default=None,
-                   help="keep the first N rows of the train split (default: all)")
-    g.add_argument("--max-val-rows", type=_positive_int, default=None,
-                   help="keep the first N rows of the valid/test splits (default: all)")
-    g.add_argument("--tokenizer", choices=("bytelevel", "paper"), default=None,
-                   help="bytelevel BPE (default, lossless) or the official code's whitespace BPE")
-    g.add_argument("--vocab-size", type=_positive_int, default=None,
-                   help="tokenizer vocabulary size, also the model's vocab_size (default 10000)")
-    g.add_argument("--tokenizer-on-all-splits", action="store_true", default=None,
-                   help="train the tokenizer on train+valid+test as the official code (leaks "
-                        "evaluation text; default: train split only)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None,
-                   help="passes over the train split (default 5); with --resume: the run's "
-                        "new length, dropping a recorded --max-steps (see below)")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after N optimizer steps, the cosine schedule ends there (default: "
-                        "none, the --epochs); with --resume: the run's new length, the cosine "
-                        "is recomputed to end there (see below)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch in blocks per optimizer step (default 32)")
-    g.add_argument("--grad-accum", type=int, default=None,
-                   help="split each process's batch into N micro-batches (default 1)")
-    g.add_argument("--lr", type=_number, default=None, help="peak learning rate (default 3e-4)")
-    g.add_argument("--min-lr", type=_number, default=None,
-                   help="learning rate at the end of the cosine (default 0)")
-    g.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear warm-up steps before the cosine (default 100, the paper's; a "
-                        "short run, e.g. --max-steps 500, wants ~20)")
-    g.add_argument("--weight-decay", type=_number, default=None,
-                   help="AdamW weight decay (default 0.1)")
-    g.add_argument("--betas", type=_number, nargs=2, default=None, metavar=("B1", "B2"),
-                   help="AdamW betas (default 0.9 0.95)")
-    g.add_argument("--decay-filter", choices=("all", "nanogpt"), default=None,
-                   help="all: weight decay on every parameter (the official code, default); "
-                        "nanogpt: not on norms, biases and embeddings")
-    g.add_argument("--no-decay-norms-biases-embeddings", dest="decay_filter",
-                   action="store_const", const="nanogpt",
-                   help="same as --decay-filter nanogpt (default: off, --decay-filter all)")
-    g.add_argument("--grad-clip", type=_number, default=None,
-                   help="max gradient norm, 0 disables (default 1.0)")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="fp32 (default); bf16 = torch.autocast on CPU or CUDA; fp16 = autocast "
-                        "+ GradScaler, CUDA only")
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the model (default: off; the first step then takes "
-                        "~20 s on a CPU)")
-    g.add_argument("--seed", type=int, default=None,
-                   help="seed of the init, the data order and dropout (default 42)")
-    g = p.add_argument_group("logging, evaluation, checkpoints")
-    g.add_argument("--out", default=None,
-                   help="run directory (default runs/<model>-<dataset>-<timestamp>)")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR exactly from its last checkpoint "
-                        "(default: start a new run)")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="also evaluate every N steps (default: none; always at each epoch end "
-                        "and at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=None,
-                   help="blocks per evaluation batch and process (default: the training one)")
-    g.add_argument("--gate-stat-batches", type=_nonneg_int, default=None,
-                   help="validation batches for the GAM gate statistics at each evaluation "
-                        "(default 4, 0 disables)")
-    g.add_argument("--log-every", type=int, default=None,
-                   help="write a metrics record every N steps (default 10)")
-    g.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N steps (default 250; also at epoch ends and the end)")
-    g.add_argument("--quiet", action="store_true", default=None,
-                   help="no progress bar or log lines, warnings and errors only (default: off)")
-    g.add_argument("--wandb", action="store_true", default=None,
-                   help="also log to Weights & Biases (needs wandb; default: off)")
-    g.add_argument("--tensorboard", action="store_true", default=None,
-                   help="also log to TensorBoard in RUN_DIR/tensorboard (needs tensorboard; "
-                        "default: off)")
-    g = p.add_argument_group("hardware")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="auto (default) = cuda if available, else cpu")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch CPU threads (torch.set_num_threads); default one per core, "
-                        "fewer when other processes already keep the cores busy")
+    groups = {"model": p.add_argument_group("model"),
+              "data": p.add_argument_group("data and tokenizer"),
+              "optimisation": p.add_argument_group("optimisation"),
+              "logging": p.add_argument_group("logging, evaluation, checkpoints"),
+              "hardware": p.add_argument_group("hardware")}
+    groups["logging"].add_argument(
+        "--out", default=None, help="run directory (default runs/<model>-<dataset>-<timestamp>)")
+    groups["logging"].add_argument(
+        "--resume", default=None, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR exactly from its last checkpoint (default: start a "
+             "new run)")
+    add_setting_arguments(groups)
+    groups["model"].add_argument("--dropout", type=_number, default=None,
+                                 help="model dropout (default: preset)")
     p.set_defaults(func=cmd_train)
 
 
@@ -324,8 +226,6 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(quiet: bool) -> None:
-    import os
-
     rank = int(os.environ.get("RANK", "0"))
     level = logging.WARNING if quiet or rank != 0 else logging.INFO
     log = logging.getLogger("gam")
@@ -338,56 +238,34 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "func", "resume"}
-    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+def _given(args: argparse.Namespace) -> dict[str, str]:
+    """dest -> flag of the options given (not None)."""
+    return options_given(args, skip={"command", "func", "resume"})
 
 
-def build_run_config(args: argparse.Namespace) -> Any:
+def build_run_config(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of ``gam train`` arguments (defaults filled from the dataclasses)."""
-    from gam.training import DataConfig, RunConfig, TokenizerConfig, TrainConfig
-
-    overrides = dict(args.model_arg or [])
+    settings = {k: v for k, v in vars(args).items() if k in run_settings() and v is not None}
+    overrides = dict(settings.pop("model_arg", None) or [])
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
-    train_keys = ("batch_size", "grad_accum", "epochs", "max_steps", "lr", "min_lr",
-                  "warmup_steps", "weight_decay", "decay_filter", "grad_clip", "dtype",
-                  "compile", "seed", "eval_every", "eval_batch_size", "gate_stat_batches",
-                  "log_every", "save_every")
-    train_kwargs = {k: getattr(args, k) for k in train_keys if getattr(args, k) is not None}
-    if args.betas is not None:
-        train_kwargs["betas"] = tuple(args.betas)
-    data = DataConfig(dataset=args.dataset or "wikitext2",
-                      data_dir=args.data_dir, max_train_rows=args.max_train_rows,
-                      max_val_rows=args.max_val_rows, seq_len=args.seq_len,
-                      use_hub=not args.offline)
-    tok_kwargs: dict[str, Any] = {}
-    if args.tokenizer is not None:
-        tok_kwargs["kind"] = args.tokenizer
-    if args.vocab_size is not None:
-        tok_kwargs["vocab_size"] = args.vocab_size
-    if args.tokenizer_on_all_splits:
-        tok_kwargs["on_all_splits"] = True
-    return RunConfig(model=args.model or "gam", preset=args.preset or "paper",
-                     model_overrides=overrides, data=data,
-                     tokenizer=TokenizerConfig(**tok_kwargs), train=TrainConfig(**train_kwargs))
+    return run_config_from_settings({**settings, "model_arg": overrides})
+
+
+def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    """The RuntimeOptions of ``gam train`` arguments."""
+    return RuntimeOptions(**{f.name: getattr(args, setting_key(f)) for f in fields(RuntimeOptions)
+                             if getattr(args, setting_key(f), None) is not None})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
-    from gam.training import RuntimeOptions, default_run_dir, resume, train
-
     _setup_logging(bool(args.quiet))
-    options = RuntimeOptions(device=args.device or "auto", threads=args.threads,
-                             quiet=bool(args.quiet), wandb=bool(args.wandb),
-                             tensorboard=bool(args.tensorboard), cache_dir=args.cache_dir,
-                             data_dir=args.data_dir)
+    options = runtime_options(args)
     if args.resume is not None:
-        extra = sorted(set(_given(args)) - RESUME_OPTIONS - RESUME_LENGTH_OPTIONS)
+        given = _given(args)
+        extra = sorted(set(given) - RESUME_OPTIONS - RESUME_LENGTH_OPTIONS)
         if extra:
-            flags = ", ".join("--" + k.replace("_", "-") for k in extra)
+            flags = ", ".join(given[k] for k in extra)
             raise ValueError(f"--resume continues {args.resume} with its saved settings; these "
                              f"options cannot be changed: {flags} (only the run's length, with "
                              f"--max-steps or --epochs)")
@@ -408,9 +286,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gam.training import evaluate_run
-    from gam.training.distributed import set_threads
-
     _setup_logging(bool(args.quiet))  # progress on stderr: loading and evaluating take a while
     set_threads(args.threads)
     result = evaluate_run(args.run_dir, split=args.split, data_dir=args.data_dir,
@@ -455,12 +330,6 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from gam.data import eot_token_id
-    from gam.training import load_run
-    from gam.training.distributed import resolve_device, set_threads
-
     check_generate_args(args)  # before anything is loaded or printed
     set_threads(args.threads)
     device = resolve_device(args.device)
@@ -511,10 +380,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _forward(command: str, argv: list[str]) -> int:
+    # looked up when the command runs: the benchmarks load their command modules on demand, and
+    # the export needs transformers (optional)
     module_name = "gam.bench" if command == "bench" else "gam.hf.export"
     try:
-        import importlib
-
         module = importlib.import_module(module_name)
         entry = module.main
     except (ImportError, AttributeError) as e:
@@ -547,17 +416,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version or a usage error (argparse printed it)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
 
-    from gam.models.io import CheckpointError
-    from gam.training import TrainingDivergedError
-
     try:
         return int(args.func(args) or 0)
     except TrainingDivergedError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except BrokenPipeError:  # e.g. `gam generate ... | head`: the reader left, not an error
-        import os
-
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
         return 0

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from gam.bench import main as bench_main
-from gam.bench import training_runs as tr
+from gam.bench import training_bench as tr
 
 WORDS = ("the cat dog bird sat ran on under a an mat tree house river saw big small red "
          "green quick slow and then it was day night when where who what very old new one "

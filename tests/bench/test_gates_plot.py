@@ -33,3 +33,19 @@ def test_evolution_plot_has_one_panel_per_path(tmp_path, monkeypatch, check):
 
 def test_evolution_plot_without_records_is_skipped(tmp_path):
     assert gates.plot_evolution({"evolution": []}, tmp_path / "none.png", "t") is None
+
+
+def test_gate_paths_come_from_the_family():
+    import torch
+
+    from gam import build_model
+    from gam.training.diagnostics import gate_statistics
+
+    assert gates.gated_paths("gam-delta", {"d_model": 32, "n_layers": 2}) == [
+        "local", "global", "delta"]
+    assert gates.gated_paths("gam-sum", {}) == [] and gates.gated_paths("transformer", {}) == []
+    assert gates.gated_paths("no-such-model", {}) == []
+    model = build_model("gam-delta", "tiny").eval()
+    stats = gate_statistics(model, [torch.randint(0, 256, (2, 16))])
+    assert len(stats) == 2 and {"delta_mean", "global_mean", "local_mean"} <= set(stats[0])
+    assert gates.logged_paths(stats) == ["local", "global", "delta"]

@@ -12,7 +12,6 @@ from gam.data import (
     Corpus,
     DataNotFoundError,
     default_data_dir,
-    find_shared_data_dir,
     load_austen,
     load_corpus,
 )
@@ -327,14 +326,6 @@ def test_austen_split_searches_title_when_not_at_reference_line(tmp_path, write_
     write_text(tmp_path / "fallback-prose" / "austen.txt", "no title here\nat all\n")
     with pytest.raises(ValueError, match="Persuasion"):
         load_austen(tmp_path)
-
-
-def test_find_shared_data_dir_walks_up(tmp_path):
-    shared = tmp_path / "shared" / "data"
-    shared.mkdir(parents=True)
-    deep = tmp_path / "main" / "src" / "gam"
-    deep.mkdir(parents=True)
-    assert find_shared_data_dir([deep]) == shared.resolve()
 
 
 # ------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "(paper Table 2)"),
     "decode": ("gam.bench.decode", "cached decoding speed (tokens/s) and memory vs context"),
     "recall": ("gam.bench.recall", "multi-query associative recall (MQAR) accuracy"),
+    "listops": ("gam.bench.listops", "Long Range Arena ListOps accuracy of any model family"),
     "throughput": ("gam.bench.throughput",
                    "training tokens/s, FLOPs per token and MFU against a measured matmul peak"),
     "compare": ("gam.bench.compare", "compare trained models"),

@@ -9,7 +9,7 @@ number of memory slots (``num_memory_slots``; the paper lists this sweep as futu
 slot count equal to the preset's own is the full model itself, whose run is shared.
 
 Same protocol, presets, resumability and outputs as ``gam bench compare`` (see
-``gam.bench.training_runs``; default dataset WikiText-2): ``results.json`` (``runs``,
+``gam.bench.protocols``; default dataset WikiText-2): ``results.json`` (``runs``,
 ``summary``, ``paper``: the parameter counts of the paper's Table 3, ``environment``,
 ``command``), ``results.md``, ``curves-<dataset>.png`` (training / validation loss of the
 variants) and, with ``--slots``, ``slots-<dataset>.png`` (validation perplexity vs slots).
@@ -18,12 +18,14 @@ variants) and, with ``--slots``, ``slots-<dataset>.png`` (validation perplexity 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 from gam.bench import common
-from gam.bench import training_runs as tr
+from gam.bench import training_bench as tb
+from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
+from gam.bench.runs import RunSpec, dataset_slug
+from gam.models.registry import model_config
 
 DEFAULT_VARIANTS = ["gam", "gam-global-only", "gam-sum", "gam-local-only"]
 
@@ -56,20 +58,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="wikitext2",
                         help="wikitext2 (the paper's), austen (stand-in for TinyStories), "
                              "tinystories, or text:PATH")
-    tr.add_protocol_arguments(parser)
+    add_protocol_arguments(parser)
 
 
-def _preset_slots(protocol: tr.Protocol) -> int | None:
-    from gam.models.registry import model_config
-
+def _preset_slots(protocol: Protocol) -> int | None:
     try:
         return int(model_config("gam", protocol.model_preset).num_memory_slots)
     except Exception:  # noqa: BLE001
         return None
 
 
-def build_specs(args: argparse.Namespace, protocol: tr.Protocol, seeds: list[int]
-                ) -> list[tr.RunSpec]:
+def build_specs(args: argparse.Namespace, protocol: Protocol, seeds: list[int]
+                ) -> list[RunSpec]:
     """Variants first, then the slot sweep; a sweep point equal to the preset's slot count is
     the plain ``gam`` run when ``gam`` is among the variants (same folder, reused)."""
     if len(set(args.variants)) != len(args.variants):
@@ -80,16 +80,16 @@ def build_specs(args: argparse.Namespace, protocol: tr.Protocol, seeds: list[int
     default_slots = _preset_slots(protocol)
     specs = []
     for seed in seeds:
-        specs += [tr.RunSpec(dataset=args.dataset, model=v, seed=seed, group="variants")
+        specs += [RunSpec(dataset=args.dataset, model=v, seed=seed, group="variants")
                   for v in args.variants]
     for seed in seeds:
         for n in slots:
             if n == default_slots and "gam" in args.variants:
-                specs.append(tr.RunSpec(dataset=args.dataset, model="gam", seed=seed,
+                specs.append(RunSpec(dataset=args.dataset, model="gam", seed=seed,
                                         label="gam", group="slots",
                                         extra={"slots": n, "same_run_as": "gam"}))
             else:
-                specs.append(tr.RunSpec(dataset=args.dataset, model="gam", seed=seed,
+                specs.append(RunSpec(dataset=args.dataset, model="gam", seed=seed,
                                         label=f"gam-slots{n}",
                                         overrides={"num_memory_slots": n}, group="slots",
                                         extra={"slots": n}))
@@ -117,11 +117,11 @@ def plot_slots(sweep: list[dict[str, Any]], path: Path, dataset: str) -> Path | 
 
 
 def build_markdown(results: dict[str, Any]) -> str:
-    protocol = tr.Protocol(**results["protocol"])
+    protocol = Protocol.from_dict(results["protocol"])
     dataset = results["dataset"]
     info = results["datasets"].get(dataset, {})
     lines = ["# GAM ablations (paper Table 3)", "",
-             tr.protocol_markdown(protocol, results["seeds"]), "", f"Dataset: {dataset}.", ""]
+             protocol_markdown(protocol, results["seeds"]), "", f"Dataset: {dataset}.", ""]
     if info.get("note"):
         lines += [f"Note: {info['note']}", ""]
     if info.get("status") == "error":
@@ -136,14 +136,14 @@ def build_markdown(results: dict[str, Any]) -> str:
             continue
         at_paper = ours_paper.get(v) or {}
         rows.append([
-            v, PAPER_TABLE3["labels"].get(v, ""), tr.fmt_params(s["params_total"]),
-            tr.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
-            tr.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1)
+            v, PAPER_TABLE3["labels"].get(v, ""), tb.fmt_params(s["params_total"]),
+            tb.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
+            tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1)
             + (" (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""),
             common.fmt(s["tokens_per_s_mean"], 0),
-            tr.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
-            tr.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), str(s["n"]),
-            tr.fmt_params(at_paper.get("total")),
+            tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
+            tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), str(s["n"]),
+            tb.fmt_params(at_paper.get("total")),
             f"{paper[v]:.1f}M" if v in paper else "-",
         ])
     if rows:
@@ -151,32 +151,23 @@ def build_markdown(results: dict[str, Any]) -> str:
             ["variant", "", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "params at paper size (ours)", "paper params"],
             rows))
-        lines += tr.ngram_markdown(info)
+        lines += tb.ngram_markdown(info)
     sweep = results.get("slots_sweep") or []
     if sweep:
         lines += ["", "## Memory slots (full model)", "",
                   common.markdown_table(
                       ["slots", "run", "params", "s / epoch", "tokens/s", "val loss", "val ppl",
                        "seeds"],
-                      [[p["slots"], p["model"], tr.fmt_params(p["params_total"]),
-                        tr.fmt_pm(p["epoch_time_s_mean"], p["epoch_time_s_std"], 1),
+                      [[p["slots"], p["model"], tb.fmt_params(p["params_total"]),
+                        tb.fmt_pm(p["epoch_time_s_mean"], p["epoch_time_s_std"], 1),
                         common.fmt(p["tokens_per_s_mean"], 0),
-                        tr.fmt_pm(p["val_loss_mean"], p["val_loss_std"], 4),
-                        tr.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), str(p["n"])]
+                        tb.fmt_pm(p["val_loss_mean"], p["val_loss_std"], 4),
+                        tb.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), str(p["n"])]
                        for p in sweep]),
-                  "", f"![slots](slots-{tr.dataset_slug(dataset)}.png)"]
-    check = results["protocol_check"].get(dataset)
-    if check:
-        lines += ["", f"Identical tokenizer: {check['identical_tokenizer']}; identical data: "
-                      f"{check['identical_data']}; identical steps: {check['identical_steps']} "
-                      f"({check['steps']})."]
-    lines += ["", f"![curves](curves-{tr.dataset_slug(dataset)}.png)", ""]
-    failed = [r for r in results["runs"] if r.get("status") != "ok"]
-    if failed:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {r['model']} seed {r['seed']}: {r['status']}: {r.get('error', '')[:300]}"
-                  for r in failed]
-        lines.append("")
+                  "", f"![slots](slots-{dataset_slug(dataset)}.png)"]
+    lines += tb.check_markdown(results["protocol_check"].get(dataset))
+    lines += ["", f"![curves](curves-{dataset_slug(dataset)}.png)", ""]
+    lines += tb.failed_markdown(results["runs"], with_dataset=False)
     lines += ["Mean ± sample std over seeds. Paper params: "
               f"{PAPER_TABLE3['source']}; the paper's ablation perplexities are not recorded "
               "here. 'params at paper size (ours)': our implementation at the paper preset.", "",
@@ -185,23 +176,16 @@ def build_markdown(results: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        bench = tr.Benchmark(args, "ablate")
-        specs = build_specs(args, bench.protocol, bench.seeds)
-        tr.apply_model_args(specs, args)
-        tr.check_models(specs, bench.protocol)
-    except ValueError as exc:
-        print(f"gam bench ablate: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    out = Path(args.out)
+    def specs(bench: tb.Benchmark) -> list[RunSpec]:
+        return build_specs(args, bench.protocol, bench.seeds)
 
-    def results() -> dict[str, Any]:
+    def results(bench: tb.Benchmark) -> dict[str, Any]:
         res = bench.base_results()
         # the summary of the variants must not mix in the sweep's rows of the shared gam run
         variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
         sweep_rows = [r for r in bench.rows if r.get("group") == "slots"]
-        res["summary"] = tr.summarize(variant_rows)
-        sweep = tr.summarize(sweep_rows)
+        res["summary"] = tb.summarize(variant_rows)
+        sweep = tb.summarize(sweep_rows)
         slots_of = {r["model"]: r["slots"] for r in sweep_rows}
         for s in sweep:
             s["slots"] = slots_of.get(s["model"])
@@ -210,32 +194,17 @@ def run(args: argparse.Namespace) -> int:
         res["variants"] = list(args.variants)
         res["slots"] = list(args.slots or [])
         res["paper"] = PAPER_TABLE3
-        res["paper_preset_params"] = {v: _paper_params(v) for v in args.variants}
+        res["paper_preset_params"] = {v: tb.paper_params(v) for v in args.variants}
         return res
 
-    def write() -> None:
-        res = results()
-        common.write_results(out, res, build_markdown(res))
+    def plots(bench: tb.Benchmark, res: dict[str, Any]) -> list[Any]:
+        slug = dataset_slug(args.dataset)
+        variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
+        out = [lambda o: tb.plot_curves(variant_rows or bench.rows, args.dataset,
+                                        o / f"curves-{slug}.png", f"{args.dataset}, ablations")]
+        if res["slots_sweep"]:
+            out.append(lambda o: plot_slots(res["slots_sweep"], o / f"slots-{slug}.png",
+                                            args.dataset))
+        return out
 
-    for spec in specs:
-        bench.run(spec, write)
-    res = results()
-    plots = []
-    slug = tr.dataset_slug(args.dataset)
-    variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
-    path = tr.plot_curves(variant_rows or bench.rows, args.dataset, out / f"curves-{slug}.png",
-                          f"{args.dataset}, ablations")
-    if path is not None:
-        plots.append(path.name)
-    if res["slots_sweep"]:
-        path = plot_slots(res["slots_sweep"], out / f"slots-{slug}.png", args.dataset)
-        if path is not None:
-            plots.append(path.name)
-    return bench.finish(out, res, plots, build_markdown)
-
-
-def _paper_params(model: str) -> dict[str, int] | None:
-    try:
-        return tr.parameter_counts(model, "paper", {})
-    except Exception:  # noqa: BLE001 - informative only
-        return None
+    return tb.run_training_benchmark(args, "ablate", specs, results, plots, build_markdown)

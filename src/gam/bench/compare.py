@@ -5,7 +5,7 @@ Each model of ``--models`` (any ``build_model`` names; default gam, transformer,
 trained on each dataset of ``--datasets`` (wikitext2, austen, tinystories, text:PATH) with the
 library's ``train()``, with identical data, tokenizer (trained once per dataset), number of steps,
 seed and data order, into ``OUT/runs/<dataset>/<model>-seed<k>/``; see
-``gam.bench.training_runs`` for the protocol, its presets (``--preset paper``: the paper's exact
+``gam.bench.protocols`` for the protocol, its presets (``--preset paper``: the paper's exact
 setup, meant for a GPU; ``--preset cpu``: scaled to a 2-core CPU; ``--quick``) and how finished
 runs are reused and interrupted ones resumed.
 
@@ -25,12 +25,12 @@ it are labelled as such and are not comparable with the paper's TinyStories numb
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 from gam.bench import common
-from gam.bench import training_runs as tr
+from gam.bench import training_bench as tb
+from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
+from gam.bench.runs import RunSpec, dataset_slug
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_DATASETS = ["wikitext2"]
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, metavar="NAME",
                         help="wikitext2, austen (stand-in for TinyStories), tinystories, or "
                              "text:PATH")
-    tr.add_protocol_arguments(parser)
+    add_protocol_arguments(parser)
 
 
 def paper_figures(dataset: str, model: str) -> dict[str, Any]:
@@ -74,9 +74,9 @@ def paper_figures(dataset: str, model: str) -> dict[str, Any]:
 
 
 def build_markdown(results: dict[str, Any]) -> str:
-    protocol = tr.Protocol(**results["protocol"])
+    protocol = Protocol.from_dict(results["protocol"])
     lines = ["# GAM vs Transformer vs Mamba (paper Table 1)", "",
-             tr.protocol_markdown(protocol, results["seeds"]), ""]
+             protocol_markdown(protocol, results["seeds"]), ""]
     summary = results["summary"]
     for dataset in results["datasets_requested"]:
         info = results["datasets"].get(dataset, {})
@@ -91,12 +91,12 @@ def build_markdown(results: dict[str, Any]) -> str:
             paper = paper_figures(dataset, s["model"])
             basis = " (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""
             rows.append([
-                s["model"], tr.fmt_params(s["params_total"]),
-                tr.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
-                tr.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1) + basis,
+                s["model"], tb.fmt_params(s["params_total"]),
+                tb.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
+                tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1) + basis,
                 common.fmt(s["tokens_per_s_mean"], 0),
-                tr.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
-                tr.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2),
+                tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
+                tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2),
                 f"{s['n']}" + (f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"]
                                else ""),
                 common.fmt(paper.get("val_ppl"), 2), common.fmt(paper.get("epoch_time_s"), 1),
@@ -104,19 +104,10 @@ def build_markdown(results: dict[str, Any]) -> str:
         lines.append(common.markdown_table(
             ["model", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "paper ppl", "paper s / epoch"], rows))
-        lines += tr.ngram_markdown(info)
-        check = results["protocol_check"].get(dataset)
-        if check:
-            lines += ["", f"Identical tokenizer: {check['identical_tokenizer']}; identical data: "
-                          f"{check['identical_data']}; identical steps: "
-                          f"{check['identical_steps']} ({check['steps']})."]
-        lines += ["", f"![curves](curves-{tr.dataset_slug(dataset)}.png)", ""]
-    failed = [r for r in results["runs"] if r.get("status") != "ok"]
-    if failed:
-        lines += ["## Failed runs", ""]
-        lines += [f"- {r['dataset']} / {r['model']} seed {r['seed']}: {r['status']}: "
-                  f"{r.get('error', '')[:300]}" for r in failed]
-        lines.append("")
+        lines += tb.ngram_markdown(info)
+        lines += tb.check_markdown(results["protocol_check"].get(dataset))
+        lines += ["", f"![curves](curves-{dataset_slug(dataset)}.png)", ""]
+    lines += tb.failed_markdown(results["runs"], with_dataset=True)
     lines += ["Mean ± sample std over seeds. s / epoch: training steps only (evaluation "
               "excluded), measured over complete epochs, or extrapolated from the time per "
               "step when the step budget ends within the first epoch. Paper figures: "
@@ -127,48 +118,23 @@ def build_markdown(results: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        bench = tr.Benchmark(args, "compare")
-        specs = [tr.RunSpec(dataset=d, model=m, seed=k)
-                 for d in args.datasets for k in bench.seeds for m in args.models]
+    def specs(bench: tb.Benchmark) -> list[RunSpec]:
         if len(set(args.models)) != len(args.models):
             raise ValueError(f"--models lists a model twice: {args.models}")
-        tr.apply_model_args(specs, args)
-        tr.check_models(specs, bench.protocol)
-    except ValueError as exc:
-        print(f"gam bench compare: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    out = Path(args.out)
+        return [RunSpec(dataset=d, model=m, seed=k)
+                for d in args.datasets for k in bench.seeds for m in args.models]
 
-    def results() -> dict[str, Any]:
+    def results(bench: tb.Benchmark) -> dict[str, Any]:
         res = bench.base_results()
         res["datasets_requested"] = list(args.datasets)
         res["models"] = list(args.models)
         res["paper"] = PAPER_TABLE1
-        res["paper_preset_params"] = {m: _paper_params(m) for m in args.models}
+        res["paper_preset_params"] = {m: tb.paper_params(m) for m in args.models}
         return res
 
-    def write() -> dict[str, Any]:
-        res = results()
-        common.write_results(out, res, build_markdown(res))
-        return res
+    def plots(bench: tb.Benchmark, res: dict[str, Any]) -> list[Any]:
+        return [lambda out, d=d: tb.plot_curves(bench.rows, d,
+                                                out / f"curves-{dataset_slug(d)}.png", d)
+                for d in args.datasets]
 
-    for spec in specs:
-        bench.run(spec, write)
-    res = results()
-    plots = []
-    for dataset in args.datasets:
-        path = tr.plot_curves(bench.rows, dataset, out / f"curves-{tr.dataset_slug(dataset)}.png",
-                              dataset)
-        if path is not None:
-            plots.append(path.name)
-    return bench.finish(out, res, plots, build_markdown)
-
-
-def _paper_params(model: str) -> dict[str, int] | None:
-    """Our parameter count of ``model`` at the paper preset (vocabulary 10,000), to set beside
-    the paper's."""
-    try:
-        return tr.parameter_counts(model, "paper", {})
-    except Exception:  # noqa: BLE001 - informative only
-        return None
+    return tb.run_training_benchmark(args, "compare", specs, results, plots, build_markdown)

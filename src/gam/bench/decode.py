@@ -29,11 +29,14 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gam.bench import common
+from gam.models.lm import block_decode_state_bytes
+from gam.models.registry import build_model, model_config
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -42,15 +45,8 @@ WARMUP_STEPS = 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
-                        help="build_model names to time (default: %(default)s)")
-    parser.add_argument("--preset", default="paper",
-                        help="size preset of every model: paper, cpu-small or tiny (default: "
-                             "%(default)s)")
-    parser.add_argument("--d-model", type=int, default=None,
-                        help="override d_model (default: the preset's)")
-    parser.add_argument("--n-layers", type=int, default=None,
-                        help="override n_layers (default: the preset's)")
+    common.add_model_arguments(parser, DEFAULT_MODELS,
+                               "build_model names to time (default: %(default)s)")
     parser.add_argument("--contexts", nargs="+", type=int, default=None, metavar="CTX",
                         help="context (prompt) lengths (default 128..16384 doubling; quick: "
                              "128..2048)")
@@ -63,23 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------- worker
-def _used_state_bytes(layer_state: Any) -> int:
-    """Bytes of a layer's decode state actually in use: a KV cache dict ``{"k", "v", "len"}``
-    counts its first ``len`` positions, any other state all its tensors."""
-    if isinstance(layer_state, dict) and "len" in layer_state:
-        n = int(layer_state["len"])
-        total = 0
-        for key in ("k", "v"):
-            t = layer_state.get(key)
-            if isinstance(t, torch.Tensor):
-                total += t[..., :n, :].numel() * t.element_size()
-        return total
-    return common.tensor_bytes(layer_state)
-
-
 def _worker(payload: dict[str, Any]) -> None:
-    from gam.models.registry import build_model
-
     device = torch.device(payload["device"])
     torch.manual_seed(payload.get("seed", 0))
     contexts, n_new, batch = payload["contexts"], payload["new_tokens"], payload["batch_size"]
@@ -108,7 +88,8 @@ def _worker(payload: dict[str, Any]) -> None:
             token = logits.argmax(-1)  # (B,)
             common.synchronize(device)
             prefill_s = time.perf_counter() - t0
-            state_used = sum(_used_state_bytes(s) for s in cache.layers)  # ctx tokens
+            state_used = sum(block_decode_state_bytes(b, s)  # what ctx tokens fill
+                             for b, s in zip(model.blocks, cache.layers, strict=True))
             state_alloc = common.tensor_bytes(cache.layers)
             for _ in range(WARMUP_STEPS):
                 logits, cache = model.step(token, cache)
@@ -187,7 +168,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _plot(results: dict[str, Any], path) -> None:
+def _plot(results: dict[str, Any], path: Path) -> Path:
     fig, axes = common.new_figure(3, width=5.0)
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         ok = [r for r in results["runs"] if r["model"] == model and r["status"] == "ok"]
@@ -205,21 +186,17 @@ def _plot(results: dict[str, Any], path) -> None:
     fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
                  f"({results['environment']['device']})")
     fig.savefig(path, dpi=120)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
-    threads = common.setup_threads(args.threads)
+    device, threads, command, env = common.setup(args)
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
                  if v is not None}
-    command = common.command_line(args.command, args.argv)
-    env = common.environment(device, threads)
     print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
           f"tokens, batch {args.batch_size}, device {device}, {threads} threads", flush=True)
-    from gam.models.registry import model_config
-
     runs: list[dict[str, Any]] = []
     configs: dict[str, Any] = {}
     for model in args.models:
@@ -275,9 +252,8 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "environment": common.finish_environment(env),
     }
-    out = common.write_results(args.out, results, _markdown(results))
-    _plot(results, out / "decode.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'decode.png'}")
+    common.write_report(args.out, results, _markdown,
+                        [lambda out: _plot(results, out / "decode.png")], summary=False)
     return 0
 
 

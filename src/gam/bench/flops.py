@@ -8,15 +8,14 @@ computes gradients for activations and for weights, 2 x the forward):
   softmaxes are not counted;
 - every ``nn.Conv1d`` (GAM's causal depthwise conv, Mamba's conv): ``2 * (in/groups) * out * k``
   (its taps);
-- GAM's memory bank (S slots x C) is used twice per token, for the scores ``h M^T`` and the
-  readout ``softmax(.) M``: ``2 x 2*S*C``;
-- causal self-attention: ``2 x 2*T*C`` per layer per token for ``QK^T`` and ``AV`` with the full
+- the context-mixing work that is no Linear or Conv1d, as each block reports it
+  (``mixing_flops``, the family interface of ``gam.models.lm``): GAM's memory bank (S slots x C)
+  used twice per token, scores ``h M^T`` and readout ``softmax(.) M``: ``2 x 2*S*C``; causal
+  self-attention ``2 x 2*T*C`` per layer per token for ``QK^T`` and ``AV`` with the full
   sequence length T, **not** halved for the causal mask (the PaLM / Chinchilla convention; pass
-  ``causal_halved=True`` for ``2*T*C``);
-- Mamba's selective scan (not matmuls, but its context-mixing work): ``9 * d_inner * d_state``
-  per layer per token, the convention of the ``mamba_ssm`` reference FLOP counter
-  (discretisation, input, state update, output contraction), detected from the ``A_log``
-  parameter of shape (d_inner, d_state).
+  ``causal_halved=True`` for ``2*T*C``); Mamba's selective scan ``9 * d_inner * d_state`` (the
+  convention of the ``mamba_ssm`` reference FLOP counter); gam-delta's chunked delta rule (see
+  ``DeltaRuleMemory.mixing_flops``).
 
 For GAM at paper size (d 512, 6 layers, 512 slots, kernel 3, vocab 10000) the forward per token
 is 6 x (gate 1.05M + memory 1.05M + FFN 4.19M + conv 3k) + head 10.24M = 48.0 MFLOP, i.e.
@@ -32,10 +31,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gam.models.lm import CausalLM, LMConfig
+from gam.models.lm import CausalLM, LMConfig, block_mixing_flops
 from gam.models.registry import MODELS, config_class, model_config, model_from_config
-
-SCAN_FLOPS_PER_STATE = 9
 
 
 def _name_for_config(config: LMConfig) -> str:
@@ -73,9 +70,6 @@ def forward_flops_breakdown(model: CausalLM | nn.Module, seq_len: int,
                             causal_halved: bool = False) -> dict[str, float]:
     """Forward FLOPs per token, summed over layers, by kind (``head``, ``ffn``, ``gate``,
     ``memory``, ``attention``, ``scan``, conv and projection names...)."""
-    from gam.models.gam import GAMBlock
-    from gam.models.transformer import CausalSelfAttention
-
     out: dict[str, float] = defaultdict(float)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -83,17 +77,10 @@ def forward_flops_breakdown(model: CausalLM | nn.Module, seq_len: int,
         elif isinstance(module, nn.Conv1d):
             k = module.kernel_size[0]
             out["conv"] += 2.0 * (module.in_channels // module.groups) * module.out_channels * k
-        if isinstance(module, GAMBlock) and module.memory_bank is not None:
-            slots, dim = module.memory_bank.shape
-            out["memory"] += 2 * 2.0 * slots * dim
-        elif isinstance(module, CausalSelfAttention):
-            dim = module.qkv.in_features
-            t_eff = seq_len / 2 if causal_halved else seq_len
-            out["attention"] += 2 * 2.0 * t_eff * dim
-        a_log = getattr(module, "A_log", None)
-        if isinstance(a_log, (nn.Parameter, torch.Tensor)) and a_log.dim() == 2:
-            d_inner, d_state = a_log.shape
-            out["scan"] += float(SCAN_FLOPS_PER_STATE * d_inner * d_state)
+    # the context-mixing work that is not a Linear or a Conv1d: each block says (lm.py)
+    for block in getattr(model, "blocks", []):
+        for kind, flops in block_mixing_flops(block, seq_len, causal_halved).items():
+            out[kind] += flops
     return dict(out)
 
 

@@ -29,8 +29,18 @@ import torch
 
 from gam.bench import common
 from gam.models.io import CheckpointError
+from gam.models.lm import block_gate_paths
+from gam.models.registry import MODELS, config_class, model_from_config
+from gam.runtime import autocast_context
+from gam.training import RunConfig, gate_statistics, has_gates, load_run, read_metrics
+from gam.training.checkpoint import find_checkpoint, read_state
+from gam.training.data import load_data
+from gam.training.diagnostics import gate_paths, gated_blocks
+from gam.training.distributed import DistContext
+from gam.training.evaluate import first_batches
+from gam.training.rundir import read_run_config, safe_filename
 
-PATHS = ("local", "global")
+STYLES = (("-", "o"), ("--", "s"), (":", "^"))  # per path: line and marker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,39 +63,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------------------- checking
 def check_gated_run(run_dir: Path) -> dict[str, Any]:
     """The run's config.json if it is a GAM run with gates; ValueError saying why not."""
-    from gam.training.run import read_run_config
-
     config = read_run_config(run_dir)
     model = config.get("model")
     mcfg = config.get("model_config", {})
-    if not isinstance(model, str) or not model.startswith("gam") or "use_gate" not in mcfg:
+    if gated_paths(model, mcfg):
+        return config
+    if not isinstance(model, str) or "use_gate" not in mcfg:
         raise ValueError(f"{run_dir} is a {model!r} run: gate statistics need a GAM run "
                          f"(model gam, whose blocks fuse their paths with sigmoid gates)")
-    if not mcfg.get("use_gate", False):
-        paths = [p for p in PATHS if mcfg.get(f"use_{p}", False)]
-        how = "fuses its paths by a plain sum" if len(paths) > 1 else \
-            f"has only its {paths[0] if paths else '?'} path"
-        raise ValueError(f"{run_dir} is a {model!r} run without gates (use_gate=False: it "
-                         f"{how}); gate statistics need a GAM run with gates (model gam)")
-    return config
+    paths = gated_paths(model, {**mcfg, "use_gate": True})
+    how = "fuses its paths by a plain sum" if len(paths) > 1 else \
+        f"has only its {paths[0] if paths else '?'} path"
+    raise ValueError(f"{run_dir} is a {model!r} run without gates (use_gate=False: it "
+                     f"{how}); gate statistics need a GAM run with gates (model gam)")
+
+
+def gated_paths(model: Any, model_config: dict[str, Any]) -> list[str]:
+    """The gated paths of a recorded model's blocks ([] without gates or for a name the
+    registry does not know), asked of the family itself on a parameter-free copy."""
+    if not isinstance(model, str) or model not in MODELS:
+        return []
+    try:
+        config = config_class(model).from_dict({**MODELS[model].variant, **model_config})
+        with torch.device("meta"):
+            blocks = model_from_config(model, config).blocks
+    except (TypeError, ValueError):
+        return []
+    return block_gate_paths(blocks[0]) if len(blocks) else []
 
 
 # ------------------------------------------------------------------------------- analysis
 def evolution(run_dir: Path) -> list[dict[str, Any]]:
     """The gate statistics the trainer logged at every evaluation: ``[{step, gates}, ...]``."""
-    from gam.training import read_metrics
-
     return [{"step": r["step"], "gates": r["gates"]}
             for r in read_metrics(run_dir, kind="eval") if r.get("gates")]
 
 
 def analyse_run(run_dir: Path, config: dict[str, Any], args: argparse.Namespace,
                 device: torch.device) -> dict[str, Any]:
-    from gam.training import RunConfig, gate_statistics, has_gates, load_run
-    from gam.training.data import load_data
-    from gam.training.distributed import DistContext
-    from gam.training.evaluate import autocast_context, first_batches
-
     model, tokenizer, config = load_run(run_dir, map_location=device)
     if not has_gates(model):
         raise ValueError(f"{run_dir}: the model has no gated blocks")
@@ -109,6 +124,7 @@ def analyse_run(run_dir: Path, config: dict[str, Any], args: argparse.Namespace,
     return {
         "run_dir": str(run_dir),
         "model": config.get("model"),
+        "paths": gate_paths(gated_blocks(model)[0][1]),
         "dataset": run.data.dataset,
         "n_layers": int(model.config.n_layers),
         "batches": len(batches),
@@ -122,22 +138,25 @@ def analyse_run(run_dir: Path, config: dict[str, Any], args: argparse.Namespace,
 
 
 def _run_step(run_dir: Path) -> int | None:
-    from gam.training.checkpoint import find_checkpoint, read_state
-
     ckpt = find_checkpoint(run_dir)
     return read_state(ckpt).step if ckpt is not None else None
 
 
 # --------------------------------------------------------------------------------- output
+def logged_paths(rows: list[dict[str, Any]]) -> list[str]:
+    """The paths that statistics rows name (``<path>_mean``), in order of appearance."""
+    paths: list[str] = []
+    for row in rows:
+        paths += [k[:-5] for k in row if k.endswith("_mean") and k[:-5] not in paths]
+    return paths
+
+
 def run_names(run_dirs: list[Path]) -> list[str]:
     """Short unique names for file names: the folder name, with as many parent folder names
     as needed to tell them apart."""
-    def safe(text: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
     parts = [p.resolve().parts for p in run_dirs]
     for depth in range(1, 5):
-        names = [safe("-".join(ps[-depth:])) for ps in parts]
+        names = [safe_filename("-".join(ps[-depth:])) for ps in parts]
         if len(set(names)) == len(names):
             return names
     return [f"{i}-{n}" for i, n in enumerate(names)]
@@ -147,13 +166,14 @@ def plot_bars(result: dict[str, Any], path: Path, title: str) -> Path:
     fig, (ax,) = common.new_figure()
     layers = result["layers"]
     xs = list(range(len(layers)))
-    width = 0.38
-    for k, name in enumerate(PATHS):
+    paths = result.get("paths") or logged_paths(layers)
+    width = 0.76 / len(paths)
+    for k, name in enumerate(paths):
         means = [row.get(f"{name}_mean") for row in layers]
         if all(m is None for m in means):
             continue
         stds = [row.get(f"{name}_std") or 0.0 for row in layers]
-        offset = (k - 0.5) * width
+        offset = (k - (len(paths) - 1) / 2) * width
         ax.bar([x + offset for x in xs], [m if m is not None else 0.0 for m in means], width,
                yerr=stds, capsize=3, label=f"sigmoid(g_{name})", color=f"C{k}")
     ax.set_xticks(xs)
@@ -174,11 +194,12 @@ def plot_evolution(result: dict[str, Any], path: Path, title: str) -> Path | Non
         return None
     # one panel per path: a layer's local and global means often both sit near 0.5, and on
     # one axes their lines would hide each other; the colour still identifies the layer
-    fig, axes = common.new_figure(ncols=len(PATHS), width=5.0)
+    paths = result.get("paths") or logged_paths([g for e in evo for g in e["gates"]])
+    fig, axes = common.new_figure(ncols=len(paths), width=5.0)
     steps = [e["step"] for e in evo]
     n_layers = max(len(e["gates"]) for e in evo)
-    styles = {"local": ("-", "o"), "global": ("--", "s")}
-    for ax, name in zip(axes, PATHS, strict=True):
+    styles = dict(zip(paths, STYLES, strict=False))
+    for ax, name in zip(axes, paths, strict=True):
         drawn = False
         for layer in range(n_layers):
             ys = [next((g.get(f"{name}_mean") for g in e["gates"] if g.get("layer") == layer),
@@ -207,21 +228,23 @@ def plot_evolution(result: dict[str, Any], path: Path, title: str) -> Path | Non
 
 def build_markdown(results: dict[str, Any]) -> str:
     lines = ["# GAM gate statistics", "",
-             "Per layer: mean ± std of sigmoid(g_local) and sigmoid(g_global) over every token "
-             "and channel of the first validation batches (the run's own validation split).",
-             ""]
+             "Per layer: mean ± std of each path's gate, sigmoid(g_local), sigmoid(g_global) "
+             "(and sigmoid(g_delta) for gam-delta), over every token and channel of the first "
+             "validation batches (the run's own validation split).", ""]
     for r in results["runs"]:
         lines += [f"## {r['name']}: {r['model']} on {r['dataset']} (step {r['step']})", "",
                   f"Run: `{r['run_dir']}`; {r['batches']} batch(es) of {r['batch_size']} x "
                   f"{r['seq_len']} tokens, {r['dtype']}.", ""]
         rows = []
+        paths = r.get("paths") or logged_paths(r["layers"])
         for row in r["layers"]:
             rows.append([row["layer"]]
-                        + [common.fmt(row.get(f"{p}_{s}"), 4) for p in PATHS
+                        + [common.fmt(row.get(f"{p}_{s}"), 4) for p in paths
                            for s in ("mean", "std")]
                         + [row.get("tokens")])
         lines.append(common.markdown_table(
-            ["layer", "local mean", "local std", "global mean", "global std", "tokens"], rows))
+            ["layer"] + [f"{p} {s}" for p in paths for s in ("mean", "std")] + ["tokens"],
+            rows))
         lines += ["", f"![gates]({r['bar_png']})"]
         if r.get("evolution_png"):
             lines += ["", f"Evolution over training ({len(r['evolution'])} evaluations): "

@@ -3,9 +3,10 @@
 
 Runs two warm-up and two profiled training steps (forward, backward, AdamW) of a model
 (preset ``paper`` by default) at batch 8 x max_seq_len, on one thread
-(``GAM_PROFILE_THREADS=2`` for two), with the step of ``gam bench throughput`` (chunked loss,
-gam train's fused AdamW, allocator tuning), and prints torch.profiler's table of operators by
-self time. Used for the throughput notes in docs/results.md.
+(``GAM_PROFILE_THREADS=2`` for two), with ``gam train``'s step
+(``gam.training.step.train_step``: chunked loss, clipping, fused AdamW; allocator tuning as
+gam train does), and prints torch.profiler's table of operators by self time. Used for the
+throughput notes in docs/results.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gam.models.registry import build_model
 from gam.runtime import tune_cpu_allocator
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer
+from gam.training.step import train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,17 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()  # as gam train and gam bench throughput do
     torch.manual_seed(0)
     model = build_model(name, preset)
-    opt = build_optimizer(model, TrainConfig())
+    config = TrainConfig()
+    opt = build_optimizer(model, config)
     vocab, seq_len = model.config.vocab_size, model.config.max_seq_len
     idx = torch.randint(0, vocab, (8, seq_len))
     tgt = torch.randint(0, vocab, (8, seq_len))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            _, loss = model(idx, tgt, return_logits=False)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, idx, tgt, dtype=dtype, grad_clip=config.grad_clip)
 
     for _ in range(2):
         step()

@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gam.bench import common
+from gam.models.registry import build_model, model_config
 
 DEFAULT_MODELS = ["gam", "transformer", "transformer-naive", "mamba"]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
@@ -95,8 +97,6 @@ def lengths_from_args(args: argparse.Namespace) -> list[int]:
 def build_block(name: str, preset: str, seq_len: int, overrides: dict[str, Any]
                 ) -> tuple[torch.nn.Module, int]:
     """The first block of a one-layer model of that family (the rest is dropped), and d."""
-    from gam.models.registry import build_model
-
     model = build_model(name, preset, n_layers=1, max_seq_len=seq_len, **overrides)
     return model.blocks[0], model.config.d_model
 
@@ -204,7 +204,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _plot(results: dict[str, Any], path) -> None:
+def _plot(results: dict[str, Any], path: Path) -> Path:
     fig, (ax_t, ax_m) = common.new_figure(2)
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         ok = sorted((r for r in results["runs"] if r["model"] == model and r["status"] == "ok"),
@@ -221,20 +221,16 @@ def _plot(results: dict[str, Any], path) -> None:
     fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']} "
                  f"({results['environment']['device']})")
     fig.savefig(path, dpi=120)
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
-    threads = common.setup_threads(args.threads)
+    device, threads, command, env = common.setup(args)
     lengths = lengths_from_args(args)
     batch = args.batch_size or (2 if args.quick else (16 if device.type == "cuda" else 4))
     repeats = args.repeats or (2 if args.quick else 3)
     overrides = {} if args.d_model is None else {"d_model": args.d_model}
-    from gam.models.registry import model_config
-
     max_mem = common.default_memory_cap(device, args.max_memory_gb)
-    command = common.command_line(args.command, args.argv)
-    env = common.environment(device, threads)
     print(f"gam bench scale: models {args.models}, lengths {lengths}, batch {batch}, "
           f"{repeats} repeats, device {device}, {threads} threads", flush=True)
 
@@ -301,9 +297,8 @@ def run(args: argparse.Namespace) -> int:
         "fits": fits,
         "environment": common.finish_environment(env),
     }
-    out = common.write_results(args.out, results, _markdown(results))
-    _plot(results, out / "scale.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'scale.png'}")
+    common.write_report(args.out, results, _markdown,
+                        [lambda out: _plot(results, out / "scale.png")], summary=False)
     return 0
 
 

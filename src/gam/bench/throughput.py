@@ -1,10 +1,11 @@
 """``gam bench throughput``: training tokens/s, model FLOP/s and MFU.
 
-One training step is what ``gam train`` runs: ``loss = model(x, y, return_logits=False)``
-(the chunked linear cross-entropy; under ``torch.autocast(device, bfloat16)`` for
-``--dtype bf16``, the weights staying fp32 as in mixed-precision training), ``loss.backward()``,
-``AdamW.step()`` (``gam.training.optim.build_optimizer``: fused, the paper's betas and weight
-decay), ``zero_grad(set_to_none=True)`` on random tokens of shape
+One training step is the one ``gam train`` runs, ``gam.training.step.train_step``:
+``loss = model(x, y, return_logits=False)`` (the chunked linear cross-entropy; under
+``torch.autocast(device, bfloat16)`` for ``--dtype bf16``, the weights staying fp32 as in
+mixed-precision training), ``loss.backward()``, gradient clipping at ``TrainConfig``'s default
+1.0, ``AdamW.step()`` (``gam.training.optim.build_optimizer``: fused, the paper's betas and
+weight decay), ``zero_grad(set_to_none=True)`` on random tokens of shape
 (``--batch-size``, seq_len). After ``--warmup`` steps, ``--steps`` steps are timed one by one
 (fewer if ``--max-seconds`` would be exceeded; at least 2 are timed); tokens/s = batch x
 seq_len / median step time (robust to bursts of other load; ``tokens_per_s_mean`` uses the
@@ -31,30 +32,28 @@ FLOP/s).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gam.bench import common
+from gam.bench.flops import flops_breakdown, flops_per_token
+from gam.models.registry import build_model, model_config
+from gam.runtime import tune_cpu_allocator
+from gam.training.config import TrainConfig
+from gam.training.optim import build_optimizer
+from gam.training.step import train_step
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 MATMUL_SIZE = 2048
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
-                        help="build_model names")
-    parser.add_argument("--preset", default="paper",
-                        help="size preset of every model: paper, cpu-small or tiny (default: "
-                             "%(default)s)")
-    parser.add_argument("--d-model", type=int, default=None,
-                        help="override d_model (default: the preset's)")
-    parser.add_argument("--n-layers", type=int, default=None,
-                        help="override n_layers (default: the preset's)")
+    common.add_model_arguments(parser, DEFAULT_MODELS)
     parser.add_argument("--batch-size", type=int, default=8,
                         help="sequences per training step (default: %(default)s)")
     parser.add_argument("--seq-len", nargs="+", type=int, default=[256], metavar="T",
@@ -107,13 +106,42 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMU
     return best
 
 
-def _worker(payload: dict[str, Any]) -> None:
-    from gam.bench.flops import flops_breakdown
-    from gam.models.registry import build_model, model_config
-    from gam.runtime import tune_cpu_allocator
-    from gam.training.config import TrainConfig
-    from gam.training.optim import build_optimizer
+def _time_steps(step: Any, device: torch.device, payload: dict[str, Any]
+                ) -> tuple[float, list[float], float, common.MemoryMeter]:
+    """``payload["warmup"]`` untimed steps, then up to ``payload["steps"]`` timed ones (at
+    least 2; fewer when the time budget would be exceeded) under a memory meter:
+    ``(warm-up seconds, seconds per timed step, timed seconds, meter)``."""
+    t_start = time.perf_counter()
+    for i in range(payload["warmup"]):
+        if i == 0 and payload.get("compile"):
+            try:
+                step()
+            except Exception as exc:
+                raise RuntimeError(
+                    f"torch.compile of {payload['model']} failed on {device.type} "
+                    f"({type(exc).__name__}: {str(exc)[:300]}); run without --compile") from exc
+            continue
+        step()
+    common.synchronize(device)
+    warmup_s = time.perf_counter() - t_start
+    budget = payload.get("time_budget_s")
+    meter = common.MemoryMeter(device)
+    meter.start()
+    steps_done, elapsed, step_s = 0, 0.0, []
+    t0 = time.perf_counter()
+    while steps_done < payload["steps"]:
+        t_step = time.perf_counter()
+        step()
+        common.synchronize(device)
+        step_s.append(time.perf_counter() - t_step)
+        steps_done += 1
+        elapsed = time.perf_counter() - t0
+        if budget is not None and steps_done >= 2 and warmup_s + elapsed > budget:
+            break
+    return warmup_s, step_s, elapsed, meter
 
+
+def _worker(payload: dict[str, Any]) -> None:
     allocator_tuned = tune_cpu_allocator() if payload["device"] == "cpu" else False
 
     device = torch.device(payload["device"])
@@ -129,58 +157,27 @@ def _worker(payload: dict[str, Any]) -> None:
     fpt = flops_breakdown(model.config, seq_len, training=True)
     params = sum(p.numel() for p in model.parameters())
     # the optimizer `gam train` builds: the paper's AdamW settings, fused where available
-    optimizer = build_optimizer(model, TrainConfig(lr=payload.get("lr", 3e-4)))
+    train_config = TrainConfig(lr=payload.get("lr", 3e-4))
+    optimizer = build_optimizer(model, train_config)
     net = torch.compile(model) if payload.get("compile") else model
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(payload.get("seed", 0))
     x = torch.randint(vocab, (batch, seq_len), generator=gen).to(device)
     y = torch.randint(vocab, (batch, seq_len), generator=gen).to(device)
 
-    def autocast():
-        if dtype_name == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
     losses = []
 
-    def train_step() -> None:
-        with autocast():
-            # what training runs: the loss through the head chunk by chunk, no full logits
-            _, loss = net(x, y, return_logits=False)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+    def step() -> None:
+        # gam train's step (gam.training.step): chunked loss under autocast, backward,
+        # gradient clipping, AdamW step, zero_grad
+        loss, _ = train_step(net, optimizer, x, y, dtype=dtype_name,
+                             grad_clip=train_config.grad_clip)
+        losses.append(loss)
 
     if device.type == "cpu":
         common.limit_address_space(payload.get("max_memory_bytes"))
-    t_start = time.perf_counter()
-    for i in range(payload["warmup"]):
-        if i == 0 and payload.get("compile"):
-            try:
-                train_step()
-            except Exception as exc:
-                raise RuntimeError(
-                    f"torch.compile of {name} failed on {device.type} "
-                    f"({type(exc).__name__}: {str(exc)[:300]}); run without --compile") from exc
-            continue
-        train_step()
-    common.synchronize(device)
-    warmup_s = time.perf_counter() - t_start
-    budget = payload.get("time_budget_s")
-    meter = common.MemoryMeter(device)
-    meter.start()
-    steps_done, elapsed, step_s = 0, 0.0, []
-    t0 = time.perf_counter()
-    while steps_done < payload["steps"]:
-        t_step = time.perf_counter()
-        train_step()
-        common.synchronize(device)
-        step_s.append(time.perf_counter() - t_step)
-        steps_done += 1
-        elapsed = time.perf_counter() - t0
-        if budget is not None and steps_done >= 2 and warmup_s + elapsed > budget:
-            break
+    warmup_s, step_s, elapsed, meter = _time_steps(step, device, payload)
+    steps_done = len(step_s)
     tokens_per_s = batch * seq_len / statistics.median(step_s)
     achieved = tokens_per_s * fpt["total"]
     peak_mem = meter.growth_bytes()
@@ -207,7 +204,7 @@ def _worker(payload: dict[str, Any]) -> None:
         "peak_mem_mb": peak_mem / 2**20,
         "memory_method": meter.method,
         "parameters": params,
-        "final_loss": float(losses[-1]),
+        "final_loss": losses[-1],
         "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused")
                                                  else ""),
         "malloc_tuned": allocator_tuned,
@@ -279,7 +276,7 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _plot(results: dict[str, Any], path) -> None:
+def _plot(results: dict[str, Any], path: Path) -> Path:
     fig, (ax_t, ax_m) = common.new_figure(2)
     ok = [r for r in results["runs"] if r["status"] == "ok"]
     labels = [f"{r['model']}\n{r['dtype']} T{r['seq_len']}" for r in ok]
@@ -293,24 +290,58 @@ def _plot(results: dict[str, Any], path) -> None:
         ax.set_ylabel(unit)
         ax.grid(True, axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def _measure(args: argparse.Namespace, model: str, dtype: str, seq_len: int,
+             reason: str | None, base: dict[str, Any], overrides: dict[str, Any]
+             ) -> dict[str, Any]:
+    """The row of one (model, dtype, seq_len): measured in a worker process."""
+    row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
+                           "batch_size": args.batch_size, "compile": args.compile,
+                           "preset": args.preset}
+    if reason is not None:
+        row.update(status="unavailable", error=reason)
+    else:
+        payload = {"model": model, **base, "seq_len": seq_len, "dtype": dtype}
+        status, records, error = common.run_worker(
+            "gam.bench.throughput", payload, timeout=args.max_seconds)
+        rec = records[-1] if records else {}
+        rec.pop("traceback", None)
+        row.update(rec)
+        if status != "ok" or not records:
+            row["status"] = status if status != "ok" else "error"
+            row["error"] = error or "worker printed no result"
+        if "flops_per_token" not in row:
+            row["flops_per_token"] = flops_per_token(
+                model, seq_len, preset=args.preset, **overrides,
+                max_seq_len=max(seq_len, 1))
+        # what a causal kernel computes: attention's masked half skipped
+        row["flops_per_token_causal"] = flops_per_token(
+            model, seq_len, preset=args.preset, causal_halved=True, **overrides,
+            max_seq_len=max(seq_len, 1))
+    for key in ("tokens_per_s", "peak_flops", "mfu", "flops_per_token"):
+        row.setdefault(key, None)
+    return row
 
 
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
-    threads = common.setup_threads(args.threads)
+    device, threads, command, env = common.setup(args)
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
                  if v is not None}
     max_mem = common.default_memory_cap(device, args.max_memory_gb)
-    command = common.command_line(args.command, args.argv)
-    env = common.environment(device, threads)
     print(f"gam bench throughput: models {args.models}, dtypes {args.dtype}, seq_len "
           f"{args.seq_len}, batch {args.batch_size}, {steps} steps (+{warmup} warm-up), "
           f"device {device}, {threads} threads", flush=True)
-    from gam.bench.flops import flops_per_token
-    from gam.models.registry import model_config
 
+    # what every configuration's worker gets besides model, dtype and seq_len
+    base = {"preset": args.preset, "overrides": overrides, "batch_size": args.batch_size,
+            "compile": args.compile, "steps": steps, "warmup": warmup, "lr": args.lr,
+            "device": str(device), "threads": args.threads, "seed": args.seed,
+            "matmul_size": args.matmul_size, "time_budget_s": 0.6 * args.max_seconds,
+            "max_memory_bytes": max_mem}
     runs: list[dict[str, Any]] = []
     configs: dict[str, Any] = {}
     for model in args.models:
@@ -319,38 +350,7 @@ def run(args: argparse.Namespace) -> int:
             configs[model] = model_config(model, args.preset, **overrides).to_dict()
         for dtype in args.dtype:
             for seq_len in args.seq_len:
-                row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
-                                       "batch_size": args.batch_size, "compile": args.compile,
-                                       "preset": args.preset}
-                if reason is not None:
-                    row.update(status="unavailable", error=reason)
-                else:
-                    payload = {"model": model, "preset": args.preset, "overrides": overrides,
-                               "seq_len": seq_len, "batch_size": args.batch_size,
-                               "dtype": dtype, "compile": args.compile, "steps": steps,
-                               "warmup": warmup, "lr": args.lr, "device": str(device),
-                               "threads": args.threads, "seed": args.seed,
-                               "matmul_size": args.matmul_size,
-                               "time_budget_s": 0.6 * args.max_seconds,
-                               "max_memory_bytes": max_mem}
-                    status, records, error = common.run_worker(
-                        "gam.bench.throughput", payload, timeout=args.max_seconds)
-                    rec = records[-1] if records else {}
-                    rec.pop("traceback", None)
-                    row.update(rec)
-                    if status != "ok" or not records:
-                        row["status"] = status if status != "ok" else "error"
-                        row["error"] = error or "worker printed no result"
-                    if "flops_per_token" not in row:
-                        row["flops_per_token"] = flops_per_token(
-                            model, seq_len, preset=args.preset, **overrides,
-                            max_seq_len=max(seq_len, 1))
-                    # what a causal kernel computes: attention's masked half skipped
-                    row["flops_per_token_causal"] = flops_per_token(
-                        model, seq_len, preset=args.preset, causal_halved=True, **overrides,
-                        max_seq_len=max(seq_len, 1))
-                for key in ("tokens_per_s", "peak_flops", "mfu", "flops_per_token"):
-                    row.setdefault(key, None)
+                row = _measure(args, model, dtype, seq_len, reason, base, overrides)
                 runs.append(row)
                 print(f"  {model:<12} {dtype} T={seq_len:<5} {row['status']:<8} "
                       f"{common.fmt(row['tokens_per_s'], 0)} tok/s, "
@@ -373,8 +373,9 @@ def run(args: argparse.Namespace) -> int:
                      "lr": args.lr, "matmul_size": args.matmul_size,
                      "max_seconds": args.max_seconds, "max_memory_bytes": max_mem,
                      "quick": args.quick, "seed": args.seed,
-                     "step": "autocast forward with targets (return_logits=False: chunked "
-                             "linear cross-entropy, as gam train), backward, AdamW.step "
+                     "step": "gam train's step (gam.training.step.train_step): autocast "
+                             "forward with targets (return_logits=False: chunked linear "
+                             "cross-entropy), backward, gradient clipping at 1.0, AdamW.step "
                              "(gam train's optimizer: fused, betas (0.9, 0.95), wd 0.1), "
                              "zero_grad(set_to_none=True); CPU: gam.runtime."
                              "tune_cpu_allocator() applied",
@@ -387,9 +388,8 @@ def run(args: argparse.Namespace) -> int:
         "ratios": ratios,
         "environment": common.finish_environment(env),
     }
-    out = common.write_results(args.out, results, _markdown(results))
-    _plot(results, out / "throughput.png")
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'throughput.png'}")
+    common.write_report(args.out, results, _markdown,
+                        [lambda out: _plot(results, out / "throughput.png")], summary=False)
     return 0
 
 

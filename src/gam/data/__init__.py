@@ -18,7 +18,6 @@ from gam.data.corpora import (
     Corpus,
     DataNotFoundError,
     default_data_dir,
-    find_shared_data_dir,
     load_austen,
     load_corpus,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "default_data_dir",
     "encode_corpus",
     "eot_token_id",
-    "find_shared_data_dir",
     "load_austen",
     "load_corpus",
     "train_tokenizer",

@@ -7,13 +7,14 @@ name and gets whichever copy exists (the plain one wins, it is faster to read).
 
 from __future__ import annotations
 
+import json
 import lzma
 import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 XZ_SUFFIX = ".xz"
 
@@ -135,18 +136,24 @@ def mkdtemp_default_mode(parent: Path, prefix: str, suffix: str = ".tmp") -> Pat
     return folder
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through a temporary sibling and ``os.replace`` it into place.
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None],
+                 fsync: bool = False) -> None:
+    """Write a file through a temporary sibling and ``os.replace`` it into place (the one
+    atomic write of the package; ``fsync``: flush it to the disk before the rename).
 
     Readers (including other processes sharing the cache) never see a half-written file, and a
     crash mid-write leaves at most a stray temporary file, never a corrupt cache entry. The
     file gets the umask's mode (e.g. 0644), as if written with ``open()``.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = mkstemp_default_mode(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         try:
@@ -154,6 +161,16 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """:func:`atomic_write` of ``data``, synced to the disk."""
+    atomic_write(path, lambda handle: handle.write(data), fsync=True)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """``obj`` as indented JSON with sorted keys, written as :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def default_cache_dir() -> Path:

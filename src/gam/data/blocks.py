@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from gam.models.constants import IGNORE_INDEX
+
 """Target value of padding positions (``torch.nn.functional.cross_entropy``'s default)."""
 
 INPUT_PAD_ID = 0

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -326,29 +326,6 @@ def default_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
         return Path(data_dir).expanduser()
     env_dir = os.environ.get(ENV_DATA_DIR)
     return Path(env_dir).expanduser() if env_dir else None
-
-
-def find_shared_data_dir(starts: Iterable[str | os.PathLike[str]] | None = None) -> Path | None:
-    """Find a ``shared/data`` folder next to the repository (or any parent folder).
-
-    A helper for development scripts only: no command and no loader uses it (a command finds
-    data through ``--data-dir``, ``$GAM_DATA_DIR`` or the hub, and nowhere else), so that what
-    is read never depends on where the checkout happens to sit.
-
-    The checkout sits beside the shared data folder (``<root>/main`` and
-    ``<root>/shared/data``), so walking up from this file and from the working directory
-    finds it without any machine-specific path. Returns None when there is none (tests then
-    skip with a reason).
-    """
-    if starts is None:
-        starts = (Path(__file__).resolve().parent, Path.cwd().resolve())
-    for start in starts:
-        start = Path(start).resolve()
-        for folder in (start, *start.parents):
-            candidate = folder / "shared" / "data"
-            if candidate.is_dir():
-                return candidate
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Typical use (the ``gam train`` / ``gam eval`` / ``gam generate`` commands wrap t
     result = train(run, "runs/demo")
     model, tokenizer, config = load_run("runs/demo")
 
-See ``gam.training.run`` for the run-directory layout, ``gam.training.trainer`` for the loop and
+See ``gam.training.rundir`` for the run-directory layout, ``gam.training.trainer`` for the loop and
 how exact resume works, ``gam.training.evaluate`` for the token-weighted evaluation.
 """
 

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from gam.models.io import CheckpointError, atomic_write_json, load_weights, save_weights
+from gam.training.rundir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoint"
 LATEST = "latest.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"

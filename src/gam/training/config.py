@@ -6,15 +6,31 @@ model, the tokenizer and the exact data stream of a run (``--resume`` reads it b
 The defaults of :class:`TrainConfig` are the paper's recipe, as in its official code: blocks of
 256 tokens, batch 32, AdamW (lr 3e-4, betas (0.9, 0.95), weight decay 0.1 on *every* parameter),
 100 linear warm-up steps then cosine decay to 0, gradient clipping at 1.0, 5 epochs.
+
+Every setting is defined once, here: a dataclass field with its default and its metadata
+(:func:`setting`): the help text (``{default}`` stands for the default), the command-line flag,
+the argparse details and, for the settings a benchmark protocol may change, what its override
+means. ``gam train``'s options (``gam.training.options.add_setting_arguments``), ``config.json``
+(``RunConfig.to_dict``) and the benchmark protocols (named sets of overrides of these
+settings, :mod:`gam.bench.protocols`) are derived from them. A setting's *key* is its flat name
+across the sections (``batch_size``, ``tokenizer`` for ``TokenizerConfig.kind``, ...): the
+``gam train`` option's ``dest`` and a protocol's override name.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from gam.models.lm import dataclass_from_dict
+from gam.models.registry import MODELS, PRESETS
+from gam.training.argtypes import (
+    nonneg_int,
+    number,
+    parse_model_arg,
+    positive_int,
+)
 
 DTYPES = ("fp32", "bf16", "fp16")
 DECAY_FILTERS = ("all", "nanogpt")
@@ -43,6 +59,31 @@ def _finite_number(value: Any) -> bool:
 _from_known = dataclass_from_dict
 
 
+def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
+            key: str | None = None, group: str | None = None, override: str | None = None,
+            none: str | None = None, bench_flag: str | None = None,
+            alias: tuple[str, Any, str] | None = None, bench: dict[str, Any] | None = None,
+            default_factory: Any = MISSING,
+            **argparse_kwargs: Any) -> Any:
+    """A config field with everything the command line and the protocols need to know.
+
+    ``help``: the option's help (``{default}`` is replaced by the field's default); ``flag``:
+    the option (default ``--`` + the name with dashes; ``""``: no option); ``key``: the flat
+    name (default the field name); ``group``: the ``gam train --help`` group; ``override``:
+    a benchmark protocol may change it, and this says what (``override <text>``); ``none``:
+    the protocol option also takes ``none``, meaning this; ``bench_flag``: the protocol
+    option's flag when it differs; ``bench``: argparse details of the protocol option that differ
+    from the ``gam train`` one; ``alias``: ``(flag, const, help)`` of a second option that
+    sets a fixed value; the rest goes to ``add_argument`` (type, choices, metavar, nargs,
+    action...)."""
+    metadata = {"help": help, "flag": flag, "key": key, "group": group, "override": override,
+                "none": none, "bench_flag": bench_flag, "alias": alias, "bench": bench or {},
+                "argparse": argparse_kwargs}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (the defaults are the paper's recipe).
@@ -63,26 +104,76 @@ class TrainConfig:
     decays fully).
     """
 
-    batch_size: int = 32
-    grad_accum: int = 1
-    epochs: int = 5
-    max_steps: int | None = None
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_filter: str = "all"
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    dtype: str = "fp32"
-    compile: bool = False
-    seed: int = 42
-    eval_every: int | None = None
-    eval_batch_size: int | None = None
-    gate_stat_batches: int = 4
-    log_every: int = 10
-    save_every: int | None = 250
+    batch_size: int = setting(
+        32, help="global batch in blocks per optimizer step (default {default})", type=int,
+        group="optimisation", override="the preset's batch (blocks per optimizer step)",
+        bench={"metavar": "N"})
+    grad_accum: int = setting(
+        1, help="split each process's batch into N micro-batches (default {default})",
+        type=int, group="optimisation")
+    epochs: int = setting(
+        5, help="passes over the train split (default {default}); with --resume: the run's new "
+                "length, dropping a recorded --max-steps (see below)",
+        type=int, group="optimisation", override="the preset's epochs")
+    max_steps: int | None = setting(
+        None, help="stop after N optimizer steps, the cosine schedule ends there (default: "
+                   "none, the --epochs); with --resume: the run's new length, the cosine is "
+                   "recomputed to end there (see below)",
+        type=int, group="optimisation", override="the preset's step budget",
+        none="full epochs", bench={"metavar": "N"})
+    lr: float = setting(
+        3e-4, help="peak learning rate (default {default})", type=number, group="optimisation",
+        override="the peak learning rate", bench={"type": float})
+    min_lr: float = setting(
+        0.0, help="learning rate at the end of the cosine (default {default})", type=number,
+        group="optimisation")
+    betas: tuple[float, float] = setting(
+        (0.9, 0.95), help="AdamW betas (default {default})", type=number, nargs=2,
+        metavar=("B1", "B2"), group="optimisation")
+    eps: float = setting(1e-8, help="AdamW epsilon", flag="")
+    weight_decay: float = setting(
+        0.1, help="AdamW weight decay (default {default})", type=number, group="optimisation")
+    decay_filter: str = setting(
+        "all", help="all: weight decay on every parameter (the official code, default); "
+                    "nanogpt: not on norms, biases and embeddings",
+        choices=("all", "nanogpt"), group="optimisation",
+        alias=("--no-decay-norms-biases-embeddings", "nanogpt",
+               "same as --decay-filter nanogpt (default: off, --decay-filter {default})"))
+    warmup_steps: int = setting(
+        100, help="linear warm-up steps before the cosine (default {default}, the paper's; a "
+                  "short run, e.g. --max-steps 500, wants ~20)",
+        type=int, group="optimisation", override="the warm-up steps", bench={"metavar": "N"})
+    grad_clip: float = setting(
+        1.0, help="max gradient norm, 0 disables (default {default})", type=number,
+        group="optimisation")
+    dtype: str = setting(
+        "fp32", help="{default} (default); bf16 = torch.autocast on CPU or CUDA; fp16 = "
+                     "autocast + GradScaler, CUDA only",
+        choices=("fp32", "bf16", "fp16"), group="optimisation",
+        override="the preset's dtype (bf16/fp16: autocast)")
+    compile: bool = setting(
+        False, help="torch.compile the model (default: off; the first step then takes ~20 s "
+                    "on a CPU)", action="store_true", group="optimisation")
+    seed: int = setting(
+        42, help="seed of the init, the data order and dropout (default {default})", type=int,
+        group="optimisation")
+    eval_every: int | None = setting(
+        None, help="also evaluate every N steps (default: none; always at each epoch end and "
+                   "at the end)",
+        type=int, group="logging", override="the evaluation interval",
+        none="at epoch ends and the last step only", bench={"metavar": "N"})
+    eval_batch_size: int | None = setting(
+        None, help="blocks per evaluation batch and process (default: the training one)",
+        type=int, group="logging")
+    gate_stat_batches: int = setting(
+        4, help="validation batches for the GAM gate statistics at each evaluation (default "
+                "{default}, 0 disables)", type=nonneg_int, group="logging")
+    log_every: int = setting(
+        10, help="write a metrics record every N steps (default {default})", type=int,
+        group="logging")
+    save_every: int | None = setting(
+        250, help="checkpoint every N steps (default {default}; also at epoch ends and the end)",
+        type=int, group="logging")
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # JSON gives a list
@@ -145,12 +236,28 @@ class DataConfig:
     the model's ``max_seq_len``. ``use_hub=False`` never contacts the Hugging Face hub.
     """
 
-    dataset: str = "wikitext2"
-    data_dir: str | None = None
-    max_train_rows: int | None = None
-    max_val_rows: int | None = None
-    seq_len: int | None = None
-    use_hub: bool = True
+    dataset: str = setting(
+        "wikitext2", help="{default} (default), wikitext2-tokens, tinystories, austen or "
+                          "text:PATH (a text file or a folder with train.txt, valid.txt)",
+        group="data")
+    data_dir: str | None = setting(
+        None, help="folder holding the corpus folders (default: $GAM_DATA_DIR, else the "
+                   "Hugging Face hub)", group="data")
+    max_train_rows: int | None = setting(
+        None, help="keep the first N rows of the train split (default: all)", type=positive_int,
+        group="data", override="the train row limit", none="all", bench={"metavar": "N"})
+    max_val_rows: int | None = setting(
+        None, help="keep the first N rows of the valid/test splits (default: all)",
+        type=positive_int, group="data", override="the validation row limit", none="all",
+        bench={"metavar": "N"})
+    seq_len: int | None = setting(
+        None, help="block length (default and maximum: the model's max_seq_len)",
+        type=positive_int, group="data", override="the block length",
+        bench={"type": int, "metavar": "N"})
+    use_hub: bool = setting(
+        True, help="never try the Hugging Face hub for a corpus (default: try it when the data "
+                   "is not found locally)", flag="--offline", action="store_const", const=False,
+        group="data")
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset:
@@ -171,9 +278,21 @@ class DataConfig:
 class TokenizerConfig:
     """BPE tokenizer of :func:`gam.data.train_tokenizer`; ``vocab_size`` is also the model's."""
 
-    kind: str = "bytelevel"
-    vocab_size: int = PAPER_VOCAB_SIZE
-    on_all_splits: bool = False
+    kind: str = setting(
+        "bytelevel", help="{default} BPE (default, lossless) or the official code's whitespace "
+                          "BPE",
+        flag="--tokenizer", key="tokenizer", choices=("bytelevel", "paper"), group="data",
+        override="the tokenizer kind")
+    vocab_size: int = setting(
+        PAPER_VOCAB_SIZE, help="tokenizer vocabulary size, also the model's vocab_size (default "
+                               "{default})",
+        type=positive_int, group="data", override="the vocabulary size",
+        bench={"type": int, "metavar": "N"})
+    on_all_splits: bool = setting(
+        False, help="train the tokenizer on train+valid+test as the official code (leaks "
+                    "evaluation text; default: train split only)",
+        flag="--tokenizer-on-all-splits", key="tokenizer_on_all_splits", action="store_true",
+        group="data")
 
     def __post_init__(self) -> None:
         _positive_int("vocab_size", self.vocab_size, "--vocab-size")
@@ -194,9 +313,19 @@ class RunConfig:
     """A whole run: ``model`` name and size ``preset`` of :func:`gam.build_model`, config
     overrides (``--model-arg``, ``--dropout``), data, tokenizer and training recipe."""
 
-    model: str = "gam"
-    preset: str = "paper"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
+    model: str = setting(
+        "gam", help="model family / variant (default {default})", choices=sorted(MODELS),
+        group="model")
+    preset: str = setting(
+        "paper", help="size preset (default {default})", choices=sorted(PRESETS),
+        key="model_preset", group="model", bench_flag="--model-preset",
+        override="the build_model size preset (paper, cpu-small, tiny)",
+        bench={"choices": None, "metavar": "NAME"})
+    model_overrides: dict[str, Any] = setting(
+        help="override a model config field, repeatable (e.g. --model-arg "
+             "num_memory_slots=128; default: none, the preset's values)",
+        flag="--model-arg", key="model_arg", action="append", type=parse_model_arg,
+        metavar="KEY=VALUE", group="model", default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -240,14 +369,29 @@ def _known_part(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 class RuntimeOptions:
     """How (not what) to run: these may change between a run and its ``--resume``."""
 
-    device: str = "auto"
-    threads: int | None = None
-    quiet: bool = False
-    progress: bool | None = None  # None: a tqdm bar when stderr is a terminal
-    wandb: bool = False
-    tensorboard: bool = False
-    cache_dir: str | None = None
-    data_dir: str | None = None  # on resume: where the data lives now (default: as recorded)
+    device: str = setting(
+        "auto", help="{default} (default) = cuda if available, else cpu",
+        choices=("auto", "cpu", "cuda"), group="hardware")
+    threads: int | None = setting(
+        None, help="torch CPU threads (torch.set_num_threads); default one per core, fewer when "
+                   "other processes already keep the cores busy",
+        type=positive_int, group="hardware")
+    quiet: bool = setting(
+        False, help="no progress bar or log lines, warnings and errors only (default: off)",
+        action="store_true", group="logging")
+    progress: bool | None = setting(  # None: a tqdm bar when stderr is a terminal
+        None, help="a progress bar (None: when stderr is a terminal)", flag="")
+    wandb: bool = setting(
+        False, help="also log to Weights & Biases (needs wandb; default: off)",
+        action="store_true", group="logging")
+    tensorboard: bool = setting(
+        False, help="also log to TensorBoard in RUN_DIR/tensorboard (needs tensorboard; "
+                    "default: off)", action="store_true", group="logging")
+    cache_dir: str | None = setting(
+        None, help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)",
+        group="data")
+    # on resume: where the data lives now (default: as recorded); the option is DataConfig's
+    data_dir: str | None = setting(None, help="where the data lives now", flag="")
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith(

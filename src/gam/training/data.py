@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Sampler
 
 from gam.data import Corpus, TokenBlocks, encode_corpus, load_corpus, train_tokenizer
+from gam.models.io import CheckpointError
 from gam.training.config import DataConfig, TokenizerConfig
 from gam.training.distributed import DistContext
 
@@ -112,8 +113,6 @@ def load_data(data: DataConfig, tok: TokenizerConfig, ctx: DistContext,
 
 
 def load_tokenizer_file(path: str | os.PathLike[str]) -> Tokenizer:
-    from gam.models.io import CheckpointError
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"tokenizer file {path} does not exist")

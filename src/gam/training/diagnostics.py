@@ -16,18 +16,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from gam.models.lm import block_gate_paths
 from gam.training.distributed import unwrap_model
 
 
 def gate_paths(block: nn.Module) -> list[str]:
-    """Names of the gated paths of a GAM block, in the order of its gate's output chunks."""
-    config = getattr(block, "config", None)
-    paths = []
-    if getattr(config, "use_local", False):
-        paths.append("local")
-    if getattr(config, "use_global", False):
-        paths.append("global")
-    return paths
+    """Names of the gated paths of a block, in the order of its gate's output chunks (the
+    block's ``gate_paths()``, the family interface of ``gam.models.lm``)."""
+    return block_gate_paths(block)
 
 
 def gated_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:

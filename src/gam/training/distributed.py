@@ -17,52 +17,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gam.runtime import auto_threads, resolve_device, set_threads
 
-def auto_threads() -> int | None:
-    """CPU threads to use when the user did not say (``--threads``).
-
-    None (torch's default, one per core) unless the machine is already busy: PyTorch's CPU
-    kernels end every parallel region in a barrier, so when other processes keep the cores
-    occupied each op waits for a descheduled thread (measured here: 100x slower at load 8 on
-    2 cores). Then use only the cores left idle (at least 1). ``OMP_NUM_THREADS`` (set by
-    torchrun for several processes) always wins.
-    """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-    idle = int(cores - load + 0.5)
-    if idle >= cores:
-        return None
-    return max(1, min(cores, idle))
-
-
-def set_threads(threads: int | None) -> int:
-    """Apply ``--threads`` (or :func:`auto_threads` when None); returns the count in use."""
-    if threads is None:
-        threads = auto_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA if available, else CPU; ``cuda`` when none is available -> ValueError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available "
-                             "(use --device cpu or auto)")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device(name)
-    if name != "cpu":
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
-    return torch.device("cpu")
+__all__ = ["DistContext", "auto_threads", "init_distributed", "resolve_device", "set_threads",
+           "unwrap_model"]
 
 
 @dataclass

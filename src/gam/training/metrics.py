@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gam.models.io import atomic_write_bytes
-
-METRICS_FILE = "metrics.jsonl"
+from gam.training.rundir import METRICS_FILE
 
 
 def _clean(value: Any) -> Any:

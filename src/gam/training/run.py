@@ -1,19 +1,10 @@
-"""Run directories: what a training run leaves behind, and how to load it back.
+"""Loading a training run back: ``load_run`` (model, tokenizer, config) and ``evaluate_run``.
 
-Layout of ``RUN_DIR`` (``gam train --out RUN_DIR``)::
-
-    config.json        model name, preset, resolved model config, data, tokenizer, train recipe,
-                       derived schedule (total steps...), gam / torch versions
-    metrics.jsonl      one JSON record per logged step / evaluation (see gam.training.metrics)
-    model.json         gam.models.io.save_pretrained: latest weights, so that
-    model.safetensors  gam.load_pretrained(RUN_DIR) rebuilds the model
-    tokenizer.json     the run's tokenizer (tokenizers library JSON)
-    checkpoint/        resumable state (see gam.training.checkpoint)
+The run directory's layout and ``config.json`` are :mod:`gam.training.rundir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,43 +16,23 @@ from tokenizers import Tokenizer
 
 from gam.models.io import MODEL_JSON, CheckpointError, load_pretrained
 from gam.models.lm import CausalLM
-from gam.training.checkpoint import CHECKPOINT_DIR
 from gam.training.config import DataConfig, RunConfig, TokenizerConfig
 from gam.training.data import load_data, load_tokenizer_file
 from gam.training.distributed import DistContext, resolve_device
 from gam.training.evaluate import evaluate
-from gam.training.metrics import METRICS_FILE
+from gam.training.rundir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    TOKENIZER_FILE,
+    is_run_dir,
+    read_run_config,
+    recorded_vocab_size,
+)
 
 logger = logging.getLogger("gam.training")
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "TOKENIZER_FILE", "evaluate_run", "is_run_dir",
            "load_run", "read_run_config"]
-
-
-def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``config.json`` of a run; ValueError if ``run_dir`` holds no run."""
-    run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        extra = " (it has a checkpoint/ but no config.json)" if (
-            run_dir / CHECKPOINT_DIR).is_dir() else ""
-        raise ValueError(f"{run_dir} holds no training run: {CONFIG_FILE} is missing{extra}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"run config {path} is truncated or corrupted ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"run config {path} is corrupted (not a JSON object)")
-    return config
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: int, tokenizer_path: Path,
@@ -94,7 +65,7 @@ def load_run(run_dir: str | os.PathLike[str], map_location: str | Any = "cpu"
                               f"missing; the run saves it with its first checkpoint)")
     model = load_pretrained(run_dir, map_location=map_location)
     tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
-    recorded = config.get("tokenizer", {}).get("actual_vocab_size")
+    recorded = recorded_vocab_size(config)
     check_vocab(tokenizer, model.config.vocab_size, run_dir / TOKENIZER_FILE,
                 run_dir / MODEL_JSON, recorded)
     model.eval()

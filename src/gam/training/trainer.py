@@ -22,37 +22,25 @@ is raised (the CLI exits with status 3).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gc
 import logging
-import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 import gam
-from gam.data import TokenBlocks, eot_token_id
+from gam.data import TokenBlocks
 from gam.models.io import (
-    MODEL_JSON,
-    MODEL_WEIGHTS,
     CheckpointError,
-    atomic_write_json,
-    load_model_config,
     save_pretrained,
-    state_dict_for_saving,
 )
-from gam.models.registry import model_config, model_from_config
+from gam.models.registry import model_from_config
 from gam.runtime import tune_cpu_allocator
 from gam.training.checkpoint import (
-    CHECKPOINT_DIR,
-    LATEST,
     TrainingState,
     capture_rng_state,
     find_checkpoint,
@@ -63,19 +51,34 @@ from gam.training.checkpoint import (
     save_checkpoint,
 )
 from gam.training.config import RunConfig, RuntimeOptions
-from gam.training.data import epoch_loader, load_data, load_tokenizer_file
+from gam.training.data import epoch_loader
 from gam.training.diagnostics import gate_statistics, has_gates
 from gam.training.distributed import DistContext, init_distributed, set_threads
 from gam.training.evaluate import autocast_context, evaluate, first_batches
 from gam.training.metrics import (
-    METRICS_FILE,
     MetricsWriter,
     check_optional_loggers,
     read_metrics,
     truncate_metrics,
 )
 from gam.training.optim import build_optimizer, build_scheduler, retarget_schedule
-from gam.training.run import CONFIG_FILE, TOKENIZER_FILE, check_vocab, read_run_config
+from gam.training.plan import RunPlan, plan_run
+from gam.training.progress import Progress
+from gam.training.recovery import (
+    load_checkpoint_step,
+    refuse_lost_checkpoint,
+    repair_saved_model,
+)
+from gam.training.rundir import (
+    METRICS_FILE,
+    TOKENIZER_FILE,
+    dataset_slug,
+    holds_run,
+    read_run_config,
+    safe_filename,
+    write_run_config,
+)
+from gam.training.step import NonFiniteError, train_step
 
 logger = logging.getLogger("gam.training")
 
@@ -101,11 +104,8 @@ class TrainResult:
 
 def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
     """``runs/<model>-<dataset>-<timestamp>`` (``text:PATH`` becomes ``text-<file stem>``)."""
-    if dataset.startswith("text:"):
-        dataset = "text-" + (Path(dataset[5:]).stem or "corpus")
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{model}-{dataset}")
-    return Path(root) / f"{safe}-{stamp}"
+    return Path(root) / f"{safe_filename(f'{model}-{dataset_slug(dataset)}')}-{stamp}"
 
 
 def train(run: RunConfig, out_dir: str | Path, options: RuntimeOptions | None = None
@@ -139,38 +139,6 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
     return Trainer(run, run_dir, options or RuntimeOptions(), resume=True).run()
 
 
-class _Progress:
-    """tqdm bar on a terminal; plain log lines otherwise; nothing when quiet or not rank 0."""
-
-    def __init__(self, active: bool, quiet: bool, progress: bool | None, total: int,
-                 initial: int) -> None:
-        self.active = active and not quiet
-        use_bar = progress if progress is not None else sys.stderr.isatty()
-        self.bar = None
-        if self.active and use_bar:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
-
-    def step(self, loss: float, lr: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-
-    def message(self, text: str) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, options: RuntimeOptions,
                  resume: bool) -> None:
@@ -195,205 +163,152 @@ class Trainer:
             ctx.shutdown(clean)
 
     def _run(self, ctx: DistContext) -> TrainResult:
-        opts, run = self.options, self.run_config
-        cfg = run.train
         self.ctx = ctx
+        checkpoint_dir, threads = self._prepare_process()
+        plan = plan_run(self.run_config, self.run_dir, ctx, self.options, self.resuming,
+                        checkpoint_dir)
+        resumed_from, retargeted_from = self._build(plan, checkpoint_dir, threads)
+        self._write_run_dir(plan, checkpoint_dir)
+        opts = self.options
+        self.writer = MetricsWriter(self.run_dir, active=ctx.is_main, wandb=opts.wandb,
+                                    tensorboard=opts.tensorboard, run_config=plan.record)
+        self.progress = Progress(ctx.is_main, opts.quiet, opts.progress, plan.total_steps,
+                                  self.state.step)
+        try:
+            self._announce(plan, threads, resumed_from, retargeted_from)
+            self._loop(plan.train_blocks, plan.batches_per_epoch, plan.total_steps)
+        finally:
+            self.progress.close()
+            self.writer.close()
+        evals = read_metrics(self.run_dir / METRICS_FILE, kind="eval") if ctx.is_main else []
+        last = evals[-1] if evals else {}
+        return TrainResult(self.run_dir, self.state.step, plan.total_steps,
+                           last.get("val_loss"), last.get("val_ppl"), resumed_from)
+
+    # ---------------------------------------------------------------------------- setup
+    def _prepare_process(self) -> tuple[Path | None, int]:
+        """Optional loggers, the run folder (rank 0's), the checkpoint to resume from, threads
+        and allocator; refuses a lost checkpoint or a folder that already holds a run."""
+        opts, ctx = self.options, self.ctx
         check_optional_loggers(opts.wandb, opts.tensorboard)
         run_dir = Path(ctx.broadcast_object(str(self.run_dir)))
         self.run_dir = run_dir
         checkpoint_dir = find_checkpoint(run_dir) if self.resuming else None
         if self.resuming and checkpoint_dir is None:
-            _refuse_lost_checkpoint(run_dir)
+            refuse_lost_checkpoint(run_dir)
         threads = opts.threads
         if threads is None and checkpoint_dir is not None:
             # the thread count changes the order of float reductions: a resumed run keeps it
             threads = read_state(checkpoint_dir).threads or None
         threads = set_threads(threads)
         tune_cpu_allocator()
-        if not self.resuming:
-            if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
-                raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
-                                 f"{run_dir} or choose another --out")
+        if not self.resuming and holds_run(run_dir):
+            raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
+                             f"{run_dir} or choose another --out")
+        return checkpoint_dir, threads
 
-        # -------------------------------------------------------------- model config
-        mcfg = model_config(run.model, run.preset, **run.model_kwargs())
-        seq_len = run.data.seq_len or mcfg.max_seq_len
-        if seq_len > mcfg.max_seq_len:
-            raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
-                             f"{mcfg.max_seq_len} (raise it with --model-arg "
-                             f"max_seq_len={seq_len})")
-        world = ctx.world_size
-        if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not "
-                             f"divisible by the number of processes {world}")
-        per_rank = cfg.batch_size // world
-        if per_rank % cfg.grad_accum:
-            raise ValueError(f"the per-process batch {per_rank} (--batch-size {cfg.batch_size} "
-                             f"/ {world} processes) is not divisible by --grad-accum "
-                             f"{cfg.grad_accum}")
-        device = ctx.device
-        if cfg.dtype == "fp16" and device.type != "cuda":
-            raise ValueError("--dtype fp16 needs a CUDA device (use bf16 on CPU)")
-
-        # ---------------------------------------------------------------------- data
-        tokenizer = None
-        if self.resuming and (checkpoint_dir is not None
-                              or (run_dir / TOKENIZER_FILE).exists()):
-            tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
-        if self.resuming and opts.data_dir is not None:
-            run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
-        data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
-                         tokenizer=tokenizer)
-        tokenizer = data.tokenizer
-        check_vocab(tokenizer, mcfg.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE)
-        train_ids, val_ids = data.ids["train"], data.ids["valid"]
-        try:
-            train_blocks = TokenBlocks(train_ids, seq_len, drop_last=True)
-        except ValueError:
-            raise ValueError(
-                f"the train split of {run.data.dataset!r} has {len(train_ids)} tokens, fewer "
-                f"than one block of --seq-len {seq_len} (+1); use more text (--max-train-rows) "
-                f"or a shorter --seq-len") from None
-        if len(val_ids) < 2:
-            raise ValueError(f"the valid split of {run.data.dataset!r} has {len(val_ids)} "
-                             f"token(s); at least 2 are needed to evaluate")
-        batches_per_epoch = len(train_blocks) // cfg.batch_size
-        if batches_per_epoch == 0:
-            raise ValueError(
-                f"the train split of {run.data.dataset!r} gives {len(train_blocks)} blocks of "
-                f"{seq_len} tokens, fewer than one batch of --batch-size {cfg.batch_size}; use "
-                f"more text, a smaller --batch-size or a shorter --seq-len")
-        total_steps = cfg.epochs * batches_per_epoch
-        if cfg.max_steps is not None:
-            total_steps = min(total_steps, cfg.max_steps)
-        fingerprints = {s: data.corpus.fingerprint(s) for s in ("train", "valid")}
-
-        schedule = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
-                    "train_blocks": len(train_blocks), "seq_len": seq_len,
-                    "tokens_per_step": cfg.batch_size * seq_len, "world_size": world,
-                    "per_process_batch_size": per_rank,
-                    "micro_batch_size": per_rank // cfg.grad_accum}
-        run_json = {
-            **run.to_dict(),
-            "model_config": mcfg.to_dict(),
-            "tokenizer": {**run.tokenizer.to_dict(),
-                          "actual_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                          "eot_token_id": eot_token_id(tokenizer), "file": TOKENIZER_FILE},
-            "data": {**run.data.to_dict(), "seq_len": seq_len, "corpus_source": data.corpus.source,
-                     "fingerprints": fingerprints,
-                     "tokens": {s: int(len(v)) for s, v in data.ids.items()}},
-            "schedule": schedule,
-            "gam_version": gam.__version__,
-            "torch_version": torch.__version__,
-        }
-        if self.resuming:
-            recorded = read_run_config(run_dir)
-            old_fp = recorded.get("data", {}).get("fingerprints", {}).get("train")
-            if old_fp is not None and old_fp != fingerprints["train"]:
-                raise ValueError(f"the train split of {run.data.dataset!r} differs from the one "
-                                 f"this run was trained on (fingerprint changed); it cannot be "
-                                 f"resumed exactly")
-            run_json["created"] = recorded.get("created")
-
-        # --------------------------------------------------------------------- model
+    def _build(self, plan: RunPlan, checkpoint_dir: Path | None, threads: int
+               ) -> tuple[int | None, int | None]:
+        """Model, optimizer, scheduler, scaler and state, restored from the checkpoint when
+        resuming; returns ``(resumed_from, retargeted_from)`` (the old total steps when the
+        run's length changed)."""
+        run, cfg, ctx = self.run_config, self.run_config.train, self.ctx
         torch.manual_seed(cfg.seed)
-        model = model_from_config(run.model, mcfg).to(device)
-        optimizer = build_optimizer(model, cfg)
-        scheduler = build_scheduler(optimizer, cfg, total_steps)
-        scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
-        state = TrainingState(total_steps=total_steps, batches_per_epoch=batches_per_epoch,
-                              world_size=world, threads=threads)
-        resumed_from = None
-        retargeted_from = None
-        if checkpoint_dir is not None:
-            ckpt = load_checkpoint(checkpoint_dir)
-            if ckpt.state.batches_per_epoch != batches_per_epoch:
-                raise CheckpointError(
-                    f"checkpoint {checkpoint_dir} was made with {ckpt.state.batches_per_epoch} "
-                    f"batches per epoch, the data now gives {batches_per_epoch}")
-            if total_steps < ckpt.state.step:
-                raise ValueError(
-                    f"{run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
-                    f"steps of --epochs {cfg.epochs} / --max-steps {cfg.max_steps}; give a "
-                    f"larger --max-steps or --epochs with --resume")
-            load_into(ckpt, model, optimizer, scheduler, scaler)
-            if ckpt.state.total_steps != total_steps:
-                # --resume --max-steps/--epochs: a new length; the cosine ends there instead
-                retargeted_from = ckpt.state.total_steps
-                retarget_schedule(scheduler, total_steps)
-                ckpt.state.total_steps = total_steps
-            state = ckpt.state
-            state.world_size = world
-            state.threads = threads
-            resumed_from = state.step
-            if len(ckpt.rng_states) == world:
-                restore_rng_state(ckpt.rng_states[ctx.rank])
-            else:
-                logger.warning("checkpoint was made with %d process(es), resuming with %d: the "
-                               "data order is the same but dropout draws differ",
-                               len(ckpt.rng_states), world)
-                restore_rng_state(ckpt.rng_states[0])
-                if ctx.rank:
-                    torch.manual_seed(cfg.seed + ctx.rank + 1000 * state.step)
-        elif ctx.rank:
-            torch.manual_seed(cfg.seed + ctx.rank)  # a different dropout stream per rank
+        self.device = ctx.device
+        self.model = model_from_config(run.model, plan.model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
+        self.state = TrainingState(total_steps=plan.total_steps,
+                                   batches_per_epoch=plan.batches_per_epoch,
+                                   world_size=ctx.world_size, threads=threads)
+        self.seq_len = plan.seq_len
+        self.val_ids = plan.val_ids
+        self.eval_batch_size = cfg.eval_batch_size or plan.per_rank
+        if checkpoint_dir is None:
+            if ctx.rank:
+                torch.manual_seed(cfg.seed + ctx.rank)  # a different dropout stream per rank
+            return None, None
+        return self._restore(plan, checkpoint_dir, threads)
 
+    def _restore(self, plan: RunPlan, checkpoint_dir: Path, threads: int
+                 ) -> tuple[int | None, int | None]:
+        cfg, ctx = self.run_config.train, self.ctx
+        total_steps, world = plan.total_steps, ctx.world_size
+        ckpt = load_checkpoint(checkpoint_dir)
+        if ckpt.state.batches_per_epoch != plan.batches_per_epoch:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_dir} was made with {ckpt.state.batches_per_epoch} "
+                f"batches per epoch, the data now gives {plan.batches_per_epoch}")
+        if total_steps < ckpt.state.step:
+            raise ValueError(
+                f"{self.run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
+                f"steps of --epochs {cfg.epochs} / --max-steps {cfg.max_steps}; give a "
+                f"larger --max-steps or --epochs with --resume")
+        load_into(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+        retargeted_from = None
+        if ckpt.state.total_steps != total_steps:
+            # --resume --max-steps/--epochs: a new length; the cosine ends there instead
+            retargeted_from = ckpt.state.total_steps
+            retarget_schedule(self.scheduler, total_steps)
+            ckpt.state.total_steps = total_steps
+        state = self.state = ckpt.state
+        state.world_size = world
+        state.threads = threads
+        if len(ckpt.rng_states) == world:
+            restore_rng_state(ckpt.rng_states[ctx.rank])
+        else:
+            logger.warning("checkpoint was made with %d process(es), resuming with %d: the "
+                           "data order is the same but dropout draws differ",
+                           len(ckpt.rng_states), world)
+            restore_rng_state(ckpt.rng_states[0])
+            if ctx.rank:
+                torch.manual_seed(cfg.seed + ctx.rank + 1000 * state.step)
+        return state.step, retargeted_from
+
+    def _write_run_dir(self, plan: RunPlan, checkpoint_dir: Path | None) -> None:
+        """config.json, tokenizer.json, metrics.jsonl cut back to the checkpoint, repaired model
+        files (rank 0)."""
+        ctx, run_dir = self.ctx, self.run_dir
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resuming:
-                run_json["created"] = _dt.datetime.now().isoformat(timespec="seconds")
-            atomic_write_json(run_dir / CONFIG_FILE, run_json)
+            write_run_config(run_dir, plan.record)
             if not (run_dir / TOKENIZER_FILE).is_file():
-                tokenizer.save(str(run_dir / TOKENIZER_FILE))
-            truncate_metrics(run_dir / METRICS_FILE, state.step)
+                plan.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+            truncate_metrics(run_dir / METRICS_FILE, self.state.step)
             if checkpoint_dir is not None:
-                _repair_saved_model(run_dir, model, state.step)
+                repair_saved_model(run_dir, self.model, self.state.step)
         ctx.barrier()
 
-        self.model = model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
-        self.state = state
-        self.seq_len = seq_len
-        self.val_ids = val_ids
-        self.device = device
-        self.eval_batch_size = cfg.eval_batch_size or per_rank
-        writer = MetricsWriter(run_dir, active=ctx.is_main, wandb=opts.wandb,
-                               tensorboard=opts.tensorboard, run_config=run_json)
-        self.writer = writer
-        progress = _Progress(ctx.is_main, opts.quiet, opts.progress, total_steps, state.step)
-        self.progress = progress
-        try:
-            if resumed_from is not None:
-                record: dict[str, Any] = {"kind": "resume", "step": state.step}
-                note = ""
-                if retargeted_from is not None:
-                    record.update(total_steps=total_steps, previous_total_steps=retargeted_from)
-                    note = (f" (length changed from {retargeted_from} steps; the cosine now "
-                            f"ends at step {total_steps})")
-                writer.write(record)
-                progress.message(f"resumed {run_dir} at step {state.step}/{total_steps}{note}")
-            elif ctx.is_main and not opts.quiet:
-                n = gam.count_parameters(model)
-                progress.message(
-                    f"training {run.model} ({run.preset}, {n['total']:,} parameters) on "
-                    f"{run.data.dataset}: {len(train_blocks):,} blocks of {seq_len}, "
-                    f"{batches_per_epoch} steps/epoch, {total_steps} steps, {world} process(es) "
-                    f"x {threads} thread(s) on {device} -> {run_dir}")
-            if ctx.is_main and resumed_from is None and cfg.warmup_steps >= total_steps:
-                # the README's smoke run did this: 50 steps inside a 100-step warm-up
-                logger.warning(
-                    "warning: all %d steps are inside the %d-step warm-up (--warmup-steps): the "
-                    "learning rate never reaches --lr %g; for a short run give e.g. "
-                    "--warmup-steps %d", total_steps, cfg.warmup_steps, cfg.lr,
-                    max(1, total_steps // 10))
-            self._loop(train_blocks, batches_per_epoch, total_steps)
-        finally:
-            progress.close()
-            writer.close()
-        evals = read_metrics(run_dir / METRICS_FILE, kind="eval") if ctx.is_main else []
-        last = evals[-1] if evals else {}
-        return TrainResult(run_dir, state.step, total_steps, last.get("val_loss"),
-                           last.get("val_ppl"), resumed_from)
+    def _announce(self, plan: RunPlan, threads: int, resumed_from: int | None,
+                  retargeted_from: int | None) -> None:
+        """The first log lines (and the resume record) of a run."""
+        run, cfg, ctx, opts = self.run_config, self.run_config.train, self.ctx, self.options
+        state, total_steps, progress = self.state, plan.total_steps, self.progress
+        if resumed_from is not None:
+            record: dict[str, Any] = {"kind": "resume", "step": state.step}
+            note = ""
+            if retargeted_from is not None:
+                record.update(total_steps=total_steps, previous_total_steps=retargeted_from)
+                note = (f" (length changed from {retargeted_from} steps; the cosine now "
+                        f"ends at step {total_steps})")
+            self.writer.write(record)
+            progress.message(f"resumed {self.run_dir} at step {state.step}/{total_steps}{note}")
+        elif ctx.is_main and not opts.quiet:
+            n = gam.count_parameters(self.model)
+            progress.message(
+                f"training {run.model} ({run.preset}, {n['total']:,} parameters) on "
+                f"{run.data.dataset}: {len(plan.train_blocks):,} blocks of {plan.seq_len}, "
+                f"{plan.batches_per_epoch} steps/epoch, {total_steps} steps, "
+                f"{ctx.world_size} process(es) x {threads} thread(s) on {self.device} -> "
+                f"{self.run_dir}")
+        if ctx.is_main and resumed_from is None and cfg.warmup_steps >= total_steps:
+            # the README's smoke run did this: 50 steps inside a 100-step warm-up
+            logger.warning(
+                "warning: all %d steps are inside the %d-step warm-up (--warmup-steps): the "
+                "learning rate never reaches --lr %g; for a short run give e.g. "
+                "--warmup-steps %d", total_steps, cfg.warmup_steps, cfg.lr,
+                max(1, total_steps // 10))
 
     # ----------------------------------------------------------------------------- loop
     def _loop(self, train_blocks: TokenBlocks, batches_per_epoch: int, total_steps: int) -> None:
@@ -471,50 +386,14 @@ class Trainer:
                     break
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-        cfg, ctx = self.run_config.train, self.ctx
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        xs, ys = x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (xm, ym) in enumerate(zip(xs, ys, strict=True)):
-            sync = i == len(xs) - 1
-            no_sync = self.train_model.no_sync() if (ctx.enabled and not sync) \
-                else contextlib.nullcontext()
-            with no_sync:
-                with autocast_context(self.device, cfg.dtype):
-                    # return_logits=False: the loss goes through the head chunk by chunk,
-                    # without holding all B*T x vocab logits
-                    _, loss = self.train_model(xm, ym, return_logits=False)
-                loss_sum += loss.detach().double()
-                scaled = loss / cfg.grad_accum
-                if self.scaler is not None:
-                    scaled = self.scaler.scale(scaled)
-                scaled.backward()
-        loss_sum /= cfg.grad_accum
-        if ctx.enabled:
-            ctx.all_reduce_sum(loss_sum)
-            loss_sum /= ctx.world_size
-        loss_value = float(loss_sum)
-        if not math.isfinite(loss_value):
-            self._diverged("loss", loss_value)
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # norm only
-        grad_norm_value = float(grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step itself on inf/nan gradients
-            self.scaler.update()
-        else:
-            if not math.isfinite(grad_norm_value):
-                self._diverged("gradient norm", grad_norm_value)
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm_value
+        cfg = self.run_config.train
+        try:
+            return train_step(self.train_model, self.optimizer, x, y, scheduler=self.scheduler,
+                              dtype=cfg.dtype, grad_accum=cfg.grad_accum,
+                              grad_clip=cfg.grad_clip, scaler=self.scaler, ctx=self.ctx)
+        except NonFiniteError as e:
+            self._diverged(e.what, e.value)
+            raise  # not reached: _diverged raises
 
     def _diverged(self, what: str, value: float) -> None:
         state = self.state
@@ -569,60 +448,3 @@ class Trainer:
                             rng_states, self.scaler)
             save_pretrained(self.model, self.run_dir)
         ctx.barrier()
-
-
-def load_checkpoint_step(folder: Path) -> int:
-    """Step of a checkpoint folder (-1 if its state file is unreadable)."""
-    try:
-        return read_state(folder).step
-    except CheckpointError:
-        return -1
-
-
-def _refuse_lost_checkpoint(run_dir: Path) -> None:
-    """CheckpointError if the run saved a checkpoint that is gone.
-
-    Resuming from step 0 is right for a run that died before its first checkpoint, but after
-    one it would silently retrain and cut ``metrics.jsonl`` back to nothing. A checkpoint was
-    saved if ``checkpoint/latest.json`` or the run's ``model.safetensors`` exist (both are
-    written only with a checkpoint).
-    """
-    latest = run_dir / CHECKPOINT_DIR / LATEST
-    weights = run_dir / MODEL_WEIGHTS
-    if not latest.exists() and not weights.exists():
-        return
-    recorded = [int(r.get("step", 0)) for r in read_metrics(run_dir / METRICS_FILE)]
-    done = f" (metrics.jsonl records steps up to {max(recorded)})" if recorded else ""
-    raise CheckpointError(
-        f"cannot resume {run_dir}: it saved a checkpoint{done} but "
-        f"{run_dir / CHECKPOINT_DIR} holds no complete step-* folder; nothing was changed. "
-        f"Restore the checkpoint folder, or train a new run with another --out")
-
-
-def _repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None:
-    """Rewrite ``RUN_DIR/model.json`` + ``model.safetensors`` from the checkpoint's weights (in
-    ``model``) if they are missing, unreadable or stale, so that eval / generate / export work.
-    """
-    weights = run_dir / MODEL_WEIGHTS
-    expected = state_dict_for_saving(model)
-    why = None
-    try:
-        load_model_config(run_dir)
-        saved = load_file(str(weights)) if weights.is_file() else None
-    except (CheckpointError, SafetensorError, OSError, ValueError) as e:
-        why, saved = f"unreadable: {_one_line(e)}", None
-    if why is None:
-        if saved is None:
-            why = "missing"
-        elif saved.keys() != expected.keys() or not all(
-                torch.equal(saved[k], v) for k, v in expected.items()):
-            why = "not the checkpoint's weights"
-    if why is None:
-        return
-    save_pretrained(model, run_dir)
-    logger.warning("repaired %s and %s from the checkpoint of step %d (they were %s)",
-                   weights, run_dir / MODEL_JSON, step, why)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())

@@ -1,0 +1,136 @@
+"""What a run resolves to before it trains: the model config, the data cut into blocks, the
+schedule (total steps, batches per epoch...) and the ``config.json`` record (``plan_run``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import gam
+from gam.data import TokenBlocks, eot_token_id
+from gam.models.registry import model_config
+from gam.training.config import RunConfig, RuntimeOptions
+from gam.training.data import load_data, load_tokenizer_file
+from gam.training.distributed import DistContext
+from gam.training.run import check_vocab
+from gam.training.rundir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    read_run_config,
+    recorded_fingerprints,
+    run_record,
+)
+from gam.training.rundir import now as rundir_now
+
+
+@dataclass
+class RunPlan:
+    """What a run's settings and data resolve to before training starts."""
+
+    model_config: Any
+    seq_len: int
+    per_rank: int
+    tokenizer: Any
+    train_blocks: TokenBlocks
+    val_ids: Any
+    batches_per_epoch: int
+    total_steps: int
+    record: dict[str, Any]
+
+
+def _check_batch(run: RunConfig, ctx: DistContext, mcfg: Any) -> tuple[int, int]:
+    """``(seq_len, per-process batch)``; ValueError for settings that cannot be run."""
+    cfg = run.train
+    seq_len = run.data.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len "
+                         f"{mcfg.max_seq_len} (raise it with --model-arg "
+                         f"max_seq_len={seq_len})")
+    world = ctx.world_size
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) is not "
+                         f"divisible by the number of processes {world}")
+    per_rank = cfg.batch_size // world
+    if per_rank % cfg.grad_accum:
+        raise ValueError(f"the per-process batch {per_rank} (--batch-size {cfg.batch_size} "
+                         f"/ {world} processes) is not divisible by --grad-accum "
+                         f"{cfg.grad_accum}")
+    if cfg.dtype == "fp16" and ctx.device.type != "cuda":
+        raise ValueError("--dtype fp16 needs a CUDA device (use bf16 on CPU)")
+    return seq_len, per_rank
+
+def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptions,
+             resuming: bool, checkpoint_dir: Path | None) -> RunPlan:
+    """Model config, data, blocks and schedule of the run, and its ``config.json`` record
+    (the data directory of ``opts`` replaces the recorded one on resume)."""
+    cfg = run.train
+    mcfg = model_config(run.model, run.preset, **run.model_kwargs())
+    seq_len, per_rank = _check_batch(run, ctx, mcfg)
+    tokenizer = None
+    if resuming and (checkpoint_dir is not None
+                          or (run_dir / TOKENIZER_FILE).exists()):
+        tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
+    if resuming and opts.data_dir is not None:
+        run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
+    data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
+                     tokenizer=tokenizer)
+    tokenizer = data.tokenizer
+    check_vocab(tokenizer, mcfg.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE)
+    train_blocks, val_ids = _blocks(run.data.dataset, data.ids, seq_len)
+    batches_per_epoch = len(train_blocks) // cfg.batch_size
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"the train split of {run.data.dataset!r} gives {len(train_blocks)} blocks of "
+            f"{seq_len} tokens, fewer than one batch of --batch-size {cfg.batch_size}; use "
+            f"more text, a smaller --batch-size or a shorter --seq-len")
+    total_steps = cfg.epochs * batches_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    fingerprints = {s: data.corpus.fingerprint(s) for s in ("train", "valid")}
+    created = None
+    if resuming:
+        recorded = read_run_config(run_dir)
+        old_fp = recorded_fingerprints(recorded).get("train")
+        if old_fp is not None and old_fp != fingerprints["train"]:
+            raise ValueError(f"the train split of {run.data.dataset!r} differs from the one "
+                             f"this run was trained on (fingerprint changed); it cannot be "
+                             f"resumed exactly")
+        created = recorded.get("created")
+    else:
+        created = rundir_now()
+    schedule = {"total_steps": total_steps, "batches_per_epoch": batches_per_epoch,
+                "train_blocks": len(train_blocks), "seq_len": seq_len,
+                "tokens_per_step": cfg.batch_size * seq_len, "world_size": ctx.world_size,
+                "per_process_batch_size": per_rank,
+                "micro_batch_size": per_rank // cfg.grad_accum}
+    record = run_record(
+        run.to_dict(), mcfg.to_dict(),
+        tokenizer={"actual_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                   "eot_token_id": eot_token_id(tokenizer)},
+        data={"seq_len": seq_len, "corpus_source": data.corpus.source,
+              "fingerprints": fingerprints,
+              "tokens": {s: int(len(v)) for s, v in data.ids.items()}},
+        schedule=schedule,
+        versions={"gam_version": gam.__version__, "torch_version": torch.__version__},
+        created=created)
+    return RunPlan(mcfg, seq_len, per_rank, tokenizer, train_blocks, val_ids,
+                   batches_per_epoch, total_steps, record)
+
+
+def _blocks(dataset: str, ids: dict[str, Any], seq_len: int) -> tuple[TokenBlocks, Any]:
+    """Train blocks and validation ids; ValueError when a split is too short."""
+    train_ids, val_ids = ids["train"], ids["valid"]
+    try:
+        train_blocks = TokenBlocks(train_ids, seq_len, drop_last=True)
+    except ValueError:
+        raise ValueError(
+            f"the train split of {dataset!r} has {len(train_ids)} tokens, fewer than one block "
+            f"of --seq-len {seq_len} (+1); use more text (--max-train-rows) or a shorter "
+            f"--seq-len") from None
+    if len(val_ids) < 2:
+        raise ValueError(f"the valid split of {dataset!r} has {len(val_ids)} token(s); at "
+                         f"least 2 are needed to evaluate")
+    return train_blocks, val_ids

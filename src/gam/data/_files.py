@@ -174,11 +174,13 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def default_cache_dir() -> Path:
-    """Cache root: ``$GAM_CACHE_DIR`` if set, else ``~/.cache/gam``."""
+    """The one cache root (token ids, tokenizers, ListOps data, the compiled scan kernel):
+    ``$GAM_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/gam``, else ``~/.cache/gam``."""
     env = os.environ.get("GAM_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    return Path.home() / ".cache" / "gam"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gam"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:

@@ -22,13 +22,10 @@ Two ways to stack mixers (``MambaConfig.stacking``):
   inside the block, as in mamba-ssm; the shell's embedding dropout still applies.
 - ``"paper"`` (the ``mamba-paper`` model): the bare stack ``x = mixer(x)`` of the GAM paper's
   baseline, no residual and no norm. It is kept because it is what the paper describes and its
-  20.5M parameter count (tested) is only reached without norms. It does not train well:
-  measured at paper size, the activation std falls from 1 to about 4e-10 over the 6 mixers at
-  init (each mixer shrinks its input ~40x; a test demonstrates it), so the final LayerNorm sees
-  values at the scale of its eps and the logits are uniform (loss ln(vocab)). In a short run
-  overfitting one batch (AdamW, lr 1e-3) the loss sat at ln(vocab) for ~12 steps, then the
-  mixers' gains grew, the activations blew up (the gate y * silu(z) makes each mixer
-  superlinear) and the loss was NaN by step 15: without norms the stack is unstable both ways.
+  20.5M parameter count (tested) is only reached without norms. Without norms each mixer
+  shrinks its input at init (a test shows the collapse) and the gate y * silu(z) makes it
+  superlinear once trained, so the stack is unstable both ways (measurements in
+  docs/design.md, "Mamba").
 
 The scan comes three ways: ``selective_scan_reference`` (a sequential loop, the specification),
 ``selective_scan`` (the training path) and ``selective_scan_step`` (one token, for decoding).
@@ -49,15 +46,7 @@ division that could overflow when dt |A| is large (a test runs dt |A| up to 40 p
 300 tokens). The scan runs in float32 even under bf16 autocast (inputs are cast up, autocast
 is off inside), as mamba-ssm does; the decode state is float32.
 
-Why not the ``mambapy`` package (alxndrTL/mamba.py, pure PyTorch): its LM is its own shell
-(RMSNorm, its own init, no position embeddings), so the three families would differ in more
-than the mixer; its ``generate`` feeds even the prompt token by token through ``step`` (no
-parallel prefill, batch of one prompt); its Blelloch ``pscan`` pads T to a power of two and
-keeps (B, T, E, N) tensors for backward, which is what makes a pure-PyTorch Mamba slow on CPU;
-and its ``ssm`` and ``ssm_step`` write the dt_proj bias differently (bias added after a bare
-matmul vs. inside ``dt_proj``; equal in the version read, but it was asked about in its issue
-#25), the kind of train/decode mismatch that the cached-decoding test here pins down. Against
-lm.py's block interface (prefill/step with a documented state) the mixer is short to write.
+Why a mixer of our own rather than a package: docs/design.md, "Mamba".
 """
 
 from __future__ import annotations

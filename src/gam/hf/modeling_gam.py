@@ -106,6 +106,14 @@ class GAMCache(Cache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seq_len
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers >= 5.24 trims a prompt that continues a cache to the tokens the cache has
+        # not seen only when the cache is not all "linear attention" layers (then it feeds the
+        # whole sequence again). This state continues exactly after get_seq_length() tokens,
+        # so it needs the trimming: re-fed tokens would be written into the memory twice.
+        return [False] * self.num_layers
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1  # no sequence dimension: the state has a fixed size
 

@@ -18,7 +18,9 @@ def test_auto_config_for_model_with_gam_and_hf_names():
                                             num_memory_slots=16, max_seq_len=64)
     assert isinstance(cfg, GAMHFConfig) and cfg.model_type == "gam"
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.max_position_embeddings) == (32, 2, 64)
-    assert cfg.tie_word_embeddings is True
+    # the library's default init unties the head (docs/results.md, "Initialisation")
+    assert cfg.tie_word_embeddings is cfg.tie_embeddings is False
+    assert transformers.AutoConfig.for_model("gam", init="paper").tie_word_embeddings is True
     aliased = transformers.AutoConfig.for_model("gam", hidden_size=48, num_hidden_layers=3,
                                                 max_position_embeddings=128)
     assert (aliased.d_model, aliased.n_layers, aliased.max_seq_len) == (48, 3, 128)
@@ -29,8 +31,8 @@ def test_auto_config_for_model_with_gam_and_hf_names():
 def test_fields_and_defaults_are_the_library_ones():
     cfg = GAMHFConfig()
     assert cfg.to_gam_config() == GAMConfig()
-    for f in fields(GAMConfig):
-        assert getattr(cfg, f.name) == f.default
+    for f in fields(GAMConfig):  # the library's values, with its defaults resolved
+        assert getattr(cfg, f.name) == getattr(GAMConfig(), f.name)
     gam_cfg = GAMConfig(vocab_size=77, d_model=24, n_layers=1, use_gate=False, conv_kernel_size=5)
     assert GAMHFConfig.from_gam_config(gam_cfg).to_gam_config() == gam_cfg
 
@@ -62,7 +64,7 @@ def test_config_json_round_trip(tmp_path):
 
 def test_auto_model_classes_from_config():
     cfg = GAMHFConfig(vocab_size=300, d_model=32, n_layers=2, num_memory_slots=16,
-                      max_seq_len=64)
+                      max_seq_len=64, init="paper")
     lm = transformers.AutoModelForCausalLM.from_config(cfg)
     base = transformers.AutoModel.from_config(cfg)
     assert type(lm) is GAMForCausalLM and type(base) is GAMModel

@@ -90,7 +90,7 @@ PAPER_COUNTS = {  # computed from the architecture; paper Table 3 rounds to 19.4
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))
 def test_paper_size_parameter_counts(name):
     with torch.device("meta"):
-        model = build_model(name, "paper")
+        model = build_model(name, "paper", init="paper")
     assert count_parameters(model)["total"] == PAPER_COUNTS[name]
 
 
@@ -109,7 +109,7 @@ def test_ablation_structure():
 
 
 def test_weight_tying():
-    model = build_model("gam", "tiny")
+    model = build_model("gam", "tiny", init="paper")
     assert model.head.weight is model.token_embedding.weight
 
 

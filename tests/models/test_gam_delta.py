@@ -193,7 +193,7 @@ def test_changing_a_future_token_leaves_past_logits_unchanged():
 
 def test_paper_size_parameter_counts():
     with torch.device("meta"):
-        counts = {n: count_parameters(build_model(n, "paper"))["total"]
+        counts = {n: count_parameters(build_model(n, "paper", init="paper"))["total"]
                   for n in ["gam", *NAMES]}
     assert counts["gam"] == 22_599_680
     assert counts["gam-delta"] == 30_529_328

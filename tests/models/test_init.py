@@ -31,6 +31,10 @@ PAPER_COUNTS = {  # README table, paper preset, init="paper", tied
 }
 
 
+# "untied" draws every tensor as "paper" does but the untied embedding and the positions
+PAPER_LIKE = ("paper", "untied")
+
+
 def _build(name, init, tie=True, seed=0, **overrides):
     torch.manual_seed(seed)
     return build_model(name, "tiny", init=init, tie_embeddings=tie, **overrides)
@@ -72,13 +76,13 @@ def _check_embeddings(model, init, tie):
     d = c.d_model
     emb, head = model.token_embedding.weight, model.head.weight
     assert (head is emb) == tie
-    if init == "paper":
+    if init in PAPER_LIKE:
         bound = 1 / math.sqrt(d)  # nn.Linear's U(+-1/sqrt(fan_in)): the tied weight, the head
         assert head.abs().max() <= bound
         _assert_std(head, bound / math.sqrt(3), "head")
         if not tie:
             _assert_std(emb, 1.0, "untied token embedding (nn.Embedding's N(0, 1))")
-        pos_std = 1.0
+        pos_std = 1.0 if init == "paper" else 0.02  # untied: positions at the token scale
     else:
         _assert_std(emb, 0.02, "token embedding")
         if not tie:
@@ -109,7 +113,7 @@ def _check_blocks(model, init):
                 continue
             if id(w) in owned:
                 continue  # family init, checked by _check_family
-            if init == "paper":
+            if init in PAPER_LIKE:
                 bound = 1 / math.sqrt(m.in_features)
                 assert w.abs().max() <= bound, where
                 assert b is None or b.abs().max() <= bound, where
@@ -142,7 +146,7 @@ def _check_family(model, init):
             assert mixer.dt_proj.weight.abs().max() <= r ** -0.5
             dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
             assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001
-            if init == "paper" and block.residual:  # U(+-1/sqrt(E)) / sqrt(L)
+            if init in PAPER_LIKE and block.residual:  # U(+-1/sqrt(E)) / sqrt(L)
                 w = mixer.out_proj.weight
                 expected = 1 / math.sqrt(c.d_inner) / math.sqrt(c.n_layers)
                 assert w.abs().max() <= expected * 1.0001

@@ -159,7 +159,7 @@ def test_torch_compile_matches_eager_loss_and_gradients(name):
 
 def test_pos_embedding_std_initialises_and_validates():
     torch.manual_seed(0)
-    paper = build_model("gam", "tiny", max_seq_len=256)
+    paper = build_model("gam", "tiny", max_seq_len=256, init="paper")
     small = build_model("gam", "tiny", max_seq_len=256, pos_embedding_std=0.02)
     assert 0.9 < paper.pos_embedding.weight.std().item() < 1.1  # nn.Embedding's N(0, 1)
     assert 0.018 < small.pos_embedding.weight.std().item() < 0.022

@@ -166,7 +166,7 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
 
 # ------------------------------------------------------------------------------ the model
 def test_paper_size_parameter_counts():
-    cfg = MambaConfig(stacking="paper")  # vocab 10000, 256 positions, d 512, 6 layers
+    cfg = MambaConfig(stacking="paper", init="paper")  # vocab 10000, 256 positions, d 512
     assert (cfg.d_inner, cfg.dt_rank_value) == (1536, 32)
     mixer = MambaMixer(cfg)
     assert sum(p.numel() for p in mixer.parameters()) == 2_542_080
@@ -177,7 +177,7 @@ def test_paper_size_parameter_counts():
         "A_log": (1536, 16), "D": (1536,), "out_proj.weight": (512, 1536)}
     paper = MambaLM(cfg)
     assert sum(p.numel() for p in paper.parameters()) == 20_504_576  # the paper's "20.5M"
-    residual = MambaLM(MambaConfig(stacking="residual"))
+    residual = MambaLM(MambaConfig(stacking="residual", init="paper"))
     assert sum(p.numel() for p in residual.parameters()) == 20_504_576 + 6 * 2 * 512
 
 

@@ -11,7 +11,7 @@ from gam.models.transformer import TransformerConfig
 
 def test_transformer_paper_size_within_one_percent_of_paper():
     with torch.device("meta"):
-        model = build_model("transformer", "paper")
+        model = build_model("transformer", "paper", init="paper")
     total = count_parameters(model)["total"]
     assert total == 24_166_400  # paper: 24.2M
     assert abs(total - 24.2e6) / 24.2e6 < 0.01
@@ -27,7 +27,7 @@ def test_count_parameters_non_embedding():
 def test_cpu_small_preset_is_4_to_8_million_parameters():
     for name in ("gam", "transformer"):
         with torch.device("meta"):
-            total = count_parameters(build_model(name, "cpu-small"))["total"]
+            total = count_parameters(build_model(name, "cpu-small", init="paper"))["total"]
         assert 4e6 <= total <= 8e6, (name, total)
 
 
@@ -81,7 +81,7 @@ def test_naive_and_sdpa_attention_agree():
 
 
 def test_save_and_load_pretrained_round_trip_bit_exact(tmp_path):
-    model = build_model("gam-sum", "tiny").eval()
+    model = build_model("gam-sum", "tiny", init="paper").eval()
     save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path).eval()
     assert loaded.model_name == "gam-sum"
@@ -113,6 +113,6 @@ def test_checkpoint_of_another_shape_is_rejected(tmp_path):
 @pytest.mark.parametrize("name, exact", [("mamba", 20_510_720), ("mamba-paper", 20_504_576)])
 def test_mamba_paper_size_within_one_percent_of_paper(name, exact):
     with torch.device("meta"):
-        total = count_parameters(build_model(name, "paper"))["total"]
+        total = count_parameters(build_model(name, "paper", init="paper"))["total"]
     assert total == exact
     assert abs(total - 20.5e6) / 20.5e6 < 0.01

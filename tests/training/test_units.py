@@ -68,7 +68,7 @@ def test_warmup_then_cosine_to_min():
 
 # ----------------------------------------------------------------------------- weight decay
 def test_decay_filters():
-    model = build_model("gam", "tiny")
+    model = build_model("gam", "tiny", init="paper")  # tied: the head is the embedding
     (everything,) = parameter_groups(model, 0.1, "all")
     assert everything["weight_decay"] == 0.1
     assert len(everything["params"]) == len(list(model.parameters()))

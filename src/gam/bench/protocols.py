@@ -62,8 +62,10 @@ class Protocol:
     def run_config(self, model: str, dataset: str, seed: int, overrides: dict[str, Any],
                    data_dir: str | None) -> RunConfig:
         """The run of ``model`` (with config ``overrides``) on ``dataset`` with ``seed``."""
+        # the protocol's own model settings (paper: the official init) under the command's
+        model_arg = {**self.settings.get("model_arg", {}), **overrides}
         return run_config_from_settings({
-            **self.settings, "model": model, "model_arg": dict(overrides), "dataset": dataset,
+            **self.settings, "model": model, "model_arg": model_arg, "dataset": dataset,
             "data_dir": data_dir, "seed": seed})
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,8 +85,10 @@ PROTOCOLS: dict[str, Protocol] = {
         "the paper's setup as in its official code (meant for a GPU): model preset paper, "
         "paper tokenizer with 10,000 tokens trained on all splits, blocks of 256, batch 32, "
         "5 epochs, AdamW lr 3e-4 (100 warm-up steps, cosine), fp32, first 50,000 train / "
-        "5,000 validation rows; validation after every epoch",
-        dict(model_preset="paper", vocab_size=10000, tokenizer="paper",
+        "5,000 validation rows; validation after every epoch; the official initialisation "
+        "(init=paper: tied head, positions N(0, 1))",
+        dict(model_preset="paper", model_arg={"init": "paper"}, vocab_size=10000,
+             tokenizer="paper",
              tokenizer_on_all_splits=True, seq_len=256, batch_size=32, epochs=5,
              max_steps=None, lr=3e-4, warmup_steps=100, dtype="fp32", max_train_rows=50000,
              max_val_rows=5000, eval_every=None, log_every=10, save_every=250)),

@@ -197,10 +197,10 @@ def failed_markdown(runs: Sequence[dict[str, Any]], with_dataset: bool) -> list[
 
 
 def paper_params(model: str) -> dict[str, int] | None:
-    """Our parameter count of ``model`` at the paper preset (vocabulary 10,000), to set beside
-    the paper's."""
+    """Our parameter count of ``model`` at the paper preset (vocabulary 10,000) with the
+    paper's initialisation (tied head), to set beside the paper's."""
     try:
-        return parameter_counts(model, "paper", {})
+        return parameter_counts(model, "paper", {"init": "paper"})
     except Exception:  # noqa: BLE001 - informative only
         return None
 

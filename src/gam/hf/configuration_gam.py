@@ -22,6 +22,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from gam.models.gam import GAMConfig
+from gam.models.lm import SCHEME_TIES
 from gam.models.registry import MODELS, config_class
 
 #: The GAMConfig fields, in order, with their defaults (the paper's model).
@@ -93,10 +94,13 @@ class GAMHFConfig(PretrainedConfig):
         for name, default in _fields(gam_model_name).items():
             setattr(self, name, kwargs.pop(name, default))
         if tie_word_embeddings is not None:
-            if tie_given and tie_word_embeddings != self.tie_embeddings:
+            if tie_given and self.tie_embeddings is not None \
+                    and tie_word_embeddings != self.tie_embeddings:
                 raise ValueError(f"tie_word_embeddings={tie_word_embeddings} contradicts "
                                  f"tie_embeddings={self.tie_embeddings}; give one of them")
             self.tie_embeddings = tie_word_embeddings
+        if self.tie_embeddings is None:  # the init scheme's choice, as the library resolves it
+            self.tie_embeddings = SCHEME_TIES.get(self.init, True)
         self.use_cache = use_cache
         # Aliases (hidden_size=...) arrive in kwargs; the base class sets them through
         # attribute_map, after the assignments above, so they take precedence.

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gam.models.lm import state_nbytes
 from gam.runtime import synchronize
 
 
@@ -141,17 +142,8 @@ class MemoryMeter:
         return max(0, self.peak_bytes() - self.baseline)
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor inside nested lists, tuples, dicts and dataclass-like objects."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(tensor_bytes(v) for v in vars(obj).values())
-    return 0
+# Bytes of every tensor in nested lists, tuples, dicts and objects: the models' own helper.
+tensor_bytes = state_nbytes
 
 
 def limit_address_space(extra_bytes: int | None) -> None:

@@ -80,7 +80,6 @@ import torch
 
 from gam.bench import common
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
-from gam.cli import parse_model_arg
 from gam.models.constants import IGNORE_INDEX
 from gam.models.io import atomic_write_bytes, atomic_write_json
 from gam.models.registry import (
@@ -90,8 +89,10 @@ from gam.models.registry import (
     model_config,
     model_from_config,
 )
+from gam.training.argtypes import parse_model_arg
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
+from gam.training.step import NonFiniteError, train_step
 
 TEXTBOOK = "textbook-transformer"
 DEFAULT_SEQ_LENS = [64, 128, 256]
@@ -326,16 +327,12 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
                                    random_non_queries=p.random_filler) for q in pairs]
         x = torch.cat([b[0] for b in batches]).to(device)
         y = torch.cat([b[1] for b in batches]).to(device)
-        _, loss = model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_value = float(loss.detach())
+        try:  # gam train's step: loss, backward, clipping, AdamW, schedule
+            loss_value, _ = train_step(model, optimizer, x, y, scheduler=scheduler,
+                                       grad_clip=cfg.grad_clip)
+        except NonFiniteError as exc:
+            raise FloatingPointError(f"{exc} at step {step}") from exc
         train_seconds += time.perf_counter() - t0
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}")
         out_of_time = p.max_seconds is not None and train_seconds >= p.max_seconds
         if step % p.eval_every == 0 or step == p.steps or out_of_time:
             val = validate()

@@ -54,8 +54,10 @@ class TextbookTransformerLM(nn.Module):
     def receptive_field(self) -> int:
         return self.config.max_seq_len
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and the mean cross-entropy; ``return_logits`` is accepted for the
+        library's training step (the logits are small here, so they are always returned)."""
         t = idx.shape[1]
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")

@@ -155,6 +155,22 @@ def causal_depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return y.transpose(1, 2)  # (B, T, C)
 
 
+def add_gam_paths(block: nn.Module, c: GAMConfig) -> None:
+    """Give ``block`` GAM's input norm and its two paths, in the official code's order and
+    names: ``ln1``, the local ``causal_conv`` (None without ``use_local``) and the global
+    ``memory_bank`` (None without ``use_global``). GAMBlock and GAMDeltaBlock share them."""
+    block.ln1 = nn.LayerNorm(c.d_model)
+    block.causal_conv = None
+    if c.use_local:
+        # padding is applied by hand (left only), so Conv1d's own padding stays 0
+        block.causal_conv = nn.Conv1d(c.d_model, c.d_model, c.conv_kernel_size,
+                                      groups=c.d_model)
+    block.memory_bank = None
+    if c.use_global:
+        block.memory_bank = nn.Parameter(torch.empty(c.num_memory_slots, c.d_model))
+        nn.init.xavier_uniform_(block.memory_bank)
+
+
 class GAMBlock(nn.Module):
     """One GAM block. Parameter names follow the official code (causal_conv, memory_bank,
     gate, ln1, ln2) except the FFN's (official ``ffn.0``/``ffn.2``, here ``ffn.fc1``/``ffn.fc2``):
@@ -164,16 +180,7 @@ class GAMBlock(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.ln1 = nn.LayerNorm(c.d_model)
-        self.causal_conv = None
-        if c.use_local:
-            # padding is applied by hand (left only), so Conv1d's own padding stays 0
-            self.causal_conv = nn.Conv1d(c.d_model, c.d_model, c.conv_kernel_size,
-                                         groups=c.d_model)
-        self.memory_bank = None
-        if c.use_global:
-            self.memory_bank = nn.Parameter(torch.empty(c.num_memory_slots, c.d_model))
-            nn.init.xavier_uniform_(self.memory_bank)
+        add_gam_paths(self, c)
         self.n_paths = int(c.use_local) + int(c.use_global)
         self.gate = nn.Linear(c.d_model, self.n_paths * c.d_model) if c.use_gate else None
         self.ln2 = nn.LayerNorm(c.d_model)

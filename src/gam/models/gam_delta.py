@@ -42,6 +42,7 @@ from gam.models.delta_rule import delta_rule_chunked, delta_rule_recurrent, delt
 from gam.models.fused import gated_residual, gated_residual_reference
 from gam.models.gam import (
     GAMConfig,
+    add_gam_paths,
     autocast_dtype,
     causal_depthwise_conv,
     memory_bank_flops,
@@ -256,15 +257,7 @@ class GAMDeltaBlock(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.ln1 = nn.LayerNorm(c.d_model)
-        self.causal_conv = None
-        if c.use_local:
-            self.causal_conv = nn.Conv1d(c.d_model, c.d_model, c.conv_kernel_size,
-                                         groups=c.d_model)
-        self.memory_bank = None
-        if c.use_global:
-            self.memory_bank = nn.Parameter(torch.empty(c.num_memory_slots, c.d_model))
-            nn.init.xavier_uniform_(self.memory_bank)
+        add_gam_paths(self, c)
         self.delta = DeltaRuleMemory(c)
         self.n_paths = int(c.use_local) + int(c.use_global) + 1
         self.gate = nn.Linear(c.d_model, self.n_paths * c.d_model) if c.use_gate else None

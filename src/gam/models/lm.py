@@ -434,13 +434,16 @@ class CausalLM(nn.Module):
 
 
 def state_nbytes(state: Any) -> int:
-    """Bytes of every tensor in a decode state (a tensor, or tuples / lists / dicts of them)."""
+    """Bytes of every tensor in a decode state (a tensor, or tuples / lists / dicts / objects
+    such as ``DecodeCache`` holding them)."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
         return sum(state_nbytes(v) for v in state.values())
     if isinstance(state, (tuple, list)):
         return sum(state_nbytes(v) for v in state)
+    if hasattr(state, "__dict__"):
+        return sum(state_nbytes(v) for v in vars(state).values())
     return 0
 
 

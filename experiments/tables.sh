@@ -6,7 +6,7 @@
 # Resumable: gam bench compare / ablate reuse finished runs and resume unfinished ones.
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-common=(--preset cpu --epochs 2 --max-steps none --threads 2 --data-dir ../shared/data --quiet)
+common=(--preset cpu --epochs 2 --max-steps none --threads "${THREADS:-2}" --data-dir ../shared/data --quiet)
 run() { echo "== $* $(date)"; .venv/bin/gam bench "$@"; }
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 \
   --datasets wikitext2 --out runs/bench/table1-wikitext2

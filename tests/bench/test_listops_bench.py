@@ -53,6 +53,16 @@ def test_listops_bench_quick(out_dir, check, tmp_path, monkeypatch):
     assert {r["action"] for r in check.load_results(out_dir)["runs"]} == {"reused"}
 
 
+def test_run_key_follows_the_model_config():
+    from gam.bench.listops import PROTOCOLS, backbone_config
+
+    QUICK = PROTOCOLS["quick"]
+
+    plain, paper = backbone_config("gam", QUICK), backbone_config("gam", QUICK, {"init": "paper"})
+    assert plain["init"] != paper["init"] and paper["tie_embeddings"] is True
+    assert backbone_config("gam", QUICK, {}) == plain  # the same settings, the same key
+
+
 def test_listops_bench_rejects_unknown_model(out_dir):
     with pytest.raises(ValueError, match="unknown model"):
         main(["listops", "--quick", "--models", "nope", "--out", str(out_dir)])

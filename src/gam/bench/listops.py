@@ -71,8 +71,10 @@ from gam.models.registry import (
     build_model,
     config_class,
     count_parameters,
+    model_config,
     receptive_field,
 )
+from gam.training.argtypes import parse_model_arg
 from gam.training.config import TrainConfig
 from gam.training.evaluate import autocast_context
 from gam.training.optim import build_optimizer, build_scheduler
@@ -176,13 +178,27 @@ class ListOpsClassifier(nn.Module):
         return self.classifier(last)  # (B, 10)
 
 
-def build_classifier(name: str, p: Protocol) -> ListOpsClassifier:
+def backbone_overrides(name: str, p: Protocol, model_args: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """The ``build_model`` overrides of a backbone: the protocol's sizes, then ``--model-arg``
+    (e.g. ``init=paper``)."""
     std = p.pos_embedding_std
-    backbone = build_model(name, p.model_preset, vocab_size=listops.VOCAB_SIZE,
-                           max_seq_len=p.max_len, d_model=p.d_model, n_layers=p.n_layers,
-                           dropout=p.dropout, pos_embedding=std > 0,
-                           pos_embedding_std=std if std > 0 else None,
-                           **_family_overrides(name, p.d_model))
+    return {"vocab_size": listops.VOCAB_SIZE, "max_seq_len": p.max_len, "d_model": p.d_model,
+            "n_layers": p.n_layers, "dropout": p.dropout, "pos_embedding": std > 0,
+            "pos_embedding_std": std if std > 0 else None,
+            **_family_overrides(name, p.d_model), **(model_args or {})}
+
+
+def backbone_config(name: str, p: Protocol, model_args: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """The backbone's whole resolved config (init and tying included): part of a run's key,
+    so that a finished run is reused only for the same model."""
+    return model_config(name, p.model_preset, **backbone_overrides(name, p, model_args)).to_dict()
+
+
+def build_classifier(name: str, p: Protocol, model_args: dict[str, Any] | None = None
+                     ) -> ListOpsClassifier:
+    backbone = build_model(name, p.model_preset, **backbone_overrides(name, p, model_args))
     return ListOpsClassifier(backbone)
 
 
@@ -232,10 +248,11 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
 
 
 def train_and_evaluate(name: str, seed: int, p: Protocol, splits: dict[str, Any],
-                       device: torch.device, log=print) -> dict[str, Any]:
+                       device: torch.device, log=print,
+                       model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one model on the train split; return its learning curve and test accuracies."""
     torch.manual_seed(seed)
-    model = build_classifier(name, p).to(device).train()
+    model = build_classifier(name, p, model_args).to(device).train()
     cfg = TrainConfig(batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
                       decay_filter="nanogpt", warmup_steps=p.warmup_steps, grad_clip=1.0,
                       dtype=p.dtype, seed=seed)
@@ -317,7 +334,8 @@ def _worker(payload: dict[str, Any]) -> None:
             with open(log_file, "a") as f:
                 f.write(line + "\n")
 
-    result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device, log=log)
+    result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device, log=log,
+                                model_args=payload.get("model_args"))
     common.emit({"status": "ok", "wall_seconds": time.perf_counter() - t0, **result})
 
 
@@ -344,6 +362,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=None, help="dropout in the backbone")
     g.add_argument("--pos-embedding-std", type=float, default=None,
                    help="std of the learned position embeddings at init; 0 = none")
+    g.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
+                   metavar="KEY=VALUE", dest="model_args",
+                   help="config override for every model (repeatable), e.g. init=paper "
+                        "(default: none: the library's defaults)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="autocast dtype (fp16 on CUDA only)")
     g.add_argument("--min-len", type=int, default=None, help="shortest sequence (tokens)")
@@ -498,8 +520,11 @@ def run(args: argparse.Namespace) -> int:
     for seed in args.seeds:
         for model in args.models:
             run_file = out / "runs" / f"{model}-seed{seed}.json"
+            model_args = dict(getattr(args, "model_args", None) or [])
             key = {"protocol": asdict(p), "model": model, "seed": seed, "data_seed": args.seed,
-                   "device": device.type}
+                   "device": device.type,
+                   "model_config": backbone_config(model, p, model_args)
+                   if model in MODELS else None}
             row: dict[str, Any] = {"model": model, "seed": seed}
             if not args.retrain and run_file.is_file():
                 old = json.loads(run_file.read_text())
@@ -514,7 +539,8 @@ def run(args: argparse.Namespace) -> int:
                 row.update(status="unavailable", error=reason)
             else:
                 payload = {"model": model, "seed": seed, "protocol": asdict(p),
-                           "data_seed": args.seed, "device": str(device),
+                           "model_args": model_args, "data_seed": args.seed,
+                           "device": str(device),
                            "threads": args.threads, "log_file": str(run_file.with_suffix(".log"))}
                 run_file.parent.mkdir(parents=True, exist_ok=True)
                 run_file.with_suffix(".log").write_text("")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @contextlib.contextmanager
@@ -44,3 +45,13 @@ def data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"real-data test: no {SHARED_DATA_DIR} folder beside the repository")
     return SHARED_DATA_DIR
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: with several threads OpenMP's hand-offs dominate (seconds per test on a
+    busy 2-core machine). One thread for the test, the setting restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

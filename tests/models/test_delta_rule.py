@@ -6,15 +6,8 @@ import torch.nn.functional as F
 
 from gam.models.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: with several threads, OpenMP's hand-offs dominate (seconds
-    per test on a busy 2-core machine). One thread per test, the setting restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread (the shared fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _inputs(B=2, T=37, H=3, dk=8, dv=5, decay=True, dtype=torch.float64, seed=0,

@@ -17,14 +17,8 @@ VARIANTS = {
 NAMES = ["gam-delta", "gam-delta-no-bank", "gam-delta-no-decay", "gam-delta-matched"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: with several threads, OpenMP's hand-offs dominate (seconds
-    per test on a busy 2-core machine). One thread per test, the setting restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: one thread (the shared fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb(module):

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from gam.bench import common
+from gam.bench.workers import merge_worker_result
 from gam.models.registry import build_model, model_config
 
 DEFAULT_MODELS = ["gam", "transformer", "transformer-naive", "mamba"]
@@ -256,14 +257,8 @@ def run(args: argparse.Namespace) -> int:
                            "seq_len": n, "batch_size": batch, "device": str(device),
                            "threads": args.threads, "warmup": args.warmup, "repeats": repeats,
                            "seed": args.seed, "max_memory_bytes": max_mem}
-                status, records, error = common.run_worker("gam.bench.scale", payload,
-                                                           timeout=args.max_seconds)
-                rec = records[-1] if records else {}
-                rec.pop("traceback", None)
-                row.update(rec)
-                if status != "ok" or not records:
-                    row["status"] = status if status != "ok" else "error"
-                    row["error"] = error or "worker printed no result"
+                merge_worker_result(row, *common.run_worker("gam.bench.scale", payload,
+                                                            timeout=args.max_seconds))
                 if row["status"] in ("oom", "timeout"):
                     failed_at = (n, row["status"])
             row.setdefault("time_ms_median", None)

@@ -42,6 +42,7 @@ import torch
 
 from gam.bench import common
 from gam.bench.flops import flops_breakdown, flops_per_token
+from gam.bench.workers import merge_worker_result
 from gam.models.registry import build_model, model_config
 from gam.runtime import tune_cpu_allocator
 from gam.training.config import TrainConfig
@@ -304,14 +305,8 @@ def _measure(args: argparse.Namespace, model: str, dtype: str, seq_len: int,
         row.update(status="unavailable", error=reason)
     else:
         payload = {"model": model, **base, "seq_len": seq_len, "dtype": dtype}
-        status, records, error = common.run_worker(
-            "gam.bench.throughput", payload, timeout=args.max_seconds)
-        rec = records[-1] if records else {}
-        rec.pop("traceback", None)
-        row.update(rec)
-        if status != "ok" or not records:
-            row["status"] = status if status != "ok" else "error"
-            row["error"] = error or "worker printed no result"
+        merge_worker_result(row, *common.run_worker(
+            "gam.bench.throughput", payload, timeout=args.max_seconds))
         if "flops_per_token" not in row:
             row["flops_per_token"] = flops_per_token(
                 model, seq_len, preset=args.preset, **overrides,

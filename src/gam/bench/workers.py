@@ -62,6 +62,19 @@ def run_worker(module: str, payload: dict[str, Any], timeout: float | None = Non
     return status, records, error
 
 
+def merge_worker_result(row: dict[str, Any], status: str, records: list[dict[str, Any]],
+                        error: str | None) -> dict[str, Any]:
+    """Fold a ``run_worker`` outcome into ``row``: the last record's fields (without its
+    traceback), and ``status`` / ``error`` when the worker failed or printed nothing."""
+    rec = dict(records[-1]) if records else {}
+    rec.pop("traceback", None)
+    row.update(rec)
+    if status != "ok" or not records:
+        row["status"] = status if status != "ok" else "error"
+        row["error"] = error or "worker printed no result"
+    return row
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)

@@ -78,11 +78,11 @@ def write_paper_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
     tok.save(str(path))
 
 
-def make_run_dir(root: Path, name: str = "gam", kind: str = "bytelevel") -> Path:
+def make_run_dir(root: Path, name: str = "gam", kind: str = "bytelevel", **overrides) -> Path:
     """A run directory as ``gam train`` writes it: model.json + model.safetensors, tokenizer.json
-    and the run config."""
+    and the run config (``overrides``: model config fields)."""
     run_dir = root / f"run-{name}-{kind}"
-    model = tiny_lm(name)
+    model = tiny_lm(name, **overrides)
     gam.save_pretrained(model, run_dir)
     (write_bytelevel_tokenizer if kind == "bytelevel" else write_paper_tokenizer)(
         run_dir / "tokenizer.json")
@@ -106,7 +106,8 @@ def make_lm():
 
 @pytest.fixture
 def make_run():
-    """``make_run(root, name="gam", kind="bytelevel")``: a hand-made run directory."""
+    """``make_run(root, name="gam", kind="bytelevel", **overrides)``: a hand-made run
+    directory."""
     return make_run_dir
 
 

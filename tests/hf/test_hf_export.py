@@ -165,3 +165,21 @@ def test_export_gam_delta_run(make_run, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gam.load_pretrained(run_dir).eval()(ids)[0])
+
+
+def test_an_export_saved_before_the_init_setting_loads_as_it_was(make_run, tmp_path):
+    """A config.json without init / tie_embeddings (written before they existed) describes a
+    tied model with the official init: it must not load as today's untied default."""
+    run_dir = make_run(tmp_path, "gam", init="paper")  # tied, as every model was then
+    out = export_run(run_dir, tmp_path / "hf")
+    path = out / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("init", "tie_embeddings", "tie_word_embeddings", "pos_embedding_std"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.init == "paper" and model.config.tie_embeddings is True
+    assert model.gam.head.weight is model.gam.token_embedding.weight
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gam.load_pretrained(run_dir).eval()(ids)[0])

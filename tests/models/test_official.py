@@ -143,6 +143,8 @@ def test_bad_official_inputs_raise_clearly(tmp_path):
     bad["blocks.0.gate.weight"] = torch.zeros(3 * C, C)
     with pytest.raises(ValueError, match="shapes"):
         load_official(bad)
+    with pytest.raises(ValueError, match="sets"):
+        load_official(sd, init="untied")
     extra = dict(sd, **{"blocks.0.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="unexpected"):
         load_official(extra)

@@ -516,15 +516,17 @@ def run(args: argparse.Namespace) -> int:
     results = {"command": command, "settings": settings, "data": data, "runs": [],
                "environment": env}
     del splits
+    model_args = dict(getattr(args, "model_args", None) or [])
+    try:  # every --model-arg against every model now, not after the first runs
+        configs = {m: backbone_config(m, p, model_args) for m in args.models if m in MODELS}
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--model-arg: {exc}") from None
     # seed-major order: an interrupted benchmark still has every model at the first seed
     for seed in args.seeds:
         for model in args.models:
             run_file = out / "runs" / f"{model}-seed{seed}.json"
-            model_args = dict(getattr(args, "model_args", None) or [])
             key = {"protocol": asdict(p), "model": model, "seed": seed, "data_seed": args.seed,
-                   "device": device.type,
-                   "model_config": backbone_config(model, p, model_args)
-                   if model in MODELS else None}
+                   "device": device.type, "model_config": configs.get(model)}
             row: dict[str, Any] = {"model": model, "seed": seed}
             if not args.retrain and run_file.is_file():
                 old = json.loads(run_file.read_text())

@@ -466,16 +466,18 @@ def run(args: argparse.Namespace) -> int:
             continue
         for label, name, overrides in variants:
             reason = common.model_available(name) if name != TEXTBOOK else None
-            init, tied = "-", "-"
+            init, tied, resolved = "-", "-", None
             if reason is None:
                 try:
-                    init, tied = init_label(name, recall_config(name, overrides, t, p))
+                    config = recall_config(name, overrides, t, p)
                 except (TypeError, ValueError) as exc:  # a bad override: fail now, not later
                     raise ValueError(f"model {label!r}: {exc}") from None
+                init, tied = init_label(name, config)
+                resolved = asdict(config)  # init and tying resolved: part of the run's key
             for lr in lrs:
                 key = {"protocol": asdict(p), "model": label, "name": name,
-                       "overrides": overrides, "seq_len": t, "pairs": pairs, "lr": lr,
-                       "seed": args.seed, "device": device.type}
+                       "overrides": overrides, "model_config": resolved, "seq_len": t,
+                       "pairs": pairs, "lr": lr, "seed": args.seed, "device": device.type}
                 cid = _slug(f"{label}-T{t}-lr{lr:g}")
                 cfile = out / "configs" / f"{cid}.json"
                 row: dict[str, Any] = {"model": label, "name": name, "overrides": overrides,

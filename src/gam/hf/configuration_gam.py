@@ -22,7 +22,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from gam.models.gam import GAMConfig
-from gam.models.lm import SCHEME_TIES
+from gam.models.lm import LEGACY_INIT, SCHEME_TIES
 from gam.models.registry import MODELS, config_class
 
 #: The GAMConfig fields, in order, with their defaults (the paper's model).
@@ -84,6 +84,10 @@ class GAMHFConfig(PretrainedConfig):
         # Every GAMConfig field (vocab_size, max_seq_len, d_model, n_layers, ffn_mult, dropout,
         # pos_embedding, num_memory_slots, conv_kernel_size, use_local, use_global, use_gate, and
         # any the library adds later) is read from kwargs by name, with the library's default.
+        if "transformers_version" in kwargs and "init" not in kwargs:
+            # a config.json saved before the init setting existed: the model it describes was
+            # built with the official init, tied (the library's LEGACY_INIT)
+            kwargs = {**LEGACY_INIT, **kwargs}
         tie_given = "tie_embeddings" in kwargs
         if gam_model_name is None:
             gam_model_name = infer_model_name(kwargs)

@@ -62,7 +62,7 @@ SCHEME_TIES = {"paper": True, "gpt2": True, "untied": False}
 SCHEME_POS_STD = {"paper": 1.0, "gpt2": GPT2_STD, "untied": GPT2_STD}
 # What configs saved before ``init`` / ``tie_embeddings`` existed were built with: they load
 # with these values whatever the defaults become.
-_LEGACY_INIT = {"init": "paper", "tie_embeddings": True}
+LEGACY_INIT = {"init": "paper", "tie_embeddings": True}
 
 
 @dataclass
@@ -74,10 +74,12 @@ class LMConfig:
     separate vocab x d head weight; None: the scheme's choice, resolved when the config is
     built), ``pos_embedding_std`` the positions' std (None: the scheme's):
 
-    - ``"paper"``: the official code's init, i.e. every module's PyTorch default, bit for bit
-      what it draws for a given torch seed. Tied: the shared weight takes the head's nn.Linear
-      init U(-1/sqrt(d), 1/sqrt(d)) (std 1/sqrt(3d)), since the official code ties by giving
-      the embedding the head's weight. Untied: token embedding nn.Embedding's N(0, 1), head
+    - ``"paper"``: the official code's init, i.e. every module's PyTorch default: the official
+      distributions, and bit for bit what gam drew for a given torch seed before this setting
+      existed (the official script draws its modules in another order, and its memory bank
+      from a discarded randn, so its numbers for a seed differ). Tied: the shared weight takes
+      the head's nn.Linear init U(-1/sqrt(d), 1/sqrt(d)) (std 1/sqrt(3d)), since the official
+      code ties by giving the embedding the head's weight. Untied: token embedding nn.Embedding's N(0, 1), head
       U(+-1/sqrt(d)) (the textbook nn.TransformerEncoder LM). Positions N(0, 1). Every
       nn.Linear weight and bias U(+-1/sqrt(fan_in)), LayerNorm weight 1 / bias 0, plus the
       family parameters below; residual Mamba's out_proj is divided by sqrt(L) (mamba-ssm's
@@ -156,7 +158,7 @@ class LMConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
         """Rebuild a saved config; one saved before ``init`` existed gets the paper init."""
-        return dataclass_from_dict(cls, {**_LEGACY_INIT, **values})
+        return dataclass_from_dict(cls, {**LEGACY_INIT, **values})
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
@@ -203,9 +205,9 @@ class CausalLM(nn.Module):
         c = config
         # The paper ties by giving the embedding the head's weight, so both start from
         # nn.Linear's init (uniform +-1/sqrt(d)); keep that to reproduce its curves.
-        # The modules below draw their defaults in the official code's order: that *is* the
-        # "paper" init, bit for bit, so it is not redrawn at the end ("untied" differs only in
-        # the tying and the positions' std, both set here).
+        # The modules below draw their defaults in gam's construction order: that *is* the
+        # "paper" init (bit for bit what gam drew before the init setting), so it is not
+        # redrawn at the end ("untied" differs only in the tying and the positions' std).
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         if c.tie_embeddings:

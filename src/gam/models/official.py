@@ -112,6 +112,10 @@ def load_official(state_dict: Mapping[str, torch.Tensor] | str | Path, family: s
     config = official_config(state_dict, family)
     if family == "transformer":
         config["n_heads"] = n_heads
+    fixed = sorted({"init", "tie_embeddings"} & set(overrides))
+    if fixed:
+        raise ValueError(f"load_official sets {fixed} itself (the official models are tied and "
+                         f"their weights replace any init); drop them from the overrides")
     config.update(overrides)
     # init="paper": the official tying (no separate head); the weights are replaced below
     model = build_model(family, "paper", init="paper", tie_embeddings=True, **config)

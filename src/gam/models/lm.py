@@ -79,8 +79,9 @@ class LMConfig:
       existed (the official script draws its modules in another order, and its memory bank
       from a discarded randn, so its numbers for a seed differ). Tied: the shared weight takes
       the head's nn.Linear init U(-1/sqrt(d), 1/sqrt(d)) (std 1/sqrt(3d)), since the official
-      code ties by giving the embedding the head's weight. Untied: token embedding nn.Embedding's N(0, 1), head
-      U(+-1/sqrt(d)) (the textbook nn.TransformerEncoder LM). Positions N(0, 1). Every
+      code ties by giving the embedding the head's weight. Untied: token embedding
+      nn.Embedding's N(0, 1), head U(+-1/sqrt(d)) (the textbook nn.TransformerEncoder LM).
+      Positions N(0, 1). Every
       nn.Linear weight and bias U(+-1/sqrt(fan_in)), LayerNorm weight 1 / bias 0, plus the
       family parameters below; residual Mamba's out_proj is divided by sqrt(L) (mamba-ssm's
       prenorm-residual rescale).

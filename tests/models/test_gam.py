@@ -113,34 +113,13 @@ def test_weight_tying():
     assert model.head.weight is model.token_embedding.weight
 
 
-def _logit_dependence(model, T):
-    """Boolean (T, T) matrix: entry [t, s] says whether logits at t depend on input s."""
-    model.eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, T))
-    emb = model.token_embedding(idx).detach().requires_grad_()
-    captured = {}
-
-    def use_emb(module, args, output):
-        captured["used"] = True
-        return emb
-
-    handle = model.token_embedding.register_forward_hook(use_emb)
-    logits, _ = model(idx)
-    handle.remove()
-    dep = torch.zeros(T, T, dtype=torch.bool)
-    for t in range(T):
-        (g,) = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
-        dep[t] = g[0].abs().sum(-1) > 0
-    return dep
-
-
-def test_receptive_field_paper_config_is_13_tokens_by_gradients():
+def test_receptive_field_paper_config_is_13_tokens_by_gradients(logit_dependence):
     # Paper depth and kernel (6 layers, kernel 3) at a small width so the test is fast.
     torch.manual_seed(0)
     model = build_model("gam", "paper", vocab_size=64, d_model=32, num_memory_slots=16,
                         max_seq_len=40, dropout=0.0)
     assert receptive_field(model) == 13 == 1 + 6 * (3 - 1)
-    dep = _logit_dependence(model, 40)
+    dep = logit_dependence(model, 40)
     for t in range(40):
         depends_on = set(torch.nonzero(dep[t])[:, 0].tolist())
         assert depends_on == set(range(max(0, t - 12), t + 1)), t
@@ -148,18 +127,18 @@ def test_receptive_field_paper_config_is_13_tokens_by_gradients():
 
 @pytest.mark.parametrize("name", ["gam", "gam-global-only", "gam-sum", "gam-local-only",
                                   "transformer", "transformer-naive"])
-def test_no_model_looks_at_future_tokens(name):
+def test_no_model_looks_at_future_tokens(name, logit_dependence):
     torch.manual_seed(0)
     model = build_model(name, "tiny")
-    dep = _logit_dependence(model, 12)
+    dep = logit_dependence(model, 12)
     assert not torch.triu(dep, diagonal=1).any()
     assert dep.diagonal().all()
 
 
-def test_global_only_has_receptive_field_one():
+def test_global_only_has_receptive_field_one(logit_dependence):
     model = build_model("gam-global-only", "tiny")
     assert receptive_field(model) == 1
-    dep = _logit_dependence(model, 8)
+    dep = logit_dependence(model, 8)
     assert torch.equal(dep, torch.eye(8, dtype=torch.bool))
 
 

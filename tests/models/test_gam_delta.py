@@ -128,17 +128,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(model(idx)[0], loaded(idx)[0])
 
 
-def test_greedy_generate_equals_uncached_argmax():
-    model = _model("gam-delta")
-    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
-    out = model.generate(prompt, 12, temperature=0)
-    seq = prompt
-    for _ in range(12):
-        nxt = model(seq)[0][:, -1].argmax(-1)
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
-    assert torch.equal(out, seq)
-
-
 def test_recurrent_impl_equals_chunked():
     chunked = _model("gam-delta", delta_chunk_size=8)
     recurrent = build_model("gam-delta", "tiny", delta_impl="recurrent").eval()
@@ -147,31 +136,16 @@ def test_recurrent_impl_equals_chunked():
     torch.testing.assert_close(chunked(idx)[0], recurrent(idx)[0], rtol=1e-5, atol=1e-5)
 
 
-def _logit_dependence(model, T):
-    """Boolean (T, T): entry [t, s] says whether the logits at t depend on input token s."""
-    model.eval()
-    idx = torch.randint(0, model.config.vocab_size, (1, T))
-    emb = model.token_embedding(idx).detach().requires_grad_()
-    handle = model.token_embedding.register_forward_hook(lambda m, a, out: emb)
-    logits, _ = model(idx)
-    handle.remove()
-    dep = torch.zeros(T, T, dtype=torch.bool)
-    for t in range(T):
-        (g,) = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
-        dep[t] = g[0].abs().sum(-1) > 0
-    return dep
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_causal_and_sees_the_whole_context(name):
+def test_causal_and_sees_the_whole_context(name, logit_dependence):
     # tiny: 2 layers of kernel 3, so GAM's field is 5 tokens; T = 20 is well beyond it
     model = _model(name)
-    dep = _logit_dependence(model, 20)
+    dep = logit_dependence(model, 20)
     assert not torch.triu(dep, diagonal=1).any()  # no position looks at a future token
     assert dep[torch.ones(20, 20, dtype=torch.bool).tril()].all()  # and sees all before it
     assert receptive_field(model) == model.config.max_seq_len == 64
     assert receptive_field(model.config) == 64
-    gam_dep = _logit_dependence(_model("gam"), 20)
+    gam_dep = logit_dependence(_model("gam"), 20)
     assert not gam_dep[19, 0] and receptive_field(_model("gam")) == 5
 
 

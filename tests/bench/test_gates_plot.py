@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gam.bench import common, gates
 
 
@@ -45,7 +47,18 @@ def test_gate_paths_come_from_the_family():
         "local", "global", "delta"]
     assert gates.gated_paths("gam-sum", {}) == [] and gates.gated_paths("transformer", {}) == []
     assert gates.gated_paths("no-such-model", {}) == []
+    with pytest.raises(ValueError, match="does not build a 'gam' model"):
+        gates.gated_paths("gam", {"d_model": -1})
     model = build_model("gam-delta", "tiny").eval()
     stats = gate_statistics(model, [torch.randint(0, 256, (2, 16))])
     assert len(stats) == 2 and {"delta_mean", "global_mean", "local_mean"} <= set(stats[0])
     assert gates.logged_paths(stats) == ["local", "global", "delta"]
+
+
+def test_a_run_whose_model_config_does_not_build_is_named(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model": "gam", "model_config": {"d_model": -1}}))
+    with pytest.raises(ValueError, match=r"config.*does not build a 'gam' model.*d_model"):
+        gates.check_gated_run(tmp_path)

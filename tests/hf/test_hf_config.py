@@ -41,6 +41,10 @@ def test_fields_and_defaults_are_the_library_ones():
     (dict(), "gam"), (dict(use_gate=False), "gam-sum"),
     (dict(use_local=False, use_gate=False), "gam-global-only"),
     (dict(use_global=False, use_gate=False), "gam-local-only"),
+    (dict(use_global=False), "gam"),  # no delta field given: not gam-delta-no-bank
+    (dict(delta_heads=4, use_global=False), "gam-delta-no-bank"),
+    (dict(use_delta_decay=False), "gam-delta-no-decay"),
+    (dict(ffn_mult=2, delta_head_dim=96), "gam-delta-matched"),  # not its superset gam-delta
 ])
 def test_variant_name(flags, name):
     assert GAMHFConfig(**flags).gam_model_name == name
@@ -114,3 +118,15 @@ def test_gam_delta_config_fields_and_round_trip(tmp_path):
     assert not hasattr(GAMHFConfig(), "delta_heads")
     with pytest.raises(ValueError, match="gam_model_name"):
         GAMHFConfig(gam_model_name="transformer")
+
+
+def test_tie_embeddings_is_one_attribute_with_tie_word_embeddings():
+    cfg = GAMHFConfig(init="paper")
+    assert cfg.tie_embeddings is cfg.tie_word_embeddings is True
+    cfg.tie_word_embeddings = False  # what transformers' own code and users set
+    assert cfg.tie_embeddings is False and cfg.to_gam_config().tie_embeddings is False
+    cfg.tie_embeddings = True
+    assert cfg.tie_word_embeddings is True
+    saved = cfg.to_dict()
+    assert saved["tie_word_embeddings"] is True and "tie_embeddings" not in saved
+    assert GAMHFConfig(**{**saved, "tie_word_embeddings": False}).tie_embeddings is False

@@ -35,18 +35,7 @@ def test_from_config_draws_the_library_distributions(settings, build):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     assert (hf.gam.head.weight is hf.gam.token_embedding.weight) == config.tie_embeddings
     assert hf.config.tie_word_embeddings == config.tie_embeddings
-    ours, theirs = _stats(library), _stats(hf.gam)
-    assert ours.keys() == theirs.keys()
-    for name, (mean, std, top) in ours.items():
-        h_mean, h_std, h_top = theirs[name]
-        numel = dict(library.named_parameters(remove_duplicate=False))[name].numel()
-        if std == 0.0:  # constant tensors (norm weights, zero biases): identical
-            assert (h_mean, h_std) == (mean, 0.0), name
-        elif numel >= 500:  # large enough for a 10% check of the spread
-            assert abs(h_std - std) <= 0.1 * std, (name, h_std, std)
-            assert abs(h_mean - mean) <= 0.1 * std + 1e-3, (name, h_mean, mean)
-        else:
-            assert h_top <= 3 * top + 1e-6 and h_std <= 3 * std, (name, h_std, std)
+    _assert_same_distributions(library, hf.gam)
     if settings.get("pos_embedding_std"):
         assert abs(hf.gam.pos_embedding.weight.std().item() - 0.02) < 0.002
 
@@ -63,3 +52,55 @@ def test_untied_export_round_trip(tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="contradicts"):
         GAMHFConfig(tie_embeddings=False, tie_word_embeddings=True)
+
+
+def _assert_same_distributions(library, hf_lm, names=None):
+    """Every parameter of ``hf_lm`` (or those in ``names``) has the spread of ``library``'s."""
+    ours, theirs = _stats(library), _stats(hf_lm)
+    assert ours.keys() == theirs.keys()
+    sizes = {n: p.numel() for n, p in library.named_parameters(remove_duplicate=False)}
+    for name, (mean, std, top) in ours.items():
+        if names is not None and name not in names:
+            continue
+        h_mean, h_std, h_top = theirs[name]
+        if std == 0.0:  # constant tensors (norm weights, zero biases): identical
+            assert (h_mean, h_std) == (mean, 0.0), name
+        elif sizes[name] >= 500:  # large enough for a 10% check of the spread
+            assert abs(h_std - std) <= 0.1 * std, (name, h_std, std)
+            assert abs(h_mean - mean) <= 0.1 * std + 1e-3, (name, h_mean, mean)
+        else:
+            assert h_top <= 3 * top + 1e-6 and h_std <= 3 * std, (name, h_std, std)
+
+
+@pytest.mark.parametrize("settings", [dict(init="paper"), dict(init="untied"),
+                                      dict(init="gpt2", tie_embeddings=False)],
+                         ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize("name", ["gam", "gam-delta"])
+def test_weights_missing_from_a_checkpoint_get_the_library_init(tmp_path, name, settings):
+    """A checkpoint without some weights (a whole block, the final norm, half of a Linear):
+    those come out with the library's distributions, finite, and every weight the file holds
+    loads exactly (transformers 5 initialises module by module; it used to leave them as
+    uninitialised memory, NaN)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    sizes = {**SIZES, "num_memory_slots": 128}
+    library = gam.build_model(name, "tiny", **sizes, **settings)
+    GAMForCausalLM.from_gam(library).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    missing = {k for k in tensors if ".blocks.1." in k or ".ln_f." in k
+               or k.endswith("blocks.0.gate.weight")}
+    save_file({k: v for k, v in tensors.items() if k not in missing}, path,
+              metadata={"format": "pt"})
+    torch.manual_seed(1)
+    back = GAMForCausalLM.from_pretrained(tmp_path)
+    prefix = "model.gam."
+    missing_names = {k[len(prefix):] for k in missing}
+    for pname, p in back.gam.named_parameters(remove_duplicate=False):
+        assert torch.isfinite(p).all(), pname
+        if pname not in missing_names:
+            assert torch.equal(p, dict(library.named_parameters(remove_duplicate=False))[pname]), \
+                pname
+    assert torch.equal(back.gam.blocks[0].gate.bias, library.blocks[0].gate.bias)
+    _assert_same_distributions(library, back.gam, missing_names)

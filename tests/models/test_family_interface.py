@@ -45,6 +45,10 @@ def test_block_interface(name):
         assert block_mixing_flops(block, 64, causal_halved=True)["attention"] == \
             flops["attention"] / 2
         assert block_mixing_flops(block, 128)["attention"] == 2 * flops["attention"]
+    if "delta" in flops:  # the chunk's pairwise products are triangular; the state ones not
+        halved = block_mixing_flops(block, 64, causal_halved=True)["delta"]
+        H, d, C = block.delta.n_heads, block.delta.head_dim, min(c.delta_chunk_size, 64)
+        assert flops["delta"] - halved == H * 5 * C * d
     with torch.no_grad():
         _, cache = model.prefill(torch.randint(0, c.vocab_size, (2, 5)))
     state = cache.layers[0]

@@ -185,6 +185,31 @@ def test_init_weights_restores_every_parameter_in_place(name, init, tie):
     _check_scheme(model, init, tie)
 
 
+@pytest.mark.parametrize("tie", TIES)
+@pytest.mark.parametrize("init", INIT_SCHEMES)
+@pytest.mark.parametrize("name", NAMES)
+def test_init_module_weights_redraws_one_module_and_nothing_else(name, init, tie):
+    model = _build(name, init, tie)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    torch.manual_seed(1)
+    for module in model.modules():
+        own = {id(p) for p in module.parameters(recurse=False)}
+        if not own:
+            continue
+        before = {pname: p.detach().clone() for pname, p in model.named_parameters()}
+        model.init_module_weights(module)
+        for pname, p in model.named_parameters():
+            if id(p) in own:
+                assert not torch.all(p == 3.0), f"{name}: {pname} was not re-drawn"
+            else:
+                assert torch.equal(p, before[pname]), f"{name}: {pname} changed"
+    _check_scheme(model, init, tie)  # one module at a time gives init_weights' distributions
+    with pytest.raises(ValueError, match="not a module of this model"):
+        model.init_module_weights(torch.nn.Linear(2, 2))
+
+
 def test_pos_embedding_std_overrides_every_scheme():
     for init in INIT_SCHEMES:
         model = _build("gam", init, max_seq_len=256, pos_embedding_std=0.5)

@@ -66,8 +66,11 @@ def check_gated_run(run_dir: Path) -> dict[str, Any]:
     config = read_run_config(run_dir)
     model = config.get("model")
     mcfg = config.get("model_config", {})
-    if gated_paths(model, mcfg):
-        return config
+    try:
+        if gated_paths(model, mcfg):
+            return config
+    except ValueError as err:
+        raise ValueError(f"{run_dir}: {err}") from None
     if not isinstance(model, str) or "use_gate" not in mcfg:
         raise ValueError(f"{run_dir} is a {model!r} run: gate statistics need a GAM run "
                          f"(model gam, whose blocks fuse their paths with sigmoid gates)")
@@ -80,15 +83,16 @@ def check_gated_run(run_dir: Path) -> dict[str, Any]:
 
 def gated_paths(model: Any, model_config: dict[str, Any]) -> list[str]:
     """The gated paths of a recorded model's blocks ([] without gates or for a name the
-    registry does not know), asked of the family itself on a parameter-free copy."""
+    registry does not know), asked of the family itself on a parameter-free copy; ValueError
+    when the recorded settings do not build that model."""
     if not isinstance(model, str) or model not in MODELS:
         return []
     try:
         config = config_class(model).from_dict({**MODELS[model].variant, **model_config})
         with torch.device("meta"):
             blocks = model_from_config(model, config).blocks
-    except (TypeError, ValueError):
-        return []
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"its model_config does not build a {model!r} model: {err}") from None
     return block_gate_paths(blocks[0]) if len(blocks) else []
 
 

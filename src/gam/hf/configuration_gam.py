@@ -10,7 +10,7 @@ aliases of the GAM ones::
     config.num_hidden_layers       -> config.n_layers
     config.max_position_embeddings -> config.max_seq_len
 
-``tie_word_embeddings`` is the library's ``tie_embeddings`` (True by default, as in the paper);
+``tie_embeddings`` is an alias of ``tie_word_embeddings`` too (None: the ``init`` scheme's choice);
 ``init`` and ``pos_embedding_std`` choose the initialisation exactly as in the library.
 """
 
@@ -40,18 +40,21 @@ def _fields(name: str) -> dict[str, Any]:
 
 def infer_model_name(values: dict[str, Any]) -> str:
     """The registered name whose fixed settings (the registry's variant flags) ``values`` has,
-    for configs saved before ``gam_model_name`` was stored; the plain family when none fits."""
+    for configs saved before ``gam_model_name`` was stored; of several, the one with the most
+    such settings (``gam-delta-matched`` over ``gam-delta``); ``gam`` when none fits. A family
+    with fields of its own (gam-delta's) is chosen only when some of them are given."""
     family_fields = set().union(*map(_fields, HF_MODEL_NAMES)) - set(GAM_FIELDS)
     given = set(values) & family_fields
+    fits = []
     for name in HF_MODEL_NAMES:
         known = _fields(name)
-        if not given <= set(known):
-            continue  # fields this family does not have
+        if not given <= set(known) or (not given and set(known) != set(GAM_FIELDS)):
+            continue  # fields this family does not have, or a family none of whose are given
         variant = {**{k: known[k] for k in ("use_local", "use_global", "use_gate")},
                    **MODELS[name].variant}
         if all(values.get(k, known.get(k)) == v for k, v in variant.items()):
-            return name
-    return "gam"
+            fits.append(name)
+    return max(fits, key=lambda name: len(MODELS[name].variant), default="gam")
 
 
 class GAMHFConfig(PretrainedConfig):
@@ -68,6 +71,8 @@ class GAMHFConfig(PretrainedConfig):
         "hidden_size": "d_model",
         "num_hidden_layers": "n_layers",
         "max_position_embeddings": "max_seq_len",
+        # one attribute, not two that can disagree: the library's name reads and writes HF's
+        "tie_embeddings": "tie_word_embeddings",
     }
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 

@@ -191,11 +191,22 @@ class GAMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The library's initialisation, whatever the config asks (``init``, ``tie_embeddings``,
-        ``pos_embedding_std``): ``CausalLM.init_weights`` re-draws the whole wrapped model, so a
-        model from ``from_config`` gets the distributions ``gam.build_model`` gives. Its
-        submodules are covered by that call."""
+        ``pos_embedding_std``), so that a model from ``from_config`` gets the distributions
+        ``gam.build_model`` gives and a checkpoint's missing weights get them too. transformers
+        4 visits the wrapped model itself (one ``CausalLM.init_weights``); transformers 5 only
+        the modules that hold parameters directly, each re-drawn alone, leaving the ones it has
+        already loaded (flagged ``_is_hf_initialized``) as they are."""
         if isinstance(module, CausalLM):
             module.init_weights()
+            return
+        lm = getattr(self, "gam", None)
+        if not isinstance(lm, CausalLM):
+            return  # during GAMModel.__init__, before the library model exists
+        loaded = [(p, p.detach().clone()) for p in module.parameters(recurse=False)
+                  if getattr(p, "_is_hf_initialized", False)]
+        lm.init_module_weights(module)
+        for p, value in loaded:
+            p.copy_(value)
 
 
 class GAMModel(GAMPreTrainedModel):

@@ -154,11 +154,14 @@ class DeltaRuleMemory(nn.Module):
         """Forward FLOPs per token of the chunked delta rule's matmuls, per head with chunk
         C = min(chunk size, seq_len) and d = d_k = d_v: the chunk's K K^T and Q K^T rows
         (2 x 2Cd), T applied to b V and b K (2 x 2Cd), the intra-chunk (Q K^T) V' (2Cd), and the
-        three state products W S, Q S, K^T V' (3 x 2d^2). The (C x C) triangular inverse,
-        ~C^2/3 per token, is not counted."""
+        three state products W S, Q S, K^T V' (3 x 2d^2). The five chunk products are
+        triangular: ``causal_halved`` counts half of them (what a causal kernel would execute;
+        ours computes them in full, as the Transformer's convention does). The (C x C)
+        triangular inverse, ~C^2/3 per token, is not counted."""
         C = min(self.config.delta_chunk_size, seq_len)
         d = self.head_dim
-        return float(self.n_heads * (5 * 2 * C * d + 3 * 2 * d * d))
+        pairwise = 5 * 2 * C * d / (2 if causal_halved else 1)
+        return float(self.n_heads * (pairwise + 3 * 2 * d * d))
 
     @torch.no_grad()
     def reset_family_parameters(self) -> None:

@@ -234,38 +234,90 @@ class CausalLM(nn.Module):
         the same distributions as construction but not the same numbers (construction draws
         module by module in the official code's order, this draws shell, then modules, then
         family parameters); for ``"gpt2"`` construction itself ends with this call."""
-        c = self.config
-        if c.init not in INIT_SCHEMES:
-            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {c.init!r}")
-        gpt2 = c.init == "gpt2"
+        self._check_init_scheme()
         tied = self.token_embedding.weight is self.head.weight
-        if gpt2:
-            nn.init.normal_(self.token_embedding.weight, std=GPT2_STD)
-            if not tied:
-                nn.init.normal_(self.head.weight, std=GPT2_STD)
-        else:
-            self.head.reset_parameters()
-            if not tied:
-                self.token_embedding.reset_parameters()
+        self._init_shell_module(self.token_embedding if self.config.init == "gpt2" else self.head)
+        if not tied:
+            self._init_shell_module(self.head if self.config.init == "gpt2"
+                                    else self.token_embedding)
         if self.pos_embedding is not None:
-            nn.init.normal_(self.pos_embedding.weight, std=c.position_std)
-        self.ln_f.reset_parameters()
+            self._init_shell_module(self.pos_embedding)
+        self._init_shell_module(self.ln_f)
         for block in self.blocks:
             for module in block.modules():
-                if gpt2 and isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=GPT2_STD)
-                    if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
-                elif hasattr(module, "reset_parameters"):  # norms, convs; everything in paper
-                    module.reset_parameters()
+                self._init_block_module(module)
             # after the generic pass, so a family parameter held by a Linear (Mamba's dt_proj)
             # keeps the family's init in every scheme
             if hasattr(block, "reset_family_parameters"):
                 block.reset_family_parameters()
-            if gpt2 and hasattr(block, "residual_projections"):
-                # GPT-2: keeps the residual stream's variance O(1) in depth
-                for proj in block.residual_projections():
-                    nn.init.normal_(proj.weight, std=GPT2_STD / math.sqrt(2 * c.n_layers))
+            for proj in self._residual_projections(block):
+                self._init_residual_projection(proj)
+
+    @torch.no_grad()
+    def init_module_weights(self, module: nn.Module) -> None:
+        """Re-draw only the parameters ``module`` holds itself (not its submodules'), as
+        ``init_weights`` draws them; every other parameter keeps its value. For loaders that
+        fill in the weights a checkpoint lacks, one module at a time (Hugging Face's
+        ``_init_weights`` under transformers 5)."""
+        self._check_init_scheme()
+        own = dict(module.named_parameters(recurse=False))
+        if not own:
+            return
+        if module in (self.token_embedding, self.head, self.pos_embedding, self.ln_f):
+            self._init_shell_module(module)
+            return
+        block = next((b for b in self.blocks if any(m is module for m in b.modules())), None)
+        if block is None:
+            raise ValueError(f"init_module_weights: {type(module).__name__} is not a module of "
+                             f"this model")
+        self._init_block_module(module)
+        if hasattr(block, "reset_family_parameters"):
+            # the family init re-draws a whole block's worth of parameters (and may rescale one
+            # drawn above): keep everything but this module's own
+            own_ids = {id(p) for p in own.values()}
+            kept = [(p, p.detach().clone()) for p in block.parameters() if id(p) not in own_ids]
+            block.reset_family_parameters()
+            for p, value in kept:
+                p.copy_(value)
+        if any(proj is module for proj in self._residual_projections(block)):
+            self._init_residual_projection(module)
+
+    # One rule per kind of module, shared by init_weights and init_module_weights.
+    def _check_init_scheme(self) -> None:
+        if self.config.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.config.init!r}")
+
+    def _init_shell_module(self, module: nn.Module) -> None:
+        """The token embedding, head, positions or final norm."""
+        if module is self.pos_embedding:
+            nn.init.normal_(module.weight, std=self.config.position_std)
+        elif module is self.token_embedding or module is self.head:
+            if self.config.init == "gpt2":
+                nn.init.normal_(module.weight, std=GPT2_STD)
+            elif self.token_embedding.weight is self.head.weight:
+                self.head.reset_parameters()  # tied: the head's nn.Linear init (the paper's)
+            else:
+                module.reset_parameters()
+        else:
+            module.reset_parameters()
+
+    def _init_block_module(self, module: nn.Module) -> None:
+        """A module inside a block, before the family parameters."""
+        if self.config.init == "gpt2" and isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=GPT2_STD)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):  # norms, convs; everything in paper
+            module.reset_parameters()
+
+    def _residual_projections(self, block: nn.Module) -> list[nn.Linear]:
+        if self.config.init != "gpt2" or not hasattr(block, "residual_projections"):
+            return []
+        return block.residual_projections()
+
+    def _init_residual_projection(self, proj: nn.Module) -> None:
+        # GPT-2: keeps the residual stream's variance O(1) in depth
+        nn.init.normal_(proj.weight, std=GPT2_STD / math.sqrt(2 * self.config.n_layers))
 
     # ------------------------------------------------------------------ checks
     def check_input_ids(self, idx: torch.Tensor, start_pos: int = 0) -> None:

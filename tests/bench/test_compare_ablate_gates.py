@@ -316,3 +316,15 @@ def test_protocol_presets_and_overrides(env):
     assert tr.seeds_of(parser.parse_args(["--seeds", "0", "1", "2"])) == [0, 1, 2]
     assert tr.resolve_data_dir("somewhere") == ("somewhere", True)
     assert tr.resolve_data_dir(None)[1] is False
+
+
+def test_an_overridden_protocol_says_so_in_its_description():
+    from gam.bench.protocols import PROTOCOLS, protocol_markdown
+
+    cpu = PROTOCOLS["cpu"]
+    assert cpu.override().description == cpu.description
+    assert cpu.override(lr=cpu.lr).description == cpu.description  # not a change
+    longer = cpu.override(epochs=2, max_steps=None)
+    assert "400 optimizer steps" in cpu.description  # the preset's own budget ...
+    assert "this run overrides epochs=2, max_steps=None" in longer.description  # ... qualified
+    assert "overrides epochs=2" in protocol_markdown(longer, [0])

@@ -56,8 +56,14 @@ class Protocol:
         return settings[key] if key in settings else setting_default(known[key][1])
 
     def override(self, **changes: Any) -> Protocol:
-        """The same protocol with some settings changed."""
-        return Protocol(self.name, self.description, {**self.settings, **changes})
+        """The same protocol with some settings changed; the description says which, so a
+        report never states the preset's budget for a run that overrode it."""
+        changed = {k: v for k, v in changes.items() if getattr(self, k) != v}
+        description = self.description
+        if changed:
+            description += (" (preset description; this run overrides "
+                            + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")")
+        return Protocol(self.name, description, {**self.settings, **changes})
 
     def run_config(self, model: str, dataset: str, seed: int, overrides: dict[str, Any],
                    data_dir: str | None) -> RunConfig:

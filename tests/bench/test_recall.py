@@ -110,13 +110,15 @@ def test_recall_smoke_sweeps_lrs_and_resumes(out_dir, check):
 
 def test_recall_trains_each_configuration_in_a_worker(out_dir, check):
     code = main(["recall", "--quick", "--models", TEXTBOOK, "--lrs", "1e-2", "--steps", "5",
-                 "--threads", "1", "--device", "cpu", "--out", str(out_dir)])
+                 "--eval-every", "2", "--threads", "1", "--device", "cpu", "--out",
+                 str(out_dir)])
     assert code == 0
     (config,) = check.load_results(out_dir)["configs"]
     assert config["status"] == "ok" and config["action"] == "trained", config
     saved = json.loads((out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.json").read_text())
     assert saved["key"]["lr"] == 0.01 and saved["steps"] == 5
     assert "step 5" in (out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.log").read_text()
+    assert not list((out_dir / "configs").glob("*.ckpt"))  # removed once finished
 
 
 def test_a_bad_model_override_fails_before_training(out_dir):
@@ -182,3 +184,40 @@ def test_textbook_transformer_is_causal_untied_and_unit_scale():
     y[:, 5] = 3
     _, loss = m(x, y)
     assert loss is not None and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["transformer", "gam-delta"])
+def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monkeypatch, name):
+    from dataclasses import replace
+
+    import gam.bench.recall as recall
+
+    p = replace(PROTOCOL, steps=12, eval_every=4, target_accuracy=1.01)
+    args = (name, {}, 32, [2, 4], 3e-3, p, 0, torch.device("cpu"))
+    whole = recall.train_config(*args, log=lambda _: None)
+    checkpoint, key = tmp_path / "c.ckpt", {"any": "key"}
+    real_step, calls = recall.train_step, []
+
+    def interrupted(*a, **k):  # the process dies during step 10
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(recall, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        recall.train_config(*args, log=lambda _: None, checkpoint=checkpoint, key=key)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 8  # the last validation
+    monkeypatch.setattr(recall, "train_step", real_step)
+    lines = []
+    resumed = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key=key)
+    assert "resumed at step 8" in lines[0]
+    def numbers(result):  # everything but the timings
+        return (result["steps"], result["final_loss"], result["pairs"],
+                [{k: v for k, v in point.items() if k != "train_seconds"}
+                 for point in result["curve"]])
+
+    assert numbers(resumed) == numbers(whole)
+    # another configuration's checkpoint is not taken for this one's
+    other = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key={"other": 1})
+    assert numbers(other) == numbers(whole) and "resumed" not in lines[-1]

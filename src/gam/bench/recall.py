@@ -60,7 +60,8 @@ Engineering: every (model, length, lr) configuration trains in a fresh
 to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
 ``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
 configuration. Rerunning the same command with the same ``--out`` reuses every finished
-configuration whose settings match (``action: reused``) and trains the others.
+configuration whose settings match (``action: reused``) and trains the others; one that was
+interrupted continues from its last validation (``<id>.ckpt``, removed once it finishes).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ import torch
 from gam.bench import common
 from gam.bench.recall_report import choose_lr, write_results  # noqa: F401 - choose_lr re-exported
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
+from gam.data._files import atomic_write
 from gam.data.mqar import make_mqar_batch, query_distances  # noqa: F401 - re-exported
 from gam.models.constants import IGNORE_INDEX
 from gam.models.io import atomic_write_json
@@ -235,10 +237,15 @@ def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, 
 
 # ------------------------------------------------------------------------------ training
 def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list[int],
-                 lr: float, p: Protocol, seed: int, device: torch.device, log=print
-                 ) -> dict[str, Any]:
+                 lr: float, p: Protocol, seed: int, device: torch.device, log=print,
+                 checkpoint: Path | None = None, key: Any = None) -> dict[str, Any]:
     """Train one model at one length and lr on the mixture of ``pairs``; return its
-    validation curve, final validation and test accuracy per pair count."""
+    validation curve, final validation and test accuracy per pair count.
+
+    ``checkpoint``: a file the training state (model, optimizer, schedule, data stream, curve)
+    is written to at every validation and resumed from if it holds the same ``key``, so an
+    interrupted configuration continues where it stopped (the same numbers as an
+    uninterrupted one); it is removed once the configuration has finished."""
     torch.manual_seed(seed)  # the same initial weights for every lr of a model
     model = build_recall_model(name, overrides, seq_len, p).to(device).train()
     per_pair = batch_size(p, seq_len, len(pairs)) // len(pairs)
@@ -259,6 +266,16 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
     curve: list[dict[str, Any]] = []
     train_seconds, stop_reason, step, loss_value = 0.0, "steps", 0, math.nan
     t_start = time.perf_counter()
+    state = _load_checkpoint(checkpoint, key)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["stream"])
+        torch.set_rng_state(state["torch_rng"])
+        curve, train_seconds, step, loss_value = (state["curve"], state["train_seconds"],
+                                                  state["step"], state["loss"])
+        log(f"    {name} T {seq_len} lr {lr:g}: resumed at step {step}")
     while step < p.steps:
         step += 1
         t0 = time.perf_counter()
@@ -286,6 +303,12 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
             if out_of_time:
                 stop_reason = "time limit"
                 break
+            if checkpoint is not None and step < p.steps:
+                _save_checkpoint(checkpoint, {
+                    "key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "stream": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "curve": curve,
+                    "train_seconds": train_seconds, "step": step, "loss": loss_value})
     rf = int(model.receptive_field)
     final_val = {int(q): a for q, a in curve[-1]["val_accuracy"].items()}
     test = {}
@@ -306,6 +329,21 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
             "val_accuracy": sum(final_val.values()) / len(final_val),
             "receptive_field": rf, "parameters": parameters, "pairs": test, "curve": curve,
             "model_config": model.config.to_dict()}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def _load_checkpoint(path: Path | None, key: Any) -> dict[str, Any] | None:
+    """The saved state of this configuration, or None (no file, another key, unreadable)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: train from the start
+        return None
+    return state if isinstance(state, dict) and state.get("key") == key else None
 
 
 def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
@@ -329,9 +367,14 @@ def _worker(payload: dict[str, Any], emit=common.emit) -> None:
                 f.write(line + "\n")
 
     t0 = time.perf_counter()
+    checkpoint = payload.get("checkpoint")
     result = train_config(payload["name"], payload["overrides"], payload["seq_len"],
                           payload["pairs"], payload["lr"], Protocol(**payload["protocol"]),
-                          payload["seed"], torch.device(payload["device"]), log=log)
+                          payload["seed"], torch.device(payload["device"]), log=log,
+                          checkpoint=Path(checkpoint) if checkpoint else None,
+                          key=payload.get("key"))
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
     emit({**result, "wall_seconds": time.perf_counter() - t0})
 
 
@@ -491,11 +534,15 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     cfile.parent.mkdir(parents=True, exist_ok=True)
                     log_file = cfile.with_suffix(".log")
-                    log_file.write_text("")
+                    checkpoint = cfile.with_suffix(".ckpt")
+                    if not checkpoint.is_file() or args.retrain:
+                        log_file.write_text("")  # a resumed configuration keeps its log
+                        checkpoint.unlink(missing_ok=True)
                     payload = {"name": name, "overrides": overrides, "seq_len": t,
                                "pairs": pairs, "lr": lr, "protocol": asdict(p),
                                "seed": args.seed, "device": str(device), "threads": threads,
-                               "log_file": str(log_file)}
+                               "log_file": str(log_file), "checkpoint": str(checkpoint),
+                               "key": key}
                     t0 = time.perf_counter()
                     if args.in_process:
                         rec = _train_here(payload)

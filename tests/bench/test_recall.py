@@ -221,3 +221,16 @@ def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monk
     # another configuration's checkpoint is not taken for this one's
     other = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key={"other": 1})
     assert numbers(other) == numbers(whole) and "resumed" not in lines[-1]
+
+
+def test_report_only_trains_nothing_and_lists_what_is_missing(out_dir, check):
+    base = ["recall", "--quick", "--models", TEXTBOOK, "--steps", "2", "--threads", "1",
+            "--device", "cpu", "--in-process", "--out", str(out_dir)]
+    assert main(base + ["--lrs", "1e-2"]) == 0
+    assert main(base + ["--lrs", "1e-2", "3e-3", "--report-only"]) == 0
+    configs = {c["lr"]: c for c in check.load_results(out_dir)["configs"]}
+    assert configs[1e-2]["action"] == "reused" and configs[1e-2]["status"] == "ok"
+    assert configs[3e-3]["status"] == "not run" and configs[3e-3]["action"] == "skipped"
+    assert not (out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.003.json").exists()
+    with pytest.raises(ValueError, match="contradict"):
+        main(base + ["--report-only", "--retrain"])

@@ -436,6 +436,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrain", action="store_true",
                         help="train every configuration again instead of reusing the "
                              "finished ones in OUT/configs (default: reuse)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the finished configurations in OUT/configs "
+                             "and list the others as 'not run' (default: train them)")
 
 
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
@@ -469,6 +472,8 @@ def _slug(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     device = common.resolve_device(args.device)
     threads = common.setup_threads(args.threads)
+    if args.retrain and args.report_only:
+        raise ValueError("--retrain and --report-only contradict each other; give one")
     p = resolve_protocol(args)
     seq_lens = sorted(set(args.seq_lens or (QUICK_SEQ_LENS if args.quick else DEFAULT_SEQ_LENS)))
     all_pairs = sorted(set(args.num_kv_pairs or (QUICK_PAIRS if args.quick else DEFAULT_PAIRS)))
@@ -531,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
                     row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
                 elif reason is not None:
                     row.update(status="unavailable", error=reason, action="skipped")
+                elif args.report_only:
+                    row.update(status="not run", action="skipped")
                 else:
                     cfile.parent.mkdir(parents=True, exist_ok=True)
                     log_file = cfile.with_suffix(".log")
@@ -564,8 +571,8 @@ def run(args: argparse.Namespace) -> int:
                           f"({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
                           f"{row['action']}", flush=True)
                 else:
-                    print(f"  {label} T {t} lr {lr:g}: {row['status']}: {row.get('error')}",
-                          flush=True)
+                    error = f": {row['error']}" if row.get("error") else ""
+                    print(f"  {label} T {t} lr {lr:g}: {row['status']}{error}", flush=True)
                 write_results(out, results)
     write_results(out, results, plot=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'recall.png'}")

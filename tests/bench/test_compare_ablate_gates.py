@@ -123,6 +123,22 @@ def test_compare_reuses_finished_runs(compared, corpus):
     assert {p: p.read_bytes() for p in before} == before  # nothing retrained or appended
 
 
+def test_compare_report_only_trains_nothing(compared, corpus):
+    before = sorted(compared.glob("runs/*/*"))
+    rc = _bench("compare", *_quick(compared, corpus, "--models", "gam", "transformer",
+                                   "--seeds", "0", "1", "--datasets", f"text:{corpus}",
+                                   "--report-only"))
+    assert rc == 0
+    assert sorted(compared.glob("runs/*/*")) == before  # no folder for seed 1
+    res = _results(compared)
+    by_seed = {(r["model"], r["seed"]): r for r in res["runs"]}
+    assert by_seed[("gam", 0)]["action"] == "reused" and by_seed[("gam", 0)]["status"] == "ok"
+    assert by_seed[("gam", 1)]["status"] == "not run"
+    (gam,) = [row for row in res["summary"] if row["model"] == "gam"]
+    assert gam["n"] == 1 and gam["failed_seeds"] == [1]
+    assert "not run" in (compared / "results.md").read_text()
+
+
 def test_compare_refuses_a_run_folder_with_another_configuration(compared, corpus, env):
     out = env / "compare-conflict"
     shutil.copytree(compared / "runs", out / "runs")

@@ -157,6 +157,9 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=keep, metavar="DIR",
                    help="tokenizer / token-id cache (default: $GAM_CACHE_DIR or ~/.cache/gam)")
     g.add_argument("--quiet", action="store_true", help="no per-step training log")
+    g.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the finished runs in --out and list the others "
+                        "as not run (safe beside a process still training in that folder)")
     parser.epilog = "presets: " + "; ".join(
         f"{name}: {p.description}" for name, p in PROTOCOLS.items()) + "."
 

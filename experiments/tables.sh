@@ -40,8 +40,9 @@ lane1() {
 }
 
 lane0 & lane1 & wait
-# the combined reports (every run is finished by now: these only reuse them)
+# the combined reports (train nothing; a run an interrupted lane left unfinished is listed as
+# not run, and the next run of this script continues it)
 link_full_gam
-run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1
-run ablate "${common[@]}" --seeds 0 1 2 --out $t3
+run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1 --report-only
+run ablate "${common[@]}" --seeds 0 1 2 --out $t3 --report-only
 echo "== done $(date)"

@@ -135,8 +135,8 @@ def test_compare_report_only_trains_nothing(compared, corpus):
     assert by_seed[("gam", 0)]["action"] == "reused" and by_seed[("gam", 0)]["status"] == "ok"
     assert by_seed[("gam", 1)]["status"] == "not run"
     (gam,) = [row for row in res["summary"] if row["model"] == "gam"]
-    assert gam["n"] == 1 and gam["failed_seeds"] == [1]
-    assert "not run" in (compared / "results.md").read_text()
+    assert gam["n"] == 1 and gam["not_run_seeds"] == [1] and gam["failed_seeds"] == []
+    assert "| 1 (1 not run) |" in (compared / "results.md").read_text()
 
 
 def test_compare_refuses_a_run_folder_with_another_configuration(compared, corpus, env):

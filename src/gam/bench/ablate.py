@@ -142,7 +142,7 @@ def build_markdown(results: dict[str, Any]) -> str:
             + (" (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""),
             common.fmt(s["tokens_per_s_mean"], 0),
             tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
-            tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), str(s["n"]),
+            tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), tb.seeds_cell(s),
             tb.fmt_params(at_paper.get("total")),
             f"{paper[v]:.1f}M" if v in paper else "-",
         ])
@@ -162,7 +162,7 @@ def build_markdown(results: dict[str, Any]) -> str:
                         tb.fmt_pm(p["epoch_time_s_mean"], p["epoch_time_s_std"], 1),
                         common.fmt(p["tokens_per_s_mean"], 0),
                         tb.fmt_pm(p["val_loss_mean"], p["val_loss_std"], 4),
-                        tb.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), str(p["n"])]
+                        tb.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), tb.seeds_cell(p)]
                        for p in sweep]),
                   "", f"![slots](slots-{dataset_slug(dataset)}.png)"]
     lines += tb.check_markdown(results["protocol_check"].get(dataset))

@@ -97,8 +97,7 @@ def build_markdown(results: dict[str, Any]) -> str:
                 common.fmt(s["tokens_per_s_mean"], 0),
                 tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
                 tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2),
-                f"{s['n']}" + (f" ({len(s['failed_seeds'])} failed)" if s["failed_seeds"]
-                               else ""),
+                tb.seeds_cell(s),
                 common.fmt(paper.get("val_ppl"), 2), common.fmt(paper.get("epoch_time_s"), 1),
             ])
         lines.append(common.markdown_table(

@@ -60,6 +60,13 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return mean, std, len(vals)
 
 
+def seeds_cell(summary: dict[str, Any]) -> str:
+    """The seeds a mean is over, with the failed and not-run ones counted beside."""
+    notes = [f"{len(summary.get(key) or [])} {what}" for key, what in
+             (("failed_seeds", "failed"), ("not_run_seeds", "not run")) if summary.get(key)]
+    return f"{summary['n']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, model) over the seeds that finished: mean and sample std of
     ``SUMMARY_FIELDS``, parameter counts, and the seeds used."""
@@ -73,7 +80,9 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "dataset": dataset, "model": model,
             "group": members[0].get("group"),
             "seeds": [r["seed"] for r in ok],
-            "failed_seeds": [r["seed"] for r in members if r.get("status") != "ok"],
+            "failed_seeds": [r["seed"] for r in members
+                             if r.get("status") not in ("ok", "not run")],
+            "not_run_seeds": [r["seed"] for r in members if r.get("status") == "not run"],
             "n": len(ok),
         }
         for key in ("model_name", "overrides", "params_total", "params_non_embedding", "steps",

@@ -262,21 +262,20 @@ class Benchmark:
         self.datasets[dataset] = info
         return info
 
+    def _skipped(self, spec: RunSpec, status: str, error: str) -> dict[str, Any]:
+        """The row of a run that was not trained here."""
+        return {"dataset": spec.dataset, "model": spec.label, "seed": spec.seed,
+                "group": spec.group, **spec.extra, "run_dir": str(run_dir_of(self.out, spec)),
+                "status": status, "action": "skipped", "error": error}
+
     def run(self, spec: RunSpec, write: Callable[[], None] | None = None) -> dict[str, Any]:
         info = self.datasets.get(spec.dataset)
         if info is None:
             info = self.prepare(spec.dataset)
         if info.get("status") != "ok":
-            row = {"dataset": spec.dataset, "model": spec.label, "seed": spec.seed,
-                   "group": spec.group, **spec.extra,
-                   "run_dir": str(run_dir_of(self.out, spec)),
-                   "status": "error", "action": "skipped",
-                   "error": f"dataset unavailable: {info.get('error')}"}
+            row = self._skipped(spec, "error", f"dataset unavailable: {info.get('error')}")
         elif self.report_only and run_state(run_dir_of(self.out, spec))[0] != "finished":
-            row = {"dataset": spec.dataset, "model": spec.label, "seed": spec.seed,
-                   "group": spec.group, **spec.extra,
-                   "run_dir": str(run_dir_of(self.out, spec)), "status": "not run",
-                   "action": "skipped", "error": "not finished (--report-only trains nothing)"}
+            row = self._skipped(spec, "not run", "not finished (--report-only trains nothing)")
         else:
             row = execute_run(spec, self.protocol, self.out, self.data_dirs.get(spec.dataset),
                               self.options, self.log)

@@ -16,33 +16,45 @@ run() { echo "== $* $(date)"; .venv/bin/gam bench "$@"; }
 t1=runs/bench/table1-wikitext2
 t3=runs/bench/table3
 
-link_full_gam() {  # Table 1's finished GAM runs into Table 3's folder
-  mkdir -p "$t3/runs/wikitext2"
-  for seed in 0 1 2; do
-    [ -e "$t1/runs/wikitext2/gam-seed$seed" ] &&
-      ln -sfn "../../../table1-wikitext2/runs/wikitext2/gam-seed$seed" \
-        "$t3/runs/wikitext2/gam-seed$seed"
+link_full_gam() {  # Table 1's finished GAM runs into another folder that trains the same config
+  local dest=$1 seeds=$2 seed
+  mkdir -p "$dest/runs/wikitext2"
+  for seed in $seeds; do
+    [ -e "$t1/runs/wikitext2/gam-seed$seed/model.safetensors" ] &&
+      ln -sfn "$(realpath "$t1/runs/wikitext2/gam-seed$seed")" "$dest/runs/wikitext2/gam-seed$seed"
   done
 }
 
+# In order of what the issues need first: Table 1's third seed, Table 3 (3 seeds), Austen,
+# the paper init beside, the slot sweep; the lanes are balanced (about equal core-minutes).
+# Two commands on one --out never train the same run (their model or seed lists are disjoint).
 lane0() {
   taskset -c 0 bash -c "$(declare -f run)
     run compare ${common[*]} --models gam transformer mamba --seeds 0 1 2 --datasets wikitext2 --out $t1
-    run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 0 1 2 --out $t3
-    run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets austen --out runs/bench/table1-austen"
+    run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 0 1 --out $t3
+    run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 0 --datasets austen --out $au
+    run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 1 2 --datasets austen --out $au
+    run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 0 --model-arg init=paper --out $t3p"
 }
 lane1() {
   taskset -c 1 bash -c "$(declare -f run)
     run compare ${common[*]} --models gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1
-    run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 0 --datasets wikitext2 --model-arg init=paper --out runs/bench/table1-wikitext2-paper-init
-    run ablate ${common[*]} --seeds 0 --model-arg init=paper --out runs/bench/table3-paper-init
-    run ablate ${common[*]} --variants gam --slots 128 256 512 1024 --seeds 0 --out runs/bench/slots"
+    run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 2 --out $t3
+    run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 0 --datasets wikitext2 --model-arg init=paper --out $t1p
+    run ablate ${common[*]} --variants gam --slots 128 256 512 1024 --seeds 0 --out $slots"
 }
 
+t1p=runs/bench/table1-wikitext2-paper-init
+t3p=runs/bench/table3-paper-init
+au=runs/bench/table1-austen
+slots=runs/bench/slots
+link_full_gam $slots 0  # the 512-slot point is Table 1's GAM, seed 0
 lane0 & lane1 & wait
 # the combined reports (train nothing; a run an interrupted lane left unfinished is listed as
 # not run, and the next run of this script continues it)
-link_full_gam
+link_full_gam $t3 "0 1 2"
+link_full_gam $slots 0
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1 --report-only
 run ablate "${common[@]}" --seeds 0 1 2 --out $t3 --report-only
+run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets austen --out $au --report-only
 echo "== done $(date)"

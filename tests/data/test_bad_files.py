@@ -13,13 +13,9 @@ import pytest
 import gam
 from gam.cli import main
 from gam.data import DataNotFoundError, load_corpus
-from gam.data._files import (
-    DataFileError,
-    atomic_write,
-    default_mode,
-    mkdtemp_default_mode,
-)
-from gam.models.io import atomic_write_json, save_pretrained
+from gam.data._files import DataFileError
+from gam.files import atomic_write, atomic_write_json, default_mode, mkdtemp_default_mode
+from gam.models.io import save_pretrained
 
 
 def _wikitext(root: Path, make_wikitext_dir, damage: str) -> Path:

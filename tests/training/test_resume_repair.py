@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from gam.cli import main
-from gam.data._files import current_umask
+from gam.files import current_umask
 from gam.training import find_checkpoint, load_run, read_metrics
 from gam.training.optim import WarmupCosine
 

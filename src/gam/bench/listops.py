@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from gam.bench import common
 from gam.data import listops
-from gam.models.io import atomic_write_json
+from gam.files import atomic_write_json
 from gam.models.registry import (
     MODELS,
     build_model,

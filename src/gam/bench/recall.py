@@ -82,10 +82,9 @@ import torch
 from gam.bench import common
 from gam.bench.recall_report import choose_lr, write_results  # noqa: F401 - choose_lr re-exported
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
-from gam.data._files import atomic_write
+from gam.constants import IGNORE_INDEX
 from gam.data.mqar import make_mqar_batch, query_distances  # noqa: F401 - re-exported
-from gam.models.constants import IGNORE_INDEX
-from gam.models.io import atomic_write_json
+from gam.files import atomic_write, atomic_write_json
 from gam.models.registry import (
     MODELS,
     config_class,

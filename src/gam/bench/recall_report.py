@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gam.bench import common
-from gam.models.io import atomic_write_bytes
+from gam.files import atomic_write_bytes
 
 
 def choose_lr(configs: list[dict[str, Any]]) -> dict[str, Any] | None:

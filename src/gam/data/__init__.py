@@ -11,7 +11,6 @@ Typical use::
     valid = TokenBlocks(ids["valid"], block_size=256, drop_last=False)
 """
 
-from gam.data._files import default_cache_dir
 from gam.data.blocks import IGNORE_INDEX, TokenBlocks
 from gam.data.corpora import (
     KNOWN_CORPORA,
@@ -23,6 +22,7 @@ from gam.data.corpora import (
 )
 from gam.data.tokenizer import TOKENIZER_KINDS, eot_token_id, train_tokenizer
 from gam.data.tokens import encode_corpus
+from gam.files import default_cache_dir
 
 __all__ = [
     "IGNORE_INDEX",

@@ -1,4 +1,4 @@
-"""Reading text files that may be stored plain or xz-compressed, and writing cache files safely.
+"""Reading text files that may be stored plain or xz-compressed.
 
 The shared data folder ships every file as ``*.xz`` to save space, while users who download
 the official archives get plain files. Every loader therefore asks for a file by its plain
@@ -7,14 +7,10 @@ name and gets whichever copy exists (the plain one wins, it is faster to read).
 
 from __future__ import annotations
 
-import json
 import lzma
-import os
-import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 XZ_SUFFIX = ".xz"
 
@@ -77,112 +73,3 @@ def iter_lines(path: Path) -> Iterator[str]:
     except lzma.LZMAError as e:
         raise DataFileError(f"data file {path} is corrupted: expected {_expected(path)} ({e}; "
                             f"copy or download it again)") from None
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def safe_name(name: str, max_len: int = 48) -> str:
-    """A file-system friendly version of ``name`` (e.g. ``text:/a/b.txt`` -> ``text_a_b.txt``)."""
-    cleaned = _UNSAFE.sub("_", name).strip("._") or "corpus"
-    return cleaned[-max_len:]
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it where the system allows.
-
-    ``os.umask`` can only be read by setting it, which briefly changes it for every thread;
-    Linux reports it in ``/proc/self/status``, so that is tried first.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_mode(directory: bool = False) -> int:
-    """The mode ``open()`` (0666) or ``mkdir()`` (0777) would give under the current umask."""
-    return (0o777 if directory else 0o666) & ~current_umask()
-
-
-def mkstemp_default_mode(path: Path) -> tuple[int, str]:
-    """``tempfile.mkstemp`` beside ``path``, with the mode a plain ``open()`` would give.
-
-    mkstemp creates its file 0600 (private), and ``os.replace`` keeps that mode: every file
-    written atomically would be unreadable for the group and others, unlike what the user's
-    umask asks for.
-    """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode())
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp_name)
-        raise
-    return fd, tmp_name
-
-
-def mkdtemp_default_mode(parent: Path, prefix: str, suffix: str = ".tmp") -> Path:
-    """``tempfile.mkdtemp`` in ``parent``, with the mode a plain ``mkdir()`` would give
-    (mkdtemp makes it 0700, which a rename into place would keep)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
-    os.chmod(folder, default_mode(directory=True))
-    return folder
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None],
-                 fsync: bool = False) -> None:
-    """Write a file through a temporary sibling and ``os.replace`` it into place (the one
-    atomic write of the package; ``fsync``: flush it to the disk before the rename).
-
-    Readers (including other processes sharing the cache) never see a half-written file, and a
-    crash mid-write leaves at most a stray temporary file, never a corrupt cache entry. The
-    file gets the umask's mode (e.g. 0644), as if written with ``open()``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = mkstemp_default_mode(path)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """:func:`atomic_write` of ``data``, synced to the disk."""
-    atomic_write(path, lambda handle: handle.write(data), fsync=True)
-
-
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """``obj`` as indented JSON with sorted keys, written as :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def default_cache_dir() -> Path:
-    """The one cache root (token ids, tokenizers, ListOps data, the compiled scan kernel):
-    ``$GAM_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/gam``, else ``~/.cache/gam``."""
-    env = os.environ.get("GAM_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gam"
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    """The explicit ``cache_dir`` if given, else :func:`default_cache_dir`."""
-    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

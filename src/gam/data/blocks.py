@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gam.models.constants import IGNORE_INDEX
+from gam.constants import IGNORE_INDEX
 
 """Target value of padding positions (``torch.nn.functional.cross_entropy``'s default)."""
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gam.data._files import atomic_write, resolve_cache_dir
+from gam.files import atomic_write, resolve_cache_dir
 
 PAD = "<pad>"
 DIGITS = [str(d) for d in range(10)]

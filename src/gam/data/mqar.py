@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gam.models.constants import IGNORE_INDEX
+from gam.constants import IGNORE_INDEX
 
 
 def make_mqar_batch(batch_size: int, seq_len: int, num_kv_pairs: int, vocab_size: int = 256,

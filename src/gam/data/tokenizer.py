@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gam.data._files import atomic_write, resolve_cache_dir, safe_name
 from gam.data.corpora import Corpus
+from gam.files import atomic_write, resolve_cache_dir, safe_name
 
 logger = logging.getLogger(__name__)
 

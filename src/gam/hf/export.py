@@ -35,7 +35,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from gam.data._files import default_mode, mkdtemp_default_mode
+from gam.files import default_mode, mkdtemp_default_mode
 from gam.hf.configuration_gam import HF_MODEL_NAMES
 from gam.hf.modeling_gam import GAMForCausalLM
 from gam.models.io import MODEL_JSON, CheckpointError, load_model_config, load_pretrained

@@ -33,8 +33,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from gam.constants import IGNORE_INDEX
 from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig
-from gam.models.constants import IGNORE_INDEX
 from gam.models.lm import CausalLM
 from gam.models.registry import model_from_config
 

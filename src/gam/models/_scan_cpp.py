@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from gam.data._files import default_cache_dir
+from gam.files import default_cache_dir
 
 # The C++ source, shipped as package data (csrc/scan_kernel.cpp): compiled as is.
 SOURCE = (resources.files("gam.models") / "csrc" / "scan_kernel.cpp").read_text()

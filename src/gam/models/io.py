@@ -17,12 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gam.data._files import (  # noqa: F401 - the atomic writes are also imported from here
-    atomic_write_bytes,
-    atomic_write_json,
-    default_mode,
-    mkstemp_default_mode,
-)
+from gam.files import atomic_write_json, default_mode, mkstemp_default_mode
 from gam.models.lm import CausalLM
 from gam.models.registry import MODELS, config_class, model_from_config
 

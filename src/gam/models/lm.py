@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.constants import IGNORE_INDEX
+from gam.constants import IGNORE_INDEX
 from gam.models.fused import Dropout
 from gam.models.losses import linear_cross_entropy
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gam.models.constants import IGNORE_INDEX
+from gam.constants import IGNORE_INDEX
 from gam.runtime import autocast_dtype
 
 # Softmax work in chunks of 256 rows x 10000 vocab stays cache-friendly (measured ~1.8x

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from gam.models.io import CheckpointError, atomic_write_json, load_weights, save_weights
+from gam.files import atomic_write_json
+from gam.models.io import CheckpointError, load_weights, save_weights
 from gam.training.rundir import CHECKPOINT_DIR
 
 LATEST = "latest.json"

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gam.constants import IGNORE_INDEX
 from gam.data import TokenBlocks
-from gam.models.constants import IGNORE_INDEX
 from gam.models.losses import linear_cross_entropy
 from gam.runtime import autocast_context
 from gam.training.distributed import DistContext, unwrap_model

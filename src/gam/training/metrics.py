@@ -22,7 +22,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gam.models.io import atomic_write_bytes
+from gam.files import atomic_write_bytes
 from gam.training.rundir import METRICS_FILE
 
 

@@ -23,7 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gam.models.io import MODEL_JSON, MODEL_WEIGHTS, CheckpointError, atomic_write_json
+from gam.files import atomic_write_json
+from gam.models.io import MODEL_JSON, MODEL_WEIGHTS, CheckpointError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -1,0 +1,116 @@
+"""The package's layers (docs/design.md, "Architecture map"), checked from the source: a module
+imports only from its own package or from a lower layer, never upward or sideways, and no
+modules import each other in a circle. Imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "gam"
+
+# unit (a top-level module or a subpackage) -> layer. The package face gam/__init__.py
+# re-exports models' public names (and ``__version__``): above models, below training.
+LAYERS = {
+    "gam.runtime": 0, "gam.files": 0, "gam.constants": 0,
+    "gam.data": 1, "gam.models": 1,
+    "gam": 1.5,
+    "gam.training": 2,
+    "gam.bench": 3, "gam.hf": 3,
+    "gam.cli": 4,
+    "gam.__main__": 5,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def unit_of(module: str) -> str | None:
+    if module == "gam":
+        return "gam"
+    for unit in sorted(set(LAYERS) - {"gam"}, key=len, reverse=True):
+        if module == unit or module.startswith(unit + "."):
+            return unit
+    return None
+
+
+def imported_modules(module: str, path: Path, known: dict[str, Path] = MODULES) -> set[str]:
+    """The gam modules ``module`` imports (``from a.b import c`` counts as a.b.c when that is
+    one of the ``known`` modules, else as a.b)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if sub in known else base)
+    return {m for m in found if m == "gam" or m.startswith("gam.")}
+
+
+GRAPH = {m: imported_modules(m, p) for m, p in MODULES.items()}
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [m for m in MODULES if unit_of(m) is None]
+    assert not missing, f"modules outside the layer map (add them to LAYERS and docs): {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_go_down_only(module: str) -> None:
+    unit = unit_of(module)
+    wrong = []
+    for target in sorted(GRAPH[module]):
+        target_unit = unit_of(target)
+        if target_unit == unit:
+            continue
+        if target_unit is None or LAYERS[target_unit] >= LAYERS[unit]:
+            wrong.append(target)
+    assert not wrong, (f"{module} (layer {LAYERS[unit]}) imports {wrong}: only its own "
+                       "package or lower layers")
+
+
+def test_no_import_cycles() -> None:
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH.get(node, ())):
+            if nxt not in GRAPH:
+                continue
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for module in sorted(GRAPH):
+        if module not in state and (cycle := visit(module)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_the_check_sees_a_sideways_import(tmp_path: Path) -> None:
+    """The parser resolves what it must: an absolute, a relative and a function-level import."""
+    fake = tmp_path / "gam" / "data"
+    fake.mkdir(parents=True)
+    (fake / "x.py").write_text("def f():\n    from ..models import lm\n    import gam.hf\n")
+    found = imported_modules("gam.data.x", fake / "x.py", {**MODULES, "gam.data.x": fake / "x.py"})
+    assert found == {"gam.models.lm", "gam.hf"}

@@ -164,6 +164,10 @@ def test_model_overrides_reach_the_model():
     assert float(m.token_embedding.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
     gam = build_recall_model("gam", {}, 32, PROTOCOL)
     assert gam.config.num_memory_slots == 16 and gam.receptive_field == 5
+    delta = build_recall_model("gam-delta", {}, 32, PROTOCOL)
+    assert delta.config.delta_chunk_size == 32
+    assert build_recall_model("gam-delta", {"delta_chunk_size": 8}, 32,
+                              PROTOCOL).config.delta_chunk_size == 8  # an override still wins
 
 
 def test_textbook_transformer_is_causal_untied_and_unit_scale():

@@ -21,6 +21,7 @@ import torch
 
 from gam.bench import main as bench_main
 from gam.bench import training_bench as tr
+from gam.training.rundir import dataset_slug, is_run_dir, training_lock
 
 WORDS = ("the cat dog bird sat ran on under a an mat tree house river saw big small red "
          "green quick slow and then it was day night when where who what very old new one "
@@ -173,6 +174,20 @@ def test_compare_resumes_an_interrupted_run(env, corpus, monkeypatch):
     row = _results(out)["runs"][0]
     assert row["action"] == "resumed" and row["resumed_from_step"] == 5
     assert row["status"] == "ok" and row["steps"] == STEPS
+
+
+def test_compare_skips_a_run_another_process_is_training(env, corpus):
+    out = env / "compare-busy"
+    argv = _quick(out, corpus, "--models", "gam", "--datasets", f"text:{corpus}")
+    run_dir = out / "runs" / dataset_slug(f"text:{corpus}") / "gam-seed0"
+    with training_lock(run_dir):  # another lane training the same run
+        assert _bench("compare", *argv) == 1
+        row = _results(out)["runs"][0]
+        assert row["status"] == "not run" and row["action"] == "skipped"
+        assert "being trained by another process" in row["error"]
+        assert not is_run_dir(run_dir)  # nothing written into it
+    assert _bench("compare", *argv) == 0  # free again: trained now
+    assert _results(out)["runs"][0]["action"] == "trained"
 
 
 def test_summary_mean_and_std_over_seeds():

@@ -4,7 +4,10 @@ gradient accumulation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import gam
 from gam.cli import main
 from gam.data import TokenBlocks, encode_corpus, load_corpus
 from gam.training import evaluate, find_checkpoint, load_checkpoint, load_run, read_metrics
+from gam.training.rundir import LOCK_FILE, RunBusyError, training_lock
 
 
 def test_run_directory_contents(trained_run):
@@ -155,3 +159,40 @@ def test_resume_before_the_first_checkpoint_restarts_identically(trained_run, tm
                  "--data-dir", str(data_dir)]) == 0
     assert [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")] == expected
     assert [r["step"] for r in read_metrics(run, kind="resume")] == []
+
+
+def test_a_run_being_trained_cannot_be_trained_by_a_second_process(trained_run, tmp_path,
+                                                                   capsys):
+    run = tmp_path / "busy"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with training_lock(run):  # this process plays the one that trains it
+        assert main(["train", "--resume", str(run), "--quiet", "--max-steps", "8"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "being trained by another process" in err[0]
+        assert f"pid {os.getpid()}" in err[0]
+        with pytest.raises(RunBusyError):
+            with training_lock(run):
+                pass
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != LOCK_FILE} == {
+        k: v for k, v in before.items() if k != LOCK_FILE}  # nothing written by the refused run
+    with training_lock(run):  # released with the holder
+        pass
+
+
+def test_a_killed_trainer_leaves_no_stale_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom gam.training.rundir import training_lock\n"
+         f"with training_lock({str(tmp_path)!r}):\n    print('locked', flush=True)\n"
+         "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+            with training_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with training_lock(tmp_path):  # the kernel dropped the dead process's lock
+        pass

@@ -55,6 +55,7 @@ from gam.training import (
 from gam.training.checkpoint import find_checkpoint, read_state
 from gam.training.rundir import (
     TOKENIZER_FILE,
+    RunBusyError,
     dataset_slug,
     is_run_dir,
     read_run_config,
@@ -279,6 +280,9 @@ def execute_run(spec: RunSpec, protocol: Protocol, out: Path, data_dir: str | No
         row.update(summarize_run_dir(run_dir))
     except TrainingDivergedError as exc:
         row.update(status="diverged", error=str(exc))
+    except RunBusyError as exc:  # another benchmark process is training this very run
+        row.update(status="not run", action="skipped", error=str(exc))
+        log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] skipped: {exc}")
     except Exception as exc:  # noqa: BLE001 - one failed run does not stop the benchmark
         row.update(status="oom" if is_oom_error(exc) else "error",
                    error=f"{type(exc).__name__}: {exc}",

@@ -9,6 +9,7 @@ Layout of ``RUN_DIR`` (``gam train --out RUN_DIR``)::
     model.safetensors  gam.load_pretrained(RUN_DIR) rebuilds the model
     tokenizer.json     the run's tokenizer (tokenizers library JSON)
     checkpoint/        resumable state (see gam.training.checkpoint)
+    .lock              held (flock) by the process training into RUN_DIR, see training_lock
 
 The trainer writes ``config.json`` through :func:`write_run_config` (its content made by
 :func:`run_record`); everything else (``gam eval`` / ``generate``, ``--resume``, the benchmarks,
@@ -20,22 +21,30 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gam.files import atomic_write_json
+from gam.files import atomic_write_json, default_mode
 from gam.models.io import MODEL_JSON, MODEL_WEIGHTS, CheckpointError
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
+LOCK_FILE = ".lock"
 
-__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "METRICS_FILE", "MODEL_JSON", "MODEL_WEIGHTS",
-           "TOKENIZER_FILE", "dataset_slug", "holds_run", "is_run_dir", "read_run_config",
-           "read_run_config_if_any", "recorded_data", "recorded_fingerprints", "recorded_schedule",
-           "recorded_vocab_size", "now", "run_record", "safe_filename",
-           "write_run_config"]
+try:
+    import fcntl
+except ImportError:  # not a POSIX system (Windows): runs are not locked there
+    fcntl = None
+
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_JSON",
+           "MODEL_WEIGHTS", "RunBusyError", "TOKENIZER_FILE", "dataset_slug", "holds_run",
+           "is_run_dir", "now", "read_run_config", "read_run_config_if_any", "recorded_data",
+           "recorded_fingerprints", "recorded_schedule", "recorded_vocab_size", "run_record",
+           "safe_filename", "training_lock", "write_run_config"]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -46,6 +55,40 @@ def is_run_dir(path: str | os.PathLike[str]) -> bool:
 def holds_run(path: str | os.PathLike[str]) -> bool:
     """Has a run been started in ``path`` (a ``config.json`` or a ``checkpoint/``)?"""
     return (Path(path) / CONFIG_FILE).exists() or (Path(path) / CHECKPOINT_DIR).exists()
+
+
+class RunBusyError(OSError):
+    """Another process is training into this run directory."""
+
+
+@contextmanager
+def training_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``RUN_DIR/.lock`` while training into ``run_dir`` (created if needed).
+
+    A second process that would train into the same folder (a second ``--resume``, or two
+    benchmark processes given the same run) gets :class:`RunBusyError` at once, instead of
+    both writing the same checkpoints and metrics. The lock is the kernel's (``flock``): it
+    goes with the process however that ends, so a crash never leaves a stale lock. The file
+    holds the pid of the process that has it, for the error message.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, default_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunBusyError(f"{run_dir} is being trained by another process (pid {holder}); "
+                               f"wait for it to finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _parse(path: Path) -> dict[str, Any]:

@@ -22,9 +22,11 @@ is raised (the CLI exits with status 3).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,7 @@ from gam.training.rundir import (
     holds_run,
     read_run_config,
     safe_filename,
+    training_lock,
     write_run_config,
 )
 from gam.training.step import NonFiniteError, train_step
@@ -149,18 +152,22 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- entry
     def run(self) -> TrainResult:
-        ctx = init_distributed(self.options.device)
-        clean = False
-        try:
-            result = self._run(ctx)
-            clean = True
-            return result
-        finally:
-            # drop the DDP wrapper (its reducer holds the process group) before tearing the
-            # group down
-            self.train_model = None
-            gc.collect()
-            ctx.shutdown(clean)
+        # rank 0 writes the run folder, so it alone holds its lock; taken before the process
+        # group, so that a busy folder stops the run before anything else starts
+        main = int(os.environ.get("RANK", "0")) == 0
+        with training_lock(self.run_dir) if main else contextlib.nullcontext():
+            ctx = init_distributed(self.options.device)
+            clean = False
+            try:
+                result = self._run(ctx)
+                clean = True
+                return result
+            finally:
+                # drop the DDP wrapper (its reducer holds the process group) before tearing
+                # the group down
+                self.train_model = None
+                gc.collect()
+                ctx.shutdown(clean)
 
     def _run(self, ctx: DistContext) -> TrainResult:
         self.ctx = ctx

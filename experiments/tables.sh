@@ -48,7 +48,7 @@ t1p=runs/bench/table1-wikitext2-paper-init
 t3p=runs/bench/table3-paper-init
 au=runs/bench/table1-austen
 slots=runs/bench/slots
-link_full_gam $slots 0  # the 512-slot point is Table 1's GAM, seed 0
+link_full_gam $slots 0  # the default point (cpu-small: 256 slots) is Table 1's GAM, seed 0
 lane0 & lane1 & wait
 # the combined reports (train nothing; a run an interrupted lane left unfinished is listed as
 # not run, and the next run of this script continues it)

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from gam.bench.recall import (
     choose_lr,
     make_mqar_batch,
     parse_variant,
+    protocol_key,
     query_distances,
 )
 from gam.models.lm import LMConfig
@@ -119,6 +121,25 @@ def test_recall_trains_each_configuration_in_a_worker(out_dir, check):
     assert saved["key"]["lr"] == 0.01 and saved["steps"] == 5
     assert "step 5" in (out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.log").read_text()
     assert not list((out_dir / "configs").glob("*.ckpt"))  # removed once finished
+
+
+def test_power_a_places_queries_soon_after_the_pairs_and_is_its_own_configuration(out_dir,
+                                                                                 check):
+    uniform = query_distances(*make_mqar_batch(256, 256, 16, 128, seed=0), 16).float()
+    power = query_distances(*make_mqar_batch(256, 256, 16, 128, seed=0, power_a=0.01),
+                            16).float()
+    assert float(power.mean()) < 0.6 * float(uniform.mean())
+    base = PROTOCOL
+    assert "query_power_a" not in protocol_key(base)  # keys of older runs stay valid
+    assert protocol_key(replace(base, query_power_a=0.01))["query_power_a"] == 0.01
+    args = ["--models", "gam", "--lrs", "1e-2", "--steps", "3"]
+    assert main(_quick(out_dir, *args)) == 0
+    assert main(_quick(out_dir, *args, "--power-a", "0.01")) == 0
+    (config,) = check.load_results(out_dir)["configs"]
+    assert config["action"] == "trained"  # not the uniform one's result
+    assert "power law" in (out_dir / "results.md").read_text()
+    with pytest.raises(ValueError, match="--power-a must be in"):
+        main(_quick(out_dir, *args, "--power-a", "0"))
 
 
 def test_a_bad_model_override_fails_before_training(out_dir):

@@ -142,6 +142,16 @@ class Protocol:
     target_accuracy: float
     random_filler: bool
     max_seconds: float | None
+    query_power_a: float | None = None  # None: query slots uniform; zoology's power law else
+
+
+def protocol_key(p: Protocol) -> dict[str, Any]:
+    """The protocol as part of a configuration's key: with uniform queries, the fields of the
+    protocol before ``query_power_a`` existed, so that finished configurations stay reused."""
+    key = asdict(p)
+    if key["query_power_a"] is None:
+        del key["query_power_a"]
+    return key
 
 
 def batch_size(p: Protocol, seq_len: int, n_pairs: int) -> int:
@@ -211,8 +221,8 @@ def init_label(name: str, config: Any) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, seed: int,
-             device: torch.device, batch_size: int = 128, random_non_queries: bool = True
-             ) -> dict[str, Any]:
+             device: torch.device, batch_size: int = 128, random_non_queries: bool = True,
+             power_a: float | None = None) -> dict[str, Any]:
     """Accuracy on the query positions of ``n_examples`` held-out sequences, and the key
     distance of every query."""
     was_training = model.training
@@ -224,7 +234,7 @@ def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, 
     while done < n_examples:
         b = min(batch_size, n_examples - done)
         x, y = make_mqar_batch(b, seq_len, pairs, vocab_size, generator=gen,
-                               random_non_queries=random_non_queries)
+                               random_non_queries=random_non_queries, power_a=power_a)
         logits, _ = model(x.to(device))
         mask = y != IGNORE_INDEX
         pred = logits.argmax(-1).cpu()
@@ -263,7 +273,8 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
     def validate() -> dict[int, float]:
         return {q: evaluate(model, seq_len, q, p.vocab_size, p.val_examples,
                             stream_seed("valid", seed, seq_len, q), device,
-                            random_non_queries=p.random_filler)["accuracy"] for q in pairs}
+                            random_non_queries=p.random_filler,
+                            power_a=p.query_power_a)["accuracy"] for q in pairs}
 
     curve: list[dict[str, Any]] = []
     train_seconds, stop_reason, step, loss_value = 0.0, "steps", 0, math.nan
@@ -282,7 +293,8 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
         step += 1
         t0 = time.perf_counter()
         batches = [make_mqar_batch(per_pair, seq_len, q, p.vocab_size, generator=gen,
-                                   random_non_queries=p.random_filler) for q in pairs]
+                                   random_non_queries=p.random_filler,
+                                   power_a=p.query_power_a) for q in pairs]
         x = torch.cat([b[0] for b in batches]).to(device)
         y = torch.cat([b[1] for b in batches]).to(device)
         try:  # gam train's step: loss, backward, clipping, AdamW, schedule
@@ -317,7 +329,7 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
     for q in pairs:
         ev = evaluate(model, seq_len, q, p.vocab_size, p.test_examples,
                       stream_seed("test", seed, seq_len, q), device,
-                      random_non_queries=p.random_filler)
+                      random_non_queries=p.random_filler, power_a=p.query_power_a)
         test[str(q)] = {"accuracy": ev["accuracy"], "queries": ev["queries"],
                         "reachable_fraction": float((ev["distances"] <= rf - 1).float().mean()),
                         "val_accuracy": final_val[q]}
@@ -409,6 +421,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-filler", action="store_true",
                         help="fill non-query positions with 0 instead of zoology's random "
                              "tokens (default: random tokens)")
+    parser.add_argument("--power-a", type=float, default=None, metavar="A",
+                        help="place the queries with zoology's power law, p(slot i) ~ "
+                             "(i+1)^(A-1) (zoology's MQAR uses A = 0.01: most queries soon "
+                             "after the pairs) (default: uniform slots)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per configuration (default 2000; quick 30)")
     parser.add_argument("--tokens-per-step", type=int, default=None,
@@ -457,13 +473,15 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
                  val_examples=pick(args.val_examples, 256, 32),
                  test_examples=pick(args.eval_examples, 1000, 64),
                  target_accuracy=args.target_accuracy, random_filler=not args.zero_filler,
-                 max_seconds=args.max_seconds)
+                 max_seconds=args.max_seconds, query_power_a=args.power_a)
     for name in ("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step", "eval_every",
                  "val_examples", "test_examples"):
         if getattr(p, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
     if not 0.0 <= p.warmup_fraction < 1.0:
         raise ValueError(f"--warmup-fraction must be in [0, 1), got {p.warmup_fraction}")
+    if p.query_power_a is not None and not 0.0 < p.query_power_a <= 1.0:
+        raise ValueError(f"--power-a must be in (0, 1] (1 is uniform), got {p.query_power_a}")
     return p
 
 
@@ -525,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
                 init, tied = init_label(name, config)
                 resolved = asdict(config)  # init and tying resolved: part of the run's key
             for lr in lrs:
-                key = {"protocol": asdict(p), "model": label, "name": name,
+                key = {"protocol": protocol_key(p), "model": label, "name": name,
                        "overrides": overrides, "model_config": resolved, "seq_len": t,
                        "pairs": pairs, "lr": lr, "seed": args.seed, "device": device.type}
                 cid = _slug(f"{label}-T{t}-lr{lr:g}")

@@ -69,7 +69,8 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{100 * p['target_accuracy']:g}% validation accuracy; the lr is chosen per "
              f"(model, length) among {s['lrs']} on {p['val_examples']} validation sequences "
              f"per pair count; accuracy on {p['test_examples']} test sequences (other seeds). "
-             f"Filler: {'random tokens' if p['random_filler'] else '0'}. 'copy' = 100/P "
+             f"Filler: {'random tokens' if p['random_filler'] else '0'}. Query slots: "
+             f"{_query_slots(p.get('query_power_a'))}. 'copy' = 100/P "
              f"(copying any value of the context); 'reachable (rf r)' = queries whose pair "
              f"lies inside a receptive field of r tokens (GAM's), the most GAM can recall."]
     for t in s["seq_lens"]:
@@ -162,3 +163,9 @@ def write_results(out: Path, results: dict[str, Any], plot: bool = False) -> Non
     atomic_write_bytes(out / "results.md", (_markdown(clean).rstrip() + "\n").encode())
     if plot:  # once at the end: matplotlib costs more than a quick configuration
         _plot(clean, out / "recall.png")
+
+
+def _query_slots(power_a: float | None) -> str:
+    if power_a is None:
+        return "uniform over the query region"
+    return f"zoology's power law, p(slot i) ~ (i+1)^({power_a:g}-1)"

@@ -27,7 +27,8 @@ link_full_gam() {  # Table 1's finished GAM runs into another folder that trains
 
 # In order of what the issues need first: Table 1's third seed, Table 3 (3 seeds), Austen,
 # the paper init beside, the slot sweep; the lanes are balanced (about equal core-minutes).
-# Two commands on one --out never train the same run (their model or seed lists are disjoint).
+# Two commands on one --out never train the same run: their model or seed lists are disjoint,
+# and a run another process is training is locked (it is skipped, listed as not run).
 lane0() {
   taskset -c 0 bash -c "$(declare -f run)
     run compare ${common[*]} --models gam transformer mamba --seeds 0 1 2 --datasets wikitext2 --out $t1

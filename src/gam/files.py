@@ -12,9 +12,15 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system (Windows): nothing is locked there
+    fcntl = None
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -123,3 +129,40 @@ def default_cache_dir() -> Path:
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
     """The explicit ``cache_dir`` if given, else :func:`default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+
+class LockHeldError(OSError):
+    """Another process holds the lock file ``path``; ``holder`` is its pid (or "unknown")."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by another process (pid {holder})")
+        self.path, self.holder = path, holder
+
+
+@contextmanager
+def hold_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if needed) for the block, or raise
+    :class:`LockHeldError` at once if another process holds it.
+
+    The lock is the kernel's (``flock``): it goes with the process however that ends, so a
+    crash never leaves a stale lock. The file holds the pid of the process that has it.
+    Where the system has no ``flock`` (Windows) the block runs unlocked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeldError(path, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+

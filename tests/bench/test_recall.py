@@ -16,6 +16,7 @@ from gam.bench.recall import (
     protocol_key,
     query_distances,
 )
+from gam.files import hold_lock
 from gam.models.lm import LMConfig
 
 
@@ -140,6 +141,23 @@ def test_power_a_places_queries_soon_after_the_pairs_and_is_its_own_configuratio
     assert "power law" in (out_dir / "results.md").read_text()
     with pytest.raises(ValueError, match="--power-a must be in"):
         main(_quick(out_dir, *args, "--power-a", "0"))
+
+
+def test_a_configuration_another_process_trains_is_skipped_untouched(out_dir, check):
+    args = ["--models", TEXTBOOK, "--lrs", "1e-2", "--steps", "3"]
+    log = out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("the other process's progress\n")
+    with hold_lock(log.with_suffix(".lock")):  # held as the other process would
+        assert main(_quick(out_dir, *args)) == 0
+        (config,) = check.load_results(out_dir)["configs"]
+        assert config["status"] == "not run" and config["action"] == "skipped"
+        assert "another process" in config["error"]
+        assert log.read_text() == "the other process's progress\n"
+        assert not log.with_suffix(".json").exists()
+    assert main(_quick(out_dir, *args)) == 0  # released: trained now
+    (config,) = check.load_results(out_dir)["configs"]
+    assert config["status"] == "ok" and config["action"] == "trained"
 
 
 def test_a_bad_model_override_fails_before_training(out_dir):

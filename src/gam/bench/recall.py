@@ -73,6 +73,7 @@ import math
 import re
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ from gam.bench.recall_report import choose_lr, write_results  # noqa: F401 - cho
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
 from gam.constants import IGNORE_INDEX
 from gam.data.mqar import make_mqar_batch, query_distances  # noqa: F401 - re-exported
-from gam.files import atomic_write, atomic_write_json
+from gam.files import LockHeldError, atomic_write, atomic_write_json, hold_lock
 from gam.models.registry import (
     MODELS,
     config_class,
@@ -459,6 +460,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and list the others as 'not run' (default: train them)")
 
 
+def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in_process: bool,
+                         max_seconds: float | None) -> dict[str, Any]:
+    """Train (or resume) one configuration into ``cfile`` (with its ``.log`` and ``.ckpt``
+    beside it) and return its row fields. The configuration's ``.lock`` is held throughout: a
+    second benchmark process on the same ``--out`` skips it (status "not run") instead of
+    truncating its log and writing the same checkpoint."""
+    log_file, checkpoint = cfile.with_suffix(".log"), cfile.with_suffix(".ckpt")
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(hold_lock(cfile.with_suffix(".lock")))
+        except LockHeldError as exc:
+            return {"status": "not run", "action": "skipped",
+                    "error": f"being trained by another process (pid {exc.holder})"}
+        if not checkpoint.is_file() or retrain:
+            log_file.write_text("")  # a resumed configuration keeps its log
+            checkpoint.unlink(missing_ok=True)
+        payload = {**payload, "log_file": str(log_file), "checkpoint": str(checkpoint)}
+        t0 = time.perf_counter()
+        if in_process:
+            rec = _train_here(payload)
+        else:
+            limit = None if max_seconds is None else 2 * max_seconds + 600
+            status, records, error = common.run_worker("gam.bench.recall", payload,
+                                                       timeout=limit)
+            rec = records[-1] if records else {"status": status, "error": error}
+        rec.pop("traceback", None)
+        row = {**rec, "action": "trained", "wall_seconds": time.perf_counter() - t0}
+        if row["status"] == "ok":
+            atomic_write_json(cfile, {"key": payload["key"], **row})
+        return row
+
+
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
     q = args.quick
 
@@ -559,29 +592,12 @@ def run(args: argparse.Namespace) -> int:
                 elif args.report_only:
                     row.update(status="not run", action="skipped")
                 else:
-                    cfile.parent.mkdir(parents=True, exist_ok=True)
-                    log_file = cfile.with_suffix(".log")
-                    checkpoint = cfile.with_suffix(".ckpt")
-                    if not checkpoint.is_file() or args.retrain:
-                        log_file.write_text("")  # a resumed configuration keeps its log
-                        checkpoint.unlink(missing_ok=True)
                     payload = {"name": name, "overrides": overrides, "seq_len": t,
                                "pairs": pairs, "lr": lr, "protocol": asdict(p),
                                "seed": args.seed, "device": str(device), "threads": threads,
-                               "log_file": str(log_file), "checkpoint": str(checkpoint),
                                "key": key}
-                    t0 = time.perf_counter()
-                    if args.in_process:
-                        rec = _train_here(payload)
-                    else:
-                        limit = None if p.max_seconds is None else 2 * p.max_seconds + 600
-                        status, records, error = common.run_worker("gam.bench.recall", payload,
-                                                                   timeout=limit)
-                        rec = records[-1] if records else {"status": status, "error": error}
-                    rec.pop("traceback", None)
-                    row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
-                    if row["status"] == "ok":
-                        atomic_write_json(cfile, {"key": key, **row})
+                    row.update(_train_configuration(cfile, payload, args.retrain,
+                                                    args.in_process, p.max_seconds))
                 results["configs"].append(row)
                 if row["status"] == "ok":
                     accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%"

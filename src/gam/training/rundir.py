@@ -22,11 +22,11 @@ import datetime as _dt
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from gam.files import atomic_write_json, default_mode
+from gam.files import LockHeldError, atomic_write_json, hold_lock
 from gam.models.io import MODEL_JSON, MODEL_WEIGHTS, CheckpointError
 
 CONFIG_FILE = "config.json"
@@ -34,11 +34,6 @@ TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 LOCK_FILE = ".lock"
-
-try:
-    import fcntl
-except ImportError:  # not a POSIX system (Windows): runs are not locked there
-    fcntl = None
 
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_JSON",
            "MODEL_WEIGHTS", "RunBusyError", "TOKENIZER_FILE", "dataset_slug", "holds_run",
@@ -63,32 +58,22 @@ class RunBusyError(OSError):
 
 @contextmanager
 def training_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold ``RUN_DIR/.lock`` while training into ``run_dir`` (created if needed).
+    """Hold ``RUN_DIR/.lock`` (:func:`gam.files.hold_lock`) while training into ``run_dir``
+    (created if needed).
 
     A second process that would train into the same folder (a second ``--resume``, or two
     benchmark processes given the same run) gets :class:`RunBusyError` at once, instead of
-    both writing the same checkpoints and metrics. The lock is the kernel's (``flock``): it
-    goes with the process however that ends, so a crash never leaves a stale lock. The file
-    holds the pid of the process that has it, for the error message.
+    both writing the same checkpoints and metrics.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, default_mode())
-    try:
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunBusyError(f"{run_dir} is being trained by another process (pid {holder}); "
-                               f"wait for it to finish or choose another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            stack.enter_context(hold_lock(run_dir / LOCK_FILE))
+        except LockHeldError as exc:
+            raise RunBusyError(f"{run_dir} is being trained by another process (pid "
+                               f"{exc.holder}); wait for it to finish or choose another "
+                               f"folder") from None
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _parse(path: Path) -> dict[str, Any]:

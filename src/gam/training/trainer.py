@@ -142,6 +142,13 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
     return Trainer(run, run_dir, options or RuntimeOptions(), resume=True).run()
 
 
+def refuse_a_started_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds one (a ValueError saying what to do)."""
+    if holds_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another --out")
+
+
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, options: RuntimeOptions,
                  resume: bool) -> None:
@@ -152,10 +159,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- entry
     def run(self) -> TrainResult:
-        # rank 0 writes the run folder, so it alone holds its lock; taken before the process
-        # group, so that a busy folder stops the run before anything else starts
+        # Rank 0 writes the run folder, so it alone holds its lock. A resumed run's folder is
+        # locked before anything else starts; a new run's as it is created (in _run), so that
+        # a run refused for bad input leaves no folder behind.
         main = int(os.environ.get("RANK", "0")) == 0
-        with training_lock(self.run_dir) if main else contextlib.nullcontext():
+        with contextlib.ExitStack() as locks:
+            if main and self.resuming:
+                locks.enter_context(training_lock(self.run_dir))
+            self._new_run_lock = locks if main and not self.resuming else None
             ctx = init_distributed(self.options.device)
             clean = False
             try:
@@ -175,6 +186,9 @@ class Trainer:
         plan = plan_run(self.run_config, self.run_dir, ctx, self.options, self.resuming,
                         checkpoint_dir)
         resumed_from, retargeted_from = self._build(plan, checkpoint_dir, threads)
+        if self._new_run_lock is not None:
+            self._new_run_lock.enter_context(training_lock(self.run_dir))
+            refuse_a_started_run(self.run_dir)  # another process may have begun it meanwhile
         self._write_run_dir(plan, checkpoint_dir)
         opts = self.options
         self.writer = MetricsWriter(self.run_dir, active=ctx.is_main, wandb=opts.wandb,
@@ -209,9 +223,8 @@ class Trainer:
             threads = read_state(checkpoint_dir).threads or None
         threads = set_threads(threads)
         tune_cpu_allocator()
-        if not self.resuming and holds_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run; continue it with --resume "
-                             f"{run_dir} or choose another --out")
+        if not self.resuming:
+            refuse_a_started_run(run_dir)
         return checkpoint_dir, threads
 
     def _build(self, plan: RunPlan, checkpoint_dir: Path | None, threads: int

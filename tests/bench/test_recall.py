@@ -277,3 +277,42 @@ def test_report_only_trains_nothing_and_lists_what_is_missing(out_dir, check):
     assert not (out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.003.json").exists()
     with pytest.raises(ValueError, match="contradict"):
         main(base + ["--report-only", "--retrain"])
+
+
+def test_mix_trains_shorter_cases_beside_and_keeps_older_keys(out_dir, check, monkeypatch):
+    import gam.bench.recall as recall
+
+    p = replace(PROTOCOL, mix=((16, 2), (64, 4), (16, 1)))
+    # only the cases shorter than the configuration's length, one entry per length
+    assert recall.mix_for_length(32, p) == [[16, [1, 2]]]
+    assert recall.mix_for_length(128, p) == [[16, [1, 2]], [64, [4]]]
+    assert recall.mix_for_length(16, p) == []
+    assert "mix" not in protocol_key(p)  # a configuration's key carries its own mix
+    assert recall.parse_mix_case("64:4") == (64, 4)
+    for bad in ("64", "64:x", "16:4", "8:0"):
+        with pytest.raises(Exception, match="64:4|pairs"):
+            recall.parse_mix_case(bad)
+    lengths = []
+    real_step = recall.train_step
+
+    def spy(model, optimizer, xs, ys, **kw):
+        lengths.append([x.shape[1] for x in xs])
+        return real_step(model, optimizer, xs, ys, **kw)
+
+    monkeypatch.setattr(recall, "train_step", spy)
+    recall.train_config("transformer", {}, 32, [2, 4], 3e-3, replace(p, steps=2), 0,
+                        torch.device("cpu"), log=lambda _: None,
+                        mix=recall.mix_for_length(32, p))
+    assert lengths == [[32, 16], [32, 16]]  # its own batch, then the shorter one, every step
+    monkeypatch.setattr(recall, "train_step", real_step)
+    # through the command: a mixture is its own configuration; without one the key is the
+    # one older runs have (no "mix" entry), so their results are reused
+    args = ["--models", "transformer", "--lrs", "1e-2", "--steps", "2"]
+    assert main(_quick(out_dir, *args)) == 0
+    (cfile,) = (out_dir / "configs").glob("*.json")
+    assert "mix" not in json.loads(cfile.read_text())["key"]
+    assert main(_quick(out_dir, *args, "--mix", "16:2")) == 0
+    (config,) = check.load_results(out_dir)["configs"]
+    assert config["action"] == "trained" and config["mix"] == [[16, [2]]]
+    assert json.loads(cfile.read_text())["key"]["mix"] == [[16, [2]]]
+    assert "16 x 2" in (out_dir / "results.md").read_text()

@@ -28,6 +28,7 @@ from gam.training import (
     save_checkpoint,
 )
 from gam.training.checkpoint import capture_rng_state, restore_rng_state
+from gam.training.step import train_step
 
 
 # ------------------------------------------------------------------------------- data order
@@ -177,3 +178,27 @@ def test_gate_statistics_of_models_without_gates():
     local_only = gate_statistics(build_model("gam", "tiny", use_global=False), x)
     assert set(local_only[0]) == {"layer", "local_mean", "local_std", "tokens"}
     assert math.isfinite(local_only[0]["local_mean"])
+
+
+def test_train_step_takes_micro_batches_of_different_lengths():
+    torch.manual_seed(0)
+    model = build_model("transformer", "tiny", dropout=0.0)
+    x1, x2 = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (3, 5))
+    # the reference: the mean of the two micro-batches' losses, by hand
+    l1, l2 = model(x1, x1)[1], model(x2, x2)[1]
+    ((l1 + l2) / 2).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights stay
+    grads = {}
+    optimizer.step = lambda: grads.update(  # read the gradients train_step steps with
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    loss, _ = train_step(model, optimizer, [x1, x2], [x1, x2])
+    assert loss == pytest.approx((l1.item() + l2.item()) / 2, rel=1e-5)
+    assert grads.keys() == expected.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, expected[n], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="micro-batch lists"):
+        train_step(model, optimizer, [x1, x2], [x1])
+    with pytest.raises(ValueError, match="micro-batch lists"):
+        train_step(model, optimizer, [x1], [x1], grad_accum=2)

@@ -22,7 +22,13 @@ Protocol (zoology's, scaled to a CPU; every number is an option):
 - **one model per sequence length**, trained on a mixture of that length's pair counts (each
   batch splits evenly between them; pair counts with ``8 P <= T``, i.e. the pairs fill at most
   a quarter of the sequence: T 64 -> 4, 8; T 128 and 256 -> 4, 8, 16), then evaluated per
-  (length, pairs);
+  (length, pairs). Beside its own batch, every longer length also trains on the shorter
+  cases of ``--mix`` (default 64 x 4 pairs; one micro-batch of ``tokens_per_step / 2``
+  tokens per mixed length each step), as zoology's original MQAR training set mixes 64 x 4
+  with the longer cases: trained alone, T 256 stays at the copy plateau at this budget
+  (the Transformer and the textbook reference alike), with the short cases beside it is
+  learned in a few thousand steps (docs/results.md). ``--mix`` with no case trains each length
+  alone, as zoology's Figure 2 does;
 - fresh random batches every step (``--tokens-per-step`` 2048: batch 32 at T 64, 16 at 128, 8
   at 256) for ``--steps`` 2000 steps, AdamW of the library (``gam.training.optim``: betas
   (0.9, 0.95), weight decay 0.1 on matrices only, the ``nanogpt`` filter), linear warm-up over
@@ -102,6 +108,9 @@ TEXTBOOK = "textbook-transformer"
 DEFAULT_SEQ_LENS = [64, 128, 256]
 QUICK_SEQ_LENS = [32]
 DEFAULT_PAIRS = [4, 8, 16]
+# zoology's original MQAR training set mixes lengths (64 x 4 pairs is most of it) and the long
+# cases are learned through the short ones: trained alone, T 256 stays at the copy plateau here
+DEFAULT_MIX = [(64, 4)]
 QUICK_PAIRS = [2, 4]
 DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
 QUICK_LRS = [3e-3, 1e-2]
@@ -144,15 +153,41 @@ class Protocol:
     random_filler: bool
     max_seconds: float | None
     query_power_a: float | None = None  # None: query slots uniform; zoology's power law else
+    mix: tuple[tuple[int, int], ...] = ()  # shorter (length, pairs) cases trained beside
 
 
 def protocol_key(p: Protocol) -> dict[str, Any]:
     """The protocol as part of a configuration's key: with uniform queries, the fields of the
-    protocol before ``query_power_a`` existed, so that finished configurations stay reused."""
+    protocol before ``query_power_a`` existed, so that finished configurations stay reused.
+    ``mix`` is not in it: what a configuration mixes in is its key's own ``mix``."""
     key = asdict(p)
     if key["query_power_a"] is None:
         del key["query_power_a"]
+    del key["mix"]
     return key
+
+
+def mix_for_length(seq_len: int, p: Protocol) -> list[list[Any]]:
+    """``[[length, [pairs, ...]], ...]``: the cases of ``p.mix`` shorter than ``seq_len``, one
+    entry per length, that a model at ``seq_len`` also trains on."""
+    lengths: dict[int, list[int]] = {}
+    for m, q in sorted(p.mix):
+        if m < seq_len:
+            lengths.setdefault(m, []).append(q)
+    return [[m, qs] for m, qs in lengths.items()]
+
+
+def parse_mix_case(text: str) -> tuple[int, int]:
+    """``T:P`` -> (T, P) for ``--mix``; a one-line error if malformed or impossible."""
+    try:
+        t, q = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LENGTH:PAIRS such as 64:4, got {text!r}"
+                                         ) from None
+    if q < 1 or MAX_PAIR_FRACTION * q > t:
+        raise argparse.ArgumentTypeError(f"{text!r}: need pairs >= 1 and {MAX_PAIR_FRACTION} "
+                                         f"x pairs <= length")
+    return t, q
 
 
 def batch_size(p: Protocol, seq_len: int, n_pairs: int) -> int:
@@ -251,9 +286,15 @@ def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, 
 # ------------------------------------------------------------------------------ training
 def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list[int],
                  lr: float, p: Protocol, seed: int, device: torch.device, log=print,
-                 checkpoint: Path | None = None, key: Any = None) -> dict[str, Any]:
+                 checkpoint: Path | None = None, key: Any = None,
+                 mix: list[list[Any]] = ()) -> dict[str, Any]:
     """Train one model at one length and lr on the mixture of ``pairs``; return its
     validation curve, final validation and test accuracy per pair count.
+
+    ``mix`` (``mix_for_length``): shorter ``[length, pair counts]`` cases trained beside, each
+    step one micro-batch of ``tokens_per_step / 2`` tokens per mixed length, weighted like the
+    configuration's own batch (zoology's original MQAR set mixes lengths 64 to 256 the same
+    way); validation, the early stop and the test are on ``seq_len`` only.
 
     ``checkpoint``: a file the training state (model, optimizer, schedule, data stream, curve)
     is written to at every validation and resumed from if it holds the same ``key``, so an
@@ -296,10 +337,17 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
         batches = [make_mqar_batch(per_pair, seq_len, q, p.vocab_size, generator=gen,
                                    random_non_queries=p.random_filler,
                                    power_a=p.query_power_a) for q in pairs]
-        x = torch.cat([b[0] for b in batches]).to(device)
-        y = torch.cat([b[1] for b in batches]).to(device)
+        xs = [torch.cat([b[0] for b in batches])]
+        ys = [torch.cat([b[1] for b in batches])]
+        for m, m_pairs in mix:  # one micro-batch per shorter length
+            n_seq = max(4, p.tokens_per_step // 2 // m // len(m_pairs))
+            short = [make_mqar_batch(n_seq, m, q, p.vocab_size, generator=gen,
+                                     random_non_queries=p.random_filler,
+                                     power_a=p.query_power_a) for q in m_pairs]
+            xs.append(torch.cat([b[0] for b in short]))
+            ys.append(torch.cat([b[1] for b in short]))
         try:  # gam train's step: loss, backward, clipping, AdamW, schedule
-            loss_value, _ = train_step(model, optimizer, x, y, scheduler=scheduler,
+            loss_value, _ = train_step(model, optimizer, xs, ys, scheduler=scheduler,
                                        grad_clip=cfg.grad_clip)
         except NonFiniteError as exc:
             raise FloatingPointError(f"{exc} at step {step}") from exc
@@ -387,7 +435,7 @@ def _worker(payload: dict[str, Any], emit=common.emit) -> None:
                           payload["pairs"], payload["lr"], Protocol(**payload["protocol"]),
                           payload["seed"], torch.device(payload["device"]), log=log,
                           checkpoint=Path(checkpoint) if checkpoint else None,
-                          key=payload.get("key"))
+                          key=payload.get("key"), mix=payload.get("mix", []))
     if checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     emit({**result, "wall_seconds": time.perf_counter() - t0})
@@ -426,6 +474,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="place the queries with zoology's power law, p(slot i) ~ "
                              "(i+1)^(A-1) (zoology's MQAR uses A = 0.01: most queries soon "
                              "after the pairs) (default: uniform slots)")
+    parser.add_argument("--mix", nargs="*", type=parse_mix_case, default=None,
+                        metavar="T:P",
+                        help="shorter cases trained beside every longer length, each step "
+                             "tokens-per-step / 2 tokens per mixed length (zoology's original "
+                             "MQAR set mixes 64 to 256 this way); --mix alone: every length "
+                             "alone, as zoology's Figure 2 (default 64:4; quick none)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per configuration (default 2000; quick 30)")
     parser.add_argument("--tokens-per-step", type=int, default=None,
@@ -506,13 +560,17 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
                  val_examples=pick(args.val_examples, 256, 32),
                  test_examples=pick(args.eval_examples, 1000, 64),
                  target_accuracy=args.target_accuracy, random_filler=not args.zero_filler,
-                 max_seconds=args.max_seconds, query_power_a=args.power_a)
+                 max_seconds=args.max_seconds, query_power_a=args.power_a,
+                 mix=tuple(sorted(set(pick(args.mix, DEFAULT_MIX, ())))))
     for name in ("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step", "eval_every",
                  "val_examples", "test_examples"):
         if getattr(p, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
     if not 0.0 <= p.warmup_fraction < 1.0:
         raise ValueError(f"--warmup-fraction must be in [0, 1), got {p.warmup_fraction}")
+    if any(q > p.vocab_size // 2 - 1 for _, q in p.mix):
+        raise ValueError(f"--mix {[f'{t}:{q}' for t, q in p.mix]}: vocab_size {p.vocab_size} "
+                         f"has only {p.vocab_size // 2 - 1} keys")
     if p.query_power_a is not None and not 0.0 < p.query_power_a <= 1.0:
         raise ValueError(f"--power-a must be in (0, 1] (1 is uniform), got {p.query_power_a}")
     return p
@@ -575,15 +633,18 @@ def run(args: argparse.Namespace) -> int:
                     raise ValueError(f"model {label!r}: {exc}") from None
                 init, tied = init_label(name, config)
                 resolved = asdict(config)  # init and tying resolved: part of the run's key
+            mix = mix_for_length(t, p)
             for lr in lrs:
                 key = {"protocol": protocol_key(p), "model": label, "name": name,
                        "overrides": overrides, "model_config": resolved, "seq_len": t,
                        "pairs": pairs, "lr": lr, "seed": args.seed, "device": device.type}
+                if mix:  # absent without a mixture: the keys of older runs stay valid
+                    key["mix"] = mix
                 cid = _slug(f"{label}-T{t}-lr{lr:g}")
                 cfile = out / "configs" / f"{cid}.json"
                 row: dict[str, Any] = {"model": label, "name": name, "overrides": overrides,
                                        "init": init, "tied": tied, "seq_len": t,
-                                       "pairs_trained": pairs, "lr": lr}
+                                       "pairs_trained": pairs, "mix": mix, "lr": lr}
                 old = json.loads(cfile.read_text()) if cfile.is_file() else {}
                 if not args.retrain and old.get("key") == key and old.get("status") == "ok":
                     row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
@@ -595,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
                     payload = {"name": name, "overrides": overrides, "seq_len": t,
                                "pairs": pairs, "lr": lr, "protocol": asdict(p),
                                "seed": args.seed, "device": str(device), "threads": threads,
-                               "key": key}
+                               "key": key, "mix": mix}
                     row.update(_train_configuration(cfile, payload, args.retrain,
                                                     args.in_process, p.max_seconds))
                 results["configs"].append(row)

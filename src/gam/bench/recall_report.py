@@ -70,7 +70,7 @@ def _markdown(results: dict[str, Any]) -> str:
              f"(model, length) among {s['lrs']} on {p['val_examples']} validation sequences "
              f"per pair count; accuracy on {p['test_examples']} test sequences (other seeds). "
              f"Filler: {'random tokens' if p['random_filler'] else '0'}. Query slots: "
-             f"{_query_slots(p.get('query_power_a'))}. 'copy' = 100/P "
+             f"{_query_slots(p.get('query_power_a'))}. {_mix(p.get('mix') or [])} 'copy' = 100/P "
              f"(copying any value of the context); 'reachable (rf r)' = queries whose pair "
              f"lies inside a receptive field of r tokens (GAM's), the most GAM can recall."]
     for t in s["seq_lens"]:
@@ -163,6 +163,14 @@ def write_results(out: Path, results: dict[str, Any], plot: bool = False) -> Non
     atomic_write_bytes(out / "results.md", (_markdown(clean).rstrip() + "\n").encode())
     if plot:  # once at the end: matplotlib costs more than a quick configuration
         _plot(clean, out / "recall.png")
+
+
+def _mix(cases: list[list[int]]) -> str:
+    if not cases:
+        return "Each length trained alone."
+    shown = ", ".join(f"{t} x {q}" for t, q in cases)
+    return (f"Shorter cases trained beside every longer length (length x pairs, one micro-batch "
+            f"per length each step, zoology's original MQAR mixture): {shown}.")
 
 
 def _query_slots(power_a: float | None) -> str:

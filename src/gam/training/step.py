@@ -2,7 +2,8 @@
 
 ``train_step(model, optimizer, x, y, ...)``: forward under autocast (``dtype``) with the chunked
 loss (``return_logits=False``: the B*T x vocab logits never exist at once), backward over
-``grad_accum`` micro-batches (DDP gradient sync only on the last one), gradient clipping (the
+``grad_accum`` micro-batches, or over the given list of micro-batches, which may differ in
+shape (DDP gradient sync only on the last one), gradient clipping (the
 norm is returned even when clipping is off), the optimizer step (through the fp16 grad scaler
 when one is given), the scheduler step and ``zero_grad(set_to_none=True)``.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -36,8 +38,9 @@ class NonFiniteError(ArithmeticError):
         self.value = value
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               y: torch.Tensor, *, scheduler: Any = None, dtype: str = "fp32",
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor | Sequence[torch.Tensor],
+               *, scheduler: Any = None, dtype: str = "fp32",
                grad_accum: int = 1, grad_clip: float = 0.0,
                scaler: torch.amp.GradScaler | None = None, ctx: DistContext | None = None
                ) -> tuple[float, float]:
@@ -45,15 +48,25 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 
     ``model`` is what runs the forward pass (it may be a ``torch.compile`` or DDP wrapper; the
     gradients are clipped on the parameters of the plain model underneath). ``x`` and ``y``
-    are moved to the model's device. ``loss`` is the mean over the micro-batches (and, with
-    ``ctx``, over the processes); ``grad_clip`` 0 disables clipping.
+    are moved to the model's device. ``x`` and ``y`` may instead be equal-length lists of
+    micro-batches (``grad_accum`` then 1), e.g. sequences of different lengths: each counts as
+    one micro-batch. ``loss`` is the mean over the micro-batches (and, with ``ctx``, over the
+    processes); ``grad_clip`` 0 disables clipping.
     """
     params_model = unwrap_model(model)
     device = next(params_model.parameters()).device
-    x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
     distributed = ctx is not None and ctx.enabled
-    xs, ys = x.chunk(grad_accum), y.chunk(grad_accum)
+    if isinstance(x, torch.Tensor):
+        xs = x.to(device, non_blocking=True).chunk(grad_accum)
+        ys = y.to(device, non_blocking=True).chunk(grad_accum)
+    else:
+        if grad_accum != 1 or len(x) != len(y) or not x:
+            raise ValueError(f"micro-batch lists need grad_accum 1 and as many targets as "
+                             f"inputs, got grad_accum {grad_accum}, {len(x)} inputs and "
+                             f"{len(y)} targets")
+        xs = [t.to(device, non_blocking=True) for t in x]
+        ys = [t.to(device, non_blocking=True) for t in y]
+        grad_accum = len(xs)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (xm, ym) in enumerate(zip(xs, ys, strict=True)):
         last = i == len(xs) - 1

@@ -17,11 +17,11 @@ t1=runs/bench/table1-wikitext2
 t3=runs/bench/table3
 
 link_full_gam() {  # Table 1's finished GAM runs into another folder that trains the same config
-  local dest=$1 seeds=$2 seed
+  local dest=$1 seeds=$2 src=${3:-$t1} seed
   mkdir -p "$dest/runs/wikitext2"
   for seed in $seeds; do
-    [ -e "$t1/runs/wikitext2/gam-seed$seed/model.safetensors" ] &&
-      ln -sfn "$(realpath "$t1/runs/wikitext2/gam-seed$seed")" "$dest/runs/wikitext2/gam-seed$seed"
+    [ -e "$src/runs/wikitext2/gam-seed$seed/model.safetensors" ] &&
+      ln -sfn "$(realpath "$src/runs/wikitext2/gam-seed$seed")" "$dest/runs/wikitext2/gam-seed$seed"
   done
 }
 
@@ -54,8 +54,12 @@ lane0 & lane1 & wait
 # the combined reports (train nothing; a run an interrupted lane left unfinished is listed as
 # not run, and the next run of this script continues it)
 link_full_gam $t3 "0 1 2"
+link_full_gam $t3p 0 $t1p  # Table 3's full GAM under the paper init is Table 1's paper-init GAM
 link_full_gam $slots 0
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1 --report-only
 run ablate "${common[@]}" --seeds 0 1 2 --out $t3 --report-only
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets austen --out $au --report-only
+run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 --datasets wikitext2 --model-arg init=paper --out $t1p --report-only
+run ablate "${common[@]}" --seeds 0 --model-arg init=paper --out $t3p --report-only
+run ablate "${common[@]}" --variants gam --slots 128 256 512 1024 --seeds 0 --out $slots --report-only
 echo "== done $(date)"

@@ -318,6 +318,14 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
                             random_non_queries=p.random_filler,
                             power_a=p.query_power_a)["accuracy"] for q in pairs}
 
+    def draw(n_seq: int, length: int, pair_counts: list[int]
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n_seq`` training sequences of ``length`` per pair count, concatenated."""
+        parts = [make_mqar_batch(n_seq, length, q, p.vocab_size, generator=gen,
+                                 random_non_queries=p.random_filler, power_a=p.query_power_a)
+                 for q in pair_counts]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
     curve: list[dict[str, Any]] = []
     train_seconds, stop_reason, step, loss_value = 0.0, "steps", 0, math.nan
     t_start = time.perf_counter()
@@ -334,18 +342,11 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
     while step < p.steps:
         step += 1
         t0 = time.perf_counter()
-        batches = [make_mqar_batch(per_pair, seq_len, q, p.vocab_size, generator=gen,
-                                   random_non_queries=p.random_filler,
-                                   power_a=p.query_power_a) for q in pairs]
-        xs = [torch.cat([b[0] for b in batches])]
-        ys = [torch.cat([b[1] for b in batches])]
-        for m, m_pairs in mix:  # one micro-batch per shorter length
-            n_seq = max(4, p.tokens_per_step // 2 // m // len(m_pairs))
-            short = [make_mqar_batch(n_seq, m, q, p.vocab_size, generator=gen,
-                                     random_non_queries=p.random_filler,
-                                     power_a=p.query_power_a) for q in m_pairs]
-            xs.append(torch.cat([b[0] for b in short]))
-            ys.append(torch.cat([b[1] for b in short]))
+        # its own batch, then one micro-batch per shorter length of the mix
+        micro = [draw(per_pair, seq_len, pairs)] + [
+            draw(max(4, p.tokens_per_step // 2 // m // len(m_pairs)), m, m_pairs)
+            for m, m_pairs in mix]
+        xs, ys = [x for x, _ in micro], [y for _, y in micro]
         try:  # gam train's step: loss, backward, clipping, AdamW, schedule
             loss_value, _ = train_step(model, optimizer, xs, ys, scheduler=scheduler,
                                        grad_clip=cfg.grad_clip)

@@ -1,3 +1,4 @@
+import pytest
 
 from gam.bench import main
 
@@ -39,3 +40,38 @@ def test_throughput_compile_smoke(out_dir, check):
     (run,) = check.load_results(out_dir)["runs"]
     assert run["status"] == "ok", run
     assert run["compile"] is True and run["tokens_per_s"] > 0
+
+
+def test_throughput_model_arg_changes_the_model_timed(out_dir, check):
+    """--model-arg reaches the timed model: more memory slots, more parameters and FLOPs."""
+    def measure(*extra):
+        out = out_dir / "-".join(extra or ("default",))
+        assert main(["throughput", "--preset", "tiny", "--models", "gam", "--seq-len", "16",
+                     "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                     "--matmul-size", "64", "--threads", "1", "--device", "cpu",
+                     "--out", str(out), *extra]) == 0
+        return check.load_results(out), (out / "results.md").read_text()
+
+    default, _ = measure()
+    (results, report) = measure("--model-arg", "num_memory_slots=96")
+    assert results["settings"]["overrides"] == {"num_memory_slots": 96}
+    assert results["settings"]["model_configs"]["gam"]["num_memory_slots"] == 96
+    slots_default = default["settings"]["model_configs"]["gam"]["num_memory_slots"]
+    assert slots_default != 96
+    (run,), (base,) = results["runs"], default["runs"]
+    assert run["status"] == "ok", run
+    d_model = results["settings"]["model_configs"]["gam"]["d_model"]
+    n_layers = results["settings"]["model_configs"]["gam"]["n_layers"]
+    assert run["parameters"] - base["parameters"] == (96 - slots_default) * d_model * n_layers
+    assert run["flops_per_token"] > base["flops_per_token"]
+    assert "num_memory_slots=96" in report.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["throughput", "decode"])
+def test_unknown_model_arg_is_a_one_line_error(command, out_dir, capsys):
+    code = main([command, "--preset", "tiny", "--models", "gam", "--device", "cpu",
+                 "--model-arg", "num_slots=96", "--out", str(out_dir)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_slots" in err and "num_memory_slots" in err
+    assert not (out_dir / "results.json").exists()

@@ -12,6 +12,7 @@ helpers of the modules that do each job:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ from gam.bench.reports import (
     write_results,
 )
 from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
-from gam.models.registry import config_class
+from gam.models.registry import config_class, model_config
 from gam.runtime import DTYPES, resolve_device, set_threads, synchronize
+from gam.training.argtypes import parse_model_arg
 
 __all__ = [
     "DTYPES", "RESULT_PREFIX", "MemoryMeter", "_finite", "add_common_arguments",
@@ -51,6 +53,7 @@ __all__ = [
     "available_memory_bytes", "command_line", "current_rss_bytes", "default_memory_cap",
     "emit", "environment", "environment_markdown", "error_text", "finish_environment", "fmt",
     "is_oom_error", "limit_address_space", "loglog_fit", "markdown_table", "model_available",
+    "model_configs", "model_overrides", "overrides_text",
     "new_figure", "peak_rss_bytes", "release_cpu_memory", "resolve_device", "run_worker",
     "setup", "setup_threads", "style_log_axis", "synchronize", "tensor_bytes", "time_fn",
     "worker_main", "write_report", "write_results",
@@ -86,6 +89,39 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[st
                         help="override d_model (default: the preset's)")
     parser.add_argument("--n-layers", type=int, default=None,
                         help="override n_layers (default: the preset's)")
+    parser.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
+                        metavar="KEY=VALUE", dest="model_args",
+                        help="a model config field for every model, repeatable (e.g. "
+                             "--model-arg num_memory_slots=1024); as `gam train --model-arg`")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config overrides of ``add_model_arguments``: ``--model-arg`` fields, then
+    ``--d-model`` / ``--n-layers`` where given."""
+    overrides = dict(args.model_args)
+    overrides.update({k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
+                      if v is not None})
+    return overrides
+
+
+def overrides_text(overrides: dict[str, Any]) -> str:
+    """``", key=value, ..."`` for a report's title; empty without overrides."""
+    return "".join(f", {k}={v}" for k, v in overrides.items())
+
+
+def model_configs(command: str, models: list[str], preset: str, overrides: dict[str, Any]
+                  ) -> dict[str, dict[str, Any]] | None:
+    """Each buildable model's config with ``overrides``, checked before anything is timed;
+    None (after a one-line error naming the bad setting) when an override does not fit."""
+    configs = {}
+    for model in models:
+        if model_available(model) is None:
+            try:
+                configs[model] = model_config(model, preset, **overrides).to_dict()
+            except (TypeError, ValueError) as exc:
+                print(f"gam bench {command}: error: {error_text(exc)}", file=sys.stderr)
+                return None
+    return configs
 
 
 # ------------------------------------------------------------------------- device, threads

@@ -36,7 +36,7 @@ import torch
 
 from gam.bench import common
 from gam.models.lm import block_decode_state_bytes
-from gam.models.registry import build_model, model_config
+from gam.models.registry import build_model
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -148,7 +148,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
     s = results["settings"]
     parts = [f"# gam bench decode: cached greedy decoding (preset {s['preset']}, batch "
-             f"{s['batch_size']}, {s['new_tokens']} timed tokens per context)", "",
+             f"{s['batch_size']}, {s['new_tokens']} timed tokens per context"
+             f"{common.overrides_text(s['overrides'])})", "",
              common.environment_markdown(results["environment"], results["command"]), ""]
     for title, field, digits in (("Decode speed (tokens/s = batch / median step time, "
                                   "prefill excluded)", "tokens_per_s", 1),
@@ -193,18 +194,18 @@ def run(args: argparse.Namespace) -> int:
     device, threads, command, env = common.setup(args)
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
-    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
-                 if v is not None}
+    overrides = common.model_overrides(args)
+    configs = common.model_configs("decode", args.models, args.preset, overrides)
+    if configs is None:
+        return 2
     print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
           f"tokens, batch {args.batch_size}, device {device}, {threads} threads", flush=True)
     runs: list[dict[str, Any]] = []
-    configs: dict[str, Any] = {}
     for model in args.models:
         reason = common.model_available(model)
         records: list[dict[str, Any]] = []
         status, error = "unavailable", reason
         if reason is None:
-            configs[model] = model_config(model, args.preset, **overrides).to_dict()
             payload = {"model": model, "preset": args.preset, "overrides": overrides,
                        "contexts": contexts, "new_tokens": new_tokens,
                        "batch_size": args.batch_size, "device": str(device),

@@ -238,7 +238,8 @@ def ratio_rows(runs: list[dict[str, Any]], a: str = "gam", b: str = "transformer
 def _markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     parts = [f"# gam bench throughput: training tokens/s (preset {s['preset']}, batch "
-             f"{s['batch_size']}, AdamW, compile {s['compile']})", "",
+             f"{s['batch_size']}, AdamW, compile {s['compile']}"
+             f"{common.overrides_text(s['overrides'])})", "",
              common.environment_markdown(results["environment"], results["command"]), "",
              common.markdown_table(
                  ["model", "dtype", "T", "status", "tokens/s", "median step (ms)",
@@ -324,8 +325,10 @@ def run(args: argparse.Namespace) -> int:
     device, threads, command, env = common.setup(args)
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers))
-                 if v is not None}
+    overrides = common.model_overrides(args)
+    configs = common.model_configs("throughput", args.models, args.preset, overrides)
+    if configs is None:
+        return 2
     max_mem = common.default_memory_cap(device, args.max_memory_gb)
     print(f"gam bench throughput: models {args.models}, dtypes {args.dtype}, seq_len "
           f"{args.seq_len}, batch {args.batch_size}, {steps} steps (+{warmup} warm-up), "
@@ -338,11 +341,8 @@ def run(args: argparse.Namespace) -> int:
             "matmul_size": args.matmul_size, "time_budget_s": 0.6 * args.max_seconds,
             "max_memory_bytes": max_mem}
     runs: list[dict[str, Any]] = []
-    configs: dict[str, Any] = {}
     for model in args.models:
         reason = common.model_available(model)
-        if reason is None:
-            configs[model] = model_config(model, args.preset, **overrides).to_dict()
         for dtype in args.dtype:
             for seq_len in args.seq_len:
                 row = _measure(args, model, dtype, seq_len, reason, base, overrides)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12 item 3 / issue 13 WikiText target: Table 1 and Table 3 with the default init
 # (untied), 3 seeds, 2 epochs of WikiText-2 at cpu-small; Austen (TinyStories stand-in) for
-# Table 1; the paper init beside as one seed; the slot sweep with one seed.
+# Table 1 (and at 5 epochs, one seed); the paper init beside as one seed; the slot sweep with one
+# seed.
 #
 # Two lanes, one per core (taskset), one thread each: the machine's two cores each train one
 # model at a time. Seconds per epoch are not read from these runs (two lanes share the memory
@@ -12,6 +13,7 @@
 set -u
 cd "$(dirname "$0")/.."  # the repository root
 common=(--preset cpu --epochs 2 --max-steps none --threads 1 --data-dir ../shared/data --quiet)
+common5=(--preset cpu --epochs 5 --max-steps none --threads 1 --data-dir ../shared/data --quiet)
 run() { echo "== $* $(date)"; .venv/bin/gam bench "$@"; }
 t1=runs/bench/table1-wikitext2
 t3=runs/bench/table3
@@ -35,6 +37,7 @@ lane0() {
     run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 0 1 --out $t3
     run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 0 --datasets austen --out $au
     run compare ${common[*]} --models gam transformer mamba gam-delta --seeds 1 2 --datasets austen --out $au
+    run compare ${common5[*]} --models gam transformer mamba gam-delta --seeds 0 --datasets austen --out $au5
     run ablate ${common[*]} --variants gam-global-only gam-sum gam-local-only --seeds 0 --model-arg init=paper --out $t3p"
 }
 lane1() {
@@ -48,6 +51,7 @@ lane1() {
 t1p=runs/bench/table1-wikitext2-paper-init
 t3p=runs/bench/table3-paper-init
 au=runs/bench/table1-austen
+au5=runs/bench/table1-austen-5epochs  # the paper's 5 epochs, one seed: the ranking's budget check
 slots=runs/bench/slots
 link_full_gam $slots 0  # the default point (cpu-small: 256 slots) is Table 1's GAM, seed 0
 lane0 & lane1 & wait
@@ -59,6 +63,7 @@ link_full_gam $slots 0
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets wikitext2 --out $t1 --report-only
 run ablate "${common[@]}" --seeds 0 1 2 --out $t3 --report-only
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 1 2 --datasets austen --out $au --report-only
+run compare "${common5[@]}" --models gam transformer mamba gam-delta --seeds 0 --datasets austen --out $au5 --report-only
 run compare "${common[@]}" --models gam transformer mamba gam-delta --seeds 0 --datasets wikitext2 --model-arg init=paper --out $t1p --report-only
 run ablate "${common[@]}" --seeds 0 --model-arg init=paper --out $t3p --report-only
 run ablate "${common[@]}" --variants gam --slots 128 256 512 1024 --seeds 0 --out $slots --report-only

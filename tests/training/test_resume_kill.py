@@ -50,20 +50,20 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_su
 
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "gam", *tiny_args(data_dir, killed, *extra)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 180
-    try:
-        while _max_step(killed) < 5:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the run did not reach step 5"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with subprocess.Popen([sys.executable, "-m", "gam", *tiny_args(data_dir, killed, *extra)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
+        try:
+            while _max_step(killed) < 5:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the run did not reach step 5"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert proc.returncode == -signal.SIGKILL
     reached = _max_step(killed)
     assert reached < STEPS, "the run finished before it could be killed"

@@ -182,17 +182,17 @@ def test_a_run_being_trained_cannot_be_trained_by_a_second_process(trained_run, 
 
 
 def test_a_killed_trainer_leaves_no_stale_lock(tmp_path):
-    holder = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom gam.training.rundir import training_lock\n"
          f"with training_lock({str(tmp_path)!r}):\n    print('locked', flush=True)\n"
-         "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
-            with training_lock(tmp_path):
-                pass
-    finally:
-        holder.kill()
-        holder.wait()
+         "    time.sleep(60)"], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            with pytest.raises(RunBusyError, match=f"pid {holder.pid}"):
+                with training_lock(tmp_path):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait()
     with training_lock(tmp_path):  # the kernel dropped the dead process's lock
         pass

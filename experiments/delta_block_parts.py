@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gam import build_model
-from gam.models.delta_rule import delta_rule_chunked
+from gam.models.ops.delta_rule import delta_rule_chunked
 
 B, T, C = 8, 256, 512
 

@@ -114,3 +114,40 @@ def test_the_check_sees_a_sideways_import(tmp_path: Path) -> None:
     (fake / "x.py").write_text("def f():\n    from ..models import lm\n    import gam.hf\n")
     found = imported_modules("gam.data.x", fake / "x.py", {**MODULES, "gam.data.x": fake / "x.py"})
     assert found == {"gam.models.lm", "gam.hf"}
+
+
+# Inside gam.models: the shell (``lm``), the ops, the registry and the files that save and load
+# models are shared; every other module is a family's. A family imports the shell, the ops and
+# the bottom layer only, never another family. gam-delta is GAM's own extension (it reuses
+# GAM's config and paths), so the two files form one family.
+MODEL_SHARED = {"gam.models", "gam.models.lm", "gam.models.registry", "gam.models.io",
+                "gam.models.official"}
+FAMILY_GROUPS = {"gam.models.gam_delta": "gam.models.gam"}
+
+
+def family_of(module: str) -> str:
+    return FAMILY_GROUPS.get(module, module)
+
+
+FAMILY_MODULES = sorted(m for m in MODULES if m.startswith("gam.models.")
+                        and m not in MODEL_SHARED and not m.startswith("gam.models.ops"))
+
+
+def test_the_family_list_is_not_empty() -> None:
+    assert {"gam.models.gam", "gam.models.mamba", "gam.models.transformer"} <= set(FAMILY_MODULES)
+
+
+@pytest.mark.parametrize("module", FAMILY_MODULES)
+def test_a_family_imports_only_the_shell_and_the_ops(module: str) -> None:
+    wrong = sorted(t for t in GRAPH[module] if t.startswith("gam.models")
+                   and t not in {"gam.models", "gam.models.lm"}
+                   and not t.startswith("gam.models.ops")
+                   and family_of(t) != family_of(module))
+    assert not wrong, f"{module} imports {wrong}: a family imports only gam.models.lm and ops"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("gam.models.ops")))
+def test_the_ops_import_no_family_and_no_shell(module: str) -> None:
+    wrong = sorted(t for t in GRAPH[module] if t.startswith("gam.models")
+                   and not t.startswith("gam.models.ops"))
+    assert not wrong, f"{module} imports {wrong}: an op stands below every model module"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gam.models.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
+from gam.models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
 # tiny tensors: one thread (the shared fixture in tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

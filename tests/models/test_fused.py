@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gam import build_model
-from gam.models.fused import (
+from gam.models.ops.fused import (
     Dropout,
     dropout_add,
     dropout_add_reference,

@@ -3,15 +3,11 @@
 import pytest
 import torch
 
-import gam.models.gam as gam_module
+import gam.models.ops.memory_retrieval as retrieval_module
 from gam import build_model, count_parameters, receptive_field
-from gam.models.gam import (
-    GAMBlock,
-    GAMConfig,
-    causal_depthwise_conv,
-    memory_retrieval,
-    memory_retrieval_reference,
-)
+from gam.models.gam import GAMBlock, GAMConfig
+from gam.models.ops.conv import causal_depthwise_conv
+from gam.models.ops.memory_retrieval import memory_retrieval, memory_retrieval_reference
 
 VARIANTS = {
     "gam": {},
@@ -53,7 +49,7 @@ def test_block_fast_path_matches_reference_values_and_gradients(variant, kernel,
 @pytest.mark.parametrize("impl", ["fused", "sdpa"])
 @pytest.mark.parametrize("chunk", [7, 8192])
 def test_memory_retrieval_matches_softmax_formula_float32_and_grads(impl, chunk, monkeypatch):
-    monkeypatch.setattr(gam_module, "_RETRIEVAL_CHUNK", chunk)  # 7: several uneven chunks
+    monkeypatch.setattr(retrieval_module, "_RETRIEVAL_CHUNK", chunk)  # 7: several uneven chunks
     torch.manual_seed(1)
     h = torch.randn(2, 33, 64, requires_grad=True)
     mem = (0.1 * torch.randn(40, 64)).requires_grad_()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from gam import build_model
-from gam.models.losses import linear_cross_entropy
+from gam.models.ops.losses import linear_cross_entropy
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from gam.models import _scan_cpp, mamba
-from gam.models.gam import causal_depthwise_conv
-from gam.models.mamba import (
-    MambaBlock,
-    MambaConfig,
-    MambaLM,
-    MambaMixer,
+from gam.models.mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer
+from gam.models.ops import _scan_cpp
+from gam.models.ops import conv as conv_ops
+from gam.models.ops import selective_scan as scan_ops
+from gam.models.ops.conv import causal_depthwise_conv
+from gam.models.ops.selective_scan import (
     selective_scan,
     selective_scan_reference,
     selective_scan_step,
@@ -91,7 +90,7 @@ def test_conv_kernel_matches_conv1d_values_and_gradients(T, K):
     x = xz[..., :70]  # a row-strided view, as the in_proj chunk
     w = torch.randn(70, 1, K, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(70, generator=g, dtype=torch.float64, requires_grad=True)
-    out = mamba.causal_conv_silu(x, w, b)
+    out = conv_ops.causal_conv_silu(x, w, b)
     ref = torch.nn.functional.silu(causal_depthwise_conv(x, w, b))
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -120,11 +119,11 @@ def test_scan_runs_in_float32_under_bf16_autocast():
 
 
 def test_auto_backend_choice_and_fallback_without_kernel(monkeypatch):
-    monkeypatch.setattr(mamba, "_mamba_ssm_scan_fn", lambda: None)
-    assert mamba.pick_backend("cpu", torch.float32) == ("kernel" if HAS_KERNEL else "torch")
-    assert mamba.pick_backend("cuda", torch.bfloat16) == "torch"
+    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: None)
+    assert scan_ops.pick_backend("cpu", torch.float32) == ("kernel" if HAS_KERNEL else "torch")
+    assert scan_ops.pick_backend("cuda", torch.bfloat16) == "torch"
     monkeypatch.setattr(_scan_cpp, "load", lambda: None)  # e.g. no compiler
-    assert mamba.pick_backend("cpu", torch.float32) == "torch"
+    assert scan_ops.pick_backend("cpu", torch.float32) == "torch"
     inputs = [t.detach() for t in _scan_inputs(1, 9, 8, 3, torch.float32)]
     torch.testing.assert_close(selective_scan(*inputs)[0], selective_scan_reference(*inputs)[0])
     with pytest.raises(ValueError, match="unknown scan backend 'fast'"):
@@ -147,8 +146,8 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
                                         z.float().transpose(1, 2))
         return y.to(u.dtype).transpose(1, 2), h
 
-    monkeypatch.setattr(mamba, "_mamba_ssm_scan_fn", lambda: fake_selective_scan_fn)
-    assert mamba.pick_backend("cuda", torch.bfloat16) == "mamba_ssm"
+    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: fake_selective_scan_fn)
+    assert scan_ops.pick_backend("cuda", torch.bfloat16) == "mamba_ssm"
     inputs = [t.detach() for t in _scan_inputs(2, 7, 6, 3, torch.float32, gate=True)]
     y, h = selective_scan(*inputs, backend="mamba_ssm")
     y_ref, h_ref = selective_scan_reference(*inputs)
@@ -159,7 +158,7 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
     y, h = selective_scan(u.bfloat16(), delta, A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(),
                           backend="mamba_ssm")
     assert y.dtype == torch.bfloat16 and calls == [(2, 6, 7)] * 2
-    monkeypatch.setattr(mamba, "_mamba_ssm_scan_fn", lambda: None)
+    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: None)
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         selective_scan(*inputs, backend="mamba_ssm")
 

@@ -22,7 +22,7 @@ The decay is Mamba-2 / Gated DeltaNet's parametrisation: A = exp(A_log) > 0 per 
 from log U[1, 16]) times a softplus step (dt_bias so that softplus starts log-uniform in
 [1e-3, 0.1]), so g_t is in (-inf, 0] for any weights and the decay never exceeds one.
 ``use_delta_decay=False`` fixes g_t = 0 (plain DeltaNet). The delta rule itself lives in
-``gam.models.delta_rule`` (chunked for training, recurrent reference, one-token step).
+``gam.models.ops.delta_rule`` (chunked for training, recurrent reference, one-token step).
 
 A token now sees the whole context through S: ``receptive_field`` is max_seq_len. Decoding
 stays O(1) in the context: the state is the two conv windows and S (``GAMDeltaState``).
@@ -38,19 +38,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
-from gam.models.fused import gated_residual, gated_residual_reference
-from gam.models.gam import (
-    GAMConfig,
-    add_gam_paths,
-    autocast_dtype,
-    causal_depthwise_conv,
+from gam.models.gam import GAMConfig, add_gam_paths
+from gam.models.lm import CausalLM, FeedForward
+from gam.models.ops.conv import causal_conv_silu, causal_depthwise_conv
+from gam.models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
+from gam.models.ops.fused import gated_residual, gated_residual_reference
+from gam.models.ops.memory_retrieval import (
     memory_bank_flops,
     memory_retrieval,
     memory_retrieval_reference,
 )
-from gam.models.lm import CausalLM, FeedForward
-from gam.models.mamba import causal_conv_silu
+from gam.runtime import autocast_dtype
 
 DELTA_IMPLS = ("chunked", "recurrent")
 
@@ -124,7 +122,7 @@ class DeltaRuleMemory(nn.Module):
     q, k and v come from one Linear(C, 3 H d) (the same as three bias-free Linears, one
     matmul) and one depthwise causal conv over the 3 H d channels. Everything after that
     matmul runs in float32 (float64 for float64 models), the delta rule's precision: the
-    conv + SiLU is Mamba's fused CPU kernel (``mamba.causal_conv_silu``), so the projection
+    conv + SiLU is the fused CPU kernel of ``ops.conv.causal_conv_silu``, so the projection
     is converted once and no bf16 element-wise pass is paid for."""
 
     def __init__(self, config: GAMDeltaConfig) -> None:

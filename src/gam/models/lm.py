@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.constants import IGNORE_INDEX
-from gam.models.fused import Dropout
-from gam.models.losses import linear_cross_entropy
+from gam.models.ops.fused import Dropout
+from gam.models.ops.losses import linear_cross_entropy
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
 #: The default, chosen by measurement (docs/results.md, "Initialisation"): the only scheme under

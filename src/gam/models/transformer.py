@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.fused import Dropout
+from gam.models.ops.fused import Dropout
 from gam.models.lm import CausalLM, FeedForward, LMConfig
 
 ATTENTION_KINDS = ("sdpa", "naive")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from gam.constants import IGNORE_INDEX
 from gam.data import TokenBlocks
-from gam.models.losses import linear_cross_entropy
+from gam.models.ops.losses import linear_cross_entropy
 from gam.runtime import autocast_context
 from gam.training.distributed import DistContext, unwrap_model
 
@@ -67,7 +67,7 @@ def token_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     """Sum of the per-token cross-entropies of a batch (targets ``-100`` ignored).
 
     Models with the ``CausalLM`` shell go through the head chunk by chunk
-    (``gam.models.losses.linear_cross_entropy``), never holding the (B, T, vocab) logits;
+    (``gam.models.ops.losses.linear_cross_entropy``), never holding the (B, T, vocab) logits;
     any other model through its logits.
     """
     head = getattr(model, "head", None)

@@ -63,7 +63,7 @@ import torch
 from gam.files import default_cache_dir
 
 # The C++ source, shipped as package data (csrc/scan_kernel.cpp): compiled as is.
-SOURCE = (resources.files("gam.models") / "csrc" / "scan_kernel.cpp").read_text()
+SOURCE = (resources.files("gam.models.ops") / "csrc" / "scan_kernel.cpp").read_text()
 
 BASE_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp-simd",
               "-fno-math-errno", "-fno-trapping-math"]

@@ -166,3 +166,11 @@ def test_pos_embedding_std_initialises_and_validates():
     for bad in (0, -1.0, True, "0.02"):
         with pytest.raises(ValueError, match="pos_embedding_std"):
             build_model("gam", "tiny", pos_embedding_std=bad)
+
+
+def test_final_norm_is_the_configs_and_a_bad_one_is_refused():
+    model = build_model("gam", "tiny", final_norm="rmsnorm")
+    assert isinstance(model.ln_f, torch.nn.RMSNorm)
+    assert isinstance(build_model("gam", "tiny").ln_f, torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="final_norm"):
+        build_model("gam", "tiny", final_norm="batchnorm")

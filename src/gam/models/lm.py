@@ -1,8 +1,9 @@
 """The language-model shell shared by every family (GAM, Transformer, Mamba).
 
-Token + learned position embeddings -> dropout -> N blocks -> final LayerNorm -> head (tied to
-the token embedding by default), exactly as the paper's GAM model. Each family only supplies its
-block, so the three models differ in the sequence mixer and in nothing else.
+Token (+ learned position, ``pos_embedding``) embeddings -> dropout -> N blocks -> final norm
+(``final_norm``) -> head (tied to the token embedding by default), exactly as the paper's GAM
+model; a family without learned positions (rotary, recurrent) sets ``pos_embedding=False``.
+Each family only supplies its block, so the models differ in the sequence mixer alone.
 
 A block implements three methods:
 
@@ -112,6 +113,9 @@ class LMConfig:
     ffn_mult: int = 4
     dropout: float = 0.1
     pos_embedding: bool = True
+    # The shell's last norm before the head: "layernorm" (the paper's families) or "rmsnorm"
+    # (Llama-style families). Blocks build their own norms with ``make_norm`` too.
+    final_norm: str = "layernorm"
     # None: the init scheme's (paper: nn.Embedding's N(0, 1), much larger than the tied token
     # embedding's +-1/sqrt(d) uniform; gpt2 and untied: 0.02); a number: N(0, std) in every
     # scheme.
@@ -133,6 +137,8 @@ class LMConfig:
                              f"got {std!r}")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        if self.final_norm not in NORMS:
+            raise ValueError(f"final_norm must be one of {NORMS}, got {self.final_norm!r}")
         if self.tie_embeddings is None:
             self.tie_embeddings = SCHEME_TIES[self.init]
         if not isinstance(self.tie_embeddings, bool):
@@ -170,6 +176,19 @@ def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected some of "
                          f"{sorted(known)}")
     return cls(**values)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, d_model: int) -> nn.Module:
+    """A norm over the last dimension: ``"layernorm"`` (weight and bias, eps 1e-5) or
+    ``"rmsnorm"`` (weight only, eps 1e-6, as Llama)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=1e-6)
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
 @dataclass
@@ -219,7 +238,7 @@ class CausalLM(nn.Module):
             nn.init.normal_(self.pos_embedding.weight, std=c.position_std)
         self.dropout = Dropout(c.dropout)
         self.blocks = nn.ModuleList([self.make_block(i) for i in range(c.n_layers)])
-        self.ln_f = nn.LayerNorm(c.d_model)
+        self.ln_f = make_norm(c.final_norm, c.d_model)
         if c.init == "gpt2":
             self.init_weights()
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.ops.fused import Dropout
 from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.models.ops.fused import Dropout
 
 ATTENTION_KINDS = ("sdpa", "naive")
 

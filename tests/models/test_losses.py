@@ -72,7 +72,7 @@ def test_a_batch_whose_targets_are_all_ignored_has_loss_0_and_no_gradient(return
     model = build_model("gam", "tiny")
     idx = torch.randint(0, 256, (2, 12))
     _, loss = model(idx, torch.full_like(idx, -100), return_logits=return_logits)
-    assert torch.isfinite(loss) and float(loss) == 0.0
+    assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     with torch.no_grad():

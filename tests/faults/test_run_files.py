@@ -93,6 +93,22 @@ def _eval(run: Path, *extra: str) -> list[str]:
     return ["eval", str(run), "--threads", "1", "--quiet", *extra]
 
 
+# ----------------------------------------------------------------------------- the record
+def test_a_run_records_what_its_files_must_be(runs, data_dir):
+    from gam.files import sha256_file
+
+    run = runs["gam"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["tokenizer"]["sha256"] == sha256_file(run / "tokenizer.json")
+    assert config["tokenizer"]["actual_vocab_size"] == VOCAB
+    assert set(config["data"]["tokens"]) == {"train", "valid"}
+    assert set(config["data"]["fingerprints"]) == {"train", "valid", "test"}
+    valid = data_dir / "wikitext-2-raw" / "wiki.valid.raw.xz"
+    assert Path(config["data"]["files"]["valid"]) == valid.resolve()
+    state = json.loads((find_checkpoint(run) / "state.json").read_text())
+    assert state["settings"]["train"] == config["train"]
+
+
 # ------------------------------------------------------------------------------ tokenizer
 @pytest.fixture(scope="module")
 def other_tokenizer(data_dir, cache) -> bytes:
@@ -197,7 +213,7 @@ def test_an_edited_setting_is_refused_on_resume(run, key, value, capsys):
              "--max-steps")
 
 
-@pytest.mark.parametrize(("file", "edit", "fragment", "commands"), [
+_EDITS = [  # (file, edit, what the error says, the commands that read the file)
     ("config.json", lambda c: c.update(data=[]), "data must be an object", "resume eval"),
     ("config.json", lambda c: c.update(model_overrides=["x"]), "model_overrides must be",
      "resume eval"),
@@ -207,12 +223,14 @@ def test_an_edited_setting_is_refused_on_resume(run, key, value, capsys):
     ("state.json", lambda s: s.update(step="60"), "step must be an integer", "resume"),
     # resume rewrites a damaged model.json from the checkpoint (test_resume_repair.py)
     ("model.json", lambda m: m.update(config=[1]), "'config' must be a JSON object", "eval"),
-])
-@pytest.mark.parametrize("command", ["resume", "eval"])
-def test_hand_edited_run_files_give_one_line_errors(run, file, edit, fragment, commands,
-                                                    command, capsys):
-    if command not in commands.split():
-        pytest.skip(f"{command} does not read {file}")
+]
+
+
+@pytest.mark.parametrize(("file", "edit", "fragment", "command"), [
+    (file, edit, fragment, command) for file, edit, fragment, commands in _EDITS
+    for command in commands.split()])
+def test_hand_edited_run_files_give_one_line_errors(run, file, edit, fragment, command,
+                                                    capsys):
     path = find_checkpoint(run) / file if file == "state.json" else run / file
     _edit_json(path, edit)
     err = _refused(run, _resume(run) if command == "resume" else _eval(run), capsys, fragment)

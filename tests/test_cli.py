@@ -283,6 +283,13 @@ def test_vocab_mismatch_between_model_and_tokenizer(run_copy, tmp_path, capsys):
     big.save(str(run_copy / "tokenizer.json"))
     assert main(["eval", str(run_copy)]) == 2
     err = error_of(capsys)
+    assert "is not this run's tokenizer" in err and "tokenizer.json" in err
+    # a run made before tokenizer hashes were recorded: the vocabulary size still tells
+    config = json.loads((run_copy / "config.json").read_text())
+    del config["tokenizer"]["sha256"]
+    (run_copy / "config.json").write_text(json.dumps(config))
+    assert main(["eval", str(run_copy)]) == 2
+    err = error_of(capsys)
     assert "vocab size mismatch" in err and "tokenizer.json" in err
 
 

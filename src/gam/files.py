@@ -8,7 +8,9 @@ process never leaves a half-written file where a finished one is expected.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -23,6 +25,11 @@ except ImportError:  # not a POSIX system (Windows): nothing is locked there
     fcntl = None
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+logger = logging.getLogger(__name__)
+
+# The random part of a tempfile.mkstemp name: 8 characters of this set.
+_MKSTEMP_RANDOM = r"[a-z0-9_]{8}"
 
 
 def safe_name(name: str, max_len: int = 48) -> str:
@@ -69,6 +76,49 @@ def mkstemp_default_mode(path: Path) -> tuple[int, str]:
         os.unlink(tmp_name)
         raise
     return fd, tmp_name
+
+
+def temporary_name_pattern(name: str) -> re.Pattern[str]:
+    """The names :func:`mkstemp_default_mode` gives the temporary siblings of a file ``name``
+    (``.NAME.<8 random characters>.tmp``)."""
+    return re.compile(re.escape(f".{name}.") + _MKSTEMP_RANDOM + re.escape(".tmp"))
+
+
+def remove_interrupted_writes(folder: str | os.PathLike[str], names: tuple[str, ...],
+                              extra: tuple[re.Pattern[str], ...] = ()) -> list[Path]:
+    """Delete the temporary files that writes of ``names`` in ``folder`` killed mid-way left
+    (:func:`atomic_write`'s, and those matching a pattern of ``extra``); returns them.
+
+    Only call it where no other process may be writing these files (e.g. under a lock): a
+    temporary file of a write in progress looks the same.
+    """
+    folder = Path(folder)
+    patterns = [temporary_name_pattern(name) for name in names] + list(extra)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file():
+            try:
+                entry.unlink()
+            except OSError:
+                continue
+            removed.append(entry)
+    if removed:
+        logger.warning("removed %d temporary file(s) left by an interrupted save: %s",
+                       len(removed), ", ".join(str(p) for p in removed))
+    return removed
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def mkdtemp_default_mode(parent: Path, prefix: str, suffix: str = ".tmp") -> Path:

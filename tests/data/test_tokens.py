@@ -167,3 +167,16 @@ def test_real_wikitext2_small_pipeline(shared_data_dir):
     blocks = TokenBlocks(ids["valid"], block_size=128, drop_last=False)
     targets = np.concatenate([blocks[i][1].numpy() for i in range(len(blocks))])
     assert np.array_equal(targets[targets != -100], np.asarray(ids["valid"][1:], dtype=np.int64))
+
+
+def test_cached_ids_outside_the_vocabulary_are_encoded_again(line_corpus, cache_dir, caplog):
+    tokenizer = train_tokenizer(line_corpus, vocab_size=300)
+    first = np.array(encode_corpus(line_corpus, tokenizer)["valid"])  # a copy, not the memmap
+    path = token_cache_path(line_corpus, "valid", tokenizer_hash(tokenizer), cache_dir)
+    damaged = first.copy()
+    damaged[1] = 299 + 1000  # no such token
+    np.save(path, damaged)
+    with caplog.at_level("WARNING"):
+        again = encode_corpus(line_corpus, tokenizer)["valid"]
+    assert np.array_equal(again, first)
+    assert str(path) in caplog.text and "outside" in caplog.text

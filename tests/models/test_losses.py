@@ -63,3 +63,18 @@ def test_bf16_autocast_loss_close_to_fp32():
     assert abs(loss.item() - ref.item()) < 0.02
     assert x.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
     assert w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_a_batch_whose_targets_are_all_ignored_has_loss_0_and_no_gradient(return_logits,
+                                                                          one_torch_thread):
+    torch.manual_seed(0)
+    model = build_model("gam", "tiny")
+    idx = torch.randint(0, 256, (2, 12))
+    _, loss = model(idx, torch.full_like(idx, -100), return_logits=return_logits)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    with torch.no_grad():
+        assert float(linear_cross_entropy(torch.randn(4, 8), torch.randn(30, 8),
+                                          torch.full((4,), -100))) == 0.0

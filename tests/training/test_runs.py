@@ -152,9 +152,14 @@ def test_resume_before_the_first_checkpoint_restarts_identically(trained_run, tm
                                                                  data_dir):
     run = tmp_path / "no-ckpt"
     shutil.copytree(trained_run, run)
-    shutil.rmtree(run / "checkpoint")
-    (run / "model.safetensors").unlink()
     expected = [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")]
+    # what a run killed at step 2, before its first checkpoint (step 3), leaves
+    shutil.rmtree(run / "checkpoint")
+    for name in ("model.safetensors", "model.json"):
+        (run / name).unlink()
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] <= 2))
     assert main(["train", "--resume", str(run), "--quiet", "--threads", "1",
                  "--data-dir", str(data_dir)]) == 0
     assert [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")] == expected

@@ -25,7 +25,6 @@ library's token-weighted evaluation at the last step).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
@@ -42,6 +41,7 @@ from gam.bench.ngram import ngram_baselines
 from gam.bench.protocols import DATASET_NOTES, Protocol
 from gam.data import encode_corpus, load_corpus, train_tokenizer
 from gam.data.tokenizer import tokenizer_hash
+from gam.files import sha256_file
 from gam.models.io import MODEL_JSON
 from gam.models.registry import count_parameters, model_config, model_from_config
 from gam.training import (
@@ -167,8 +167,9 @@ def run_state(run_dir: Path) -> tuple[str, int | None, int | None]:
 
 
 def file_sha256(path: Path) -> str | None:
+    """:func:`gam.files.sha256_file`, None when the file cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

@@ -87,12 +87,14 @@ class Corpus:
         source: where the text came from, for logs (folder, file or hub id, and row cuts).
         row_kind: ``"line"`` -- rows are lines of one continuous text, joined with ``"\\n"`` --
             or ``"document"`` -- rows are independent documents separated by end-of-text.
+        files: the file (or hub split) each split was read from, for records and messages.
     """
 
     name: str
     splits: dict[str, list[str]]
     source: str
     row_kind: str = "line"
+    files: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.row_kind not in ROW_KINDS:
@@ -362,7 +364,7 @@ def _load_from_dir(
         _check_not_empty(name, split, rows, files[split], _limit_for(split, limits))
     source = f"{folder} ({origin}){_describe_limits(limits)}"
     logger.info("loaded corpus %s from %s", name, source)
-    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind)
+    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind, files=files)
 
 
 def _normalize_line(line: str) -> str:
@@ -453,7 +455,8 @@ def _load_text_corpus(name: str, max_train_rows: int | None, max_val_rows: int |
             splits[split] = list(islice(_iter_line_rows(split_path), limit))
             _check_not_empty(name, split, splits[split], str(split_path), limit)
         source = f"{path}{_describe_limits(limits)}"
-        return Corpus(name=name, splits=splits, source=source, row_kind="line")
+        return Corpus(name=name, splits=splits, source=source, row_kind="line",
+                      files={split: str(found) for split, found in paths.items()})
 
     file_path = path if path.is_file() else find_text_file(path.parent, path.name)
     if file_path is None:
@@ -477,7 +480,8 @@ def _load_text_corpus(name: str, max_train_rows: int | None, max_val_rows: int |
         )
         _check_not_empty(name, split, rows, where, _limit_for(split, limits))
     source = f"{file_path} (lines split {TEXT_TRAIN_FRACTION:.0%}/{1 - TEXT_TRAIN_FRACTION:.0%})"
-    return Corpus(name=name, splits=splits, source=source + _describe_limits(limits))
+    return Corpus(name=name, splits=splits, source=source + _describe_limits(limits),
+                  files={split: str(file_path) for split in splits})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,6 +513,7 @@ def _hub_rows(hub_id: str, config: str | None, hub_split: str, limit: int | None
 def _load_from_hub(name: str, spec: _Spec, limits: tuple[int | None, int | None]) -> Corpus:
     assert spec.hub_id is not None
     splits: dict[str, list[str]] = {}
+    files: dict[str, str] = {}
     for split, hub_split in spec.hub_splits.items():
         limit = _limit_for(split, limits)
         raw_rows = _hub_rows(spec.hub_id, spec.hub_config, hub_split, limit)
@@ -519,10 +524,11 @@ def _load_from_hub(name: str, spec: _Spec, limits: tuple[int | None, int | None]
         where = f"hub {spec.hub_id} ({spec.hub_config or 'default'}) split {hub_split!r}"
         _check_not_empty(name, split, rows, where, limit)
         splits[split] = rows
+        files[split] = where
     config = f"/{spec.hub_config}" if spec.hub_config else ""
     source = f"hf-hub:{spec.hub_id}{config}{_describe_limits(limits)}"
     logger.info("loaded corpus %s from %s", name, source)
-    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind)
+    return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind, files=files)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def encode_corpus(
     result: dict[str, np.ndarray] = {}
     for split in wanted:
         path = token_cache_path(corpus, split, tok_hash, root)
-        cached = _load_cached(path, dtype)
+        cached = _load_cached(path, dtype, vocab_size)
         if cached is not None:
             result[split] = cached
             continue
@@ -87,7 +87,7 @@ def encode_corpus(
             time.perf_counter() - started,
             path,
         )
-        loaded = _load_cached(path, dtype)
+        loaded = _load_cached(path, dtype, vocab_size)
         result[split] = loaded if loaded is not None else ids
     return result
 
@@ -141,9 +141,9 @@ def _encode_texts(
     return np.concatenate(pieces)
 
 
-def _load_cached(path: Path, dtype: np.dtype) -> np.ndarray | None:
-    """The cached ids as a read-only memmap, or None if absent, unreadable or of another
-    dtype (then they are re-encoded)."""
+def _load_cached(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray | None:
+    """The cached ids as a read-only memmap, or None if absent, unreadable, of another
+    dtype or holding ids outside the vocabulary (then they are re-encoded)."""
     if not path.is_file():
         return None
     try:
@@ -161,6 +161,15 @@ def _load_cached(path: Path, dtype: np.dtype) -> np.ndarray | None:
     if ids.dtype != dtype or ids.ndim != 1:
         logger.warning(
             "ignoring token cache %s with dtype %s, shape %s", path, ids.dtype, ids.shape
+        )
+        return None
+    if ids.size and int(ids.max()) >= vocab_size:
+        logger.warning(
+            "ignoring token cache %s: it holds id %d, outside the tokenizer's %d tokens "
+            "(a damaged file); encoding again",
+            path,
+            int(ids.max()),
+            vocab_size,
         )
         return None
     return ids

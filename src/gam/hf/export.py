@@ -40,7 +40,7 @@ from gam.hf.configuration_gam import HF_MODEL_NAMES
 from gam.hf.modeling_gam import GAMForCausalLM
 from gam.models.io import MODEL_JSON, CheckpointError, load_model_config, load_pretrained
 from gam.models.registry import count_parameters
-from gam.training.rundir import TOKENIZER_FILE, read_run_config_if_any
+from gam.training.rundir import TOKENIZER_FILE, check_run_files, read_run_config_if_any
 
 # trust_remote_code entry points: transformers imports these files from the folder and takes the
 # classes named in auto_map; they re-export the installed package's classes, so a folder loaded
@@ -178,13 +178,15 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
             raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to "
                                   "replace its files")
 
+    run_config = read_run_config_if_any(run_dir)
+    if run_config:  # a training run: its model and tokenizer must be those it records
+        check_run_files(run_dir, run_config)
     name, _ = load_model_config(run_dir)
     if name not in HF_MODEL_NAMES:
         raise ValueError(f"{run_dir} holds a {name!r} model; gam export converts GAM models only "
                          f"({', '.join(HF_MODEL_NAMES)})")
     lm = load_pretrained(run_dir).float().eval()
 
-    run_config = read_run_config_if_any(run_dir)
     tok_path = run_dir / TOKENIZER_FILE
     if not tok_path.is_file():
         raise FileNotFoundError(f"{tok_path} does not exist: the run directory has no tokenizer")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,21 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gam.files import atomic_write_json, default_mode, mkstemp_default_mode
+from gam.files import (
+    atomic_write_json,
+    default_mode,
+    mkstemp_default_mode,
+    remove_interrupted_writes,
+)
 from gam.models.lm import CausalLM
 from gam.models.registry import MODELS, config_class, model_from_config
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
+
+# safetensors' save_file writes through a temporary sibling of its own, ".tmp" + 6 letters or
+# digits (the Rust tempfile crate's names), which a kill mid-write leaves behind
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 class CheckpointError(RuntimeError):
@@ -83,15 +93,37 @@ def save_pretrained(model: CausalLM, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def remove_interrupted_model_writes(folder: str | Path) -> list[Path]:
+    """Delete what saves of ``model.json`` / ``model.safetensors`` (or of other weights)
+    killed mid-way left in ``folder``; only where no other process is saving into it."""
+    return remove_interrupted_writes(folder, (MODEL_JSON, MODEL_WEIGHTS),
+                                     extra=(SAFETENSORS_TEMPORARY,))
+
+
+def validate_model_json(meta: Any, path: Path) -> tuple[str, dict[str, Any]]:
+    """``(model name, config dict)`` of a parsed ``model.json``; CheckpointError naming ``path``
+    and what was expected when it is not ``{"model": str, "config": {...}}``."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is corrupted: expected a JSON object "
+                              f'{{"model": ..., "config": {{...}}}}, got {type(meta).__name__}')
+    for key, kind in (("model", str), ("config", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path} is corrupted: {key!r} must be a JSON "
+                                  f"{'string' if kind is str else 'object'}, got "
+                                  f"{meta.get(key)!r}"[:300])
+    return meta["model"], meta["config"]
+
+
 def load_model_config(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """``(model name, config dict)`` of ``MODEL_DIR/model.json``."""
     path = Path(model_dir) / MODEL_JSON
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: {model_dir} holds no saved model")
     try:
         meta = json.loads(path.read_text())
-        return meta["model"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupted ({e})") from e
+    return validate_model_json(meta, path)
 
 
 def load_pretrained(model_dir: str | Path, map_location: str | torch.device = "cpu",
@@ -100,7 +132,12 @@ def load_pretrained(model_dir: str | Path, map_location: str | torch.device = "c
     name, cfg = load_model_config(model_dir)
     if name not in MODELS:
         raise CheckpointError(f"{Path(model_dir) / MODEL_JSON} names unknown model {name!r}")
-    model = model_from_config(name, config_class(name).from_dict(cfg))
+    try:
+        config = config_class(name).from_dict(cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{Path(model_dir) / MODEL_JSON} holds an invalid {name!r} config "
+                              f"({e})") from e
+    model = model_from_config(name, config)
     load_weights(model, weights if weights is not None else Path(model_dir) / MODEL_WEIGHTS)
     return model.to(map_location)
 

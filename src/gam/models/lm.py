@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from gam.constants import IGNORE_INDEX
 from gam.models.ops.fused import Dropout
-from gam.models.ops.losses import linear_cross_entropy
+from gam.models.ops.losses import linear_cross_entropy, mean_cross_entropy
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
 #: The default, chosen by measurement (docs/results.md, "Initialisation"): the only scheme under
@@ -399,7 +399,7 @@ class CausalLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy over targets
-        that are not ``-100``.
+        that are not ``-100`` (0, with a zero gradient, when all targets are ``-100``).
 
         ``return_logits=False`` (with targets) returns ``(None, loss)`` and computes the loss
         through the head chunk by chunk (``losses.linear_cross_entropy``), never holding all
@@ -415,8 +415,7 @@ class CausalLM(nn.Module):
         logits = self.head(x)  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        loss = mean_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
     # ---------------------------------------------------------- cached decode

@@ -7,7 +7,12 @@ Layout of ``RUN_DIR/checkpoint/``::
         model.safetensors        weights (gam.models.io.save_weights)
         optimizer.pt             optimizer, LR scheduler and (fp16) grad-scaler states
         rng.pt                   torch / CUDA / numpy / python RNG states of every rank
-        state.json               data position and counters (TrainingState)
+        state.json               data position and counters, and the run's settings as they
+                                 were used (TrainingState)
+
+``latest.json``'s ``"dir"`` must be a plain folder name inside ``checkpoint/`` (a path
+leading elsewhere, e.g. into another run, is refused); ``state.json`` is checked field by field
+when read (:meth:`TrainingState.from_dict`).
 
 A checkpoint is written into a temporary sibling folder, every file flushed to disk, then the
 folder is renamed into place (atomic) and ``latest.json`` is replaced atomically
@@ -19,6 +24,7 @@ therefore leaves either the previous or the new checkpoint complete and pointed 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gam.files import atomic_write_json
+from gam.files import atomic_write_json, remove_interrupted_writes
 from gam.models.io import CheckpointError, load_weights, save_weights
 from gam.training.rundir import CHECKPOINT_DIR
 
@@ -58,11 +64,38 @@ class TrainingState:
     batches_per_epoch: int = 0
     world_size: int = 1
     threads: int = 0  # torch CPU threads per process (kept by --resume: bit-exact floats)
+    # the RunConfig dict the run trained with up to here (None in older checkpoints): --resume
+    # refuses a config.json whose settings differ
+    settings: dict[str, Any] | None = None
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainingState:
+    def from_dict(cls, values: Any, source: str | Path = STATE) -> TrainingState:
+        """The state of a parsed ``state.json``; ValueError naming ``source``, the field and
+        what it must be when a value has the wrong type or range."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        state = cls(**{k: v for k, v in values.items() if k in known})
+        state.validate(source)
+        return state
+
+    def validate(self, source: str | Path = STATE) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "settings":
+                ok, expected = value is None or isinstance(value, dict), "an object or null"
+            elif f.type == "float" or isinstance(f.default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value) and value >= 0
+                expected = "a finite number >= 0"
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                expected = "an integer >= 0"
+            if not ok:
+                raise ValueError(f"{source}: {f.name} must be {expected}, got {value!r}")
+        if self.batches_per_epoch and self.batch_in_epoch >= self.batches_per_epoch:
+            raise ValueError(f"{source}: batch_in_epoch {self.batch_in_epoch} is not below "
+                             f"batches_per_epoch {self.batches_per_epoch}")
 
 
 # -------------------------------------------------------------------------------------- RNG
@@ -119,6 +152,7 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torc
     """Write a new checkpoint atomically and make it the latest; returns its folder."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_writes(root, (LATEST,))
     name = f"step-{state.step:08d}-{secrets.token_hex(3)}"
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
@@ -165,9 +199,32 @@ def read_state(folder: Path) -> TrainingState:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
-        return TrainingState.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError, UnicodeDecodeError) as e:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupted ({e})") from e
+    try:
+        return TrainingState.from_dict(values, source=path)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {e}" if str(e).startswith(str(path))
+                              else f"checkpoint file {path} is corrupted ({e})") from e
+
+
+def _latest_folder(root: Path) -> Path | None:
+    """The folder ``latest.json`` names (None when it is missing or unreadable: the newest
+    complete folder is then used); CheckpointError when it names anything but a folder of
+    ``root`` itself."""
+    try:
+        latest = json.loads((root / LATEST).read_text())
+        name = latest["dir"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name \
+            or "/" in name or "\\" in name:
+        raise CheckpointError(
+            f"{root / LATEST} names {name!r}; expected the name of a step-* folder inside "
+            f"{root} (it may not lead out of the run's own checkpoint folder)")
+    folder = root / name
+    return folder if folder.is_dir() else None
 
 
 def find_checkpoint(run_dir: str | Path) -> Path | None:
@@ -175,13 +232,9 @@ def find_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return None
-    try:
-        latest = json.loads((root / LATEST).read_text())
-        folder = root / latest["dir"]
-        if folder.is_dir():
-            return folder
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        pass
+    folder = _latest_folder(root)
+    if folder is not None:
+        return folder
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
                         key=lambda p: p.name, reverse=True)
     for folder in candidates:

@@ -58,6 +58,9 @@ def evaluate(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, seq_len: in
     if ctx is not None:
         ctx.all_reduce_sum(total)
     loss_sum, count = float(total[0]), int(total[1])
+    if count == 0:  # a batch without targets adds 0 to both sums; all of them: no mean
+        raise ValueError(f"nothing to evaluate: the {len(ids)} token(s) give no target "
+                         f"token (at least 2 tokens are needed)")
     loss = loss_sum / count
     return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"),
             "tokens": count}

@@ -10,6 +10,10 @@ Record kinds (field ``kind``):
 - ``resume``: a run was resumed from the checkpoint at ``step``;
 - ``diverged``: the loss became NaN/inf at ``step``; training stopped.
 
+A kill while a record is written can tear only the last line: readers skip a torn last line,
+and ``--resume`` drops it. Any other line that is not a JSON record is kept where it is and
+reported with its line number (readers warn; ``--resume``, which rewrites the file, refuses).
+
 Non-finite numbers are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` so every line
 is standard JSON. Optional mirrors: TensorBoard (``--tensorboard``) and Weights & Biases
 (``--wandb``), only if those packages are installed.
@@ -18,12 +22,16 @@ is standard JSON. Optional mirrors: TensorBoard (``--tensorboard``) and Weights 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 from gam.files import atomic_write_bytes
+from gam.models.io import CheckpointError
 from gam.training.rundir import METRICS_FILE
+
+logger = logging.getLogger("gam.training")
 
 
 def _clean(value: Any) -> Any:
@@ -36,33 +44,70 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _parse_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any] | None]], bool]:
+    """Every line of a ``metrics.jsonl`` with its record (None where it is not a JSON record
+    with an integer step), and whether the last line is torn (unreadable: a kill mid-write)."""
+    parsed: list[tuple[str, dict[str, Any] | None]] = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        ok = isinstance(record, dict) and isinstance(record.get("step", 0), int) \
+            and not isinstance(record.get("step", 0), bool)
+        parsed.append((line, record if ok else None))
+    torn = bool(parsed) and parsed[-1][1] is None
+    return parsed, torn
+
+
+def _bad_lines(parsed: list[tuple[str, dict[str, Any] | None]], torn: bool) -> list[int]:
+    """1-based numbers of the unreadable lines but a torn last one."""
+    last = len(parsed) - 1 if torn else len(parsed)
+    return [i + 1 for i, (_, record) in enumerate(parsed[:last]) if record is None]
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl`` (or of ``RUN_DIR/metrics.jsonl``), optionally of one
-    kind. A torn last line (a kill mid-write) is skipped."""
+    kind. A torn last line (a kill mid-write) is skipped; another unreadable line is skipped
+    with a warning naming the file and the line."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and (kind is None or record.get("kind") == kind):
-            records.append(record)
-    return records
+    parsed, torn = _parse_lines(path)
+    bad = _bad_lines(parsed, torn)
+    if bad:
+        logger.warning("warning: %s line(s) %s are not metrics records; skipped", path,
+                       ", ".join(map(str, bad[:10])))
+    return [r for _, r in parsed
+            if r is not None and (kind is None or r.get("kind") == kind)]
+
+
+def check_metrics(path: str | Path) -> tuple[list[tuple[str, dict[str, Any] | None]], bool]:
+    """The parsed lines of a ``metrics.jsonl`` that ``--resume`` may rewrite and whether its
+    last line is torn; CheckpointError naming the file and the line when another line is
+    unreadable (rewriting would lose it)."""
+    path = Path(path)
+    if not path.is_file():
+        return [], False
+    parsed, torn = _parse_lines(path)
+    bad = _bad_lines(parsed, torn)
+    if bad:
+        raise CheckpointError(
+            f"{path} line {bad[0]} is not a metrics record (a JSON object with an integer "
+            f"step){f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; resuming would "
+            f"drop it: repair or delete that line, then resume")
+    return parsed, torn
 
 
 def truncate_metrics(path: str | Path, max_step: int) -> None:
-    """Keep only the records of steps ``<= max_step`` (what a resumed run has not redone)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= max_step]
-    data = "".join(json.dumps(r) + "\n" for r in kept)
-    atomic_write_bytes(path, data.encode())
+    """Keep only the records of steps ``<= max_step`` (what a resumed run has not redone),
+    dropping a torn last line (:func:`check_metrics` refuses other unreadable lines)."""
+    parsed, torn = check_metrics(path)
+    kept = [line for line, r in parsed if r is not None and r.get("step", 0) <= max_step]
+    if torn or len(kept) != len(parsed):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
 def check_optional_loggers(wandb: bool, tensorboard: bool) -> None:

@@ -3,6 +3,7 @@ schedule (total steps, batches per epoch...) and the ``config.json`` record (``p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 
 import gam
 from gam.data import TokenBlocks, eot_token_id
+from gam.files import sha256_file
 from gam.models.registry import model_config
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import load_data, load_tokenizer_file
@@ -19,8 +21,9 @@ from gam.training.run import check_vocab
 from gam.training.rundir import (
     CONFIG_FILE,
     TOKENIZER_FILE,
+    check_recorded_split,
+    check_tokenizer_file,
     read_run_config,
-    recorded_fingerprints,
     run_record,
 )
 from gam.training.rundir import now as rundir_now
@@ -39,6 +42,7 @@ class RunPlan:
     batches_per_epoch: int
     total_steps: int
     record: dict[str, Any]
+    tokenizer_bytes: bytes | None = None  # tokenizer.json to write (None: the run's is kept)
 
 
 def _check_batch(run: RunConfig, ctx: DistContext, mcfg: Any) -> tuple[int, int]:
@@ -69,14 +73,21 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
     cfg = run.train
     mcfg = model_config(run.model, run.preset, **run.model_kwargs())
     seq_len, per_rank = _check_batch(run, ctx, mcfg)
-    tokenizer = None
+    tokenizer = tokenizer_bytes = None
+    recorded = read_run_config(run_dir) if resuming else {}
     if resuming and (checkpoint_dir is not None
                           or (run_dir / TOKENIZER_FILE).exists()):
+        check_tokenizer_file(run_dir, recorded)
         tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
     if resuming and opts.data_dir is not None:
         run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
     data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
                      tokenizer=tokenizer)
+    if tokenizer is None:
+        tokenizer_bytes = data.tokenizer.to_str(pretty=True).encode("utf-8")
+        tokenizer_sha256 = hashlib.sha256(tokenizer_bytes).hexdigest()
+    else:
+        tokenizer_sha256 = sha256_file(run_dir / TOKENIZER_FILE)
     tokenizer = data.tokenizer
     check_vocab(tokenizer, mcfg.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE)
     train_blocks, val_ids = _blocks(run.data.dataset, data.ids, seq_len)
@@ -89,15 +100,13 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
     total_steps = cfg.epochs * batches_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    fingerprints = {s: data.corpus.fingerprint(s) for s in ("train", "valid")}
-    created = None
+    corpus = data.corpus
+    fingerprints = {s: corpus.fingerprint(s) for s in corpus.splits}
+    tokens = {s: int(len(v)) for s, v in data.ids.items()}
     if resuming:
-        recorded = read_run_config(run_dir)
-        old_fp = recorded_fingerprints(recorded).get("train")
-        if old_fp is not None and old_fp != fingerprints["train"]:
-            raise ValueError(f"the train split of {run.data.dataset!r} differs from the one "
-                             f"this run was trained on (fingerprint changed); it cannot be "
-                             f"resumed exactly")
+        for split in ("train", "valid"):
+            check_recorded_split(run_dir, recorded, split, fingerprints[split],
+                                 corpus.files.get(split), tokens[split])
         created = recorded.get("created")
     else:
         created = rundir_now()
@@ -109,15 +118,14 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
     record = run_record(
         run.to_dict(), mcfg.to_dict(),
         tokenizer={"actual_vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                   "eot_token_id": eot_token_id(tokenizer)},
-        data={"seq_len": seq_len, "corpus_source": data.corpus.source,
-              "fingerprints": fingerprints,
-              "tokens": {s: int(len(v)) for s, v in data.ids.items()}},
+                   "eot_token_id": eot_token_id(tokenizer), "sha256": tokenizer_sha256},
+        data={"seq_len": seq_len, "corpus_source": corpus.source,
+              "fingerprints": fingerprints, "files": dict(corpus.files), "tokens": tokens},
         schedule=schedule,
         versions={"gam_version": gam.__version__, "torch_version": torch.__version__},
         created=created)
     return RunPlan(mcfg, seq_len, per_rank, tokenizer, train_blocks, val_ids,
-                   batches_per_epoch, total_steps, record)
+                   batches_per_epoch, total_steps, record, tokenizer_bytes)
 
 
 def _blocks(dataset: str, ids: dict[str, Any], seq_len: int) -> tuple[TokenBlocks, Any]:

@@ -1,20 +1,35 @@
 """What ``--resume`` checks and repairs before a run continues: a checkpoint that has gone
-missing (refused), and the run's saved model files (rewritten from the checkpoint when they are
-missing, unreadable or stale)."""
+missing (refused), settings in ``config.json`` that differ from those the checkpoint was
+trained with (refused, naming them), and the run's saved model files (rewritten from the
+checkpoint when they are missing, unreadable, stale or another model's)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gam.models.io import CheckpointError, load_model_config, save_pretrained, state_dict_for_saving
-from gam.training.checkpoint import LATEST, read_state
+from gam.training.checkpoint import LATEST, STATE, read_state
+from gam.training.config import RunConfig
 from gam.training.metrics import read_metrics
-from gam.training.rundir import CHECKPOINT_DIR, METRICS_FILE, MODEL_JSON, MODEL_WEIGHTS
+from gam.training.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    recorded_schedule,
+)
+
+# What --resume may change (the run's length, --max-steps / --epochs) and where the data
+# lives now (--data-dir; its content is checked by fingerprint): not compared.
+RESUMABLE_CHANGES = (("train", "epochs"), ("train", "max_steps"), ("data", "data_dir"))
 
 logger = logging.getLogger("gam.training")
 
@@ -27,24 +42,77 @@ def load_checkpoint_step(folder: Path) -> int:
         return -1
 
 
-def refuse_lost_checkpoint(run_dir: Path) -> None:
+def _first_checkpoint_step(config: dict[str, Any]) -> int | None:
+    """The step of a run's first checkpoint (``--save-every``, the first epoch's end or the
+    last step, whichever comes first), from its ``config.json``; None if not recorded."""
+    schedule = recorded_schedule(config)
+    bounds = [schedule.get("batches_per_epoch"), schedule.get("total_steps"),
+              config.get("train", {}).get("save_every")]
+    bounds = [b for b in bounds if isinstance(b, int) and b > 0]
+    return min(bounds) if bounds else None
+
+
+def refuse_lost_checkpoint(run_dir: Path, config: dict[str, Any]) -> None:
     """CheckpointError if the run saved a checkpoint that is gone.
 
     Resuming from step 0 is right for a run that died before its first checkpoint, but after
     one it would silently retrain and cut ``metrics.jsonl`` back to nothing. A checkpoint was
-    saved if ``checkpoint/latest.json`` or the run's ``model.safetensors`` exist (both are
-    written only with a checkpoint).
+    saved if ``checkpoint/latest.json``, the run's ``model.safetensors`` or ``model.json``
+    exist (all are written only with a checkpoint), or if ``metrics.jsonl`` records a step
+    beyond the first checkpoint's (a run goes past it only once it is saved).
     """
     latest = run_dir / CHECKPOINT_DIR / LATEST
-    weights = run_dir / MODEL_WEIGHTS
-    if not latest.exists() and not weights.exists():
+    recorded = [r.get("step", 0) for r in read_metrics(run_dir / METRICS_FILE)]
+    recorded = [s for s in recorded if isinstance(s, int)]
+    first = _first_checkpoint_step(config)
+    saved = any(p.exists() for p in (latest, run_dir / MODEL_WEIGHTS, run_dir / MODEL_JSON)) \
+        or (first is not None and any(s > first for s in recorded))
+    if not saved:
         return
-    recorded = [int(r.get("step", 0)) for r in read_metrics(run_dir / METRICS_FILE)]
     done = f" (metrics.jsonl records steps up to {max(recorded)})" if recorded else ""
     raise CheckpointError(
         f"cannot resume {run_dir}: it saved a checkpoint{done} but "
         f"{run_dir / CHECKPOINT_DIR} holds no complete step-* folder; nothing was changed. "
         f"Restore the checkpoint folder, or train a new run with another --out")
+
+
+def _json(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples become lists), for comparisons with a file."""
+    return json.loads(json.dumps(value))
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 3e-4, ...}`` of a RunConfig dict, JSON-normalised (tuples as lists)."""
+    flat = {}
+    for key, value in _json(settings).items():
+        if isinstance(value, dict) and key in ("data", "tokenizer", "train"):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def refuse_changed_settings(run_dir: Path, checkpoint_dir: Path, run: RunConfig) -> None:
+    """ValueError naming the fields if the settings of ``config.json`` (``run``) differ from
+    those the checkpoint was trained with, except the run's length and the data folder
+    (:data:`RESUMABLE_CHANGES`). A run's settings are fixed at its creation: a hand-edited
+    ``config.json`` would otherwise be recorded as if used (lr) or break the run (seed: the
+    data order changes mid-epoch). Checkpoints that recorded no settings pass."""
+    used = read_state(checkpoint_dir).settings
+    if used is None:
+        return
+    skip = {f"{section}.{key}" for section, key in RESUMABLE_CHANGES}
+    before, now = _flat(used), _flat(run.to_dict())
+    differ = sorted(k for k in set(before) | set(now)
+                    if k not in skip and before.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {now.get(k)!r} (trained with {before.get(k)!r})"
+                          for k in differ[:6])
+        raise ValueError(
+            f"{run_dir / CONFIG_FILE} differs from the settings the run was trained with "
+            f"({checkpoint_dir / STATE}): {shown}; a run's settings are fixed when it is made "
+            f"(only --max-steps / --epochs may change with --resume): undo the edit, or train a "
+            f"new run with another --out")
 
 
 def repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None:
@@ -55,8 +123,11 @@ def repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None
     expected = state_dict_for_saving(model)
     why = None
     try:
-        load_model_config(run_dir)
+        name, config = load_model_config(run_dir)
         saved = load_file(str(weights)) if weights.is_file() else None
+        if name != getattr(model, "model_name", name) \
+                or _json(config) != _json(model.config.to_dict()):
+            why = f"another model's ({MODEL_JSON} describes a {name!r} model of another config)"
     except (CheckpointError, SafetensorError, OSError, ValueError) as e:
         why, saved = f"unreadable: {_one_line(e)}", None
     if why is None:

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from gam.data import load_corpus
 from gam.models.io import MODEL_JSON, CheckpointError, load_pretrained
 from gam.models.lm import CausalLM
-from gam.training.config import DataConfig, RunConfig, TokenizerConfig
+from gam.training.config import DataConfig, TokenizerConfig
 from gam.training.data import load_data, load_tokenizer_file
 from gam.training.distributed import DistContext, resolve_device
 from gam.training.evaluate import evaluate
@@ -24,9 +25,12 @@ from gam.training.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
     TOKENIZER_FILE,
+    check_recorded_split,
+    check_run_files,
     is_run_dir,
     read_run_config,
     recorded_vocab_size,
+    run_settings,
 )
 
 logger = logging.getLogger("gam.training")
@@ -56,13 +60,16 @@ def load_run(run_dir: str | os.PathLike[str], map_location: str | Any = "cpu"
 
     The model holds the latest saved weights (``RUN_DIR/model.safetensors``) in eval mode;
     ``run_config`` is the parsed ``config.json``. Raises ValueError when ``run_dir`` holds no
-    run and CheckpointError (naming the file) for missing, truncated or mismatched files.
+    run and CheckpointError (naming the file) for missing, truncated or mismatched files,
+    including a model or tokenizer that is not the one ``config.json`` records
+    (:func:`gam.training.rundir.check_run_files`).
     """
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     if not (run_dir / MODEL_JSON).is_file():
         raise CheckpointError(f"{run_dir} has no saved model yet ({run_dir / MODEL_JSON} is "
                               f"missing; the run saves it with its first checkpoint)")
+    check_run_files(run_dir, config)
     model = load_pretrained(run_dir, map_location=map_location)
     tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
     recorded = recorded_vocab_size(config)
@@ -77,10 +84,15 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
                  device: str = "auto", dtype: str = "fp32", max_val_rows: int | None = None,
                  all_rows: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
     """Token-weighted loss and perplexity of a run's model on ``split`` of its corpus, cut as
-    in training (same ``max_val_rows`` unless overridden, same block length)."""
+    in training (same ``max_val_rows`` unless overridden, same block length).
+
+    The split's text is checked against the fingerprint the run recorded (ValueError naming
+    both files when another file was read, e.g. a plain copy beside the ``.xz`` with other
+    text), and, with the run's own row cut, its token count (CheckpointError naming the
+    tokenizer)."""
     dev = resolve_device(device)
     model, tokenizer, config = load_run(run_dir, map_location=dev)
-    run = RunConfig.from_dict(config)
+    run = run_settings(config, run_dir)
     logger.info("loaded %s (%s); reading split %r of %s ...", run_dir, config.get("model"),
                 split, run.data.dataset)
     data: DataConfig = run.data
@@ -96,6 +108,16 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
                        cache_dir=cache_dir, tokenizer=tokenizer, splits=(split,),
                        data_dir=data_dir)
     ids: np.ndarray = loaded.ids[split]
+    corpus = loaded.corpus
+    if rows == run.data.max_val_rows or split == "train":
+        check_recorded_split(run_dir, config, split, corpus.fingerprint(split),
+                             corpus.files.get(split), int(len(ids)))
+    else:  # another row cut: check the text of the run's own cut
+        own = load_corpus(data.dataset, data_dir if data_dir is not None else data.data_dir,
+                          data.max_train_rows, run.data.max_val_rows, use_hub=data.use_hub)
+        if split in own.splits:
+            check_recorded_split(run_dir, config, split, own.fingerprint(split),
+                                 own.files.get(split))
     if len(ids) < 2:
         raise ValueError(f"split {split!r} of {data.dataset!r} has {len(ids)} token(s); at "
                          f"least 2 are needed to evaluate")

@@ -13,7 +13,15 @@ Layout of ``RUN_DIR`` (``gam train --out RUN_DIR``)::
 
 The trainer writes ``config.json`` through :func:`write_run_config` (its content made by
 :func:`run_record`); everything else (``gam eval`` / ``generate``, ``--resume``, the benchmarks,
-``gam export``) reads it back through :func:`read_run_config` and the accessors below.
+``gam export``) reads it back through :func:`read_run_config` (which checks the types of what
+it reads, :func:`validate_run_config`) and the accessors below.
+
+``config.json`` also records what the run's other files must be: the tokenizer file's SHA-256
+(``tokenizer.sha256``, with the vocabulary size and the token count of each split it produced),
+the model family and config (``model``, ``model_config``) and the fingerprint and file of each
+data split. :func:`check_run_files` and :func:`check_recorded_split` refuse files that differ
+(another run's tokenizer or model copied in, other data found where the run's was). Runs made
+before tokenizer hashes were recorded are checked by vocabulary size and token counts only.
 """
 
 from __future__ import annotations
@@ -26,8 +34,21 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from gam.files import LockHeldError, atomic_write_json, hold_lock
-from gam.models.io import MODEL_JSON, MODEL_WEIGHTS, CheckpointError
+from gam.files import (
+    LockHeldError,
+    atomic_write_json,
+    hold_lock,
+    remove_interrupted_writes,
+    sha256_file,
+)
+from gam.models.io import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    load_model_config,
+    remove_interrupted_model_writes,
+)
+from gam.training.config import RunConfig
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -39,7 +60,9 @@ __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_
            "MODEL_WEIGHTS", "RunBusyError", "TOKENIZER_FILE", "dataset_slug", "holds_run",
            "is_run_dir", "now", "read_run_config", "read_run_config_if_any", "recorded_data",
            "recorded_fingerprints", "recorded_schedule", "recorded_vocab_size", "run_record",
-           "safe_filename", "training_lock", "write_run_config"]
+           "safe_filename", "training_lock", "write_run_config", "validate_run_config",
+           "run_settings", "check_run_files", "check_tokenizer_file", "check_recorded_split",
+           "remove_interrupted_run_writes"]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -81,9 +104,61 @@ def _parse(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"run config {path} is truncated or corrupted ({e})") from e
+    validate_run_config(config, path)
+    return config
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+# (section, key) -> (what it must be, test); None as section: the top level
+_FIELD_TYPES: dict[tuple[str | None, str], tuple[str, Any]] = {
+    (None, "model"): ("a string", lambda v: isinstance(v, str)),
+    (None, "preset"): ("a string", lambda v: isinstance(v, str)),
+    (None, "model_overrides"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "data"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "tokenizer"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "train"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "model_config"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "schedule"): ("an object", lambda v: isinstance(v, dict)),
+    ("data", "data_dir"): ("a string or null", lambda v: v is None or isinstance(v, str)),
+    ("data", "use_hub"): ("true or false", lambda v: isinstance(v, bool)),
+    ("data", "fingerprints"): ("an object of strings", lambda v: isinstance(v, dict) and all(
+        isinstance(x, str) for x in v.values())),
+    ("data", "files"): ("an object of strings", lambda v: isinstance(v, dict) and all(
+        isinstance(x, str) for x in v.values())),
+    ("data", "tokens"): ("an object of token counts", lambda v: isinstance(v, dict) and all(
+        _is_count(x) for x in v.values())),
+    ("tokenizer", "actual_vocab_size"): ("a positive integer", lambda v: _is_count(v, 1)),
+    ("tokenizer", "sha256"): ("a SHA-256 in hex", lambda v: isinstance(v, str) and len(v) == 64),
+    ("tokenizer", "on_all_splits"): ("true or false", lambda v: isinstance(v, bool)),
+    ("schedule", "total_steps"): ("a positive integer", lambda v: _is_count(v, 1)),
+    ("schedule", "batches_per_epoch"): ("a positive integer", lambda v: _is_count(v, 1)),
+}
+
+
+def validate_run_config(config: Any, path: Path) -> None:
+    """CheckpointError naming ``path``, the field and what it must be, when a parsed
+    ``config.json`` has a section or a recorded value of the wrong type (the settings' own
+    values are checked when they are read, :func:`run_settings`)."""
     if not isinstance(config, dict):
         raise CheckpointError(f"run config {path} is corrupted (not a JSON object)")
-    return config
+    for (section, key), (expected, ok) in _FIELD_TYPES.items():
+        holder = config if section is None else config.get(section)
+        if isinstance(holder, dict) and key in holder and not ok(holder[key]):
+            name = key if section is None else f"{section}.{key}"
+            raise CheckpointError(f"run config {path}: {name} must be {expected}, got "
+                                  f"{holder[key]!r}"[:400])
+
+
+def run_settings(config: dict[str, Any], run_dir: str | os.PathLike[str]) -> RunConfig:
+    """The ``RunConfig`` a run's ``config.json`` records; ValueError naming the file and the
+    setting when one is missing or invalid."""
+    try:
+        return RunConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"run config {Path(run_dir) / CONFIG_FILE}: {e}") from e
 
 
 def read_run_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -110,7 +185,11 @@ def read_run_config_if_any(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    if "model_config" in config:  # a training run's record (not, e.g., a transformers config)
+        validate_run_config(config, path)
+    return config
 
 
 def write_run_config(run_dir: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -174,3 +253,89 @@ def recorded_fingerprints(config: dict[str, Any]) -> dict[str, str]:
 def recorded_vocab_size(config: dict[str, Any]) -> int | None:
     """Number of tokens of the run's tokenizer, as it turned out."""
     return config.get("tokenizer", {}).get("actual_vocab_size")
+
+
+def recorded_tokenizer_sha256(config: dict[str, Any]) -> str | None:
+    """SHA-256 of the run's ``tokenizer.json`` bytes (None for runs made before it was kept)."""
+    return config.get("tokenizer", {}).get("sha256")
+
+
+def recorded_files(config: dict[str, Any]) -> dict[str, str]:
+    """The data file of each split the run was made with (``{}`` if not recorded)."""
+    return config.get("data", {}).get("files", {})
+
+
+# --------------------------------------------------------------------------------- checks
+def check_tokenizer_file(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    """CheckpointError if ``RUN_DIR/tokenizer.json`` is not the file the run recorded (its
+    SHA-256 differs); runs that recorded no hash pass."""
+    recorded = recorded_tokenizer_sha256(config)
+    path = Path(run_dir) / TOKENIZER_FILE
+    if recorded is None or not path.is_file():
+        return  # no hash kept (an older run), or missing: the loader names the missing file
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"tokenizer {path} is not this run's tokenizer: its sha256 is {actual[:16]}..., "
+            f"{Path(run_dir) / CONFIG_FILE} recorded {recorded[:16]}... (another run's "
+            f"tokenizer copied in?); restore the run's own tokenizer.json")
+
+
+def check_saved_model(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    """CheckpointError if ``RUN_DIR/model.json`` names another model family or config than
+    ``config.json`` records (another run's model copied in)."""
+    run_dir = Path(run_dir)
+    name, model_config = load_model_config(run_dir)
+    where = f"{run_dir / MODEL_JSON}"
+    if "model" in config and name != config["model"]:
+        raise CheckpointError(
+            f"{where} holds a {name!r} model but {run_dir / CONFIG_FILE} records a "
+            f"{config['model']!r} run (another run's model copied in?)")
+    recorded = config.get("model_config")
+    if recorded is not None:
+        saved = model_config
+        differ = sorted(k for k in set(saved) | set(recorded) if saved.get(k) != recorded.get(k))
+        if differ:
+            shown = ", ".join(f"{k} {saved.get(k)!r} != {recorded.get(k)!r}" for k in differ[:4])
+            raise CheckpointError(
+                f"{where} does not hold the model {run_dir / CONFIG_FILE} records ({shown}; "
+                f"another run's model copied in?)")
+
+
+def check_run_files(run_dir: str | os.PathLike[str], config: dict[str, Any]) -> None:
+    """The run's saved model and tokenizer are those its ``config.json`` records
+    (:func:`check_saved_model`, :func:`check_tokenizer_file`); CheckpointError otherwise."""
+    check_saved_model(run_dir, config)
+    check_tokenizer_file(run_dir, config)
+
+
+def check_recorded_split(run_dir: str | os.PathLike[str], config: dict[str, Any], split: str,
+                         fingerprint: str, file: str | None,
+                         tokens: int | None = None) -> None:
+    """ValueError naming both files if the ``split`` just read (its ``fingerprint``, from
+    ``file``) is not the text the run recorded, or CheckpointError naming the tokenizer if it
+    gave another number of ``tokens``; a split the run did not record passes."""
+    recorded = recorded_fingerprints(config).get(split)
+    was = recorded_files(config).get(split)
+    if recorded is not None and recorded != fingerprint:
+        then = was or recorded_data(config).get("corpus_source", "its data")
+        raise ValueError(
+            f"the {split} split read from {file or 'the data'} differs from the one run "
+            f"{run_dir} was made with, read from {then} (sha256 of its text {fingerprint[:16]}"
+            f"..., recorded {recorded[:16]}...); point --data-dir at the run's data or remove "
+            f"the other file")
+    counted = recorded_data(config).get("tokens", {}).get(split)
+    if recorded is not None and tokens is not None and counted is not None \
+            and counted != tokens:
+        raise CheckpointError(
+            f"tokenizer {Path(run_dir) / TOKENIZER_FILE} encodes the {split} split to {tokens:,}"
+            f" tokens, the run recorded {counted:,}: it is not the tokenizer the run was made "
+            f"with; restore the run's own tokenizer.json")
+
+
+def remove_interrupted_run_writes(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files that saves killed mid-way left in the run folder (only while
+    holding its :func:`training_lock`)."""
+    run_dir = Path(run_dir)
+    return remove_interrupted_model_writes(run_dir) + remove_interrupted_writes(
+        run_dir, (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE))

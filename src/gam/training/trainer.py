@@ -36,6 +36,7 @@ import torch
 
 import gam
 from gam.data import TokenBlocks
+from gam.files import atomic_write_bytes
 from gam.models.io import (
     CheckpointError,
     save_pretrained,
@@ -59,6 +60,7 @@ from gam.training.distributed import DistContext, init_distributed, set_threads
 from gam.training.evaluate import autocast_context, evaluate, first_batches
 from gam.training.metrics import (
     MetricsWriter,
+    check_metrics,
     check_optional_loggers,
     read_metrics,
     truncate_metrics,
@@ -68,6 +70,7 @@ from gam.training.plan import RunPlan, plan_run
 from gam.training.progress import Progress
 from gam.training.recovery import (
     load_checkpoint_step,
+    refuse_changed_settings,
     refuse_lost_checkpoint,
     repair_saved_model,
 )
@@ -77,6 +80,8 @@ from gam.training.rundir import (
     dataset_slug,
     holds_run,
     read_run_config,
+    remove_interrupted_run_writes,
+    run_settings,
     safe_filename,
     training_lock,
     write_run_config,
@@ -128,10 +133,11 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
     (``min(epochs * batches_per_epoch, max_steps)``) and the cosine of the LR schedule is
     recomputed to end at the new total from the step the run is at (the warm-up is not
     redone). Without them the run continues bit for bit. Raises CheckpointError, changing
-    nothing, if the run saved a checkpoint that is gone.
+    nothing, if the run saved a checkpoint that is gone, or if ``config.json``'s settings differ
+    from those the checkpoint was trained with (a run's settings are fixed at its creation).
     """
     run_dir = Path(run_dir)
-    run = RunConfig.from_dict(read_run_config(run_dir))
+    run = run_settings(read_run_config(run_dir), run_dir)
     if epochs is not None:
         run.train.epochs = epochs
         # "train it for N epochs": a recorded --max-steps would otherwise still cap it
@@ -215,8 +221,12 @@ class Trainer:
         run_dir = Path(ctx.broadcast_object(str(self.run_dir)))
         self.run_dir = run_dir
         checkpoint_dir = find_checkpoint(run_dir) if self.resuming else None
-        if self.resuming and checkpoint_dir is None:
-            refuse_lost_checkpoint(run_dir)
+        if self.resuming:
+            check_metrics(run_dir / METRICS_FILE)  # before anything is written
+            if checkpoint_dir is None:
+                refuse_lost_checkpoint(run_dir, read_run_config(run_dir))
+            else:
+                refuse_changed_settings(run_dir, checkpoint_dir, self.run_config)
         threads = opts.threads
         if threads is None and checkpoint_dir is not None:
             # the thread count changes the order of float reductions: a resumed run keeps it
@@ -241,7 +251,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
         self.state = TrainingState(total_steps=plan.total_steps,
                                    batches_per_epoch=plan.batches_per_epoch,
-                                   world_size=ctx.world_size, threads=threads)
+                                   world_size=ctx.world_size, threads=threads,
+                                   settings=self._settings(plan))
         self.seq_len = plan.seq_len
         self.val_ids = plan.val_ids
         self.eval_batch_size = cfg.eval_batch_size or plan.per_rank
@@ -251,6 +262,12 @@ class Trainer:
             return None, None
         return self._restore(plan, checkpoint_dir, threads)
 
+    @staticmethod
+    def _settings(plan: RunPlan) -> dict[str, Any]:
+        """The settings as ``config.json`` records them (seq_len resolved...), kept in every
+        checkpoint: ``--resume`` compares them with ``config.json``."""
+        return RunConfig.from_dict(plan.record).to_dict()
+
     def _restore(self, plan: RunPlan, checkpoint_dir: Path, threads: int
                  ) -> tuple[int | None, int | None]:
         cfg, ctx = self.run_config.train, self.ctx
@@ -259,7 +276,9 @@ class Trainer:
         if ckpt.state.batches_per_epoch != plan.batches_per_epoch:
             raise CheckpointError(
                 f"checkpoint {checkpoint_dir} was made with {ckpt.state.batches_per_epoch} "
-                f"batches per epoch, the data now gives {plan.batches_per_epoch}")
+                f"batches per epoch, the data now gives {plan.batches_per_epoch} (the data or "
+                f"the tokenizer {self.run_dir / TOKENIZER_FILE} changed, or its state.json "
+                f"was edited)")
         if total_steps < ckpt.state.step:
             raise ValueError(
                 f"{self.run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
@@ -275,6 +294,7 @@ class Trainer:
         state = self.state = ckpt.state
         state.world_size = world
         state.threads = threads
+        state.settings = self._settings(plan)
         if len(ckpt.rng_states) == world:
             restore_rng_state(ckpt.rng_states[ctx.rank])
         else:
@@ -292,9 +312,10 @@ class Trainer:
         ctx, run_dir = self.ctx, self.run_dir
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_interrupted_run_writes(run_dir)
             write_run_config(run_dir, plan.record)
-            if not (run_dir / TOKENIZER_FILE).is_file():
-                plan.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+            if plan.tokenizer_bytes is not None:  # config.json records its sha256
+                atomic_write_bytes(run_dir / TOKENIZER_FILE, plan.tokenizer_bytes)
             truncate_metrics(run_dir / METRICS_FILE, self.state.step)
             if checkpoint_dir is not None:
                 repair_saved_model(run_dir, self.model, self.state.step)
@@ -357,12 +378,18 @@ class Trainer:
             loader = epoch_loader(train_blocks, cfg.batch_size, cfg.seed, epoch, ctx,
                                   start_batch=state.batch_in_epoch)
             batches = iter(loader)
+            drawn = 0
             while state.step < total_steps:
                 t0 = time.perf_counter()
                 try:
                     x, y = next(batches)
                 except StopIteration:
+                    if not drawn:  # would loop for ever: the epoch has no batch left
+                        raise CheckpointError(
+                            f"epoch {epoch + 1} has no batch left to train from batch "
+                            f"{state.batch_in_epoch} of {batches_per_epoch}") from None
                     break
+                drawn += 1
                 lr = self.optimizer.param_groups[0]["lr"]
                 first_compiled = cfg.compile and state.step == resumed_at
                 if first_compiled:
@@ -464,6 +491,7 @@ class Trainer:
         ctx = self.ctx
         rng_states = ctx.all_gather_objects(capture_rng_state())
         if ctx.is_main:
+            remove_interrupted_run_writes(self.run_dir)
             save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,
                             rng_states, self.scaler)
             save_pretrained(self.model, self.run_dir)

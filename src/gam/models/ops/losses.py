@@ -5,12 +5,15 @@ floats, plus their float32 copy and log-softmax for the loss). ``linear_cross_en
 computes the loss chunk by chunk and, when gradients are needed, the gradients of the hidden
 states and of the head weight during the forward pass (as Liger-Kernel's fused linear
 cross-entropy does), so only one chunk of logits exists at a time. Same math as
-``F.cross_entropy(x @ W.T, targets, ignore_index=-100)``.
+``F.cross_entropy(x @ W.T, targets, ignore_index=-100)``, except for a batch whose targets are
+all ignored: its mean loss is 0 with a zero gradient (there is nothing to learn from it), where
+``F.cross_entropy`` gives NaN (0 / 0) and would poison a training step or a running mean.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gam.constants import IGNORE_INDEX
 from gam.runtime import autocast_dtype
@@ -77,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = _chunked_loss(x, weight, targets, ignore_index, chunk_rows, grad_x, grad_w)
         scale = torch.ones((), dtype=acc, device=x.device)
         if reduction == "mean":
-            scale = 1.0 / (targets != ignore_index).sum().to(acc)
+            scale = 1.0 / _target_count(targets, ignore_index).to(acc)
         ctx.save_for_backward(grad_x, grad_w, scale)
         ctx.weight_dtype = weight.dtype
         return loss * scale
@@ -108,5 +111,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                          chunk_rows)
     loss = _chunked_loss(x, weight, targets, ignore_index, chunk_rows)
     if reduction == "mean":
-        return loss / (targets != ignore_index).sum()
+        return loss / _target_count(targets, ignore_index)
     return loss
+
+
+def _target_count(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of targets that are not ignored, at least 1 (a batch without any has loss 0)."""
+    return (targets != ignore_index).sum().clamp(min=1)
+
+
+def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (N, V) over the targets (N,) that are not ignored, in
+    float32; 0 (zero gradient) when all are (``F.cross_entropy`` would give NaN)."""
+    loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
+                               reduction="sum")
+    return loss_sum / _target_count(targets, ignore_index)

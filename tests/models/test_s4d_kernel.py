@@ -58,14 +58,17 @@ def test_fft_path_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: s4d_conv(*a), (u, *params), fast_mode=True)
 
 
-def test_kernel_is_the_impulse_response():
-    params = _params("inv")
-    impulse = torch.zeros(1, T, H, dtype=torch.float64)
+@pytest.mark.parametrize("length", [1, 2, 16, 17, T])  # the power blocks' edge cases
+def test_kernel_and_final_state_at_every_length(length):
+    params = [p.detach() for p in _params("inv")]
+    impulse = torch.zeros(1, length, H, dtype=torch.float64)
     impulse[:, 0] = 1.0
     response, _ = s4d_recurrent(impulse, *params[:4], torch.zeros(H, dtype=torch.float64))
-    with torch.no_grad():
-        kernel = s4d_kernel(s4d_modes(*params[:4], dtype=torch.float64), T)  # (H, T)
-    torch.testing.assert_close(kernel.T, response[0].detach(), rtol=0, atol=1e-13)
+    kernel = s4d_kernel(s4d_modes(*params[:4], dtype=torch.float64), length)  # (H, length)
+    torch.testing.assert_close(kernel.T, response[0], rtol=0, atol=1e-13)
+    u = torch.randn(B, length, H, dtype=torch.float64)
+    _, state = s4d_recurrent(u, *params)
+    torch.testing.assert_close(s4d_final_state(u, *params[:4]), state, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("init", ["lin", "inv"])

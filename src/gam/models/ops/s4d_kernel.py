@@ -17,12 +17,14 @@ convolution with the kernel (a Vandermonde product)::
     K_l = 2 Re sum_n C_n gain_n decay_n^l = 2 Re sum_n C_n gain_n exp(dt A_n l),  l = 0..T-1
 
 - ``s4d_conv``: the training path. The kernel for the input's length T (cost O(H N T), no
-  batch dimension), then the convolution by FFT: both zero-padded to 2T so that the circular
-  convolution is the linear (causal) one on its first T outputs, O(T log T) per channel.
+  batch dimension; decay^l is factored as decay^(b j) decay^i with b ~ sqrt(T), so that the
+  kernel is two matmuls over the modes and no (H, N/2, T) tensor is built), then the
+  convolution by FFT: both zero-padded to 2T so that the circular convolution is the linear
+  (causal) one on its first T outputs, O(T log T) per channel.
 - ``s4d_recurrent``: the recurrence above token by token, the specification the FFT path is
   tested against (values and gradients, float64).
 - ``s4d_step``: one token, for cached decoding; ``s4d_final_state`` the state after a whole
-  prompt (what prefill hands to the first step), from the same Vandermonde matrix as the kernel.
+  prompt (what prefill hands to the first step), from the same factored powers as the kernel.
 
 Layout: u (B, T, H) as the blocks' (B, T, C); parameters log_dt (H,), log_A_real and A_imag
 (H, N/2), C (H, N/2, 2) (real and imaginary parts, so that the parameter is real: optimizers,
@@ -38,6 +40,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 INITS = ("lin", "inv")
 
@@ -94,16 +97,36 @@ def s4d_modes(log_dt: torch.Tensor, log_A_real: torch.Tensor, A_imag: torch.Tens
     return S4DModes(dtA, gain, torch.view_as_complex(C.to(dtype).contiguous()))
 
 
-def _vandermonde(log_decay: torch.Tensor, length: int) -> torch.Tensor:
-    """decay^l = exp(dt A l) for l = 0..length-1: (H, N/2, length) complex."""
-    steps = torch.arange(length, device=log_decay.device, dtype=log_decay.real.dtype)
-    return torch.exp(log_decay[..., None] * steps)
+class _PowerBlocks(NamedTuple):
+    """decay^l for l = 0..length-1 as two small factors, l = block * j + i:
+    ``outer`` (H, J, N/2) = decay^(block j) and ``inner`` (H, N/2, block) = decay^i, with
+    block = ceil(sqrt(length)) and J = ceil(length / block). decay^l is their product, so the
+    (H, N/2, length) Vandermonde matrix is never materialised: the kernel and the prefill state
+    become matmuls over the modes, with H N/2 (J + block) complex exponentials instead of
+    H N/2 length (each factor is one exp, so decay^l stays exact to a few ulps)."""
+
+    outer: torch.Tensor
+    inner: torch.Tensor
+
+
+def _power_blocks(log_decay: torch.Tensor, length: int) -> _PowerBlocks:
+    block = math.isqrt(length - 1) + 1 if length > 1 else 1  # ceil(sqrt(length))
+    n_blocks = -(-length // block)
+    real = log_decay.real.dtype
+    i = torch.arange(block, device=log_decay.device, dtype=real)
+    j = torch.arange(n_blocks, device=log_decay.device, dtype=real) * block
+    outer = torch.exp(log_decay[:, None, :] * j[:, None])  # (H, J, N/2)
+    inner = torch.exp(log_decay[..., None] * i)  # (H, N/2, block)
+    return _PowerBlocks(outer, inner)
 
 
 def s4d_kernel(modes: S4DModes, length: int) -> torch.Tensor:
     """K_l = 2 Re sum_n C_n gain_n decay_n^l for l < length: (H, length) real."""
-    coef = modes.output * modes.gain  # (H, N/2)
-    return 2 * torch.einsum("hn,hnl->hl", coef, _vandermonde(modes.log_decay, length)).real
+    powers = _power_blocks(modes.log_decay, length)
+    coef = (modes.output * modes.gain)[:, None, :] * powers.outer  # (H, J, N/2)
+    # 2 Re(coef @ inner), the real part taken before the product: two real matmuls
+    kernel = 2 * (coef.real @ powers.inner.real - coef.imag @ powers.inner.imag)  # (H, J, block)
+    return kernel.flatten(1)[:, :length]
 
 
 def fft_causal_conv(u: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -187,10 +210,16 @@ def s4d_recurrent(u: torch.Tensor, log_dt: torch.Tensor, log_A_real: torch.Tenso
 def s4d_final_state(u: torch.Tensor, log_dt: torch.Tensor, log_A_real: torch.Tensor,
                     A_imag: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """The state after the last token of u (B, T, H), from zeros, in closed form:
-    x_T = sum_l decay^l gain u_{T-1-l}: (B, H, N/2) complex."""
+    x_T = gain sum_l decay^l u_{T-1-l}: (B, H, N/2) complex."""
     dtype = compute_dtype(u)
     with torch.autocast(device_type=u.device.type, enabled=False):
         modes = s4d_modes(log_dt, log_A_real, A_imag, C, dtype)
-        powers = _vandermonde(modes.log_decay, u.shape[1])  # (H, N/2, T)
-        newest_first = u.to(dtype).flip(1).to(modes.gain.dtype)  # (B, T, H)
-        return modes.gain * torch.einsum("bth,hnt->bhn", newest_first, powers)
+        powers = _power_blocks(modes.log_decay, u.shape[1])
+        n_blocks, block = powers.outer.shape[1], powers.inner.shape[2]
+        newest_first = u.to(dtype).flip(1).transpose(1, 2)  # (B, H, T), lag l at index l
+        lags = F.pad(newest_first, (0, n_blocks * block - u.shape[1]))  # zeros: before 0
+        lags = lags.unflatten(-1, (n_blocks, block))  # (B, H, J, block)
+        # sum over i of decay^i u_(lag block j + i), then over j of decay^(block j)
+        within = torch.complex(torch.einsum("bhji,hni->bhjn", lags, powers.inner.real),
+                               torch.einsum("bhji,hni->bhjn", lags, powers.inner.imag))
+        return modes.gain * torch.einsum("hjn,bhjn->bhn", powers.outer, within)

@@ -109,14 +109,21 @@ class _PowerBlocks(NamedTuple):
     inner: torch.Tensor
 
 
+def _complex_exp(z: torch.Tensor) -> torch.Tensor:
+    """exp(z) = exp(Re z) (cos Im z + i sin Im z) from real element-wise ops, which are
+    vectorised on CPU where torch's complex exp is not (3-5x faster there)."""
+    magnitude = torch.exp(z.real)
+    return torch.complex(magnitude * torch.cos(z.imag), magnitude * torch.sin(z.imag))
+
+
 def _power_blocks(log_decay: torch.Tensor, length: int) -> _PowerBlocks:
     block = math.isqrt(length - 1) + 1 if length > 1 else 1  # ceil(sqrt(length))
     n_blocks = -(-length // block)
     real = log_decay.real.dtype
     i = torch.arange(block, device=log_decay.device, dtype=real)
     j = torch.arange(n_blocks, device=log_decay.device, dtype=real) * block
-    outer = torch.exp(log_decay[:, None, :] * j[:, None])  # (H, J, N/2)
-    inner = torch.exp(log_decay[..., None] * i)  # (H, N/2, block)
+    outer = _complex_exp(log_decay[:, None, :] * j[:, None])  # (H, J, N/2)
+    inner = _complex_exp(log_decay[..., None] * i)  # (H, N/2, block)
     return _PowerBlocks(outer, inner)
 
 

@@ -35,7 +35,7 @@ def test_block_interface(name):
     if block_gate_paths(block):  # one gate chunk per path
         assert block.gate.out_features == len(block_gate_paths(block)) * c.d_model
     flops = block_mixing_flops(block, 64)
-    kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}}.get(name)
+    kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}, "s4d": {"ssm"}}.get(name)
     if kinds is None:
         kinds = ({"memory", "delta"} if name.startswith("gam-delta") else {"memory"}
                  if name.startswith("gam") else {"attention"} if name.startswith("transformer")

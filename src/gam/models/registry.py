@@ -4,7 +4,9 @@ Names: gam, gam-global-only, gam-local-only, gam-sum (paper Table 3), transforme
 transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack), and
 gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
-and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size).
+and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size),
+and s4d (S4D, diagonal state space layers trained by FFT convolution; N = 256 by default, GAM's
+parameter count at paper size).
 
 Presets fix the sizes shared by all families:
 
@@ -26,6 +28,7 @@ from gam.models.gam import GAMLM, GAMConfig
 from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM
+from gam.models.s4d import S4DLM, S4DConfig
 from gam.models.transformer import TransformerConfig, TransformerLM
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -66,6 +69,8 @@ MODELS: dict[str, ModelSpec] = {
     # at the other presets it is not a match)
     "gam-delta-matched": ModelSpec(GAMDeltaConfig, GAMDeltaLM,
                                    dict(ffn_mult=2, delta_head_dim=96)),
+    # paper size: 22,462,464 parameters (N = 256, S4D-Lin), GAM's 22,599,680 - 0.6%
+    "s4d": ModelSpec(S4DConfig, S4DLM, {}),
 }
 
 
@@ -126,6 +131,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def receptive_field(model_or_config: CausalLM | LMConfig) -> int:
     """Tokens (the current one included) that can influence a position's logits
-    (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba
-    and GAM-Delta the whole context (max_seq_len)."""
+    (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba,
+    GAM-Delta and S4D the whole context (max_seq_len)."""
     return model_or_config.receptive_field

@@ -4,7 +4,9 @@ Names: gam, gam-global-only, gam-local-only, gam-sum (paper Table 3), transforme
 transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack), and
 gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
-and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size).
+and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size),
+and rwkv7 (RWKV-7 "Goose", issue 25: heads of d_model / n_heads, channel mix of hidden 3d for
+GAM's parameter count at paper size).
 
 Presets fix the sizes shared by all families:
 
@@ -26,6 +28,7 @@ from gam.models.gam import GAMLM, GAMConfig
 from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM
+from gam.models.rwkv7 import RWKV7LM, RWKV7Config
 from gam.models.transformer import TransformerConfig, TransformerLM
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -66,6 +69,9 @@ MODELS: dict[str, ModelSpec] = {
     # at the other presets it is not a match)
     "gam-delta-matched": ModelSpec(GAMDeltaConfig, GAMDeltaLM,
                                    dict(ffn_mult=2, delta_head_dim=96)),
+    # paper size: 22,055,424 parameters, GAM's - 2.4% (8 heads of 64; hidden 3d, the paper's
+    # is 4d: 25,201,152)
+    "rwkv7": ModelSpec(RWKV7Config, RWKV7LM, dict(ffn_mult=3)),
 }
 
 
@@ -126,6 +132,6 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 def receptive_field(model_or_config: CausalLM | LMConfig) -> int:
     """Tokens (the current one included) that can influence a position's logits
-    (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba
-    and GAM-Delta the whole context (max_seq_len)."""
+    (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba,
+    GAM-Delta and RWKV-7 the whole context (max_seq_len)."""
     return model_or_config.receptive_field

@@ -59,21 +59,13 @@ from __future__ import annotations
 
 import torch
 
+# the delta rule's helpers: float32 or more, and a zero (B, H, rows, cols) state whose rows
+# follow the first tensor's last dimension (here v: S is (d_v, d_k))
+from gam.models.ops.delta_rule import _compute_dtype, _initial_state
+
 #: Largest exponent taken in the chunked form, per compute dtype (e^80 ~ 5.5e34 < float32's
 #: 3.4e38, leaving room for the values the factors multiply).
 MAX_EXPONENT = {torch.float32: 80.0, torch.float64: 700.0}
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _initial_state(v: torch.Tensor, k: torch.Tensor, state: torch.Tensor | None,
-                   dtype: torch.dtype) -> torch.Tensor:
-    B, _, H, dv = v.shape
-    if state is None:
-        return v.new_zeros(B, H, dv, k.shape[-1], dtype=dtype)
-    return state.to(dtype)
 
 
 def rwkv7_step(r_t: torch.Tensor, log_decay_t: torch.Tensor, k_t: torch.Tensor,

@@ -31,7 +31,9 @@ that they never need to know a family:
 - ``decode_state_bytes(state)``: bytes of a decode state in use (a preallocated KV cache
   counts its filled part) [every tensor in the state, ``state_nbytes``].
 
-The receptive field is a property of the config (``LMConfig.receptive_field``).
+The receptive field is a property of the config (``LMConfig.receptive_field``). A family
+whose blocks hand each other more than the residual stream (RWKV-7's first-layer values)
+overrides ``CausalLM.forward_blocks`` / ``prefill_blocks`` / ``step_blocks``.
 
 The decode state is family specific (GAM: the last kernel-1 normalised conv inputs; Transformer:
 the KV cache; Mamba: conv inputs and SSM state) and is documented next to each ``step``.

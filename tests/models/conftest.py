@@ -24,3 +24,26 @@ def _logit_dependence(model, T):
 def logit_dependence():
     """``logit_dependence(model, T)``: which input tokens each position's logits depend on."""
     return _logit_dependence
+
+
+def _assert_same_gradients(outputs, references, leaves, rtol, atol):
+    """The gradients of random projections of ``outputs`` and of ``references`` (tensors, the
+    same shapes) with respect to ``leaves`` agree; a leaf neither depends on is None in both."""
+    cotangents = [torch.randn_like(r) for r in references]
+    grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outputs, cotangents,
+                                                                   strict=True)),
+                                leaves, allow_unused=True)
+    grads_ref = torch.autograd.grad(sum((r * c).sum() for r, c in zip(references, cotangents,
+                                                                       strict=True)),
+                                    leaves, allow_unused=True)
+    for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True)):
+        assert (a is None) == (b is None), f"leaf {i}"
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=f"leaf {i}")
+
+
+@pytest.fixture
+def assert_same_gradients():
+    """``assert_same_gradients(outputs, references, leaves, rtol, atol)``: a fast path's
+    gradients equal its reference's."""
+    return _assert_same_gradients

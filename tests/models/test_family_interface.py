@@ -35,7 +35,8 @@ def test_block_interface(name):
     if block_gate_paths(block):  # one gate chunk per path
         assert block.gate.out_features == len(block_gate_paths(block)) * c.d_model
     flops = block_mixing_flops(block, 64)
-    kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}, "s4d": {"ssm"}}.get(name)
+    kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}, "s4d": {"ssm"},
+             "rwkv7": {"recurrence"}}.get(name)
     if kinds is None:
         kinds = ({"memory", "delta"} if name.startswith("gam-delta") else {"memory"}
                  if name.startswith("gam") else {"attention"} if name.startswith("transformer")
@@ -49,6 +50,11 @@ def test_block_interface(name):
         halved = block_mixing_flops(block, 64, causal_halved=True)["delta"]
         H, d, C = block.delta.n_heads, block.delta.head_dim, min(c.delta_chunk_size, 64)
         assert flops["delta"] - halved == H * 5 * C * d
+    if "recurrence" in flops:  # RWKV-7's nine chunk products are triangular; the state ones not
+        halved = block_mixing_flops(block, 64, causal_halved=True)["recurrence"]
+        H, N, C = c.n_heads, c.head_size, min(c.chunk_size, 64)
+        assert flops["recurrence"] - halved == H * 9 * C * N
+        assert halved == H * (9 * C * N + 8 * N * N)
     with torch.no_grad():
         _, cache = model.prefill(torch.randint(0, c.vocab_size, (2, 5)))
     state = cache.layers[0]

@@ -6,7 +6,8 @@ gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13)
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
 and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size),
 and s4d (S4D, diagonal state space layers trained by FFT convolution; N = 256 by default, GAM's
-parameter count at paper size).
+parameter count at paper size), rwkv7 (RWKV-7 "Goose", issue 25: heads of d_model / n_heads,
+channel mix of hidden 3d for GAM's parameter count at paper size).
 
 Presets fix the sizes shared by all families:
 
@@ -28,6 +29,7 @@ from gam.models.gam import GAMLM, GAMConfig
 from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM
+from gam.models.rwkv7 import RWKV7LM, RWKV7Config
 from gam.models.s4d import S4DLM, S4DConfig
 from gam.models.transformer import TransformerConfig, TransformerLM
 
@@ -71,6 +73,9 @@ MODELS: dict[str, ModelSpec] = {
                                    dict(ffn_mult=2, delta_head_dim=96)),
     # paper size: 22,462,464 parameters (N = 256, S4D-Lin), GAM's 22,599,680 - 0.6%
     "s4d": ModelSpec(S4DConfig, S4DLM, {}),
+    # paper size: 22,055,424 parameters, GAM's - 2.4% (8 heads of 64; hidden 3d, the paper's
+    # is 4d: 25,201,152)
+    "rwkv7": ModelSpec(RWKV7Config, RWKV7LM, dict(ffn_mult=3)),
 }
 
 
@@ -132,5 +137,5 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def receptive_field(model_or_config: CausalLM | LMConfig) -> int:
     """Tokens (the current one included) that can influence a position's logits
     (``LMConfig.receptive_field``): for GAM 1 + n_layers * (kernel - 1); for attention, Mamba,
-    GAM-Delta and S4D the whole context (max_seq_len)."""
+    GAM-Delta, S4D and RWKV-7 the whole context (max_seq_len)."""
     return model_or_config.receptive_field

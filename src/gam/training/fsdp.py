@@ -23,10 +23,13 @@ the model is then not sharded, but the checkpoints keep this format).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -97,7 +100,8 @@ def save_sharded_checkpoint(run_dir: Path, model: torch.nn.Module,
 
     def write_shards(folder: Path) -> None:
         shards = folder / SHARDED
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=shards)
+        _in_all_processes(dcp.save, {"model": model_state, "optimizer": optimizer_state},
+                          shards)
         _fsync_dir(shards)
 
     if ctx.is_main:
@@ -123,7 +127,8 @@ def load_sharded_into(ckpt: LoadedCheckpoint, model: torch.nn.Module,
                               f"({shards / '.metadata'} does not exist)")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     try:
-        dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=shards)
+        _in_all_processes(dcp.load, {"model": model_state, "optimizer": optimizer_state},
+                          shards)
         set_state_dict(model, optimizer, model_state_dict=model_state,
                        optim_state_dict=optimizer_state)
         if scheduler is not None and ckpt.scheduler is not None:
@@ -131,6 +136,16 @@ def load_sharded_into(ckpt: LoadedCheckpoint, model: torch.nn.Module,
     except (CheckpointException, KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {shards} is corrupted or does not match the model "
                               f"or optimizer ({_first_line(e)})") from e
+
+
+def _in_all_processes(save_or_load: Callable[..., Any], state: dict[str, Any],
+                      folder: Path) -> None:
+    """``dcp.save`` / ``dcp.load`` of ``state`` in ``folder``, by every process (one process
+    without a process group: DCP then warns at every call that it assumes so, which it may)."""
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        save_or_load(state, checkpoint_id=folder, no_dist=single)
 
 
 def _first_line(e: BaseException) -> str:

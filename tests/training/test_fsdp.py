@@ -90,8 +90,10 @@ def fsdp_run(tmp_path_factory, data_dir, tiny_args, gam_subprocess):
     """A finished two-process FSDP run (2 micro-batches per step) and the one-process run of
     the same settings."""
     root = tmp_path_factory.mktemp("fsdp")
+    # 59 validation blocks, 30 on rank 0 and 29 on rank 1: in batches of 29, rank 1 has one
+    # batch fewer and must still take part in rank 0's second forward
     extra = ("--max-steps", "5", "--dropout", "0", "--save-every", "2", "--eval-every", "3",
-             "--device", "cpu", "--threads", "1")
+             "--eval-batch-size", "29", "--device", "cpu", "--threads", "1")
     single = root / "single"
     one = gam_subprocess(tiny_args(data_dir, single, *extra))
     assert one.returncode == 0, one.stderr
@@ -119,6 +121,8 @@ def test_fsdp_follows_the_single_process_losses(fsdp_run):
     # other batches than the single process's, those of the per-process batch size)
     layers = lambda run: [len(r["gates"]) for r in read_metrics(run, kind="eval")]  # noqa: E731
     assert layers(sharded) == layers(single) and min(layers(single)) > 0
+    tokens = lambda run: [r["val_tokens"] for r in read_metrics(run, kind="eval")]  # noqa: E731
+    assert tokens(sharded) == tokens(single)
 
 
 def test_fsdp_checkpoint_is_sharded_with_the_whole_model_beside(fsdp_run):
@@ -217,9 +221,11 @@ def test_fsdp_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, g
     checkpoint_step = load_checkpoint(find_checkpoint(killed)).state.step
     assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0
 
+    (killed / "model.safetensors").unlink()  # rewritten from the gathered checkpoint weights
     resumed = gam_subprocess([*TORCHRUN, "train", "--resume", str(killed), "--quiet"],
                              module=False, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert "model.safetensors" in resumed.stderr and "they were missing" in resumed.stderr
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["resumed_from"] == checkpoint_step and summary["step"] == steps
     # same process count, same threads, restored RNG of each rank (dropout on): bit for bit

@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,20 +66,6 @@ def _kill_tree(pid: int) -> None:
             os.kill(member, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def _max_step(run: Path) -> int:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = [0]
-    for line in lines:
-        try:
-            steps.append(int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, ValueError):
-            pass  # a line being written
-    return max(steps)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +174,8 @@ def test_fsdp_fp16_is_refused():
 
 
 @needs_proc
-def test_fsdp_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_subprocess):
+def test_fsdp_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_subprocess,
+                                                kill_at_step):
     steps = 10
     extra = ("--max-steps", str(steps), "--save-every", "3", "--eval-every", "7",
              "--dropout", "0.1", "--device", "cpu", "--threads", "1", "--strategy", "fsdp")
@@ -201,22 +185,9 @@ def test_fsdp_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, g
     assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    deadline = time.monotonic() + 240
-    with subprocess.Popen([sys.executable, *TORCHRUN, *tiny_args(data_dir, killed, *extra)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
-        try:
-            while _max_step(killed) < 4:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "the run did not reach step 4"
-                time.sleep(0.01)
-            _kill_tree(proc.pid)  # torchrun and both ranks, as a machine failure would
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                _kill_tree(proc.pid)
-                proc.wait()
-    reached = _max_step(killed)
+    # torchrun and both ranks, as a machine failure would
+    _, reached = kill_at_step([*TORCHRUN, *tiny_args(data_dir, killed, *extra)], killed, 4,
+                              lambda proc: _kill_tree(proc.pid))
     assert reached < steps, "the run finished before it could be killed"
     checkpoint_step = load_checkpoint(find_checkpoint(killed)).state.step
     assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0

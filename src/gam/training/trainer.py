@@ -15,6 +15,9 @@ resumed run unless ``--threads`` says otherwise (a different count reorders floa
 ``metrics.jsonl`` is cut back to the checkpoint's step first, so the records of steps redone
 after the kill are not duplicated.
 
+``--strategy fsdp`` shards the model before the optimizer is built and saves sharded
+checkpoints (see ``gam.training.fsdp``); the loop is otherwise the same.
+
 A NaN/inf loss or gradient norm stops training before the optimizer step: nothing is saved
 over the last good checkpoint, a ``diverged`` record is logged and ``TrainingDivergedError``
 is raised (the CLI exits with status 3).

@@ -104,7 +104,10 @@ a run's model.safetensors / model.json that are missing or corrupted are rewritt
 checkpoint.
 
 multi-process: torchrun --nproc-per-node N -m gam train ... (DDP; gloo on CPU, nccl on GPU;
---batch-size stays the global batch and must be divisible by N * --grad-accum).
+--batch-size stays the global batch and must be divisible by N * --grad-accum). With
+--strategy fsdp the parameters, gradients and optimizer state are sharded over the processes
+(FSDP2) and the checkpoints too (torch.distributed.checkpoint, beside the whole
+model.safetensors).
 """)
 _RECIPE = TrainConfig()
 TRAIN_EPILOG = _TRAIN_EPILOG.format(**{

@@ -9,9 +9,12 @@ there is none.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,6 +54,51 @@ def run_gam(args: list[str], timeout: float = 240, env: dict[str, str | None] | 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _max_logged_step(run: Path) -> int:
+    """The highest step in ``run``'s metrics.jsonl so far (0 before any; a line being written is
+    skipped)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    best = 0
+    for line in lines:
+        try:
+            best = max(best, int(json.loads(line).get("step", 0)))
+        except (json.JSONDecodeError, ValueError):
+            pass
+    return best
+
+
+def run_and_kill_at_step(args: list[str], run: Path, step: int,
+                         kill: Callable[[subprocess.Popen], None], timeout: float = 240
+                         ) -> tuple[int, int]:
+    """Run ``python ARGS`` (training into ``run``), ``kill(process)`` once it has logged
+    ``step``; return its exit status and the highest step it logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, env=env) as proc:
+        try:
+            while _max_logged_step(run) < step:
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, f"the run did not reach step {step}"
+                time.sleep(0.01)
+            kill(proc)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                kill(proc)
+                proc.wait()
+    return proc.returncode, _max_logged_step(run)
+
+
+@pytest.fixture(scope="session")
+def kill_at_step():
+    """``kill_at_step(args, run, step, kill)``: :func:`run_and_kill_at_step`."""
+    return run_and_kill_at_step
 
 
 @pytest.fixture(scope="session")

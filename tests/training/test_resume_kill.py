@@ -4,11 +4,7 @@ per-step losses bit for bit (CPU, dropout on)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,21 +23,8 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def _max_step(run: Path) -> int:
-    try:
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    best = 0
-    for line in lines:
-        try:
-            best = max(best, int(json.loads(line).get("step", 0)))
-        except (json.JSONDecodeError, ValueError):
-            pass
-    return best
-
-
-def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_subprocess):
+def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_subprocess,
+                                           kill_at_step):
     extra = ("--max-steps", str(STEPS), "--save-every", "3", "--eval-every", "7",
              "--dropout", "0.1", "--batch-size", "16", "--threads", "1")
     full = tmp_path / "uninterrupted"
@@ -49,23 +32,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_su
     assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    deadline = time.monotonic() + 180
-    with subprocess.Popen([sys.executable, "-m", "gam", *tiny_args(data_dir, killed, *extra)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env) as proc:
-        try:
-            while _max_step(killed) < 5:
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "the run did not reach step 5"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    reached = _max_step(killed)
+    status, reached = kill_at_step(["-m", "gam", *tiny_args(data_dir, killed, *extra)], killed,
+                                   5, lambda proc: proc.send_signal(signal.SIGKILL))
+    assert status == -signal.SIGKILL
     assert reached < STEPS, "the run finished before it could be killed"
     checkpoint_step = load_checkpoint(find_checkpoint(killed)).state.step
     assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0

@@ -9,6 +9,7 @@ Layout of ``RUN_DIR/checkpoint/``::
         rng.pt                   torch / CUDA / numpy / python RNG states of every rank
         state.json               data position and counters, and the run's settings as they
                                  were used (TrainingState)
+        sharded/                 FSDP runs only: model + optimizer, sharded (gam.training.fsdp)
 
 ``latest.json``'s ``"dir"`` must be a plain folder name inside ``checkpoint/`` (a path
 leading elsewhere, e.g. into another run, is refused); ``state.json`` is checked field by field
@@ -30,6 +31,7 @@ import pickle
 import random
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -146,10 +148,14 @@ def _torch_save_synced(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: TrainingState, rng_states: list[dict[str, Any]],
-                    scaler: Any = None) -> Path:
-    """Write a new checkpoint atomically and make it the latest; returns its folder."""
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any, state: TrainingState,
+                    rng_states: list[dict[str, Any]], scaler: Any = None,
+                    write_more: Callable[[Path], None] | None = None) -> Path:
+    """Write a new checkpoint atomically and make it the latest; returns its folder.
+
+    ``write_more(folder)`` writes further files into the (still temporary) folder, e.g. the
+    sharded model and optimizer of an FSDP run (``optimizer`` None: they are there)."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     remove_interrupted_writes(root, (LATEST,))
@@ -157,8 +163,10 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, optimizer: torc
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
     try:
+        if write_more is not None:
+            write_more(tmp)
         save_weights(model, tmp / WEIGHTS)
-        _torch_save_synced({"optimizer": optimizer.state_dict(),
+        _torch_save_synced({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
                             "scaler": scaler.state_dict() if scaler is not None else None},
                            tmp / OPTIMIZER)

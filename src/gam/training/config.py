@@ -34,6 +34,7 @@ from gam.training.argtypes import (
 
 DTYPES = ("fp32", "bf16", "fp16")
 DECAY_FILTERS = ("all", "nanogpt")
+STRATEGIES = ("ddp", "fsdp")
 PAPER_VOCAB_SIZE = 10000
 
 
@@ -157,6 +158,13 @@ class TrainConfig:
     seed: int = setting(
         42, help="seed of the init, the data order and dropout (default {default})", type=int,
         group="optimisation")
+    strategy: str = setting(
+        "ddp", help="with several processes (torchrun): ddp (default) keeps a whole copy of the "
+                    "model, gradients and optimizer state on each; fsdp shards them over the "
+                    "processes (FSDP2: each block and the model fully_shard-ed) and saves "
+                    "sharded checkpoints (torch.distributed.checkpoint), which a run may resume "
+                    "with another number of processes",
+        choices=STRATEGIES, group="hardware")
     eval_every: int | None = setting(
         None, help="also evaluate every N steps (default: none; always at each epoch end and "
                    "at the end)",
@@ -216,6 +224,14 @@ class TrainConfig:
         if self.decay_filter not in DECAY_FILTERS:
             raise ValueError(f"decay_filter (--decay-filter) must be one of {DECAY_FILTERS}, "
                              f"got {self.decay_filter!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy (--strategy) must be one of {STRATEGIES}, got "
+                             f"{self.strategy!r}")
+        if self.strategy == "fsdp" and self.dtype == "fp16":
+            # the grad scaler would see only this process's gradient shard when it looks for
+            # inf/nan: the processes could disagree on skipping a step
+            raise ValueError("--dtype fp16 (grad scaler) is not supported with --strategy fsdp; "
+                             "use --dtype bf16")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

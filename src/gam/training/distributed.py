@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from gam.runtime import auto_threads, resolve_device, set_threads
 
-__all__ = ["DistContext", "auto_threads", "init_distributed", "resolve_device", "set_threads",
-           "unwrap_model"]
+__all__ = ["DistContext", "auto_threads", "init_distributed", "is_sharded", "resolve_device",
+           "set_threads", "unwrap_model"]
 
 
 @dataclass
@@ -106,3 +106,11 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Is ``model`` (under DDP / compile wrappers) sharded by FSDP2 (``fully_shard``)? Its every
+    forward then gathers parameters collectively: all ranks must run the same forwards."""
+    from torch.distributed.fsdp import FSDPModule  # imported when first needed: it loads DTensor
+
+    return isinstance(unwrap_model(model), FSDPModule)

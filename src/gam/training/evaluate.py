@@ -20,7 +20,7 @@ from gam.constants import IGNORE_INDEX
 from gam.data import TokenBlocks
 from gam.models.ops.losses import linear_cross_entropy
 from gam.runtime import autocast_context
-from gam.training.distributed import DistContext, unwrap_model
+from gam.training.distributed import DistContext, is_sharded, unwrap_model
 
 __all__ = ["autocast_context", "evaluate", "first_batches", "token_loss_sum"]
 
@@ -42,10 +42,19 @@ def evaluate(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, seq_len: in
     blocks = TokenBlocks(ids, seq_len, drop_last=False)
     mine = list(range(rank, len(blocks), world))
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    starts: list[int | None] = list(range(0, len(mine), batch_size))
+    if is_sharded(base):
+        # every forward gathers the weights from all ranks: a rank with fewer batches (rank 0
+        # has the most blocks) runs discarded ones to keep in step
+        most = -(-len(range(0, len(blocks), world)) // batch_size)
+        starts += [None] * (most - len(starts))
     was_training = base.training
     base.eval()
     try:
-        for start in range(0, len(mine), batch_size):
+        for start in starts:
+            if start is None:
+                token_loss_sum(base, *(t[None].to(device) for t in blocks[0]))
+                continue
             items = [blocks[i] for i in mine[start:start + batch_size]]
             x = torch.stack([it[0] for it in items]).to(device)
             y = torch.stack([it[1] for it in items]).to(device)

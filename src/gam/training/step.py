@@ -70,7 +70,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (xm, ym) in enumerate(zip(xs, ys, strict=True)):
         last = i == len(xs) - 1
-        no_sync = model.no_sync() if (distributed and not last) else contextlib.nullcontext()
+        # DDP: all-reduce the gradients once, after the last micro-batch; FSDP reduce-scatters
+        # each micro-batch's into the shards (skipping would keep whole gradients on every rank)
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        no_sync = model.no_sync() if (ddp and not last) else contextlib.nullcontext()
         with no_sync:
             with autocast_context(device, dtype):
                 _, loss = model(xm, ym, return_logits=False)

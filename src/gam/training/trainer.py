@@ -15,6 +15,9 @@ resumed run unless ``--threads`` says otherwise (a different count reorders floa
 ``metrics.jsonl`` is cut back to the checkpoint's step first, so the records of steps redone
 after the kill are not duplicated.
 
+``--strategy fsdp`` shards the model before the optimizer is built and saves sharded
+checkpoints (see ``gam.training.fsdp``); the loop is otherwise the same.
+
 A NaN/inf loss or gradient norm stops training before the optimizer step: nothing is saved
 over the last good checkpoint, a ``diverged`` record is logged and ``TrainingDivergedError``
 is raised (the CLI exits with status 3).
@@ -56,8 +59,9 @@ from gam.training.checkpoint import (
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import epoch_loader
 from gam.training.diagnostics import gate_statistics, has_gates
-from gam.training.distributed import DistContext, init_distributed, set_threads
+from gam.training.distributed import DistContext, init_distributed, is_sharded, set_threads
 from gam.training.evaluate import autocast_context, evaluate, first_batches
+from gam.training.fsdp import full_model, load_sharded_into, save_sharded_checkpoint, shard_model
 from gam.training.metrics import (
     MetricsWriter,
     check_metrics,
@@ -246,6 +250,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = ctx.device
         self.model = model_from_config(run.model, plan.model_config).to(self.device)
+        if cfg.strategy == "fsdp":
+            shard_model(self.model, ctx)  # before the optimizer: it holds the shards
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.dtype == "fp16" else None
@@ -284,7 +290,10 @@ class Trainer:
                 f"{self.run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
                 f"steps of --epochs {cfg.epochs} / --max-steps {cfg.max_steps}; give a "
                 f"larger --max-steps or --epochs with --resume")
-        load_into(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
+        if cfg.strategy == "fsdp":
+            load_sharded_into(ckpt, self.model, self.optimizer, self.scheduler)
+        else:
+            load_into(ckpt, self.model, self.optimizer, self.scheduler, self.scaler)
         retargeted_from = None
         if ckpt.state.total_steps != total_steps:
             # --resume --max-steps/--epochs: a new length; the cosine ends there instead
@@ -310,6 +319,8 @@ class Trainer:
         """config.json, tokenizer.json, metrics.jsonl cut back to the checkpoint, repaired model
         files (rank 0)."""
         ctx, run_dir = self.ctx, self.run_dir
+        # FSDP: gathered on rank 0 (every rank takes part)
+        whole = full_model(self.model, ctx) if checkpoint_dir is not None else None
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_interrupted_run_writes(run_dir)
@@ -318,7 +329,7 @@ class Trainer:
                 atomic_write_bytes(run_dir / TOKENIZER_FILE, plan.tokenizer_bytes)
             truncate_metrics(run_dir / METRICS_FILE, self.state.step)
             if checkpoint_dir is not None:
-                repair_saved_model(run_dir, self.model, self.state.step)
+                repair_saved_model(run_dir, whole, self.state.step)
         ctx.barrier()
 
     def _announce(self, plan: RunPlan, threads: int, resumed_from: int | None,
@@ -358,7 +369,7 @@ class Trainer:
         train_model: torch.nn.Module = model
         if cfg.compile:
             train_model = torch.compile(train_model)
-        if ctx.enabled:
+        if ctx.enabled and not is_sharded(model):
             train_model = torch.nn.parallel.DistributedDataParallel(
                 train_model, device_ids=[self.device.index] if self.device.type == "cuda"
                 else None)
@@ -473,7 +484,9 @@ class Trainer:
             "tokens_per_s": state.epoch_tokens / max(state.epoch_train_time, 1e-9),
             "train_time_s": state.total_train_time,
         }
-        if ctx.is_main and cfg.gate_stat_batches and has_gates(self.model):
+        # a sharded model's forward is collective: then every rank computes them
+        if (ctx.is_main or is_sharded(self.model)) and cfg.gate_stat_batches \
+                and has_gates(self.model):
             batches = first_batches(self.val_ids, self.seq_len, self.eval_batch_size,
                                     cfg.gate_stat_batches)
             with autocast_context(self.device, cfg.dtype):
@@ -490,6 +503,10 @@ class Trainer:
     def _save(self) -> None:
         ctx = self.ctx
         rng_states = ctx.all_gather_objects(capture_rng_state())
+        if self.run_config.train.strategy == "fsdp":
+            save_sharded_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler,
+                                    self.state, rng_states, ctx)
+            return
         if ctx.is_main:
             remove_interrupted_run_writes(self.run_dir)
             save_checkpoint(self.run_dir, self.model, self.optimizer, self.scheduler, self.state,

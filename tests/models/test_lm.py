@@ -10,7 +10,8 @@ from gam.models.lm import sample_next_token
 
 HAS_MAMBA = importlib.util.find_spec("gam.models.mamba") is not None
 FAMILIES = ["gam", "gam-global-only", "gam-sum", "gam-local-only", "transformer",
-            "transformer-naive", "gam-delta"] + (["mamba", "mamba-paper"] if HAS_MAMBA else [])
+            "transformer-naive", "transformer-pp", "gam-delta"] + (
+                ["mamba", "mamba-paper"] if HAS_MAMBA else [])
 
 
 def _model(name, **overrides):

@@ -1,6 +1,7 @@
 """Transformer++ (the Llama recipe): the block against an explicit reference, cached decoding,
 causality, the SwiGLU FFN, no biases, the parameter count, and the end-to-end commands."""
 
+import json
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam import build_model, count_parameters, load_pretrained, receptive_field, save_pretrained
+from gam.cli import main as cli_main
 from gam.models.lm import block_decode_state_bytes
 from gam.models.ops.rotary import apply_rotary_reference
 from gam.models.registry import model_config
@@ -227,3 +229,34 @@ def test_bf16_autocast_decoding_tracks_the_forward():
 def test_bad_settings_are_one_line_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_model(NAME, "tiny", **kwargs)
+
+
+def test_train_eval_generate_and_the_model_benchmarks_through_the_cli(
+        tmp_path, private_gam_environment, monkeypatch, capsys):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    words = "the cat sat on a mat and dog ran to red blue house".split()
+    rng = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (10,), generator=rng))
+             for _ in range(400)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" .\n".join(lines) + "\n")
+    run, bench = tmp_path / "run", tmp_path / "bench"
+    common = ["--threads", "1", "--device", "cpu"]
+    with private_gam_environment(tmp_path / "cache"):
+        assert cli_main(["train", "--model", NAME, "--preset", "tiny", "--dataset",
+                         f"text:{corpus}", "--batch-size", "4", "--max-steps", "2", "--quiet",
+                         "--out", str(run), *common]) == 0
+        assert json.loads((run / "config.json").read_text())["model"] == NAME
+        assert cli_main(["eval", str(run)]) == 0
+        assert cli_main(["generate", str(run), "--prompt", "the cat", "--max-new-tokens",
+                         "3"]) == 0
+        assert cli_main(["bench", "decode", "--preset", "tiny", "--models", NAME, "--contexts",
+                         "8", "--new-tokens", "2", "--out", str(bench / "decode"),
+                         *common]) == 0
+        assert cli_main(["bench", "recall", "--quick", "--in-process", "--models", NAME,
+                         "--lrs", "3e-3", "--steps", "2", "--out", str(bench / "recall"),
+                         *common]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    for sub in ("decode", "recall"):
+        results = json.loads((bench / sub / "results.json").read_text())
+        assert NAME in json.dumps(results["settings"])

@@ -219,14 +219,18 @@ def test_bf16_autocast_decoding_tracks_the_forward():
     assert (stepped - full[:, 7:]).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_heads=0), "n_heads must be a positive integer, got 0"),
-    (dict(n_heads=5), "d_model 32 is not divisible by n_heads 5"),
-    (dict(n_heads=32), "even head dimension; d_model 32 / n_heads 32 = 1"),
-    (dict(ffn_hidden=0), "ffn_hidden must be a positive integer or None"),
-    (dict(rotary_base=1), "rotary_base must be a number > 1, got 1"),
-])
-def test_bad_settings_are_one_line_errors(kwargs, match):
+BAD_SETTINGS = {  # setting -> the one-line error it must give
+    "n_heads=0": (dict(n_heads=0), "n_heads must be a positive integer, got 0"),
+    "n_heads=5": (dict(n_heads=5), "d_model 32 is not divisible by n_heads 5"),
+    "odd head": (dict(n_heads=32), "even head dimension; d_model 32 / n_heads 32 = 1"),
+    "ffn_hidden=0": (dict(ffn_hidden=0), "ffn_hidden must be a positive integer or None"),
+    "rotary_base=1": (dict(rotary_base=1), "rotary_base must be a number > 1, got 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SETTINGS))
+def test_bad_settings_are_one_line_errors(case):
+    kwargs, match = BAD_SETTINGS[case]
     with pytest.raises(ValueError, match=match):
         build_model(NAME, "tiny", **kwargs)
 

@@ -31,14 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.models.lm import CausalLM, LMConfig, make_norm
-from gam.models.ops.attention import (
-    attention_mixing_flops,
-    kv_cache_append,
-    kv_cache_filled_bytes,
-    kv_cache_from_prefill,
-    merge_heads,
-    split_heads,
-)
+from gam.models.ops import attention
 from gam.models.ops.fused import Dropout
 from gam.models.ops.rotary import ROTARY_BASE, apply_rotary
 
@@ -121,7 +114,8 @@ class RotaryAttention(nn.Module):
     def _heads(self, x: torch.Tensor, start_pos: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, C) at positions start_pos.. -> rotated q, k and v, 3 x (B, H, T, hd)."""
-        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).split(x.shape[-1], -1))
+        q, k, v = (attention.split_heads(t, self.n_heads)
+                   for t in self.qkv(x).split(x.shape[-1], dim=-1))  # 3 x (B, H, T, hd)
         return (apply_rotary(q, start_pos, self.rotary_base),
                 apply_rotary(k, start_pos, self.rotary_base), v)
 
@@ -129,7 +123,7 @@ class RotaryAttention(nn.Module):
         """x (B, T, C) from position 0 -> output (B, T, C), rotated keys and values."""
         q, k, v = self._heads(x, 0)  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
-        return self.proj(merge_heads(y)), k, v
+        return self.proj(attention.merge_heads(y)), k, v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._causal(x)[0]  # (B, T, C)
@@ -138,13 +132,13 @@ class RotaryAttention(nn.Module):
     # {"k": (B, H, T_max, hd) rotated keys, "v": (B, H, T_max, hd), "len": next position}.
     def prefill(self, x: torch.Tensor, max_len: int) -> tuple[torch.Tensor, dict]:
         y, k, v = self._causal(x)  # (B, T, C)
-        return y, kv_cache_from_prefill(k, v, max_len)
+        return y, attention.kv_cache_from_prefill(k, v, max_len)
 
     def step(self, x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
         q, k, v = self._heads(x[:, None], cache["len"])  # (B, H, 1, hd), at position len
-        keys, values = kv_cache_append(cache, k, v)  # (B, H, len, hd)
+        keys, values = attention.kv_cache_append(cache, k, v)  # (B, H, len, hd)
         y = F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, hd), no mask needed
-        return self.proj(merge_heads(y))[:, 0], cache  # (B, C)
+        return self.proj(attention.merge_heads(y))[:, 0], cache  # (B, C)
 
 
 class TransformerPPBlock(nn.Module):
@@ -165,12 +159,12 @@ class TransformerPPBlock(nn.Module):
     def mixing_flops(self, seq_len: int, causal_halved: bool = False) -> dict[str, float]:
         """QK^T and AV, as the Transformer's (``ops.attention.attention_mixing_flops``); the
         rotations are element-wise and, like norms and activations, not counted."""
-        return {"attention": attention_mixing_flops(self.attn.qkv.in_features, seq_len,
-                                                    causal_halved)}
+        return {"attention": attention.attention_mixing_flops(self.attn.qkv.in_features,
+                                                              seq_len, causal_halved)}
 
     def decode_state_bytes(self, state: dict) -> int:
         """The KV cache is preallocated to max_seq_len: count its first ``len`` positions."""
-        return kv_cache_filled_bytes(state)
+        return attention.kv_cache_filled_bytes(state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.resid_dropout(self.attn(self.norm1(x)), x)  # x + dropout(attn), (B, T, C)

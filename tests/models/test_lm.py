@@ -140,7 +140,7 @@ def test_bad_targets_and_sampling_arguments():
         model.generate(idx, -1)
 
 
-@pytest.mark.parametrize("name", ["gam", "transformer", "mamba"])
+@pytest.mark.parametrize("name", ["gam", "transformer", "transformer-pp", "mamba"])
 def test_torch_compile_matches_eager_loss_and_gradients(name):
     """`--compile` works for all three families (inductor on CPU needs a C++ compiler, which
     the Mamba scan kernel needs too)."""

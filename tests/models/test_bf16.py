@@ -29,7 +29,7 @@ def _curve(name: str, dtype: str, steps: int = 40) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("name", ["gam", "transformer", "mamba"])
+@pytest.mark.parametrize("name", ["gam", "transformer", "transformer-pp", "mamba"])
 def test_bf16_loss_curve_tracks_fp32(name):
     fp32, bf16 = _curve(name, "fp32"), _curve(name, "bf16")
     assert fp32[-1] < fp32[0] - 1.0  # the task is learned, so the curves carry information

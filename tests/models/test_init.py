@@ -28,6 +28,7 @@ PAPER_COUNTS = {  # README table, paper preset, init="paper", tied
     "gam": 22_599_680, "gam-global-only": 19_435_520, "gam-sum": 19_447_808,
     "gam-local-only": 17_874_944, "transformer": 24_166_400, "transformer-naive": 24_166_400,
     "mamba": 20_510_720, "mamba-paper": 20_504_576, "s4d": 22_462_464, "rwkv7": 22_055_424,
+    "transformer-pp": 24_394_240,
 }
 
 

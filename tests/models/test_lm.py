@@ -10,8 +10,8 @@ from gam.models.lm import sample_next_token
 
 HAS_MAMBA = importlib.util.find_spec("gam.models.mamba") is not None
 FAMILIES = ["gam", "gam-global-only", "gam-sum", "gam-local-only", "transformer",
-            "transformer-naive", "gam-delta", "s4d", "rwkv7"] + (["mamba", "mamba-paper"]
-                                                                 if HAS_MAMBA else [])
+            "transformer-naive", "transformer-pp", "gam-delta", "s4d", "rwkv7"] + (
+                ["mamba", "mamba-paper"] if HAS_MAMBA else [])
 
 
 def _model(name, **overrides):
@@ -140,7 +140,7 @@ def test_bad_targets_and_sampling_arguments():
         model.generate(idx, -1)
 
 
-@pytest.mark.parametrize("name", ["gam", "transformer", "mamba"])
+@pytest.mark.parametrize("name", ["gam", "transformer", "transformer-pp", "mamba"])
 def test_torch_compile_matches_eager_loss_and_gradients(name):
     """`--compile` works for all three families (inductor on CPU needs a C++ compiler, which
     the Mamba scan kernel needs too)."""

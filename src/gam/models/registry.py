@@ -1,7 +1,8 @@
 """``build_model(name, preset, **overrides)``: the one factory the CLI, benchmarks and tests use.
 
 Names: gam, gam-global-only, gam-local-only, gam-sum (paper Table 3), transformer,
-transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack), and
+transformer-naive, transformer-pp (Transformer++, the Llama recipe: rotary positions, RMSNorm,
+SwiGLU, no biases), mamba (residual stacking), mamba-paper (the paper's bare stack), and
 gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
 and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size),
@@ -32,6 +33,7 @@ from gam.models.mamba import MambaConfig, MambaLM
 from gam.models.rwkv7 import RWKV7LM, RWKV7Config
 from gam.models.s4d import S4DLM, S4DConfig
 from gam.models.transformer import TransformerConfig, TransformerLM
+from gam.models.transformer_pp import TransformerPPConfig, TransformerPPLM
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(vocab_size=10000, max_seq_len=256, d_model=512, n_layers=6, dropout=0.1,
@@ -61,6 +63,8 @@ MODELS: dict[str, ModelSpec] = {
     "gam-local-only": ModelSpec(GAMConfig, GAMLM, dict(use_global=False, use_gate=False)),
     "transformer": ModelSpec(TransformerConfig, TransformerLM, dict(attention="sdpa")),
     "transformer-naive": ModelSpec(TransformerConfig, TransformerLM, dict(attention="naive")),
+    # the Llama recipe: rotary, RMSNorm, SwiGLU (width 1408 at paper size), no biases
+    "transformer-pp": ModelSpec(TransformerPPConfig, TransformerPPLM, {}),
     "mamba": ModelSpec(MambaConfig, MambaLM, dict(stacking="residual")),
     "mamba-paper": ModelSpec(MambaConfig, MambaLM, dict(stacking="paper")),
     # delta heads: the config's default 4 (head dim d_model // 4: 128 / 64 / 8 at the presets)

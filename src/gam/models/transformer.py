@@ -21,6 +21,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.models.ops.attention import (
+    attention_mixing_flops,
+    kv_cache_append,
+    kv_cache_filled_bytes,
+    kv_cache_from_prefill,
+    merge_heads,
+    split_heads,
+)
 from gam.models.ops.fused import Dropout
 
 ATTENTION_KINDS = ("sdpa", "naive")
@@ -65,14 +73,11 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model)
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=-1)  # 3 x (B, T, C)
-        shape = (B, T, self.n_heads, C // self.n_heads)
-        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))  # 3 x (B, H, T, hd)
+        q, k, v = self.qkv(x).split(x.shape[-1], dim=-1)  # 3 x (B, T, C)
+        return tuple(split_heads(t, self.n_heads) for t in (q, k, v))  # 3 x (B, H, T, hd)
 
     def _merge(self, y: torch.Tensor) -> torch.Tensor:
-        B, H, T, hd = y.shape
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * hd))  # (B, T, C)
+        return self.proj(merge_heads(y))  # (B, T, C)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.attn_dropout if self.training else 0.0
@@ -89,23 +94,15 @@ class CausalSelfAttention(nn.Module):
         return self._merge(self._attend(q, k, v))  # (B, T, C)
 
     # Decode state: a KV cache preallocated to max_seq_len, {"k": (B, H, T_max, hd),
-    # "v": (B, H, T_max, hd), "len": tokens stored}.
+    # "v": (B, H, T_max, hd), "len": tokens stored} (ops.attention).
     def prefill(self, x: torch.Tensor, max_len: int) -> tuple[torch.Tensor, dict]:
         q, k, v = self._heads(x)  # (B, H, T, hd)
-        B, H, T, hd = k.shape
-        cache = {"k": k.new_zeros(B, H, max_len, hd), "v": v.new_zeros(B, H, max_len, hd),
-                 "len": T}
-        cache["k"][:, :, :T] = k
-        cache["v"][:, :, :T] = v
+        cache = kv_cache_from_prefill(k, v, max_len)
         return self._merge(self._attend(q, k, v)), cache
 
     def step(self, x: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
         q, k, v = self._heads(x[:, None])  # (B, H, 1, hd)
-        n = cache["len"]
-        cache["k"][:, :, n] = k[:, :, 0]
-        cache["v"][:, :, n] = v[:, :, 0]
-        cache["len"] = n + 1
-        keys, values = cache["k"][:, :, : n + 1], cache["v"][:, :, : n + 1]
+        keys, values = kv_cache_append(cache, k, v)  # (B, H, len, hd)
         y = F.scaled_dot_product_attention(q, keys, values)  # (B, H, 1, hd), no mask needed
         return self._merge(y)[:, 0], cache  # (B, C)
 
@@ -128,15 +125,12 @@ class TransformerBlock(nn.Module):
     def mixing_flops(self, seq_len: int, causal_halved: bool = False) -> dict[str, float]:
         """QK^T and AV: 2 x 2*T*C per token with the full length T (the PaLM / Chinchilla
         convention), or T/2 with ``causal_halved`` (what a causal kernel executes)."""
-        dim = self.attn.qkv.in_features
-        t_eff = seq_len / 2 if causal_halved else seq_len
-        return {"attention": 2 * 2.0 * t_eff * dim}
+        return {"attention": attention_mixing_flops(self.attn.qkv.in_features, seq_len,
+                                                    causal_halved)}
 
     def decode_state_bytes(self, state: dict) -> int:
         """The KV cache is preallocated to max_seq_len: count its first ``len`` positions."""
-        n = int(state["len"])
-        return sum(state[key][..., :n, :].numel() * state[key].element_size()
-                   for key in ("k", "v"))
+        return kv_cache_filled_bytes(state)
 
     def reset_family_parameters(self) -> None:
         pass  # every parameter is in a Linear or a LayerNorm: the scheme covers them all

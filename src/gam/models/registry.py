@@ -4,7 +4,10 @@ Names: gam, gam-global-only, gam-local-only, gam-sum (paper Table 3), transforme
 transformer-naive, mamba (residual stacking), mamba-paper (the paper's bare stack), and
 gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
-and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size).
+and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size);
+gated-deltanet (Gated DeltaNet, Yang et al. ICLR 2025: the pure delta-rule control, 6 heads of
+d_k = 3 d_model / 24 and d_v = 2 d_k, SwiGLU width 3.375 d_model: gam-delta's parameter count at
+paper size) and gated-deltanet-matched (SwiGLU width 1.6875 d_model: GAM's count).
 
 Presets fix the sizes shared by all families:
 
@@ -24,6 +27,7 @@ import torch.nn as nn
 
 from gam.models.gam import GAMLM, GAMConfig
 from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
+from gam.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM
 from gam.models.transformer import TransformerConfig, TransformerLM
@@ -66,6 +70,12 @@ MODELS: dict[str, ModelSpec] = {
     # at the other presets it is not a match)
     "gam-delta-matched": ModelSpec(GAMDeltaConfig, GAMDeltaLM,
                                    dict(ffn_mult=2, delta_head_dim=96)),
+    # 6 heads of d_k 64, d_v 128 at paper size (d_model / 8, 2 d_k); SwiGLU width 1728:
+    # 30,563,656 parameters, gam-delta's 30,529,328 + 0.11%
+    "gated-deltanet": ModelSpec(GatedDeltaNetConfig, GatedDeltaNetLM, {}),
+    # the same mixer, SwiGLU width 864: 22,601,032, GAM's 22,599,680 + 0.01%
+    "gated-deltanet-matched": ModelSpec(GatedDeltaNetConfig, GatedDeltaNetLM,
+                                        dict(mlp_ratio=1.6875)),
 }
 
 

@@ -234,3 +234,20 @@ def test_tiny_model_trains_and_bf16_is_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_train_eval_generate_and_bench_through_the_cli(tmp_path, data_dir):
+    from gam.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "gated-deltanet-matched", "--preset", "tiny",
+                 "--dataset", "wikitext2", "--data-dir", str(data_dir), "--max-train-rows", "100",
+                 "--max-val-rows", "20", "--vocab-size", "300", "--batch-size", "4",
+                 "--max-steps", "2", "--quiet", "--threads", "1", "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--data-dir", str(data_dir), "--max-val-rows", "20",
+                 "--threads", "1", "--quiet"]) == 0
+    assert main(["generate", str(run), "--prompt", "The", "--max-new-tokens", "4",
+                 "--threads", "1"]) == 0
+    assert main(["bench", "throughput", "--out", str(tmp_path / "tp"), "--models", *NAMES,
+                 "--preset", "tiny", "--seq-len", "32", "--steps", "1", "--warmup", "0",
+                 "--batch-size", "2", "--threads", "1"]) == 0

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from gam.models.gam import GAMConfig, add_gam_paths
 from gam.models.lm import CausalLM, FeedForward
 from gam.models.ops.conv import causal_depthwise_conv
-from gam.models.ops.delta_memory import DELTA_IMPLS, DeltaRuleMemory
+from gam.models.ops.delta_memory import DeltaRuleMemory, check_delta_settings
 from gam.models.ops.fused import gated_residual, gated_residual_reference
 from gam.models.ops.memory_retrieval import (
     memory_bank_flops,
@@ -68,18 +68,10 @@ class GAMDeltaConfig(GAMConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("delta_heads", "delta_conv_size", "delta_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        d = self.delta_head_dim
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
-            raise ValueError(f"delta_head_dim must be an integer >= 1 or None, got {d!r}")
-        if d is None and self.d_model % self.delta_heads:
+        check_delta_settings(self, ("delta_heads", "delta_conv_size", "delta_chunk_size"))
+        if self.delta_head_dim is None and self.d_model % self.delta_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by delta_heads "
                              f"{self.delta_heads}; set delta_head_dim")
-        if self.delta_impl not in DELTA_IMPLS:
-            raise ValueError(f"delta_impl must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
         if not isinstance(self.use_delta_decay, bool):
             raise ValueError(f"use_delta_decay must be a bool, got {self.use_delta_decay!r}")
 

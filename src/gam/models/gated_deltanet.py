@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from gam.models.lm import CausalLM, LMConfig, SwiGLU, make_norm
-from gam.models.ops.delta_memory import DELTA_IMPLS, DeltaRuleMemory
+from gam.models.ops.delta_memory import DeltaRuleMemory, check_delta_settings
 from gam.models.ops.fused import Dropout
 
 DEFAULT_MLP_RATIO = 3.375  # 1728 at d 512: gam-delta's parameter count (docs/design.md)
@@ -63,18 +63,11 @@ class GatedDeltaNetConfig(LMConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("delta_heads", "expand_v", "delta_conv_size", "delta_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        d = self.delta_head_dim
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
-            raise ValueError(f"delta_head_dim must be an integer >= 1 or None, got {d!r}")
-        if d is None and (3 * self.d_model) % (4 * self.delta_heads):
+        check_delta_settings(self, ("delta_heads", "expand_v", "delta_conv_size",
+                                    "delta_chunk_size"))
+        if self.delta_head_dim is None and (3 * self.d_model) % (4 * self.delta_heads):
             raise ValueError(f"3/4 of d_model {self.d_model} is not divisible by delta_heads "
                              f"{self.delta_heads}; set delta_head_dim")
-        if self.delta_impl not in DELTA_IMPLS:
-            raise ValueError(f"delta_impl must be one of {DELTA_IMPLS}, got {self.delta_impl!r}")
         r = self.mlp_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not round(r * self.d_model):
             raise ValueError(f"mlp_ratio must be a number with round(mlp_ratio * d_model) >= 1, "

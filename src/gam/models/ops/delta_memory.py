@@ -20,6 +20,7 @@ The rule itself is ``gam.models.ops.delta_rule``; the convs ``gam.models.ops.con
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,21 @@ from gam.models.ops.conv import causal_conv_silu, causal_depthwise_conv
 from gam.models.ops.delta_rule import delta_rule_chunked, delta_rule_recurrent, delta_rule_step
 
 DELTA_IMPLS = ("chunked", "recurrent")
+
+
+def check_delta_settings(config: Any, int_fields: tuple[str, ...]) -> None:
+    """One-line ValueError for the first bad delta-path field of a family config: the
+    ``int_fields`` must be integers >= 1, ``delta_head_dim`` one or None, ``delta_impl`` one of
+    ``DELTA_IMPLS``."""
+    for name in int_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    d = config.delta_head_dim
+    if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+        raise ValueError(f"delta_head_dim must be an integer >= 1 or None, got {d!r}")
+    if config.delta_impl not in DELTA_IMPLS:
+        raise ValueError(f"delta_impl must be one of {DELTA_IMPLS}, got {config.delta_impl!r}")
 
 
 def float32_or_more(x: torch.Tensor) -> torch.dtype:

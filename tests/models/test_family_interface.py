@@ -37,6 +37,8 @@ def test_block_interface(name):
     flops = block_mixing_flops(block, 64)
     kinds = {"gam-local-only": set(), "gam-delta-no-bank": {"delta"}, "s4d": {"ssm"},
              "rwkv7": {"recurrence"}}.get(name)
+    if name.startswith("gated-deltanet"):
+        kinds = {"delta"}
     if kinds is None:
         kinds = ({"memory", "delta"} if name.startswith("gam-delta") else {"memory"}
                  if name.startswith("gam") else {"attention"} if name.startswith("transformer")
@@ -48,8 +50,9 @@ def test_block_interface(name):
         assert block_mixing_flops(block, 128)["attention"] == 2 * flops["attention"]
     if "delta" in flops:  # the chunk's pairwise products are triangular; the state ones not
         halved = block_mixing_flops(block, 64, causal_halved=True)["delta"]
-        H, d, C = block.delta.n_heads, block.delta.head_dim, min(c.delta_chunk_size, 64)
-        assert flops["delta"] - halved == H * 5 * C * d
+        mem = block.mixer if name.startswith("gated-deltanet") else block.delta
+        H, dk, dv, C = mem.n_heads, mem.head_dim, mem.value_dim, min(c.delta_chunk_size, 64)
+        assert flops["delta"] - halved == H * C * (3 * dk + 2 * dv)
     if "recurrence" in flops:  # RWKV-7's nine chunk products are triangular; the state ones not
         halved = block_mixing_flops(block, 64, causal_halved=True)["recurrence"]
         H, N, C = c.n_heads, c.head_size, min(c.chunk_size, 64)

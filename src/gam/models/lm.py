@@ -216,6 +216,22 @@ class FeedForward(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))), residual)  # (..., C)
 
 
+class SwiGLU(nn.Module):
+    """W2(silu(W1 x) * W3 x) -> dropout, no biases (Llama's MLP; names w1 gate, w3 up, w2
+    down), for the Llama-style families."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """MLP(x), or ``residual + MLP(x)`` with the add fused into the dropout."""
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), residual)  # (..., C)
+
+
 class CausalLM(nn.Module):
     """Decoder-only language model; subclasses implement ``make_block(layer_idx)``."""
 

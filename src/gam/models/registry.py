@@ -5,8 +5,11 @@ transformer-naive, transformer-pp (Transformer++, the Llama recipe: rotary posit
 SwiGLU, no biases), mamba (residual stacking), mamba-paper (the paper's bare stack), and
 gam-delta (GAM plus a gated delta-rule memory written by the sequence, issue 13) with its
 ablations gam-delta-no-bank (no learned memory bank), gam-delta-no-decay (plain delta rule)
-and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size),
-and s4d (S4D, diagonal state space layers trained by FFT convolution; N = 256 by default, GAM's
+and gam-delta-matched (ffn_mult 2 and 4 delta heads of 96: GAM's parameter count at paper size);
+gated-deltanet (Gated DeltaNet, Yang et al. ICLR 2025: the pure delta-rule control, 6 heads of
+d_k = 3 d_model / 24 and d_v = 2 d_k, SwiGLU width 3.375 d_model: gam-delta's parameter count at
+paper size) and gated-deltanet-matched (SwiGLU width 1.6875 d_model: GAM's count);
+s4d (S4D, diagonal state space layers trained by FFT convolution; N = 256 by default, GAM's
 parameter count at paper size), rwkv7 (RWKV-7 "Goose", issue 25: heads of d_model / n_heads,
 channel mix of hidden 3d for GAM's parameter count at paper size).
 
@@ -28,6 +31,7 @@ import torch.nn as nn
 
 from gam.models.gam import GAMLM, GAMConfig
 from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
+from gam.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM
 from gam.models.rwkv7 import RWKV7LM, RWKV7Config
@@ -80,6 +84,12 @@ MODELS: dict[str, ModelSpec] = {
     # paper size: 22,055,424 parameters, GAM's - 2.4% (8 heads of 64; hidden 3d, the paper's
     # is 4d: 25,201,152)
     "rwkv7": ModelSpec(RWKV7Config, RWKV7LM, dict(ffn_mult=3)),
+    # 6 heads of d_k 64, d_v 128 at paper size (d_model / 8, 2 d_k); SwiGLU width 1728:
+    # 30,563,656 parameters, gam-delta's 30,529,328 + 0.11%
+    "gated-deltanet": ModelSpec(GatedDeltaNetConfig, GatedDeltaNetLM, {}),
+    # the same mixer, SwiGLU width 864: 22,601,032, GAM's 22,599,680 + 0.01%
+    "gated-deltanet-matched": ModelSpec(GatedDeltaNetConfig, GatedDeltaNetLM,
+                                        dict(mlp_ratio=1.6875)),
 }
 
 

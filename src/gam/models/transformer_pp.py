@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.lm import CausalLM, LMConfig, make_norm
+from gam.models.lm import CausalLM, LMConfig, SwiGLU, make_norm
 from gam.models.ops import attention
 from gam.models.ops.fused import Dropout
 from gam.models.ops.rotary import ROTARY_BASE, apply_rotary
@@ -84,21 +84,6 @@ class TransformerPPConfig(LMConfig):
         if self.ffn_hidden is not None:
             return self.ffn_hidden
         return swiglu_hidden_size(self.d_model, self.ffn_mult)
-
-
-class SwiGLU(nn.Module):
-    """W2(silu(W1 x) * W3 x) -> dropout, no biases (Llama's names: w1 gate, w3 up, w2 down)."""
-
-    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """FFN(x), or ``residual + FFN(x)`` with the add fused into the dropout."""
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), residual)  # (..., C)
 
 
 class RotaryAttention(nn.Module):

@@ -37,7 +37,13 @@ Equivalently, per token: ``S <- a_t S; u_t = beta_t (v_t - S^T k_t); S <- S + k_
 
 Layout: q, k (B, T, H, d_k), v (B, T, H, d_v), beta and log_decay (B, T, H), state
 (B, H, d_k, d_v). The math runs in float32 (float64 for float64 inputs) with autocast off;
-outputs come back in v's dtype and the state in the compute dtype.
+outputs come back in v's dtype and the state in the compute dtype. One exception: under bf16
+autocast, ``delta_rule_chunked`` runs its big matmuls (K K^T, Q K^T, the WY products T (b V)
+and T (b K e^gamma), the state reads W S, Q S and the write K^T U, and (Q K^T) U) on bf16
+operands (the matmul accumulates in float32; its result is rounded to bf16 and taken back to
+float32), while the decays, the triangular solve, U = U0 - W S and the carried state S stay in
+float32: the bf16 CPU matmul is ~2-3x faster than float32's and these products are most of the
+rule's time. Float64 inputs never take that path.
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _low_precision_matmul_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16 when bf16 autocast is on for x's device and x is not float64, else None."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device):
+        return None
+    return torch.bfloat16 if torch.get_autocast_dtype(device) == torch.bfloat16 else None
 
 
 def _initial_state(q: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None,
@@ -124,6 +138,14 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     dv = v.shape[-1]
     dtype = _compute_dtype(v)
     s = _scale(q, scale)
+    low = _low_precision_matmul_dtype(v)
+
+    def lo(x: torch.Tensor) -> torch.Tensor:  # a matmul operand
+        return x if low is None else x.to(low)
+
+    def hi(x: torch.Tensor) -> torch.Tensor:  # a matmul result, back to the compute dtype
+        return x.to(dtype)
+
     with torch.autocast(device_type=v.device.type, enabled=False):
         S = _initial_state(q, v, initial_state, dtype)
         # (B, H, T, d) head-major so that every matmul below is a plain batched one
@@ -149,27 +171,32 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
                           .masked_fill(~causal, float("-inf")))  # (B, H, N, C, C)
         # strictly lower part of diag(beta) (K K^T * Gamma); the solve takes the unit diagonal
         # as given (unitriangular) and never reads this one
-        A = (k_ @ k_.transpose(-1, -2)) * decay * b_  # (B, H, N, C, C)
+        k_lo = lo(k_)
+        A = hi(k_lo @ k_lo.transpose(-1, -2)) * decay * b_  # (B, H, N, C, C)
         e_gamma = torch.exp(gamma)[..., None]  # (B, H, N, C, 1)
         eye = torch.eye(C, dtype=dtype, device=q.device).expand_as(A)
         # T = (I + A)^-1 itself (C right-hand sides, not d_v + d_k), then two matmuls
         T_ = torch.linalg.solve_triangular(A.tril(-1), eye, upper=False, unitriangular=True)
-        U = T_ @ (v_ * b_)  # T diag(b) V
-        W = T_ @ (k_ * (b_ * e_gamma))  # T diag(b) (K e^gamma)
-        attn = (q_ @ k_.transpose(-1, -2)) * decay  # (B, H, N, C, C), causal incl. diagonal
-        q_decayed = q_ * e_gamma  # reads S_0 through the decay accumulated so far
-        k_decayed = k_ * torch.exp(gamma[..., -1:] - gamma)[..., None]  # decays to chunk end
+        T_lo = lo(T_)
+        U = hi(T_lo @ lo(v_ * b_))  # T diag(b) V
+        W = lo(T_lo @ lo(k_ * (b_ * e_gamma)))  # T diag(b) (K e^gamma), only a matmul operand
+        # (B, H, N, C, C), causal incl. diagonal
+        attn = (lo(q_) @ k_lo.transpose(-1, -2)) * lo(decay)
+        q_decayed = lo(q_ * e_gamma)  # reads S_0 through the decay accumulated so far
+        k_decayed = lo(k_ * torch.exp(gamma[..., -1:] - gamma)[..., None])  # to chunk end
         chunk_decay = torch.exp(gamma[..., -1])[..., None, None]  # (B, H, N, 1, 1)
         # unbind, not U[:, :, n]: the backward of N slices would write N full-size zero
         # gradients (quadratic in N); unbind's is one stack
         starts, us = [], []
         for U_n, W_n, k_n, a_n in zip(U.unbind(2), W.unbind(2), k_decayed.unbind(2),
                                       chunk_decay.unbind(2), strict=True):
-            starts.append(S)
-            u = U_n - W_n @ S  # (B, H, C, d_v), the chunk's u_t given the state before it
-            us.append(u)
-            S = a_n * S + k_n.transpose(-1, -2) @ u  # (B, H, d_k, d_v)
+            S_lo = lo(S)
+            starts.append(S_lo)
+            u = U_n - hi(W_n @ S_lo)  # (B, H, C, d_v), the chunk's u_t given the state before
+            u_lo = lo(u)
+            us.append(u_lo)
+            S = a_n * S + hi(k_n.transpose(-1, -2) @ u_lo)  # (B, H, d_k, d_v)
         u = torch.stack(us, dim=2)  # (B, H, N, C, d_v)
-        o = q_decayed @ torch.stack(starts, dim=2) + attn @ u  # (B, H, N, C, d_v)
+        o = hi(q_decayed @ torch.stack(starts, dim=2)) + hi(attn @ u)  # (B, H, N, C, d_v)
         o = o.reshape(B, H, N * C, dv)[:, :, :T]  # (B, H, T, d_v)
     return o.transpose(1, 2).to(v.dtype), S

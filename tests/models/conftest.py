@@ -24,3 +24,21 @@ def _logit_dependence(model, T):
 def logit_dependence():
     """``logit_dependence(model, T)``: which input tokens each position's logits depend on."""
     return _logit_dependence
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """``install(name, **functions)``: a fake fast kernel (``gam.models.ops.kernels``), used
+    for CPU tensors too, so that the dispatch code runs here. No real fast kernel is seen."""
+    from types import SimpleNamespace
+
+    from gam.models.ops import kernels
+
+    monkeypatch.setattr(kernels, "FAST_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(kernels, "_modules", {name: None for name in kernels.FAST_KERNELS})
+    monkeypatch.setattr(kernels, "_failed", {})
+
+    def install(name, **functions):
+        kernels._modules[name] = SimpleNamespace(**functions)
+
+    return install

@@ -10,13 +10,12 @@ for decoding). The paths are described in ``gam.models.mamba``'s docstring.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gam.models.ops import _scan_cpp
+from gam.models.ops import _scan_cpp, kernels
 
 BACKENDS = ("auto", "kernel", "torch", "mamba_ssm")
 
@@ -140,6 +139,7 @@ class _TorchChunkedScan(torch.autograd.Function):
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, chunk: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels.require_cpu("the scan kernel", u, delta, A, B, C, D, z)
     y, h, ckpt = _scan_cpp.scan_forward(u, delta, A, B, C, D, z, chunk)
     return y, h.contiguous(), ckpt
 
@@ -163,6 +163,7 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, ckpt: torch.Tensor,
                  dout: torch.Tensor, dh_last: torch.Tensor | None, chunk: int
                  ) -> tuple[torch.Tensor, ...]:
+    kernels.require_cpu("the scan kernel", u, delta, A, B, C, D, z, ckpt, dout, dh_last)
     grads = _scan_cpp.scan_backward(u, delta, A, B, C, D, z, ckpt, dout, dh_last, chunk)
     dz = grads[-1] if grads[-1] is not None else u.new_empty(0)  # no gate: an empty stand-in
     return (*(g.contiguous() for g in grads[:-1]), dz)
@@ -194,25 +195,25 @@ def _scan_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None, _: 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-@functools.cache
-def _mamba_ssm_scan_fn() -> Any:
-    """mamba-ssm's fused CUDA ``selective_scan_fn``, or None when it is not installed."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:  # also covers a broken install missing its CUDA extension
-        return None
-    return selective_scan_fn
-
-
 def pick_backend(device_type: str, dtype: torch.dtype) -> str:
-    """Which scan ``selective_scan(backend="auto")`` runs for inputs on this device/dtype."""
-    if device_type == "cuda" and _mamba_ssm_scan_fn() is not None:
-        return "mamba_ssm"
-    compute = torch.promote_types(dtype, torch.float32)
-    if device_type == "cpu" and compute in (torch.float32, torch.float64) \
-            and _scan_cpp.load() is not None:
-        return "kernel"
-    return "torch"
+    """Which scan ``selective_scan(backend="auto")`` runs for inputs on this device/dtype
+    (``kernels.choose``; the compiled CPU kernel is called "kernel" here)."""
+    choice = kernels.choose("selective_scan", device_type, dtype)
+    return "kernel" if choice == "cpp" else choice
+
+
+def _mamba_ssm_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba-ssm's fused CUDA scan. Its layout is channels first: u, delta, z (B, D_in, T);
+    B, C (B, N, T). It wants delta, B, C, z in u's dtype (it computes in float32 inside) and
+    A, D in float32; it returns the last state in float32."""
+    fn = kernels.fast_kernel("mamba_ssm").selective_scan_fn
+    cl = lambda t: t.to(u.dtype).transpose(1, 2)
+    y, h = fn(cl(u), cl(delta), A.float(), cl(B), cl(C), D.float(),
+              z=None if z is None else cl(z), delta_bias=None, delta_softplus=False,
+              return_last_state=True)
+    return y.transpose(1, 2), h
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -226,20 +227,24 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = pick_backend(u.device.type, u.dtype)
     if backend == "mamba_ssm":
-        fn = _mamba_ssm_scan_fn()
-        if fn is None:
-            raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package")
-        # mamba-ssm's layout is channels first: u, delta, z (B, D_in, T); B, C (B, N, T). Its
-        # kernel wants delta, B, C, z in u's dtype (it computes in float32 inside) and A, D
-        # in float32.
-        cl = lambda t: t.to(u.dtype).transpose(1, 2)
-        y, h = fn(cl(u), cl(delta), A.float(), cl(B), cl(C), D.float(),
-                  z=None if z is None else cl(z), delta_bias=None, delta_softplus=False,
-                  return_last_state=True)
-        return y.transpose(1, 2), h
+        if u.dtype not in kernels.HALF_OR_FLOAT:
+            raise ValueError(f"backend='mamba_ssm' takes float32, bf16 or fp16 inputs, got "
+                             f"{u.dtype}")
+        if kernels.fast_kernel("mamba_ssm") is None:
+            raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package (with its "
+                               "CUDA build)")
+        if not auto:
+            return _mamba_ssm_scan(u, delta, A, B, C, D, z)
+        out = kernels.attempt("mamba_ssm", lambda: _mamba_ssm_scan(u, delta, A, B, C, D, z))
+        if out is not None:
+            return out
+        backend = "torch"
+    if backend == "kernel":
+        kernels.require_cpu("backend='kernel'", u, delta, A, B, C, D, z)
     dtype = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_, delta_, A_, D_ = (t.to(dtype) for t in (u, delta, A, D))

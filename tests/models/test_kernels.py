@@ -125,3 +125,117 @@ def test_without_packages_every_cuda_choice_is_torch(monkeypatch):
         assert kernels.choose(op, "cuda", torch.bfloat16, width=4, head_dim_k=64,
                               head_dim_v=64) == "torch"
     assert delta_ops is not None
+
+
+# ------------------------------------------------------------- 7. the fast kernels' dispatch
+def _fake_causal_conv1d_fn(calls):
+    def causal_conv1d_fn(x, weight, bias=None, activation=None):
+        # causal-conv1d's contract: x (B, C, T) channels first or channel-last, weight (C, K)
+        # in x's dtype, activation None or "silu"
+        assert x.dim() == 3 and weight.shape == (x.shape[1], weight.shape[1])
+        assert weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+        assert x.stride(2) == 1 or x.stride(1) == 1
+        calls.append((x.dtype, activation, x.stride(1) == 1))
+        k = weight.shape[1]
+        y = F.conv1d(F.pad(x.float(), (k - 1, 0)), weight.float()[:, None], bias.float()
+                     if bias is not None else None, groups=x.shape[1])
+        return (F.silu(y) if activation == "silu" else y).to(x.dtype)
+    return causal_conv1d_fn
+
+
+@pytest.mark.parametrize("channels", [24, 12])  # channel-last view / channels-first copy
+def test_causal_conv1d_dispatch(fake_kernels, channels):
+    calls = []
+    fake_kernels("causal_conv1d", causal_conv1d_fn=_fake_causal_conv1d_fn(calls))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 10, channels, generator=g)
+    w, b = torch.randn(channels, 1, 3, generator=g), torch.randn(channels, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv_ops.causal_depthwise_conv(x, w, b)
+        y_ref = conv_ops._conv1d(x, w, b)
+        z = conv_ops.causal_conv_silu(x, w, b)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and y.shape == x.shape
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.02, atol=0.02)
+    assert z.dtype == torch.float32  # the silu conv computes in float32 on every path
+    torch.testing.assert_close(z.double(), _conv_reference(x, w, b), rtol=1e-6, atol=1e-6)
+    channel_last = channels % 8 == 0
+    assert calls == [(torch.bfloat16, None, channel_last), (torch.float32, "silu", channel_last)]
+    # gradients flow through the kernel's output
+    xg = x.clone().requires_grad_()
+    conv_ops.causal_conv_silu(xg, w, b).sum().backward()
+    assert xg.grad is not None
+    # a kernel width the package does not take runs the PyTorch path
+    calls.clear()
+    conv_ops.causal_depthwise_conv(x, torch.randn(channels, 1, 5), b)
+    assert calls == []
+
+
+def test_selective_state_update_dispatch(fake_kernels):
+    def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False):
+        # mamba-ssm's contract: state (B, D_in, N) float32, updated in place; returns y
+        assert state.dtype == torch.float32 and state.shape == (*x.shape, A.shape[1])
+        assert z is None and dt_bias is None and not dt_softplus
+        new = torch.exp(dt[..., None] * A) * state + (dt * x)[..., None] * B[:, None, :]
+        state.copy_(new)
+        return (torch.einsum("bdn,bn->bd", new, C) + x * D).to(x.dtype)
+
+    u, delta, A, B, C, D, _ = _scan_inputs(b=2, t=1, d=6, n=3)
+    h = torch.randn(2, 6, 3)
+    h_before = h.clone()
+    expected = scan_ops.selective_scan_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, h)
+    fake_kernels("mamba_ssm_step", selective_state_update=selective_state_update)
+    assert kernels.choose("selective_scan_step", "cpu", torch.float32) == "mamba_ssm"
+    y, h_new = scan_ops.selective_scan_step(u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], D, h)
+    assert torch.equal(h, h_before)  # our step stays functional
+    torch.testing.assert_close(y, expected[0])
+    torch.testing.assert_close(h_new, expected[1])
+
+
+def _delta_inputs(dk, dv=None, T=12, H=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or dk
+    q = F.normalize(torch.randn(2, T, H, dk, generator=g), dim=-1)
+    k = F.normalize(torch.randn(2, T, H, dk, generator=g), dim=-1)
+    v = torch.randn(2, T, H, dv, generator=g)
+    beta = torch.rand(2, T, H, generator=g)
+    log_decay = -torch.rand(2, T, H, generator=g)
+    state = torch.randn(2, H, dk, dv, generator=g)
+    return q, k, v, beta, log_decay, state
+
+
+def test_fla_dispatch_layout_dtypes_and_limits(fake_kernels):
+    calls = []
+
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                               output_final_state=False, use_qk_l2norm_in_kernel=False):
+        # fla's contract: q, k (B, T, H, K), v (B, T, H, V) in one dtype, never float32; g the
+        # log decay (B, T, H); beta (B, T, H); state (B, H, K, V)
+        assert q.dtype == k.dtype == v.dtype and q.dtype != torch.float32
+        assert g.shape == beta.shape == q.shape[:3] and g.dtype == torch.float32
+        assert initial_state is None or initial_state.shape == (q.shape[0], q.shape[2],
+                                                                q.shape[3], v.shape[3])
+        assert output_final_state and not use_qk_l2norm_in_kernel
+        calls.append(q.dtype)
+        o, S = delta_ops.delta_rule_recurrent(q.float(), k.float(), v.float(), beta.float(), g,
+                                              initial_state, scale)
+        return o.to(q.dtype), S
+
+    fake_kernels("fla", chunk_gated_delta_rule=chunk_gated_delta_rule)
+    q, k, v, beta, g, S0 = _delta_inputs(16)
+    o_ref, S_ref = delta_ops.delta_rule_recurrent(q, k, v, beta, g, S0)
+    o, S = delta_ops.delta_rule_chunked(q, k, v, beta, g, S0)  # float32: our path
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, S = delta_ops.delta_rule_chunked(q, k, v, beta, g, S0)
+        o_nodecay, _ = delta_ops.delta_rule_chunked(q, k, v, beta, None, None)
+    assert calls == [torch.bfloat16] * 2
+    assert o.dtype == torch.float32 and S.dtype == torch.float32  # v's dtype; float32 state
+    torch.testing.assert_close(o, o_ref, rtol=0.05, atol=0.05)  # bf16 inputs
+    torch.testing.assert_close(S, S_ref, rtol=0.05, atol=0.05)
+    ref_nodecay = delta_ops.delta_rule_recurrent(q, k, v, beta, None, None)[0]
+    torch.testing.assert_close(o_nodecay, ref_nodecay, rtol=0.05, atol=0.05)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # head dim 8: below fla's tiles
+        delta_ops.delta_rule_chunked(*_delta_inputs(8)[:5])
+    assert calls == []

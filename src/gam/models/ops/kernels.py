@@ -24,7 +24,7 @@ the rest of the process with a one-line warning, and the op falls back to PyTorc
 out-of-memory error is raised as is (the fallback would need more memory, not less).
 
 ``recording()`` collects the (op, device type, dtype, shapes) every ``choose`` call saw: how
-``gam.models.kernel_report`` learns which ops each family uses.
+``gam.bench.kernel_report`` learns which ops each family uses.
 """
 
 from __future__ import annotations

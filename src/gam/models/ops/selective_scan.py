@@ -45,6 +45,11 @@ def selective_scan_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tenso
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: u_t, delta_t (B, D_in); B_t, C_t (B, N); h (B, D_in, N).
     Returns y_t (B, D_in) in u_t's dtype and the new state, computed in at least float32."""
+    if kernels.choose("selective_scan_step", u_t.device.type, u_t.dtype) == "mamba_ssm":
+        out = kernels.attempt("mamba_ssm_step",
+                              lambda: _mamba_ssm_step(u_t, delta_t, A, B_t, C_t, D, h))
+        if out is not None:
+            return out
     dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=u_t.device.type, enabled=False):
         u, dt = u_t.to(dtype), delta_t.to(dtype)
@@ -52,6 +57,19 @@ def selective_scan_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tenso
             + (dt * u)[..., None] * B_t.to(dtype)[:, None, :]  # (B, D_in, N)
         y = torch.einsum("bdn,bn->bd", h, C_t.to(dtype)) + u * D.to(dtype)  # (B, D_in)
     return y.to(u_t.dtype), h
+
+
+def _mamba_ssm_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tensor,
+                    B_t: torch.Tensor, C_t: torch.Tensor, D: torch.Tensor, h: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba-ssm's ``selective_state_update``: same layout as ours (state (B, D_in, N), x, dt
+    (B, D_in), B, C (B, N)); it updates the state in place (so it gets a float32 copy: ours is
+    functional) and computes in float32, returning y in x's dtype."""
+    fn = kernels.fast_kernel("mamba_ssm_step").selective_state_update
+    state = h.to(torch.promote_types(h.dtype, torch.float32), copy=True).contiguous()
+    y = fn(state, u_t.contiguous(), delta_t.contiguous(), A.float().contiguous(),
+           B_t.contiguous(), C_t.contiguous(), D=D.float().contiguous())
+    return y.to(u_t.dtype), state
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -239,3 +239,33 @@ def test_fla_dispatch_layout_dtypes_and_limits(fake_kernels):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # head dim 8: below fla's tiles
         delta_ops.delta_rule_chunked(*_delta_inputs(8)[:5])
     assert calls == []
+
+
+# ------------------------------------------------------- 3. the PyTorch scan's chunk on a GPU
+def test_torch_scan_takes_larger_chunks_on_an_accelerator():
+    assert scan_ops.torch_scan_chunk("cpu", 8, 2048, 1536 * 16, 64) == 64
+    assert scan_ops.torch_scan_chunk("cuda", 8, 256, 1536 * 16, 64) == 256  # paper size
+    assert scan_ops.torch_scan_chunk("cuda", 8, 2048, 1536 * 16, 64) == 256  # memory-capped
+    assert scan_ops.torch_scan_chunk("cuda", 1, 100, 64, 64) == 64  # never below chunk_size
+    assert scan_ops.torch_scan_chunk("cuda", 64, 4096, 10**6, 64) == 64
+
+
+def test_torch_scan_is_the_same_in_large_chunks_and_never_overflows(monkeypatch):
+    u, delta, A, B, C, D, z = _scan_inputs(b=2, t=300, d=8, n=4, dtype=torch.float64)
+    leaves = lambda: [t.clone().requires_grad_() for t in (u, delta, A, B, C, D, z)]
+
+    def run(chunk, inputs):
+        monkeypatch.setattr(scan_ops, "torch_scan_chunk", lambda *a: chunk)
+        y, h = selective_scan(*inputs, backend="torch")
+        grads = torch.autograd.grad((y.sum() + h.sum()), inputs)
+        return [y, h, *grads]
+
+    small, large = run(64, leaves()), run(256, leaves())
+    for a, b in zip(small, large, strict=True):
+        torch.testing.assert_close(a, b)
+    # decays exp(dt A) underflow to 0 over a long chunk: products of factors <= 1 only
+    strong = leaves()
+    with torch.no_grad():
+        strong[1].mul_(1e4)
+    for t in run(256, strong):
+        assert torch.isfinite(t).all()

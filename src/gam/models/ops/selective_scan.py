@@ -86,6 +86,27 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a, b
 
 
+# Elements of one (B, chunk, D_in, N) tensor the PyTorch scan may build on an accelerator
+# (2**26 floats = 256 MiB; the chunk's forward keeps a few such tensors alive at once).
+TORCH_SCAN_GPU_ELEMENTS = 2**26
+
+
+def torch_scan_chunk(device_type: str, batch: int, T: int, state_size: int, chunk_size: int
+                     ) -> int:
+    """Tokens per chunk of the PyTorch scan. On the CPU ``chunk_size`` (cache-sized blocks).
+    On an accelerator the Python loop over chunks is what costs (a few dozen kernel launches
+    per chunk, forward and backward, for a few microseconds of work each): the largest power
+    of two up to T whose (B, chunk, D_in, N) tensors stay within ``TORCH_SCAN_GPU_ELEMENTS``,
+    never below ``chunk_size``. ``state_size`` = D_in * N. The result does not depend on it."""
+    if device_type == "cpu":
+        return chunk_size
+    fit = max(1, TORCH_SCAN_GPU_ELEMENTS // max(1, batch * state_size))
+    chunk = chunk_size
+    while chunk * 2 <= min(T, fit):
+        chunk *= 2
+    return chunk
+
+
 class _TorchChunkedScan(torch.autograd.Function):
     """Chunked parallel scan in PyTorch (any device, float32/float64): a Python loop over
     chunks of ``chunk`` tokens carrying the state, a Hillis-Steele scan inside each chunk. Only
@@ -272,8 +293,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             y, h, _ = _scan_fwd_op(u_.contiguous(), delta_.contiguous(), A_, B_, C_, D_,
                                    None if z is None else z.to(dtype), chunk_size)
         else:
+            chunk = torch_scan_chunk(u.device.type, u.shape[0], u.shape[1], A.numel(),
+                                     chunk_size)
             y, h = _TorchChunkedScan.apply(u_.contiguous(), delta_.contiguous(), A_,
-                                           B_.contiguous(), C_.contiguous(), chunk_size)
+                                           B_.contiguous(), C_.contiguous(), chunk)
             y = torch.addcmul(y, u_, D_)  # the skip connection D * u
             if z is not None:
                 y = y * F.silu(z.to(dtype))

@@ -100,3 +100,14 @@ def test_profiler_records_the_gpu_on_cuda():
     activities, sort = profiler_activities(torch.device("cuda", 0))
     assert ProfilerActivity.CUDA in activities and sort == "self_cuda_time_total"
     assert sys.modules["gam.bench.profile_step"] is not None
+
+
+def test_the_gpu_script_parses():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "gpu"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for command in ("bench scale", "bench throughput", "bench decode", "-m cuda", "env"):
+        assert command in text

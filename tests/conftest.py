@@ -29,6 +29,27 @@ def _private_gam_environment(cache: Path) -> Iterator[Path]:
                 os.environ[k] = v
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need a CUDA device: skipped without one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (the `cuda` marker)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """A test not marked ``cuda`` runs on the CPU even on a GPU machine: ``--device auto``
+    (the default of every command) resolves to the CPU there, so that the CPU tests
+    (bit-exact resume included) stay CPU tests. Commands the tests run pin ``--device cpu``
+    as well; this catches the ones that do not."""
+    if "cuda" not in request.keywords and torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # and for the processes they start
+
+
 @pytest.fixture(scope="session")
 def private_gam_environment():
     """``with private_gam_environment(cache_dir): ...`` isolates a test module's gam caches."""

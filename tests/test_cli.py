@@ -25,7 +25,8 @@ def private_cache(tmp_path_factory, private_gam_environment):
 def train_args(out: Path, *extra: str, data_dir: Path | None = None) -> list[str]:
     args = ["train", "--model", "gam", "--preset", "tiny", "--dataset", "wikitext2",
             "--max-train-rows", "300", "--max-val-rows", "30", "--vocab-size", "400",
-            "--batch-size", "8", "--quiet", "--threads", "1", "--out", str(out)]
+            "--batch-size", "8", "--quiet", "--threads", "1", "--device", "cpu",
+            "--out", str(out)]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
     return args + list(extra)
@@ -231,21 +232,21 @@ def test_resume_on_a_directory_without_a_run(tmp_path, capsys):
 
 
 def test_resume_refuses_changed_settings(run_dir, capsys):
-    assert main(["train", "--resume", str(run_dir), "--lr", "1e-3"]) == 2
+    assert main(["train", "--resume", str(run_dir), "--device", "cpu", "--lr", "1e-3"]) == 2
     assert "--lr" in error_of(capsys)
 
 
 def test_resume_with_a_truncated_checkpoint_names_the_file(run_copy, capsys):
     weights = find_checkpoint(run_copy) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 2
+    assert main(["train", "--resume", str(run_copy), "--device", "cpu", "--quiet"]) == 2
     err = error_of(capsys)
     assert str(weights) in err and "truncated or corrupted" in err
 
 
 # ----------------------------------------------------------------------- eval and generate
 def test_eval_prints_token_weighted_json(run_dir, capsys):
-    assert main(["eval", str(run_dir)]) == 0
+    assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
     final = read_metrics(run_dir, kind="eval")[-1]
     assert result["split"] == "valid"
@@ -253,23 +254,23 @@ def test_eval_prints_token_weighted_json(run_dir, capsys):
     assert result["tokens"] == final["val_tokens"]
     assert result["ppl"] == pytest.approx(2.718281828459045 ** result["loss"], rel=1e-9)
 
-    assert main(["eval", str(run_dir), "--split", "test"]) == 0
+    assert main(["eval", str(run_dir), "--device", "cpu", "--split", "test"]) == 0
     test = json.loads(capsys.readouterr().out)
     assert test["split"] == "test" and test["tokens"] > 0
 
 
 def test_eval_unknown_split(run_dir, capsys):
-    assert main(["eval", str(run_dir), "--split", "train2"]) == 2
+    assert main(["eval", str(run_dir), "--device", "cpu", "--split", "train2"]) == 2
     assert "no 'train2' split" in error_of(capsys)
 
 
 def test_eval_with_truncated_weights_names_the_file(run_copy, capsys):
     weights = run_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    assert main(["eval", str(run_copy)]) == 2
+    assert main(["eval", str(run_copy), "--device", "cpu"]) == 2
     err = error_of(capsys)
     assert err.startswith("gam: error:") and str(weights) in err
-    assert main(["generate", str(run_copy), "--prompt", "x"]) == 2
+    assert main(["generate", str(run_copy), "--device", "cpu", "--prompt", "x"]) == 2
     assert str(weights) in error_of(capsys)
 
 
@@ -281,7 +282,7 @@ def test_vocab_mismatch_between_model_and_tokenizer(run_copy, tmp_path, capsys):
     big = train_tokenizer(load_corpus(f"text:{text}"), vocab_size=900, cache_dir=tmp_path)
     assert big.get_vocab_size() > 400
     big.save(str(run_copy / "tokenizer.json"))
-    assert main(["eval", str(run_copy)]) == 2
+    assert main(["eval", str(run_copy), "--device", "cpu"]) == 2
     err = error_of(capsys)
     assert "is not this run's tokenizer" in err and "tokenizer.json" in err
     # a run made before tokenizer hashes were recorded: the vocabulary size still tells
@@ -295,7 +296,7 @@ def test_vocab_mismatch_between_model_and_tokenizer(run_copy, tmp_path, capsys):
 
 def test_generate_streams_a_continuation(run_dir, capsys):
     args = ["generate", str(run_dir), "--prompt", "The history of", "--max-new-tokens", "12",
-            "--temperature", "0", "--ignore-eos"]
+            "--temperature", "0", "--ignore-eos", "--device", "cpu"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert first.startswith("The history of") and len(first) > len("The history of\n")
@@ -303,16 +304,17 @@ def test_generate_streams_a_continuation(run_dir, capsys):
     assert capsys.readouterr().out == first  # greedy decoding is deterministic
 
     sampled = ["generate", str(run_dir), "--prompt", "A", "--max-new-tokens", "8", "--seed", "3",
-               "--top-k", "20", "--top-p", "0.9"]
+               "--top-k", "20", "--top-p", "0.9", "--device", "cpu"]
     assert main(sampled) == 0
     a = capsys.readouterr().out
     assert main(sampled) == 0
     assert capsys.readouterr().out == a
-    assert main(["generate", str(run_dir), "--max-new-tokens", "5"]) == 0  # no prompt
+    assert main(["generate", str(run_dir),
+                 "--device", "cpu", "--max-new-tokens", "5"]) == 0  # no prompt
 
 
 def test_generate_rejects_bad_sampling_settings(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--top-p", "1.5"]) == 2
+    assert main(["generate", str(run_dir), "--device", "cpu", "--top-p", "1.5"]) == 2
     assert "top_p" in error_of(capsys)
 
 
@@ -357,7 +359,8 @@ def test_missing_subcommand_module_is_a_clear_error(monkeypatch, capsys):
                                                ("--temperature", "nan", "temperature"),
                                                ("--top-p", "0", "top_p")])
 def test_generate_validates_before_printing_anything(run_dir, capsys, flag, value, name):
-    assert main(["generate", str(run_dir), "--prompt", "The game", flag, value]) == 2
+    assert main(["generate", str(run_dir),
+                 "--device", "cpu", "--prompt", "The game", flag, value]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # the prompt is not echoed before the error
     assert name in captured.err and flag in captured.err and "Traceback" not in captured.err
@@ -369,11 +372,11 @@ def test_generate_validates_before_loading_the_run(tmp_path, capsys):
 
 
 def test_eval_says_what_it_is_doing_unless_quiet(run_dir, capsys):
-    assert main(["eval", str(run_dir)]) == 0
+    assert main(["eval", str(run_dir), "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     json.loads(captured.out)  # stdout stays pure JSON
     assert "evaluating split 'valid'" in captured.err and "evaluated in" in captured.err
-    assert main(["eval", str(run_dir), "--quiet"]) == 0
+    assert main(["eval", str(run_dir), "--device", "cpu", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
 
 
@@ -400,7 +403,8 @@ def test_a_run_inside_its_warmup_is_warned_about(tmp_path, data_dir, capsys):
 
 
 def test_generate_past_the_window_ends_with_a_note(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--prompt", "A", "--max-new-tokens", "80",
+    assert main(["generate", str(run_dir),
+                 "--device", "cpu", "--prompt", "A", "--max-new-tokens", "80",
                  "--ignore-eos", "--seed", "0"]) == 0  # tiny: max_seq_len 64
     captured = capsys.readouterr()
     assert "max_seq_len" not in captured.out

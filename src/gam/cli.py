@@ -93,7 +93,7 @@ run directory (--out, default runs/<model>-<dataset>-<timestamp>): config.json,
 metrics.jsonl, model.json + model.safetensors (gam.load_pretrained(RUN_DIR) works),
 tokenizer.json and checkpoint/ (saved every --save-every steps, at every epoch end and at the
 end, atomically). --resume RUN_DIR continues a stopped or killed run exactly (bit for bit on
-CPU); only --data-dir, --threads, --device, --cache-dir, --quiet, --wandb and --tensorboard
+CPU); only --data-dir, --threads, --device, --tf32, --cache-dir, --quiet, --wandb, --tensorboard
 may be given with it, and --max-steps / --epochs to change its length: e.g. --resume RUN_DIR
 --max-steps 1000 extends a finished 500-step run. The new total replaces the recorded one and
 the cosine is recomputed to end there, continuing from the LR the new schedule gives at the
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_env(sub)
     for name, target in (("bench", "gam.bench.main"), ("export", "gam.hf.export.main")):
         p = sub.add_parser(name, add_help=False,
                            help=f"benchmarks (forwarded to {target}; gam {name} --help)"
@@ -214,6 +215,18 @@ def _add_generate(sub: Any) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_env(sub: Any) -> None:
+    p = sub.add_parser("env", help="torch / CUDA / TF32 facts and the kernel each model's ops "
+                                   "use on this machine",
+                       description="What this machine runs: torch, CUDA and TF32 facts, the "
+                       "optional CUDA kernels installed (the [cuda] extra), and for every "
+                       "registered model family which kernel each of its ops uses on the CPU "
+                       "and, if present, on CUDA (the table every benchmark's results.json "
+                       "records).")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_env)
+
+
 # ---------------------------------------------------------------------------------- commands
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record is emitted (a plain StreamHandler
@@ -296,6 +309,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           max_val_rows=args.max_val_rows, all_rows=args.all_rows,
                           cache_dir=args.cache_dir)
     print(json.dumps(result), flush=True)
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from gam.bench.environment import format_system_report, system_report
+
+    report = system_report()
+    print(json.dumps(report, indent=1) if args.json else format_system_report(report),
+          flush=True)
     return 0
 
 

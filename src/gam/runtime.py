@@ -6,7 +6,17 @@ and allocator tuning. Everything above (models, training, benchmarks, the CLI) c
   other processes already keep the cores busy (the load-average rule);
 - :data:`DTYPES`, :func:`autocast_context`, :func:`autocast_dtype`: the ``fp32`` / ``bf16`` /
   ``fp16`` settings as torch dtypes and autocast regions;
-- :func:`tune_cpu_allocator`: glibc allocator thresholds (below).
+- :func:`tune_cpu_allocator`: glibc allocator thresholds (below);
+- :func:`set_tf32`: TF32 for float32 matmuls and convolutions on CUDA (below).
+
+TF32. On Ampere and later GPUs, float32 matmuls and cuDNN convolutions can run on the tensor
+cores with TF32 inputs (10-bit mantissa, float32 accumulation), several times faster. PyTorch
+leaves it off for matmuls; gam turns it **on for CUDA devices by default** (as most training
+code does: it affects only ``--dtype fp32`` runs; bf16 autocast matmuls are unchanged).
+``gam train --no-tf32``, ``gam bench ... --no-tf32`` or ``GAM_TF32=0`` keep full float32.
+The setting in force is recorded in a run's ``config.json`` (``runtime.tf32``) and in every
+benchmark's ``results.json`` (``environment.tf32``). Only the torch >= 2.9 API
+(``fp32_precision``) is used: mixing it with the legacy ``allow_tf32`` flags is an error.
 
 Allocator. PyTorch's CPU allocator hands every tensor to ``malloc``. With glibc's defaults,
 blocks above a dynamic threshold come from fresh ``mmap`` pages and free heap above 128 KiB is
@@ -66,7 +76,7 @@ def tune_cpu_allocator() -> bool:
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` -> CUDA if available, else CPU; ``cuda`` -> this process's GPU (``local_rank``
     under torchrun); ``cuda:N`` -> that GPU. ValueError for CUDA when none is available and for
-    an unknown name."""
+    an unknown name. For a CUDA device, applies the TF32 default (:func:`set_tf32`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
@@ -74,11 +84,21 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise ValueError("--device cuda was asked for but no CUDA device is available "
                              "(use --device cpu or auto)")
         if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device(name)
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        else:
+            device = torch.device(name)
+        set_tf32(device)  # the process's default ($GAM_TF32); gam train may override it
+        return device
     if name != "cpu":
         raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
     return torch.device("cpu")
+
+
+def host_sync_is_cheap(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host (``int(t)``, ``nonzero``) costs nothing:
+    on the CPU it does; on an accelerator it waits for all queued work, so per-step checks
+    use sync-free forms there (masks, ``torch._assert_async``)."""
+    return device.type == "cpu"
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -86,6 +106,34 @@ def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+TF32_ENV = "GAM_TF32"
+
+
+def tf32_default() -> bool:
+    """TF32 on CUDA unless ``$GAM_TF32`` says 0/false/no/off."""
+    return os.environ.get(TF32_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_tf32(device: torch.device | str, enabled: bool | None = None) -> bool | None:
+    """On a CUDA device, let float32 matmuls and cuDNN convolutions use TF32 (``enabled``;
+    None: :func:`tf32_default`) and return the setting; None (nothing changed) elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    enabled = tf32_default() if enabled is None else bool(enabled)
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return enabled
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 CUDA matmuls may use TF32 now."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":  # not set through the new API: the global default decides
+        return torch.get_float32_matmul_precision() != "highest"
+    return precision == "tf32"
 
 
 # --------------------------------------------------------------------------------- threads

@@ -27,6 +27,7 @@ def assert_environment(results: dict) -> None:
     env = results["environment"]
     for key in ("cpu_model", "torch", "threads", "device", "date"):
         assert env.get(key) is not None, key
+    assert "tf32" in env and env["kernels"]["families"]  # which kernel each op ran
     assert results["command"].startswith("gam bench ")
 
 

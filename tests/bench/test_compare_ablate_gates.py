@@ -60,7 +60,7 @@ def _bench(*argv: str) -> int:
 
 
 def _quick(out: Path, corpus: Path, *extra: str) -> list[str]:
-    return ["--quick", "--threads", "1", "--quiet", "--max-steps", str(STEPS),
+    return ["--quick", "--threads", "1", "--device", "cpu", "--quiet", "--max-steps", str(STEPS),
             "--out", str(out), *extra]
 
 

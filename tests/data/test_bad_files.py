@@ -52,7 +52,8 @@ def test_binary_file_given_as_text_names_the_file(tmp_path):
 def test_damaged_data_is_a_one_line_cli_error(tmp_path, make_wikitext_dir, capsys):
     target = _wikitext(tmp_path / "data", make_wikitext_dir, "truncated")
     code = main(["train", "--preset", "tiny", "--dataset", "wikitext2", "--data-dir",
-                 str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet"])
+                 str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--quiet",
+                     "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -66,7 +67,7 @@ def test_not_found_speaks_to_library_and_cli_users(tmp_path, capsys):
     assert "--data-dir <folder>" in info.value.cli_message
     assert "data_dir" not in info.value.cli_message
     code = main(["train", "--preset", "tiny", "--dataset", "wikitext2", "--data-dir",
-                 str(tmp_path), "--out", str(tmp_path / "out"), "--quiet"])
+                 str(tmp_path), "--out", str(tmp_path / "out"), "--quiet", "--device", "cpu"])
     assert code == 2
     err = capsys.readouterr().err
     assert "--data-dir" in err and "data_dir" not in err

@@ -47,6 +47,8 @@ def assert_same_gradients():
     """``assert_same_gradients(outputs, references, leaves, rtol, atol)``: a fast path's
     gradients equal its reference's."""
     return _assert_same_gradients
+
+
 def _check_fast_path_matches_reference(block, x):
     """float64: ``block(x)`` and its gradients (input and every parameter) against
     ``block.forward_reference(x)``."""
@@ -130,3 +132,21 @@ def _check_bf16_cached_decoding(model):
 @pytest.fixture
 def check_bf16_cached_decoding():
     return _check_bf16_cached_decoding
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """``install(name, **functions)``: a fake fast kernel (``gam.models.ops.kernels``), used
+    for CPU tensors too, so that the dispatch code runs here. No real fast kernel is seen."""
+    from types import SimpleNamespace
+
+    from gam.models.ops import kernels
+
+    monkeypatch.setattr(kernels, "FAST_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(kernels, "_modules", {name: None for name in kernels.FAST_KERNELS})
+    monkeypatch.setattr(kernels, "_failed", {})
+
+    def install(name, **functions):
+        kernels._modules[name] = SimpleNamespace(**functions)
+
+    return install

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gam.models.mamba import MambaBlock, MambaConfig, MambaLM, MambaMixer
-from gam.models.ops import _scan_cpp
+from gam.models.ops import _scan_cpp, kernels
 from gam.models.ops import conv as conv_ops
 from gam.models.ops import selective_scan as scan_ops
 from gam.models.ops.conv import causal_depthwise_conv
@@ -119,7 +119,7 @@ def test_scan_runs_in_float32_under_bf16_autocast():
 
 
 def test_auto_backend_choice_and_fallback_without_kernel(monkeypatch):
-    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: None)
+    monkeypatch.setattr(kernels, "_modules", {name: None for name in kernels.FAST_KERNELS})
     assert scan_ops.pick_backend("cpu", torch.float32) == ("kernel" if HAS_KERNEL else "torch")
     assert scan_ops.pick_backend("cuda", torch.bfloat16) == "torch"
     monkeypatch.setattr(_scan_cpp, "load", lambda: None)  # e.g. no compiler
@@ -130,7 +130,7 @@ def test_auto_backend_choice_and_fallback_without_kernel(monkeypatch):
         selective_scan(*inputs, backend="fast")
 
 
-def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
+def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch, fake_kernels):
     calls = []
 
     def fake_selective_scan_fn(u, delta, A, B, C, D, z=None, delta_bias=None,
@@ -146,7 +146,7 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
                                         z.float().transpose(1, 2))
         return y.to(u.dtype).transpose(1, 2), h
 
-    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: fake_selective_scan_fn)
+    fake_kernels("mamba_ssm", selective_scan_fn=fake_selective_scan_fn)
     assert scan_ops.pick_backend("cuda", torch.bfloat16) == "mamba_ssm"
     inputs = [t.detach() for t in _scan_inputs(2, 7, 6, 3, torch.float32, gate=True)]
     y, h = selective_scan(*inputs, backend="mamba_ssm")
@@ -158,7 +158,7 @@ def test_mamba_ssm_dispatch_uses_its_layout(monkeypatch):
     y, h = selective_scan(u.bfloat16(), delta, A, B.bfloat16(), C.bfloat16(), D, z.bfloat16(),
                           backend="mamba_ssm")
     assert y.dtype == torch.bfloat16 and calls == [(2, 6, 7)] * 2
-    monkeypatch.setattr(scan_ops, "_mamba_ssm_scan_fn", lambda: None)
+    monkeypatch.setitem(kernels._modules, "mamba_ssm", None)
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         selective_scan(*inputs, backend="mamba_ssm")
 

@@ -39,7 +39,7 @@ def tiny_train_args(data_dir: Path, out: Path, *extra: str, model: str = "gam") 
     return ["train", "--model", model, "--preset", "tiny", "--dataset", "wikitext2",
             "--data-dir", str(data_dir), "--max-train-rows", "400", "--max-val-rows", "40",
             "--vocab-size", str(VOCAB), "--batch-size", "8", "--log-every", "1", "--quiet",
-            "--out", str(out), *extra]
+            "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,9 @@ def tiny_args():
 def run_gam(args: list[str], timeout: float = 240, env: dict[str, str | None] | None = None,
             module: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "gam", *args] if module else [sys.executable, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # no GPU for a CPU test's subprocess: `gam` on "auto" would take one where present
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                **(env or {})}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset it
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
 

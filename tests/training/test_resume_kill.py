@@ -40,7 +40,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, gam_su
     assert 3 <= checkpoint_step <= reached and checkpoint_step % 3 == 0
 
     # no --threads and no OMP_NUM_THREADS: the run's recorded thread count (1) is reused
-    resumed = gam_subprocess(["train", "--resume", str(killed), "--quiet"],
+    resumed = gam_subprocess(["train", "--resume", str(killed), "--quiet", "--device", "cpu"],
                              env={"OMP_NUM_THREADS": None})
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])

@@ -44,7 +44,7 @@ def short_run(tmp_path_factory, data_dir, tiny_args, session_cache_dir) -> Path:
 def test_lost_checkpoint_folder_is_refused_and_nothing_changes(run_copy, capsys):
     shutil.rmtree(find_checkpoint(run_copy))  # latest.json still names it
     before = _files(run_copy)
-    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 2
+    assert main(["train", "--resume", str(run_copy), "--device", "cpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"gam: error: cannot resume {run_copy}")
@@ -55,7 +55,7 @@ def test_lost_checkpoint_folder_is_refused_and_nothing_changes(run_copy, capsys)
 def test_lost_checkpoint_without_latest_json_is_refused_too(run_copy, capsys):
     shutil.rmtree(run_copy / "checkpoint")  # model.safetensors still says one was saved
     before = _files(run_copy)
-    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 2
+    assert main(["train", "--resume", str(run_copy), "--device", "cpu", "--quiet"]) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert _files(run_copy) == before
 
@@ -68,7 +68,7 @@ def test_finished_run_with_a_broken_model_file_is_repaired(run_copy, damage, cap
     else:
         weights.unlink()
     metrics_before = read_metrics(run_copy)
-    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run_copy), "--device", "cpu", "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "repaired" in err and "model.safetensors" in err
     model, _, _ = load_run(run_copy)
@@ -80,7 +80,7 @@ def test_finished_run_with_a_broken_model_file_is_repaired(run_copy, damage, cap
 
 def test_intact_finished_run_is_not_rewritten(run_copy, capsys):
     before = (run_copy / "model.safetensors").stat().st_mtime_ns
-    assert main(["train", "--resume", str(run_copy), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run_copy), "--device", "cpu", "--quiet"]) == 0
     assert "repaired" not in capsys.readouterr().err
     assert (run_copy / "model.safetensors").stat().st_mtime_ns == before
 
@@ -90,7 +90,8 @@ def test_resume_with_max_steps_extends_a_finished_run(short_run, tmp_path, capsy
     shutil.copytree(short_run, run)
     old = read_metrics(run, kind="train")
     assert [r["step"] for r in old] == [1, 2, 3, 4]
-    assert main(["train", "--resume", str(run), "--max-steps", "8", "--quiet"]) == 0
+    assert main(["train", "--resume", str(run),
+                 "--device", "cpu", "--max-steps", "8", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 8 and summary["total_steps"] == 8
     assert summary["resumed_from"] == 4
@@ -113,7 +114,7 @@ def test_resume_with_epochs_drops_the_recorded_max_steps(short_run, tmp_path, ca
     run = tmp_path / "epochs"
     shutil.copytree(short_run, run)
     per_epoch = json.loads((run / "config.json").read_text())["schedule"]["batches_per_epoch"]
-    assert main(["train", "--resume", str(run), "--epochs", "1", "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--epochs", "1", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == summary["total_steps"] == per_epoch > 4
     config = json.loads((run / "config.json").read_text())
@@ -124,7 +125,8 @@ def test_resume_cannot_shorten_below_the_step_done(short_run, tmp_path, capsys):
     run = tmp_path / "short"
     shutil.copytree(short_run, run)
     before = _files(run)
-    assert main(["train", "--resume", str(run), "--max-steps", "2", "--quiet"]) == 2
+    assert main(["train", "--resume", str(run),
+                 "--device", "cpu", "--max-steps", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "already at step 4" in err and "--max-steps" in err
     assert _files(run) == before
@@ -133,12 +135,12 @@ def test_resume_cannot_shorten_below_the_step_done(short_run, tmp_path, capsys):
 def test_finished_run_says_how_to_extend(short_run, tmp_path, capsys):
     run = tmp_path / "again"
     shutil.copytree(short_run, run)
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0
     assert "--max-steps N (or --epochs N) with --resume" in capsys.readouterr().err
 
 
 def test_other_options_are_still_refused_with_resume(short_run, capsys):
-    assert main(["train", "--resume", str(short_run), "--lr", "1"]) == 2
+    assert main(["train", "--resume", str(short_run), "--device", "cpu", "--lr", "1"]) == 2
     err = capsys.readouterr().err
     assert "--lr" in err and "--max-steps or --epochs" in err
 

@@ -140,7 +140,7 @@ def test_resume_of_a_finished_run_does_nothing(trained_run, tmp_path, capsys):
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     before = (run / "metrics.jsonl").read_text()
-    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert main(["train", "--resume", str(run), "--quiet", "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["resumed_from"] == 6
     after = read_metrics(run)
@@ -160,7 +160,7 @@ def test_resume_before_the_first_checkpoint_restarts_identically(trained_run, tm
     metrics = run / "metrics.jsonl"
     metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
                                if json.loads(line)["step"] <= 2))
-    assert main(["train", "--resume", str(run), "--quiet", "--threads", "1",
+    assert main(["train", "--resume", str(run), "--quiet", "--device", "cpu", "--threads", "1",
                  "--data-dir", str(data_dir)]) == 0
     assert [(r["step"], r["loss"]) for r in read_metrics(run, kind="train")] == expected
     assert [r["step"] for r in read_metrics(run, kind="resume")] == []
@@ -172,7 +172,8 @@ def test_a_run_being_trained_cannot_be_trained_by_a_second_process(trained_run, 
     shutil.copytree(trained_run, run)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with training_lock(run):  # this process plays the one that trains it
-        assert main(["train", "--resume", str(run), "--quiet", "--max-steps", "8"]) == 2
+        assert main(["train", "--resume", str(run), "--quiet",
+                     "--device", "cpu", "--max-steps", "8"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "being trained by another process" in err[0]
         assert f"pid {os.getpid()}" in err[0]

@@ -12,6 +12,7 @@ helpers of the modules that do each job:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from gam.bench.reports import (
 )
 from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
 from gam.models.registry import config_class, model_config
-from gam.runtime import DTYPES, resolve_device, set_threads, synchronize
+from gam.runtime import DTYPES, TF32_ENV, resolve_device, set_threads, synchronize
 from gam.training.argtypes import parse_model_arg
 
 __all__ = [
@@ -75,6 +76,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     group.add_argument("--quick", action="store_true",
                        help="a small version of the benchmark (a few minutes on a CPU)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                       help="TF32 matmuls for float32 on CUDA (default: on, unless GAM_TF32=0; "
+                            "recorded in results.json)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[str],
@@ -128,6 +132,8 @@ def model_configs(command: str, models: list[str], preset: str, overrides: dict[
 def setup(args: argparse.Namespace) -> tuple[torch.device, int, str, dict[str, Any]]:
     """What a measuring command starts with: ``(device, threads, command line, environment)``
     from ``--device``, ``--threads`` and the arguments as typed."""
+    if getattr(args, "tf32", None) is not None:  # the worker processes inherit it
+        os.environ[TF32_ENV] = "1" if args.tf32 else "0"
     device = resolve_device(args.device)
     threads = setup_threads(args.threads)
     return device, threads, command_line(args.command, args.argv), environment(device, threads)

@@ -1,6 +1,6 @@
-"""What a reader needs to interpret a benchmark's numbers: hardware, software, threads, load
-and date (``environment``, ``finish_environment``) and the command as typed
-(``command_line``)."""
+"""What a reader needs to interpret a benchmark's numbers: hardware, software, threads, load,
+date, TF32 and the kernel every family's ops run (``environment``, ``finish_environment``) and
+the command as typed (``command_line``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 import gam
+from gam.bench.kernel_report import kernel_table
+from gam.runtime import tf32_enabled
 
 
 def _cpu_model() -> str:
@@ -76,6 +78,9 @@ def environment(device: torch.device | str, threads: int | None = None) -> dict[
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
         env["cudnn"] = torch.backends.cudnn.version()
+    env["tf32"] = tf32_enabled() if device.type == "cuda" else None
+    # which kernel each family's ops run here (fp32 / bf16): gam.bench.kernel_report
+    env["kernels"] = kernel_table(device.type)
     return env
 
 
@@ -90,3 +95,52 @@ def finish_environment(env: dict[str, Any]) -> dict[str, Any]:
 def command_line(command: str, argv: Sequence[str]) -> str:
     """The command as typed through the ``gam`` CLI (``gam bench <command> ...``)."""
     return shlex.join(["gam", "bench", command, *argv])
+
+
+def device_types() -> list[str]:
+    """The device types of this machine that ``gam`` can run on: cpu, and cuda when present."""
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def system_report() -> dict[str, Any]:
+    """``gam env``: torch, CUDA and TF32 facts and, per device type, the kernel of every
+    registered family's every op."""
+    from gam.models.ops import kernels
+    from gam.runtime import tf32_default
+
+    facts: dict[str, Any] = {
+        "gam": getattr(gam, "__version__", None), "torch": torch.__version__,
+        "python": platform.python_version(), "cuda_available": torch.cuda.is_available(),
+        "torch_cuda": torch.version.cuda, "cpu_model": _cpu_model(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+        "tf32_default_on_cuda": tf32_default(),
+        "fast_kernels_installed": kernels.installed(),
+    }
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        facts.update(gpu=torch.cuda.get_device_name(index),
+                     gpu_count=torch.cuda.device_count(),
+                     compute_capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+                     cudnn=torch.backends.cudnn.version(),
+                     bf16_supported=torch.cuda.is_bf16_supported())
+    return {"facts": facts, "kernels": {d: kernel_table(d) for d in device_types()}}
+
+
+def format_system_report(report: dict[str, Any]) -> str:
+    """``system_report`` as text: the facts, then one table per device type (family, op,
+    kernel in fp32, kernel under bf16 autocast)."""
+    lines = [f"{key}: {value}" for key, value in report["facts"].items()]
+    for device_type, table in report["kernels"].items():
+        lines += ["", f"kernels on {device_type} (fp32 / bf16 autocast):"]
+        for family, ops in table["families"].items():
+            if "error" in ops:
+                lines.append(f"  {family:<22} could not be probed: {ops['error']}")
+                continue
+            if not ops:
+                lines.append(f"  {family:<22} (no dispatched ops: PyTorch throughout)")
+            for op, choices in ops.items():
+                lines.append(f"  {family:<22} {op:<20} {choices.get('fp32', '-'):<14} "
+                             f"{choices.get('bf16', '-')}")
+        for name, reason in table["disabled"].items():
+            lines.append(f"  disabled after failing: {name} ({reason})")
+    return "\n".join(lines)

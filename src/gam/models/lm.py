@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from gam.constants import IGNORE_INDEX
 from gam.models.ops.fused import Dropout
 from gam.models.ops.losses import linear_cross_entropy, mean_cross_entropy
+from gam.runtime import host_sync_is_cheap
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
 #: The default, chosen by measurement (docs/results.md, "Initialisation"): the only scheme under
@@ -374,6 +375,10 @@ class CausalLM(nn.Module):
                 f"model with a larger max_seq_len (e.g. build_model(..., max_seq_len={end}))")
         if torch.compiler.is_compiling():
             return
+        if not host_sync_is_cheap(idx.device):  # checked on the device, without waiting
+            torch._assert_async(((idx >= 0) & (idx < self.config.vocab_size)).all(),
+                                f"a token id is outside [0, {self.config.vocab_size})")
+            return
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.config.vocab_size:
             bad = lo if lo < 0 else hi
@@ -385,6 +390,11 @@ class CausalLM(nn.Module):
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(targets.shape)}")
         if torch.compiler.is_compiling():
+            return
+        if not host_sync_is_cheap(targets.device):
+            ok = ((targets >= 0) & (targets < self.config.vocab_size)) | (targets == IGNORE_INDEX)
+            torch._assert_async(ok.all(), f"a target id is outside [0, "
+                                f"{self.config.vocab_size}) and not {IGNORE_INDEX}")
             return
         valid = targets[targets != IGNORE_INDEX]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.config.vocab_size):

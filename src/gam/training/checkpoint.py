@@ -102,13 +102,15 @@ class TrainingState:
 
 # -------------------------------------------------------------------------------------- RNG
 def capture_rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from, in a form ``torch.load(weights_only=True)``
-    accepts."""
+    """Every RNG a training step may draw from (on CUDA, the current device's generator), in a
+    form ``torch.load(weights_only=True)`` accepts."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        # this process's own GPU only: under torchrun every rank sees every GPU, and reading
+        # (or, on resume, writing) the others' generators would touch devices it does not own
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np_state[1].astype(np.int64)),
                   "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                   "cached_gaussian": float(np_state[4])},
@@ -118,8 +120,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written by an older gam: every visible GPU's
+            cuda = cuda[torch.cuda.current_device()] if len(cuda) > torch.cuda.current_device() \
+                else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached_gaussian"]))

@@ -19,6 +19,7 @@ across the sections (``batch_size``, ``tokenizer`` for ``TokenizerConfig.kind``,
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -392,6 +393,10 @@ class RuntimeOptions:
         None, help="torch CPU threads (torch.set_num_threads); default one per core, fewer when "
                    "other processes already keep the cores busy",
         type=positive_int, group="hardware")
+    tf32: bool | None = setting(  # None: on for CUDA unless $GAM_TF32=0 (gam.runtime.set_tf32)
+        None, help="TF32 tensor-core matmuls and convolutions for float32 on CUDA (default: on, "
+                   "unless GAM_TF32=0; --no-tf32: full float32; no effect on a CPU)",
+        action=argparse.BooleanOptionalAction, group="hardware")
     quiet: bool = setting(
         False, help="no progress bar or log lines, warnings and errors only (default: off)",
         action="store_true", group="logging")

@@ -14,6 +14,7 @@ import gam
 from gam.data import TokenBlocks, eot_token_id
 from gam.files import sha256_file
 from gam.models.registry import model_config
+from gam.runtime import tf32_enabled
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import load_data, load_tokenizer_file
 from gam.training.distributed import DistContext
@@ -124,6 +125,9 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
         schedule=schedule,
         versions={"gam_version": gam.__version__, "torch_version": torch.__version__},
         created=created)
+    # how it ran (may change on --resume): TF32 changes float32 results on CUDA
+    record["runtime"] = {"device": str(ctx.device),
+                         "tf32": tf32_enabled() if ctx.device.type == "cuda" else None}
     return RunPlan(mcfg, seq_len, per_rank, tokenizer, train_blocks, val_ids,
                    batches_per_epoch, total_steps, record, tokenizer_bytes)
 

@@ -45,7 +45,7 @@ from gam.models.io import (
     save_pretrained,
 )
 from gam.models.registry import model_from_config
-from gam.runtime import tune_cpu_allocator
+from gam.runtime import set_tf32, tune_cpu_allocator
 from gam.training.checkpoint import (
     TrainingState,
     capture_rng_state,
@@ -237,6 +237,7 @@ class Trainer:
             threads = read_state(checkpoint_dir).threads or None
         threads = set_threads(threads)
         tune_cpu_allocator()
+        set_tf32(ctx.device, opts.tf32)
         if not self.resuming:
             refuse_a_started_run(run_dir)
         return checkpoint_dir, threads

@@ -53,6 +53,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gam.models.ops.delta_rule_fla import delta_rule_fla
+
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
@@ -134,6 +136,9 @@ def delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: 
     per head."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    fast = delta_rule_fla(q, k, v, beta, log_decay, initial_state, _scale(q, scale))
+    if fast is not None:  # CUDA + flash-linear-attention + bf16/fp16 (ops.kernels)
+        return fast
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     dtype = _compute_dtype(v)

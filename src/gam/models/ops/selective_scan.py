@@ -10,13 +10,12 @@ for decoding). The paths are described in ``gam.models.mamba``'s docstring.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gam.models.ops import _scan_cpp
+from gam.models.ops import _scan_cpp, kernels
 
 BACKENDS = ("auto", "kernel", "torch", "mamba_ssm")
 
@@ -46,6 +45,11 @@ def selective_scan_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tenso
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: u_t, delta_t (B, D_in); B_t, C_t (B, N); h (B, D_in, N).
     Returns y_t (B, D_in) in u_t's dtype and the new state, computed in at least float32."""
+    if kernels.choose("selective_scan_step", u_t.device.type, u_t.dtype) == "mamba_ssm":
+        out = kernels.attempt("mamba_ssm_step",
+                              lambda: _mamba_ssm_step(u_t, delta_t, A, B_t, C_t, D, h))
+        if out is not None:
+            return out
     dtype = torch.promote_types(h.dtype, torch.float32)
     with torch.autocast(device_type=u_t.device.type, enabled=False):
         u, dt = u_t.to(dtype), delta_t.to(dtype)
@@ -53,6 +57,19 @@ def selective_scan_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tenso
             + (dt * u)[..., None] * B_t.to(dtype)[:, None, :]  # (B, D_in, N)
         y = torch.einsum("bdn,bn->bd", h, C_t.to(dtype)) + u * D.to(dtype)  # (B, D_in)
     return y.to(u_t.dtype), h
+
+
+def _mamba_ssm_step(u_t: torch.Tensor, delta_t: torch.Tensor, A: torch.Tensor,
+                    B_t: torch.Tensor, C_t: torch.Tensor, D: torch.Tensor, h: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba-ssm's ``selective_state_update``: same layout as ours (state (B, D_in, N), x, dt
+    (B, D_in), B, C (B, N)); it updates the state in place (so it gets a float32 copy: ours is
+    functional) and computes in float32, returning y in x's dtype."""
+    fn = kernels.fast_kernel("mamba_ssm_step").selective_state_update
+    state = h.to(torch.promote_types(h.dtype, torch.float32), copy=True).contiguous()
+    y = fn(state, u_t.contiguous(), delta_t.contiguous(), A.float().contiguous(),
+           B_t.contiguous(), C_t.contiguous(), D=D.float().contiguous())
+    return y.to(u_t.dtype), state
 
 
 def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +84,27 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
         a = torch.cat([a[:, :offset], a[:, offset:] * a[:, :-offset]], dim=1)
         offset *= 2
     return a, b
+
+
+# Elements of one (B, chunk, D_in, N) tensor the PyTorch scan may build on an accelerator
+# (2**26 floats = 256 MiB; the chunk's forward keeps a few such tensors alive at once).
+TORCH_SCAN_GPU_ELEMENTS = 2**26
+
+
+def torch_scan_chunk(device_type: str, batch: int, T: int, state_size: int, chunk_size: int
+                     ) -> int:
+    """Tokens per chunk of the PyTorch scan. On the CPU ``chunk_size`` (cache-sized blocks).
+    On an accelerator the Python loop over chunks is what costs (a few dozen kernel launches
+    per chunk, forward and backward, for a few microseconds of work each): the largest power
+    of two up to T whose (B, chunk, D_in, N) tensors stay within ``TORCH_SCAN_GPU_ELEMENTS``,
+    never below ``chunk_size``. ``state_size`` = D_in * N. The result does not depend on it."""
+    if device_type == "cpu":
+        return chunk_size
+    fit = max(1, TORCH_SCAN_GPU_ELEMENTS // max(1, batch * state_size))
+    chunk = chunk_size
+    while chunk * 2 <= min(T, fit):
+        chunk *= 2
+    return chunk
 
 
 class _TorchChunkedScan(torch.autograd.Function):
@@ -140,6 +178,7 @@ class _TorchChunkedScan(torch.autograd.Function):
 def _scan_fwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, chunk: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels.require_cpu("the scan kernel", u, delta, A, B, C, D, z)
     y, h, ckpt = _scan_cpp.scan_forward(u, delta, A, B, C, D, z, chunk)
     return y, h.contiguous(), ckpt
 
@@ -163,6 +202,7 @@ def _scan_bwd_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
                  C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None, ckpt: torch.Tensor,
                  dout: torch.Tensor, dh_last: torch.Tensor | None, chunk: int
                  ) -> tuple[torch.Tensor, ...]:
+    kernels.require_cpu("the scan kernel", u, delta, A, B, C, D, z, ckpt, dout, dh_last)
     grads = _scan_cpp.scan_backward(u, delta, A, B, C, D, z, ckpt, dout, dh_last, chunk)
     dz = grads[-1] if grads[-1] is not None else u.new_empty(0)  # no gate: an empty stand-in
     return (*(g.contiguous() for g in grads[:-1]), dz)
@@ -194,25 +234,25 @@ def _scan_backward(ctx: Any, dy: torch.Tensor, dh_last: torch.Tensor | None, _: 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup_context)
 
 
-@functools.cache
-def _mamba_ssm_scan_fn() -> Any:
-    """mamba-ssm's fused CUDA ``selective_scan_fn``, or None when it is not installed."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:  # also covers a broken install missing its CUDA extension
-        return None
-    return selective_scan_fn
-
-
 def pick_backend(device_type: str, dtype: torch.dtype) -> str:
-    """Which scan ``selective_scan(backend="auto")`` runs for inputs on this device/dtype."""
-    if device_type == "cuda" and _mamba_ssm_scan_fn() is not None:
-        return "mamba_ssm"
-    compute = torch.promote_types(dtype, torch.float32)
-    if device_type == "cpu" and compute in (torch.float32, torch.float64) \
-            and _scan_cpp.load() is not None:
-        return "kernel"
-    return "torch"
+    """Which scan ``selective_scan(backend="auto")`` runs for inputs on this device/dtype
+    (``kernels.choose``; the compiled CPU kernel is called "kernel" here)."""
+    choice = kernels.choose("selective_scan", device_type, dtype)
+    return "kernel" if choice == "cpp" else choice
+
+
+def _mamba_ssm_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    C: torch.Tensor, D: torch.Tensor, z: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """mamba-ssm's fused CUDA scan. Its layout is channels first: u, delta, z (B, D_in, T);
+    B, C (B, N, T). It wants delta, B, C, z in u's dtype (it computes in float32 inside) and
+    A, D in float32; it returns the last state in float32."""
+    fn = kernels.fast_kernel("mamba_ssm").selective_scan_fn
+    cl = lambda t: t.to(u.dtype).transpose(1, 2)
+    y, h = fn(cl(u), cl(delta), A.float(), cl(B), cl(C), D.float(),
+              z=None if z is None else cl(z), delta_bias=None, delta_softplus=False,
+              return_last_state=True)
+    return y.transpose(1, 2), h
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -226,20 +266,24 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = pick_backend(u.device.type, u.dtype)
     if backend == "mamba_ssm":
-        fn = _mamba_ssm_scan_fn()
-        if fn is None:
-            raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package")
-        # mamba-ssm's layout is channels first: u, delta, z (B, D_in, T); B, C (B, N, T). Its
-        # kernel wants delta, B, C, z in u's dtype (it computes in float32 inside) and A, D
-        # in float32.
-        cl = lambda t: t.to(u.dtype).transpose(1, 2)
-        y, h = fn(cl(u), cl(delta), A.float(), cl(B), cl(C), D.float(),
-                  z=None if z is None else cl(z), delta_bias=None, delta_softplus=False,
-                  return_last_state=True)
-        return y.transpose(1, 2), h
+        if u.dtype not in kernels.HALF_OR_FLOAT:
+            raise ValueError(f"backend='mamba_ssm' takes float32, bf16 or fp16 inputs, got "
+                             f"{u.dtype}")
+        if kernels.fast_kernel("mamba_ssm") is None:
+            raise RuntimeError("backend='mamba_ssm' needs the mamba_ssm package (with its "
+                               "CUDA build)")
+        if not auto:
+            return _mamba_ssm_scan(u, delta, A, B, C, D, z)
+        out = kernels.attempt("mamba_ssm", lambda: _mamba_ssm_scan(u, delta, A, B, C, D, z))
+        if out is not None:
+            return out
+        backend = "torch"
+    if backend == "kernel":
+        kernels.require_cpu("backend='kernel'", u, delta, A, B, C, D, z)
     dtype = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):
         u_, delta_, A_, D_ = (t.to(dtype) for t in (u, delta, A, D))
@@ -249,8 +293,10 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
             y, h, _ = _scan_fwd_op(u_.contiguous(), delta_.contiguous(), A_, B_, C_, D_,
                                    None if z is None else z.to(dtype), chunk_size)
         else:
+            chunk = torch_scan_chunk(u.device.type, u.shape[0], u.shape[1], A.numel(),
+                                     chunk_size)
             y, h = _TorchChunkedScan.apply(u_.contiguous(), delta_.contiguous(), A_,
-                                           B_.contiguous(), C_.contiguous(), chunk_size)
+                                           B_.contiguous(), C_.contiguous(), chunk)
             y = torch.addcmul(y, u_, D_)  # the skip connection D * u
             if z is not None:
                 y = y * F.silu(z.to(dtype))

@@ -33,6 +33,13 @@ import torch
 
 from gam import __version__
 from gam.data import eot_token_id
+from gam.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    ignore_file_size_signal,
+    print_user_error,
+    run_reporting_errors,
+)
 from gam.models.io import CheckpointError
 from gam.runtime import resolve_device, set_threads
 from gam.training import (
@@ -63,9 +70,7 @@ __all__ = ["PROG", "build_parser", "build_run_config", "main", "parse_model_arg"
            "stream_text"]
 
 PROG = "gam"
-EXIT_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
 
 # train options that --resume accepts (how to run, not what: RuntimeOptions); everything else is
 # the run's own
@@ -390,24 +395,27 @@ def _forward(command: str, argv: list[str]) -> int:
         print(f"{PROG}: error: 'gam {command}' is not available: {module_name}.main could not "
               f"be imported ({e})", file=sys.stderr)
         return EXIT_ERROR
-    code = entry(argv)
-    return int(code or 0)
+    return run_reporting_errors(f"{PROG} {command}", lambda: entry(argv))
 
 
 # -------------------------------------------------------------------------------------- main
-def _error_message(e: BaseException) -> str:
-    """The error as one line (multi-line messages, e.g. where a corpus was looked for, are
-    joined)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    # a missing corpus: say --data-dir, not the library's data_dir=
-    text = getattr(e, "cli_message", None) or text
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
-        or type(e).__name__
+# what to lower when memory runs out, per command
+MEMORY_HINTS = {
+    "train": "a smaller --batch-size (or --grad-accum N), --seq-len or model "
+             "(--model-arg d_model=... / max_seq_len=...)",
+    "eval": "a smaller --batch-size",
+    "generate": "a shorter --prompt or fewer --max-new-tokens",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gam`` command; returns the exit status."""
+    """Entry point of the ``gam`` command; returns the exit status.
+
+    Errors follow :mod:`gam.errors`' rule: what the user can fix (bad values, missing files,
+    a full disk, too little memory, a corrupted checkpoint) is one line with status 2; any
+    other exception is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    ignore_file_size_signal()
     if argv and argv[0] in ("bench", "export"):
         return _forward(argv[0], argv[1:])
     parser = build_parser()
@@ -429,10 +437,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted; a run continues from its last checkpoint with "
               f"'gam train --resume RUN_DIR'", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, CheckpointError, KeyError, ImportError) as e:
-        # OSError covers DataNotFoundError / FileNotFoundError and e.g. an --out that is a file
-        print(f"{PROG}: error: {_error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a user's error is one line, a bug is re-raised
+        if print_user_error(PROG, e, MEMORY_HINTS.get(args.command, "less memory"),
+                            also=(CheckpointError,)):
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

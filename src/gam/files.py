@@ -1,5 +1,5 @@
 """Writing files safely and the cache root, for every layer of the package (it imports
-nothing of ``gam``): atomic writes with the umask's mode, and where caches live.
+only ``gam.errors``): atomic writes with the umask's mode, and where caches live.
 
 Everything the package writes for a user (checkpoints, run folders, reports, cached token ids,
 tokenizers, the compiled scan kernel) goes through :func:`atomic_write`, so that an interrupted
@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from gam.errors import disk_error
 
 try:
     import fcntl
@@ -98,11 +100,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        full = disk_error(exc)
+        if full is not None and not full.filename:  # name the file the write was for
+            raise OSError(full.errno, full.strerror, str(path)) from exc
         raise
 
 

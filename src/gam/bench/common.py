@@ -21,10 +21,8 @@ import torch
 from gam.bench.environment import command_line, environment, finish_environment
 from gam.bench.measure import (
     MemoryMeter,
-    available_memory_bytes,
     current_rss_bytes,
     default_memory_cap,
-    is_oom_error,
     limit_address_space,
     loglog_fit,
     peak_rss_bytes,
@@ -43,6 +41,7 @@ from gam.bench.reports import (
     write_results,
 )
 from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
+from gam.errors import available_memory_bytes, is_oom_error, one_line
 from gam.models.registry import config_class, model_config
 from gam.runtime import DTYPES, resolve_device, set_threads, synchronize
 from gam.training.argtypes import parse_model_arg
@@ -149,9 +148,4 @@ def model_available(name: str) -> str | None:
     return None
 
 
-def error_text(exc: BaseException) -> str:
-    """An error as one line for a command-line user: a missing corpus says ``--data-dir``
-    (not the library's ``data_dir=``), and a multi-line message is joined."""
-    text = getattr(exc, "cli_message", None) or str(exc)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
-        or type(exc).__name__
+error_text = one_line  # an error as one line for a command-line user (gam.errors)

@@ -395,19 +395,32 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
             "model_config": model.config.to_dict()}
 
 
+def _key_text(key: Any) -> str:
+    """A configuration's key as canonical JSON (tuples and lists compare equal)."""
+    return json.dumps(key, sort_keys=True)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # the key as JSON text: loadable with weights_only=True whatever the key holds
+    state = {**state, "key": _key_text(state["key"])}
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def _load_checkpoint(path: Path | None, key: Any) -> dict[str, Any] | None:
-    """The saved state of this configuration, or None (no file, another key, unreadable)."""
+    """The saved state of this configuration, or None (no file, another key, unreadable).
+
+    Read with ``weights_only=True``: a file in the output folder is data, never code (a
+    planted pickle is refused, not run); its key must equal this configuration's before any
+    of it is used."""
     if path is None or not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - a damaged checkpoint: train from the start
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - damaged or not a plain-data checkpoint: start again
         return None
-    return state if isinstance(state, dict) and state.get("key") == key else None
+    if not isinstance(state, dict) or state.get("key") != _key_text(key):
+        return None
+    return state
 
 
 def _train_here(payload: dict[str, Any]) -> dict[str, Any]:

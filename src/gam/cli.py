@@ -54,7 +54,13 @@ from gam.training import (
 )
 from gam.training.argtypes import nonneg_int as _nonneg_int
 from gam.training.argtypes import number as _number
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import (
+    output_folder,
+    parse_model_arg,
+    seed,
+    thread_count,
+    utf8_text,
+)
 from gam.training.argtypes import positive_int as _positive_int
 from gam.training.config import RunConfig
 from gam.training.options import (
@@ -148,7 +154,8 @@ def _add_train(sub: Any) -> None:
               "logging": p.add_argument_group("logging, evaluation, checkpoints"),
               "hardware": p.add_argument_group("hardware")}
     groups["logging"].add_argument(
-        "--out", default=None, help="run directory (default runs/<model>-<dataset>-<timestamp>)")
+        "--out", type=output_folder, default=None,
+        help="run directory (default runs/<model>-<dataset>-<timestamp>)")
     groups["logging"].add_argument(
         "--resume", default=None, metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly from its last checkpoint (default: start a "
@@ -183,7 +190,7 @@ def _add_eval(sub: Any) -> None:
                    help="fp32 (default); bf16 / fp16: autocast (fp16 on CUDA only)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default) = cuda if available, else cpu")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress messages on stderr, only the JSON (default: off)")
@@ -195,7 +202,8 @@ def _add_generate(sub: Any) -> None:
                        description="Sample a continuation of --prompt with the run's model "
                        "(cached decoding), printing text as tokens arrive.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    p.add_argument("--prompt", type=utf8_text, default="",
+                   help="text to continue (default: start of text)")
     p.add_argument("--max-new-tokens", type=_nonneg_int, default=100,
                    help="tokens to generate at most (default 100; fewer if the end-of-text "
                         "token comes)")
@@ -206,12 +214,12 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--top-p", type=_number, default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability "
                         "reaches P, 0 < P <= 1 (default: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep going after the end-of-text token (default: stop there)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default) = cuda if available, else cpu")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
     p.set_defaults(func=cmd_generate)
 

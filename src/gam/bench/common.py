@@ -44,7 +44,7 @@ from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
 from gam.errors import available_memory_bytes, is_oom_error, one_line
 from gam.models.registry import config_class, model_config
 from gam.runtime import DTYPES, resolve_device, set_threads, synchronize
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import output_folder, parse_model_arg, seed, thread_count
 
 __all__ = [
     "DTYPES", "RESULT_PREFIX", "MemoryMeter", "_finite", "add_common_arguments",
@@ -65,15 +65,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto = cuda if available, else cpu (default: auto)")
-    group.add_argument("--threads", type=int, default=None, metavar="N",
+    group.add_argument("--threads", type=thread_count, default=None, metavar="N",
                        help="torch.set_num_threads(N) in every process of the run (default: "
                             "torch's default); reported in results.json")
-    group.add_argument("--out", type=Path, default=Path("runs") / "bench" / command,
+    group.add_argument("--out", type=output_folder, default=Path("runs") / "bench" / command,
                        metavar="DIR", help=f"output folder for results.json, results.md and "
                                            f"PNGs (default: runs/bench/{command})")
     group.add_argument("--quick", action="store_true",
                        help="a small version of the benchmark (a few minutes on a CPU)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[str],

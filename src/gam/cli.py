@@ -403,7 +403,9 @@ def _forward(command: str, argv: list[str]) -> int:
         print(f"{PROG}: error: 'gam {command}' is not available: {module_name}.main could not "
               f"be imported ({e})", file=sys.stderr)
         return EXIT_ERROR
-    return run_reporting_errors(f"{PROG} {command}", lambda: entry(argv))
+    prog = f"{PROG} {command}" + (f" {argv[0]}" if command == "bench" and argv
+                                  and not argv[0].startswith("-") else "")
+    return run_reporting_errors(prog, lambda: entry(argv))
 
 
 # -------------------------------------------------------------------------------------- main

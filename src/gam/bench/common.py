@@ -44,7 +44,13 @@ from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
 from gam.errors import available_memory_bytes, is_oom_error, one_line
 from gam.models.registry import config_class, model_config
 from gam.runtime import DTYPES, resolve_device, set_threads, synchronize
-from gam.training.argtypes import output_folder, parse_model_arg, seed, thread_count
+from gam.training.argtypes import (
+    output_folder,
+    parse_model_arg,
+    positive_int,
+    seed,
+    thread_count,
+)
 
 __all__ = [
     "DTYPES", "RESULT_PREFIX", "MemoryMeter", "_finite", "add_common_arguments",
@@ -84,9 +90,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[st
     parser.add_argument("--preset", default="paper",
                         help="size preset of every model: paper, cpu-small or tiny (default: "
                              "%(default)s)")
-    parser.add_argument("--d-model", type=int, default=None,
+    parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's)")
-    parser.add_argument("--n-layers", type=int, default=None,
+    parser.add_argument("--n-layers", type=positive_int, default=None,
                         help="override n_layers (default: the preset's)")
     parser.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
                         metavar="KEY=VALUE", dest="model_args",

@@ -99,7 +99,7 @@ from gam.models.registry import (
     model_config,
     model_from_config,
 )
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import parse_model_arg, positive_int, positive_number
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
 from gam.training.step import NonFiniteError, train_step
@@ -465,13 +465,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE",
                         help="config override for every registry model (repeatable; not "
                              f"applied to {TEXTBOOK}), e.g. init=gpt2 (default: none)")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=None, metavar="T",
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, default=None, metavar="T",
                         help="sequence lengths, one model per length (default 64 128 256; "
                              "quick 32)")
-    parser.add_argument("--num-kv-pairs", nargs="+", type=int, default=None, metavar="P",
+    parser.add_argument("--num-kv-pairs", nargs="+", type=positive_int, default=None, metavar="P",
                         help="pair counts; each length trains on those with 8P <= T "
                              "(default 4 8 16; quick 2 4)")
-    parser.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+    parser.add_argument("--lrs", nargs="+", type=positive_number, default=None, metavar="LR",
                         help="peak learning rates swept per (model, length); the best "
                              "validation accuracy is reported (default 1e-3 3e-3 1e-2; quick "
                              "3e-3 1e-2)")
@@ -513,7 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation sequences per pair count (default 256; quick 32)")
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="test sequences per pair count (default 1000; quick 64)")
-    parser.add_argument("--max-seconds", type=float, default=None,
+    parser.add_argument("--max-seconds", type=positive_number, default=None,
                         help="training-time limit of one configuration: it then stops, is "
                              "evaluated and recorded with stop 'time limit' (default: none)")
     parser.add_argument("--in-process", action="store_true",

@@ -74,6 +74,22 @@ def finite_number(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """A finite float > 0."""
+    value = finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def nonneg_number(text: str) -> float:
+    """A finite float >= 0."""
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 def utf8_text(text: str) -> str:
     """Text that is valid UTF-8 (an argument with bytes that are not is refused)."""
     try:

@@ -90,6 +90,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
+_ALLOCATION = re.compile(r"(?i)tried to allocate ([\d.]+(?: [KMGT]i?B)?)")
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust (safetensors) reports one
 
 
@@ -128,8 +129,13 @@ def user_error_message(exc: BaseException, memory_hint: str = "a smaller batch o
         return (f"could not write{where}: {DISK_ERRNOS[disk.errno]} "
                 f"({errno.errorcode[disk.errno]}); free space or raise the limit and retry")
     if is_oom_error(exc):
-        first = one_line(exc).split(". ")[0][:200]
-        return f"out of memory ({first}); retry with {memory_hint}"
+        asked = _ALLOCATION.search(str(exc))
+        size = ""
+        if asked:  # torch's CPU allocator says bytes, its CUDA one a size with a unit
+            amount = asked.group(1)
+            size = f" (one allocation of {int(amount) / 2**30:.2f} GiB)" if amount.isdigit() \
+                else f" (one allocation of {amount})"
+        return f"out of memory{size}; retry with {memory_hint}"
     if isinstance(exc, USER_ERRORS + also):
         return one_line(exc)
     return None

@@ -125,7 +125,7 @@ def user_error_message(exc: BaseException, memory_hint: str = "a smaller batch o
     types the caller knows to be the user's (e.g. a corrupted checkpoint)."""
     disk = disk_error(exc)
     if disk is not None:
-        where = f" writing {os.fsdecode(disk.filename)}" if disk.filename else ""
+        where = f" {os.fsdecode(disk.filename)}" if disk.filename else ""
         return (f"could not write{where}: {DISK_ERRNOS[disk.errno]} "
                 f"({errno.errorcode[disk.errno]}); free space or raise the limit and retry")
     if is_oom_error(exc):

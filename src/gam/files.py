@@ -105,10 +105,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             os.unlink(tmp_name)
         except OSError:
             pass
-        full = disk_error(exc)
-        if full is not None and not full.filename:  # name the file the write was for
-            raise OSError(full.errno, full.strerror, str(path)) from exc
+        raise_naming_disk_error(exc, path)
         raise
+
+
+def raise_naming_disk_error(exc: BaseException, path: str | os.PathLike[str]) -> None:
+    """If ``exc`` comes from a full disk or the file-size limit and names no file (a failed
+    ``write``; torch's or safetensors' writers wrap it), raise an ``OSError`` naming ``path``
+    (the file being written) from it; otherwise return, for the caller to re-raise ``exc``."""
+    full = disk_error(exc)
+    if full is not None and not full.filename:
+        raise OSError(full.errno, full.strerror, str(path)) from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

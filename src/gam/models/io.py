@@ -17,7 +17,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gam.files import atomic_write_json, default_mode, mkstemp_default_mode
+from gam.files import (
+    atomic_write_json,
+    default_mode,
+    mkstemp_default_mode,
+    raise_naming_disk_error,
+)
 from gam.models.lm import CausalLM
 from gam.models.registry import MODELS, config_class, model_from_config
 
@@ -48,8 +53,9 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
         save_file(state_dict_for_saving(model), tmp)
         os.chmod(tmp, default_mode())  # safetensors writes its files 0600 whatever the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        raise_naming_disk_error(exc, path)
         raise
 
 

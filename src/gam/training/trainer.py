@@ -37,6 +37,7 @@ import torch
 import gam
 from gam.data import TokenBlocks
 from gam.errors import UsageError, available_memory_bytes
+from gam.files import raise_naming_disk_error
 from gam.models.io import (
     CheckpointError,
     save_pretrained,
@@ -346,7 +347,11 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, plan.record)
             if not (run_dir / TOKENIZER_FILE).is_file():
-                plan.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+                try:
+                    plan.tokenizer.save(str(run_dir / TOKENIZER_FILE))
+                except Exception as exc:  # a full disk: say which file
+                    raise_naming_disk_error(exc, run_dir / TOKENIZER_FILE)
+                    raise
             truncate_metrics(run_dir / METRICS_FILE, self.state.step)
             if checkpoint_dir is not None:
                 repair_saved_model(run_dir, self.model, self.state.step)

@@ -215,6 +215,13 @@ def test_out_of_memory_in_training_is_one_line_and_a_retry_works(run_dir, data_d
     assert main(train_args(out, data_dir)) == 0
 
 
+def test_a_refused_new_run_leaves_the_run_already_there(run_dir, data_dir, capsys):
+    before = {p.name: p.read_bytes() for p in run_dir.glob("[!.]*") if p.is_file()}
+    assert main(train_args(run_dir, data_dir)) == 2
+    one_line_error(capsys, "already holds a run")
+    assert {p.name: p.read_bytes() for p in run_dir.glob("[!.]*") if p.is_file()} == before
+
+
 def test_a_model_too_large_for_memory_is_refused_before_anything_is_allocated(
         run_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"

@@ -71,7 +71,7 @@ def train_tokenizer(
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
             or not minimum <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(
-            f"vocab_size for a {kind!r} tokenizer must be an int from {minimum} to "
+            f"vocab_size for a {kind!r} tokenizer must be an int >= {minimum} and <= "
             f"{MAX_VOCAB_SIZE:,}, got {vocab_size!r}"
         )
     splits = list(corpus.splits) if on_all_splits else ["train"]

@@ -196,6 +196,7 @@ class Trainer:
         main = int(os.environ.get("RANK", "0")) == 0
         new_folder = main and not self.resuming and not self.run_dir.exists()
         self.state: TrainingState | None = None
+        self.written: list[str] = []  # the run files this run created (none it found there)
         try:
             return self._run_locked(main)
         except Exception:
@@ -207,7 +208,7 @@ class Trainer:
         """A new run that failed before its first step (too little memory, a full disk...)
         holds nothing worth keeping: remove what it wrote, so that a retry with other
         settings into the same folder is not refused as "already holds a run"."""
-        for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE):
+        for name in self.written:
             (self.run_dir / name).unlink(missing_ok=True)
         if new_folder:
             (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
@@ -345,6 +346,8 @@ class Trainer:
         ctx, run_dir = self.ctx, self.run_dir
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            self.written = [name for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE)
+                            if not (run_dir / name).exists()]
             write_run_config(run_dir, plan.record)
             if not (run_dir / TOKENIZER_FILE).is_file():
                 try:

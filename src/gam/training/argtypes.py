@@ -74,20 +74,22 @@ def finite_number(text: str) -> float:
     return value
 
 
+def _number_from(text: str, minimum: float, inclusive: bool) -> float:
+    value = finite_number(text)
+    if value < minimum or (value == minimum and not inclusive):
+        raise argparse.ArgumentTypeError(
+            f"must be a number {'>=' if inclusive else '>'} {minimum:g}, got {text!r}")
+    return value
+
+
 def positive_number(text: str) -> float:
     """A finite float > 0."""
-    value = finite_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+    return _number_from(text, 0.0, inclusive=False)
 
 
 def nonneg_number(text: str) -> float:
     """A finite float >= 0."""
-    value = finite_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+    return _number_from(text, 0.0, inclusive=True)
 
 
 def utf8_text(text: str) -> str:

@@ -15,6 +15,7 @@ PACKAGE = SRC / "gam"
 # unit (a top-level module or a subpackage) -> layer. The package face gam/__init__.py
 # re-exports models' public names (and ``__version__``): above models, below training.
 LAYERS = {
+    "gam.errors": -1,
     "gam.runtime": 0, "gam.files": 0, "gam.constants": 0,
     "gam.data": 1, "gam.models": 1,
     "gam": 1.5,

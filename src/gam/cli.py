@@ -33,6 +33,13 @@ import torch
 
 from gam import __version__
 from gam.data import eot_token_id
+from gam.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    ignore_file_size_signal,
+    print_user_error,
+    run_reporting_errors,
+)
 from gam.models.io import CheckpointError
 from gam.runtime import resolve_device, set_threads
 from gam.training import (
@@ -47,7 +54,13 @@ from gam.training import (
 )
 from gam.training.argtypes import nonneg_int as _nonneg_int
 from gam.training.argtypes import number as _number
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import (
+    output_folder,
+    parse_model_arg,
+    seed,
+    thread_count,
+    utf8_text,
+)
 from gam.training.argtypes import positive_int as _positive_int
 from gam.training.config import RunConfig
 from gam.training.options import (
@@ -63,9 +76,7 @@ __all__ = ["PROG", "build_parser", "build_run_config", "main", "parse_model_arg"
            "stream_text"]
 
 PROG = "gam"
-EXIT_ERROR = 2
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
 
 # train options that --resume accepts (how to run, not what: RuntimeOptions); everything else is
 # the run's own
@@ -147,7 +158,8 @@ def _add_train(sub: Any) -> None:
               "logging": p.add_argument_group("logging, evaluation, checkpoints"),
               "hardware": p.add_argument_group("hardware")}
     groups["logging"].add_argument(
-        "--out", default=None, help="run directory (default runs/<model>-<dataset>-<timestamp>)")
+        "--out", type=output_folder, default=None,
+        help="run directory (default runs/<model>-<dataset>-<timestamp>)")
     groups["logging"].add_argument(
         "--resume", default=None, metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly from its last checkpoint (default: start a "
@@ -182,7 +194,7 @@ def _add_eval(sub: Any) -> None:
                    help="fp32 (default); bf16 / fp16: autocast (fp16 on CUDA only)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default) = cuda if available, else cpu")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress messages on stderr, only the JSON (default: off)")
@@ -194,7 +206,8 @@ def _add_generate(sub: Any) -> None:
                        description="Sample a continuation of --prompt with the run's model "
                        "(cached decoding), printing text as tokens arrive.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of text)")
+    p.add_argument("--prompt", type=utf8_text, default="",
+                   help="text to continue (default: start of text)")
     p.add_argument("--max-new-tokens", type=_nonneg_int, default=100,
                    help="tokens to generate at most (default 100; fewer if the end-of-text "
                         "token comes)")
@@ -205,12 +218,12 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--top-p", type=_number, default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability "
                         "reaches P, 0 < P <= 1 (default: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep going after the end-of-text token (default: stop there)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default) = cuda if available, else cpu")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
     p.set_defaults(func=cmd_generate)
 
@@ -415,24 +428,29 @@ def _forward(command: str, argv: list[str]) -> int:
         print(f"{PROG}: error: 'gam {command}' is not available: {module_name}.main could not "
               f"be imported ({e})", file=sys.stderr)
         return EXIT_ERROR
-    code = entry(argv)
-    return int(code or 0)
+    prog = f"{PROG} {command}" + (f" {argv[0]}" if command == "bench" and argv
+                                  and not argv[0].startswith("-") else "")
+    return run_reporting_errors(prog, lambda: entry(argv))
 
 
 # -------------------------------------------------------------------------------------- main
-def _error_message(e: BaseException) -> str:
-    """The error as one line (multi-line messages, e.g. where a corpus was looked for, are
-    joined)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    # a missing corpus: say --data-dir, not the library's data_dir=
-    text = getattr(e, "cli_message", None) or text
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
-        or type(e).__name__
+# what to lower when memory runs out, per command
+MEMORY_HINTS = {
+    "train": "a smaller --batch-size (or --grad-accum N), --seq-len or model "
+             "(--model-arg d_model=... / max_seq_len=...)",
+    "eval": "a smaller --batch-size",
+    "generate": "a shorter --prompt or fewer --max-new-tokens",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gam`` command; returns the exit status."""
+    """Entry point of the ``gam`` command; returns the exit status.
+
+    Errors follow :mod:`gam.errors`' rule: what the user can fix (bad values, missing files,
+    a full disk, too little memory, a corrupted checkpoint) is one line with status 2; any
+    other exception is a bug and keeps its traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    ignore_file_size_signal()
     if argv and argv[0] in ("bench", "export"):
         return _forward(argv[0], argv[1:])
     parser = build_parser()
@@ -454,10 +472,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted; a run continues from its last checkpoint with "
               f"'gam train --resume RUN_DIR'", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, CheckpointError, KeyError, ImportError) as e:
-        # OSError covers DataNotFoundError / FileNotFoundError and e.g. an --out that is a file
-        print(f"{PROG}: error: {_error_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as e:  # noqa: BLE001 - a user's error is one line, a bug is re-raised
+        if print_user_error(PROG, e, MEMORY_HINTS.get(args.command, "less memory"),
+                            also=(CheckpointError,)):
+            return EXIT_ERROR
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,5 +1,5 @@
 """Writing files safely and the cache root, for every layer of the package (it imports
-nothing of ``gam``): atomic writes with the umask's mode, and where caches live.
+only ``gam.errors``): atomic writes with the umask's mode, and where caches live.
 
 Everything the package writes for a user (checkpoints, run folders, reports, cached token ids,
 tokenizers, the compiled scan kernel) goes through :func:`atomic_write`, so that an interrupted
@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+from gam.errors import disk_error
 
 try:
     import fcntl
@@ -148,12 +150,22 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp_name)
         except OSError:
             pass
+        raise_naming_disk_error(exc, path)
         raise
+
+
+def raise_naming_disk_error(exc: BaseException, path: str | os.PathLike[str]) -> None:
+    """If ``exc`` comes from a full disk or the file-size limit and names no file (a failed
+    ``write``; torch's or safetensors' writers wrap it), raise an ``OSError`` naming ``path``
+    (the file being written) from it; otherwise return, for the caller to re-raise ``exc``."""
+    full = disk_error(exc)
+    if full is not None and not full.filename:
+        raise OSError(full.errno, full.strerror, str(path)) from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -250,7 +250,7 @@ def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monk
     monkeypatch.setattr(recall, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         recall.train_config(*args, log=lambda _: None, checkpoint=checkpoint, key=key)
-    assert torch.load(checkpoint, weights_only=False)["step"] == 8  # the last validation
+    assert torch.load(checkpoint, weights_only=True)["step"] == 8  # the last validation
     monkeypatch.setattr(recall, "train_step", real_step)
     lines = []
     resumed = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key=key)

@@ -91,6 +91,8 @@ def test_bad_arguments_rejected():
         train_tokenizer(corpus, kind="wordpiece")
     with pytest.raises(ValueError, match=">= 257"):
         train_tokenizer(corpus, kind="bytelevel", vocab_size=100)
+    with pytest.raises(ValueError, match="<= 2,097,152"):  # the BPE trainer would abort
+        train_tokenizer(corpus, kind="bytelevel", vocab_size=100_000_000)
 
 
 def test_second_call_loads_from_cache_without_training(monkeypatch, cache_dir):

@@ -3,5 +3,7 @@
 import sys
 
 from gam.bench import main
+from gam.errors import ignore_file_size_signal, run_reporting_errors
 
-sys.exit(main())
+ignore_file_size_signal()
+sys.exit(run_reporting_errors("gam bench", main))

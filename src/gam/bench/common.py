@@ -22,10 +22,8 @@ import torch
 from gam.bench.environment import command_line, environment, finish_environment
 from gam.bench.measure import (
     MemoryMeter,
-    available_memory_bytes,
     current_rss_bytes,
     default_memory_cap,
-    is_oom_error,
     limit_address_space,
     loglog_fit,
     peak_rss_bytes,
@@ -44,9 +42,16 @@ from gam.bench.reports import (
     write_results,
 )
 from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
+from gam.errors import available_memory_bytes, is_oom_error, one_line
 from gam.models.registry import config_class, model_config
 from gam.runtime import DTYPES, TF32_ENV, resolve_device, set_threads, synchronize
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import (
+    output_folder,
+    parse_model_arg,
+    positive_int,
+    seed,
+    thread_count,
+)
 
 __all__ = [
     "DTYPES", "RESULT_PREFIX", "MemoryMeter", "_finite", "add_common_arguments",
@@ -67,15 +72,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("common options")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto = cuda if available, else cpu (default: auto)")
-    group.add_argument("--threads", type=int, default=None, metavar="N",
+    group.add_argument("--threads", type=thread_count, default=None, metavar="N",
                        help="torch.set_num_threads(N) in every process of the run (default: "
                             "torch's default); reported in results.json")
-    group.add_argument("--out", type=Path, default=Path("runs") / "bench" / command,
+    group.add_argument("--out", type=output_folder, default=Path("runs") / "bench" / command,
                        metavar="DIR", help=f"output folder for results.json, results.md and "
                                            f"PNGs (default: runs/bench/{command})")
     group.add_argument("--quick", action="store_true",
                        help="a small version of the benchmark (a few minutes on a CPU)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    group.add_argument("--seed", type=seed, default=0, help="random seed (default: 0)")
     group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="TF32 matmuls for float32 on CUDA (default: on, unless GAM_TF32=0; "
                             "recorded in results.json)")
@@ -89,9 +94,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[st
     parser.add_argument("--preset", default="paper",
                         help="size preset of every model: paper, cpu-small or tiny (default: "
                              "%(default)s)")
-    parser.add_argument("--d-model", type=int, default=None,
+    parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's)")
-    parser.add_argument("--n-layers", type=int, default=None,
+    parser.add_argument("--n-layers", type=positive_int, default=None,
                         help="override n_layers (default: the preset's)")
     parser.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
                         metavar="KEY=VALUE", dest="model_args",
@@ -155,9 +160,4 @@ def model_available(name: str) -> str | None:
     return None
 
 
-def error_text(exc: BaseException) -> str:
-    """An error as one line for a command-line user: a missing corpus says ``--data-dir``
-    (not the library's ``data_dir=``), and a multi-line message is joined."""
-    text = getattr(exc, "cli_message", None) or str(exc)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip()) \
-        or type(exc).__name__
+error_text = one_line  # an error as one line for a command-line user (gam.errors)

@@ -37,6 +37,7 @@ import torch
 from gam.bench import common
 from gam.models.lm import block_decode_state_bytes
 from gam.models.registry import build_model
+from gam.training.argtypes import positive_int, positive_number
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -47,14 +48,14 @@ WARMUP_STEPS = 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser, DEFAULT_MODELS,
                                "build_model names to time (default: %(default)s)")
-    parser.add_argument("--contexts", nargs="+", type=int, default=None, metavar="CTX",
+    parser.add_argument("--contexts", nargs="+", type=positive_int, default=None, metavar="CTX",
                         help="context (prompt) lengths (default 128..16384 doubling; quick: "
                              "128..2048)")
-    parser.add_argument("--new-tokens", type=int, default=None,
+    parser.add_argument("--new-tokens", type=positive_int, default=None,
                         help="timed generated tokens per context (default 64; quick 16)")
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--batch-size", type=positive_int, default=1,
                         help="sequences decoded together (default: %(default)s)")
-    parser.add_argument("--max-seconds", type=float, default=900.0,
+    parser.add_argument("--max-seconds", type=positive_number, default=900.0,
                         help="wall-clock limit per model (its own process)")
 
 

@@ -1,7 +1,7 @@
 """Measuring a benchmark configuration: wall-clock timing with warm-up (CUDA events on a GPU),
 peak memory (``MemoryMeter``: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak
-resident set size ``VmHWM`` on a CPU), address-space limits for CPU workers, out-of-memory
-detection, and log-log least-squares fits of the measurements."""
+resident set size ``VmHWM`` on a CPU), address-space limits for CPU workers, and log-log
+least-squares fits of the measurements (out-of-memory detection is ``gam.errors``')."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gam.errors import available_memory_bytes
 from gam.models.lm import state_nbytes
 from gam.runtime import synchronize
 
@@ -160,26 +161,6 @@ def limit_address_space(extra_bytes: int | None) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def available_memory_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def is_oom_error(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "can't allocate memory", "cannot allocate memory",
-                            "failed to allocate", "std::bad_alloc"))
 
 
 def default_memory_cap(device: torch.device, max_memory_gb: float | None) -> int | None:

@@ -99,7 +99,7 @@ from gam.models.registry import (
     model_config,
     model_from_config,
 )
-from gam.training.argtypes import parse_model_arg
+from gam.training.argtypes import parse_model_arg, positive_int, positive_number
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
 from gam.training.step import NonFiniteError, train_step
@@ -395,19 +395,32 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
             "model_config": model.config.to_dict()}
 
 
+def _key_text(key: Any) -> str:
+    """A configuration's key as canonical JSON (tuples and lists compare equal)."""
+    return json.dumps(key, sort_keys=True)
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # the key as JSON text: loadable with weights_only=True whatever the key holds
+    state = {**state, "key": _key_text(state["key"])}
     atomic_write(path, lambda handle: torch.save(state, handle))
 
 
 def _load_checkpoint(path: Path | None, key: Any) -> dict[str, Any] | None:
-    """The saved state of this configuration, or None (no file, another key, unreadable)."""
+    """The saved state of this configuration, or None (no file, another key, unreadable).
+
+    Read with ``weights_only=True``: a file in the output folder is data, never code (a
+    planted pickle is refused, not run); its key must equal this configuration's before any
+    of it is used."""
     if path is None or not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - a damaged checkpoint: train from the start
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - damaged or not a plain-data checkpoint: start again
         return None
-    return state if isinstance(state, dict) and state.get("key") == key else None
+    if not isinstance(state, dict) or state.get("key") != _key_text(key):
+        return None
+    return state
 
 
 def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
@@ -452,13 +465,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEY=VALUE",
                         help="config override for every registry model (repeatable; not "
                              f"applied to {TEXTBOOK}), e.g. init=gpt2 (default: none)")
-    parser.add_argument("--seq-lens", nargs="+", type=int, default=None, metavar="T",
+    parser.add_argument("--seq-lens", nargs="+", type=positive_int, default=None, metavar="T",
                         help="sequence lengths, one model per length (default 64 128 256; "
                              "quick 32)")
-    parser.add_argument("--num-kv-pairs", nargs="+", type=int, default=None, metavar="P",
+    parser.add_argument("--num-kv-pairs", nargs="+", type=positive_int, default=None, metavar="P",
                         help="pair counts; each length trains on those with 8P <= T "
                              "(default 4 8 16; quick 2 4)")
-    parser.add_argument("--lrs", nargs="+", type=float, default=None, metavar="LR",
+    parser.add_argument("--lrs", nargs="+", type=positive_number, default=None, metavar="LR",
                         help="peak learning rates swept per (model, length); the best "
                              "validation accuracy is reported (default 1e-3 3e-3 1e-2; quick "
                              "3e-3 1e-2)")
@@ -500,7 +513,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation sequences per pair count (default 256; quick 32)")
     parser.add_argument("--eval-examples", type=int, default=None,
                         help="test sequences per pair count (default 1000; quick 64)")
-    parser.add_argument("--max-seconds", type=float, default=None,
+    parser.add_argument("--max-seconds", type=positive_number, default=None,
                         help="training-time limit of one configuration: it then stops, is "
                              "evaluated and recorded with stop 'time limit' (default: none)")
     parser.add_argument("--in-process", action="store_true",

@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from gam.bench.measure import is_oom_error
 from gam.bench.ngram import ngram_baselines
 from gam.bench.protocols import DATASET_NOTES, Protocol
 from gam.data import encode_corpus, load_corpus, train_tokenizer
 from gam.data.tokenizer import tokenizer_hash
+from gam.errors import is_oom_error
 from gam.files import sha256_file
 from gam.models.io import MODEL_JSON
 from gam.models.registry import count_parameters, model_config, model_from_config

@@ -50,6 +50,7 @@ import torch
 from gam.bench import common
 from gam.bench.workers import merge_worker_result
 from gam.models.registry import build_model, model_config
+from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
 
 DEFAULT_MODELS = ["gam", "transformer", "transformer-naive", "mamba"]
 DEFAULT_LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
@@ -60,22 +61,22 @@ WARMUP_TOKENS = 16
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="NAME",
                         help="build_model names")
-    parser.add_argument("--lengths", nargs="+", type=int, default=None, metavar="N",
+    parser.add_argument("--lengths", nargs="+", type=positive_int, default=None, metavar="N",
                         help="explicit sequence lengths (default: 256, 512, ... up to "
                              "--max-len; quick: 256..2048)")
-    parser.add_argument("--max-len", type=int, default=None,
+    parser.add_argument("--max-len", type=positive_int, default=None,
                         help="longest length of the doubling series from 256 (default 8192)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="batch size (default: 4 on CPU, 16 (the paper's) on GPU; quick: 2)")
     parser.add_argument("--preset", default="paper", help="block hyper-parameters")
-    parser.add_argument("--d-model", type=int, default=None,
+    parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's, 512)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per configuration (default 3; quick 2)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    parser.add_argument("--max-seconds", type=float, default=600.0,
+    parser.add_argument("--warmup", type=nonneg_int, default=1, help="untimed runs before timing")
+    parser.add_argument("--max-seconds", type=positive_number, default=600.0,
                         help="wall-clock limit per configuration (its own process)")
-    parser.add_argument("--max-memory-gb", type=float, default=None,
+    parser.add_argument("--max-memory-gb", type=nonneg_number, default=None,
                         help="CPU: cap on a configuration's extra address space (default: "
                              "85%% of available memory); 0 = no cap")
     parser.add_argument("--no-skip", action="store_true",

@@ -45,6 +45,7 @@ from gam.bench.flops import flops_breakdown, flops_per_token
 from gam.bench.workers import merge_worker_result
 from gam.models.registry import build_model, model_config
 from gam.runtime import tune_cpu_allocator
+from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer
 from gam.training.step import train_step
@@ -55,24 +56,24 @@ MATMUL_SIZE = 2048
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser, DEFAULT_MODELS)
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="sequences per training step (default: %(default)s)")
-    parser.add_argument("--seq-len", nargs="+", type=int, default=[256], metavar="T",
+    parser.add_argument("--seq-len", nargs="+", type=positive_int, default=[256], metavar="T",
                         help="sequence length(s); max_seq_len is raised to it if needed")
     parser.add_argument("--dtype", nargs="+", choices=("fp32", "bf16"), default=["fp32"],
                         help="bf16 = torch.autocast(device, dtype=torch.bfloat16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="timed steps (default 10; quick 3)")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=nonneg_int, default=None,
                         help="untimed steps first (default 2; quick 1)")
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
-    parser.add_argument("--matmul-size", type=int, default=MATMUL_SIZE,
+    parser.add_argument("--lr", type=positive_number, default=3e-4, help="AdamW learning rate")
+    parser.add_argument("--matmul-size", type=positive_int, default=MATMUL_SIZE,
                         help="n of the n x n @ n x n matmul that measures the peak")
-    parser.add_argument("--max-seconds", type=float, default=900.0,
+    parser.add_argument("--max-seconds", type=positive_number, default=900.0,
                         help="wall-clock limit per configuration (its own process); timing "
                              "stops early after 60%% of it")
-    parser.add_argument("--max-memory-gb", type=float, default=None,
+    parser.add_argument("--max-memory-gb", type=nonneg_number, default=None,
                         help="CPU: cap on a configuration's extra address space (default: "
                              "85%% of available memory); 0 = no cap")
 

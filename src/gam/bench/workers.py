@@ -15,8 +15,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gam.bench.measure import is_oom_error
 from gam.bench.reports import _finite
+from gam.errors import is_oom_error
 from gam.runtime import set_threads
 
 RESULT_PREFIX = "GAM_BENCH_RESULT "

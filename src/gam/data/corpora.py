@@ -30,9 +30,11 @@ Row conventions (those of the Hugging Face ``wikitext`` builder, so local and hu
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -426,16 +428,39 @@ def _read_austen(
 # text:PATH
 
 
+_TEXT_EXPECTED = (
+    "a text file (plain or .xz) or a folder with train.txt, valid.txt and optionally "
+    "test.txt (each plain or .xz)"
+)
+
+
+def check_text_corpus_path(path: Path) -> None:
+    """A ``text:PATH`` corpus path must be a regular file (or ``PATH.xz``) or a folder:
+    DataNotFoundError if it does not exist, ValueError for a symlink loop or a device, pipe or
+    socket (which would be read forever or not at all)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"text corpus path {path} is a symlink loop; expected "
+                             f"{_TEXT_EXPECTED}") from None
+        if find_text_file(path.parent, path.name) is not None:  # PATH.xz
+            return
+        raise DataNotFoundError(
+            f"text corpus path {path} does not exist; expected {_TEXT_EXPECTED}") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise ValueError(f"text corpus path {path} is not a regular file or a folder (a device, "
+                         f"pipe or socket); expected {_TEXT_EXPECTED}")
+
+
 def _load_text_corpus(name: str, max_train_rows: int | None, max_val_rows: int | None) -> Corpus:
     raw = name[len(TEXT_PREFIX) :]
     if not raw:
         raise ValueError(f"{TEXT_PREFIX!r} needs a path, e.g. '{TEXT_PREFIX}notes.txt'")
     path = Path(raw).expanduser()
+    check_text_corpus_path(path)
     limits = (max_train_rows, max_val_rows)
-    expected = (
-        "a text file (plain or .xz) or a folder with train.txt, valid.txt and optionally "
-        "test.txt (each plain or .xz)"
-    )
+    expected = _TEXT_EXPECTED
     if path.is_dir():
         paths: dict[str, Path] = {}
         missing: list[str] = []

@@ -38,6 +38,9 @@ PAPER_EOT = "[EOS]"
 
 _CACHE_FORMAT = 1  # bump when the way tokenizers are built changes, to retire old cache entries
 _TRAIN_BATCH = 1000
+# the largest vocabulary accepted: the BPE trainer reserves memory for the whole vocabulary up
+# front (a huge size aborts the process), and no corpus here has that many useful merges
+MAX_VOCAB_SIZE = 2**21
 
 
 def train_tokenizer(
@@ -65,9 +68,11 @@ def train_tokenizer(
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}")
     minimum = _min_vocab_size(kind)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < minimum:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not minimum <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(
-            f"vocab_size for a {kind!r} tokenizer must be an int >= {minimum}, got {vocab_size!r}"
+            f"vocab_size for a {kind!r} tokenizer must be an int >= {minimum} and <= "
+            f"{MAX_VOCAB_SIZE:,}, got {vocab_size!r}"
         )
     splits = list(corpus.splits) if on_all_splits else ["train"]
     path = tokenizer_cache_path(corpus, kind, vocab_size, on_all_splits, cache_dir)

@@ -35,6 +35,7 @@ from typing import Any
 from tokenizers import Tokenizer
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from gam.errors import EXIT_INTERRUPTED, one_line
 from gam.files import default_mode, mkdtemp_default_mode
 from gam.hf.configuration_gam import HF_MODEL_NAMES
 from gam.hf.modeling_gam import GAMForCausalLM
@@ -247,8 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         out = export_run(args.run_dir, args.out_dir, overwrite=args.overwrite)
+    except KeyboardInterrupt:  # export_run has removed its unfinished folder
+        print(f"gam export: interrupted; nothing was written to {args.out_dir}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (CheckpointError, OSError, ValueError) as exc:
-        print(f"gam export: error: {exc}", file=sys.stderr)
+        print(f"gam export: error: {one_line(exc)}", file=sys.stderr)
         return 1
     print(f"exported {args.run_dir} -> {out}")
     return 0

@@ -22,6 +22,7 @@ from gam.files import (
     atomic_write_json,
     default_mode,
     mkstemp_default_mode,
+    raise_naming_disk_error,
     remove_interrupted_writes,
 )
 from gam.models.lm import CausalLM
@@ -58,8 +59,9 @@ def save_weights(model: torch.nn.Module, path: str | Path) -> None:
         save_file(state_dict_for_saving(model), tmp)
         os.chmod(tmp, default_mode())  # safetensors writes its files 0600 whatever the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        raise_naming_disk_error(exc, path)
         raise
 
 

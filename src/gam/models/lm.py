@@ -45,6 +45,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -366,6 +367,9 @@ class CausalLM(nn.Module):
             raise ValueError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, seq_len), got shape {tuple(idx.shape)}")
+        if idx.shape[0] < 1:
+            raise ValueError("idx must hold at least one sequence, got a batch of 0 (shape "
+                             f"{tuple(idx.shape)})")
         if idx.shape[1] < 1:
             raise ValueError("idx must hold at least one token per row, got seq_len 0")
         end = start_pos + idx.shape[1]
@@ -599,11 +603,14 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
                     top_p: float | None) -> None:
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if temperature < 0 or math.isnan(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) \
+            or temperature < 0 or math.isnan(temperature):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real)
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
 

@@ -75,10 +75,13 @@ def official_config(state_dict: Mapping[str, torch.Tensor], family: str = "gam"
     """The sizes of an official model, read from its tensors' shapes (converted names)."""
     _check_family(family)
     sd = convert_official_state_dict(state_dict, family)
-    for required in ("head.weight", "pos_embedding.weight", "blocks.0.ffn.fc1.weight"):
-        if required not in sd:
-            raise ValueError(f"not an official {family} state_dict: it has no {required!r} "
-                             f"(keys start with {sorted(sd)[:3]})")
+    required = ["head.weight", "pos_embedding.weight", "blocks.0.ffn.fc1.weight"]
+    if family == "gam":  # the sizes only a GAM block has
+        required += ["blocks.0.memory_bank", "blocks.0.causal_conv.weight"]
+    missing = [key for key in required if key not in sd]
+    if missing:
+        raise ValueError(f"not an official {family} state_dict: it lacks {missing} (its keys "
+                         f"start with {sorted(sd)[:3]})")
     vocab_size, d_model = sd["head.weight"].shape
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))}
     config: dict[str, Any] = dict(

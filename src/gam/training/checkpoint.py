@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gam.files import atomic_write_json, remove_interrupted_writes
+from gam.files import atomic_write_json, raise_naming_disk_error, remove_interrupted_writes
 from gam.models.io import CheckpointError, load_weights, save_weights
 from gam.training.rundir import CHECKPOINT_DIR
 
@@ -149,10 +149,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _torch_save_synced(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as exc:  # a full disk: say which file
+        raise_naming_disk_error(exc, path)
+        raise
 
 
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module,

@@ -26,7 +26,9 @@ from typing import Any
 
 from gam.models.lm import dataclass_from_dict
 from gam.models.registry import MODELS, PRESETS
+from gam.training import argtypes
 from gam.training.argtypes import (
+    SEED_LIMIT,
     nonneg_int,
     number,
     parse_model_arg,
@@ -157,7 +159,8 @@ class TrainConfig:
         False, help="torch.compile the model (default: off; the first step then takes ~20 s "
                     "on a CPU)", action="store_true", group="optimisation")
     seed: int = setting(
-        42, help="seed of the init, the data order and dropout (default {default})", type=int,
+        42, help="seed of the init, the data order and dropout (default {default})",
+        type=argtypes.seed,
         group="optimisation")
     strategy: str = setting(
         "ddp", help="with several processes (torchrun): ddp (default) keeps a whole copy of the "
@@ -203,8 +206,9 @@ class TrainConfig:
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps (--warmup-steps) must be an integer >= 0, got "
                              f"{self.warmup_steps!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed (--seed) must be an integer >= 0, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed (--seed) must be an integer from 0 to {SEED_LIMIT - 1}, "
+                             f"got {self.seed!r}")
         if not _finite_number(self.lr) or self.lr <= 0:
             raise ValueError(f"lr (--lr) must be a positive number, got {self.lr!r}")
         if not _finite_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
@@ -256,7 +260,7 @@ class DataConfig:
     dataset: str = setting(
         "wikitext2", help="{default} (default), wikitext2-tokens, tinystories, austen or "
                           "text:PATH (a text file or a folder with train.txt, valid.txt)",
-        group="data")
+        type=argtypes.dataset_name, group="data")
     data_dir: str | None = setting(
         None, help="folder holding the corpus folders (default: $GAM_DATA_DIR, else the "
                    "Hugging Face hub)", group="data")
@@ -303,8 +307,8 @@ class TokenizerConfig:
     vocab_size: int = setting(
         PAPER_VOCAB_SIZE, help="tokenizer vocabulary size, also the model's vocab_size (default "
                                "{default})",
-        type=positive_int, group="data", override="the vocabulary size",
-        bench={"type": int, "metavar": "N"})
+        type=argtypes.vocab_size, group="data", override="the vocabulary size",
+        bench={"metavar": "N"})
     on_all_splits: bool = setting(
         False, help="train the tokenizer on train+valid+test as the official code (leaks "
                     "evaluation text; default: train split only)",
@@ -392,7 +396,7 @@ class RuntimeOptions:
     threads: int | None = setting(
         None, help="torch CPU threads (torch.set_num_threads); default one per core, fewer when "
                    "other processes already keep the cores busy",
-        type=positive_int, group="hardware")
+        type=argtypes.thread_count, group="hardware")
     tf32: bool | None = setting(  # None: on for CUDA unless $GAM_TF32=0 (gam.runtime.set_tf32)
         None, help="TF32 tensor-core matmuls and convolutions for float32 on CUDA (default: on, "
                    "unless GAM_TF32=0; --no-tf32: full float32; no effect on a CPU)",

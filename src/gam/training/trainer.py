@@ -39,6 +39,7 @@ import torch
 
 import gam
 from gam.data import TokenBlocks
+from gam.errors import UsageError, available_memory_bytes
 from gam.files import atomic_write_bytes
 from gam.models.io import (
     CheckpointError,
@@ -79,6 +80,8 @@ from gam.training.recovery import (
     repair_saved_model,
 )
 from gam.training.rundir import (
+    CONFIG_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     TOKENIZER_FILE,
     dataset_slug,
@@ -159,6 +162,33 @@ def refuse_a_started_run(run_dir: Path) -> None:
                          f"or choose another --out")
 
 
+# bytes per fp32 parameter while training: the weight, its gradient and AdamW's two moments
+TRAINING_BYTES_PER_PARAMETER_BYTE = 4
+
+
+def check_model_fits(name: str, config: Any, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone exceed the memory the
+    device has free (e.g. a ``max_seq_len`` whose position table cannot be allocated), before
+    anything is allocated: a UsageError naming the sizes to lower."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = model_from_config(name, config)
+    need = TRAINING_BYTES_PER_PARAMETER_BYTE * sum(
+        p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory_bytes()
+    if free is not None and need > free:
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in
+                          ("max_seq_len", "d_model", "n_layers", "vocab_size")
+                          if hasattr(config, k))
+        raise UsageError(f"the {name} model ({sizes}) needs {need / 2**30:.1f} GiB for its "
+                         f"weights, gradients and AdamW state, more than the {free / 2**30:.1f} "
+                         f"GiB free on {device.type}; lower these sizes (--model-arg KEY=VALUE, "
+                         f"--vocab-size)")
+
+
 class Trainer:
     def __init__(self, run: RunConfig, run_dir: Path, options: RuntimeOptions,
                  resume: bool) -> None:
@@ -173,6 +203,28 @@ class Trainer:
         # locked before anything else starts; a new run's as it is created (in _run), so that
         # a run refused for bad input leaves no folder behind.
         main = int(os.environ.get("RANK", "0")) == 0
+        new_folder = main and not self.resuming and not self.run_dir.exists()
+        self.state: TrainingState | None = None
+        self.written: list[str] = []  # the run files this run created (none it found there)
+        try:
+            return self._run_locked(main)
+        except Exception:
+            if main and not self.resuming and (self.state is None or self.state.step == 0):
+                self._discard_unstarted_run(new_folder)
+            raise
+
+    def _discard_unstarted_run(self, new_folder: bool) -> None:
+        """A new run that failed before its first step (too little memory, a full disk...)
+        holds nothing worth keeping: remove what it wrote, so that a retry with other
+        settings into the same folder is not refused as "already holds a run"."""
+        for name in self.written:
+            (self.run_dir / name).unlink(missing_ok=True)
+        if new_folder:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: something else is in it
+                self.run_dir.rmdir()
+
+    def _run_locked(self, main: bool) -> TrainResult:
         with contextlib.ExitStack() as locks:
             if main and self.resuming:
                 locks.enter_context(training_lock(self.run_dir))
@@ -250,6 +302,7 @@ class Trainer:
         run, cfg, ctx = self.run_config, self.run_config.train, self.ctx
         torch.manual_seed(cfg.seed)
         self.device = ctx.device
+        check_model_fits(run.model, plan.model_config, self.device)
         self.model = model_from_config(run.model, plan.model_config).to(self.device)
         if cfg.strategy == "fsdp":
             shard_model(self.model, ctx)  # before the optimizer: it holds the shards
@@ -325,6 +378,8 @@ class Trainer:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_interrupted_run_writes(run_dir)
+            self.written = [name for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE)
+                            if not (run_dir / name).exists()]
             write_run_config(run_dir, plan.record)
             if plan.tokenizer_bytes is not None:  # config.json records its sha256
                 atomic_write_bytes(run_dir / TOKENIZER_FILE, plan.tokenizer_bytes)

@@ -20,7 +20,10 @@ The source is ``csrc/scan_kernel.cpp`` (package data). The build is cached under
 one cache root (``gam.data._files.default_cache_dir``: ``$GAM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/gam`` or ``~/.cache/gam``), keyed by a hash of the source, the flags, the
 compiler and the CPU flags, so a different machine never loads a binary built for another
-instruction set. Set
+instruction set. A library is loaded only from a folder private to this user (owned by them,
+writable by no one else, as is every folder above it but a sticky one like /tmp) and only if its
+sha256 is the one recorded beside it when it was built; otherwise it is built in a fresh private
+temporary folder for the process (with a warning saying why). Set
 ``GAM_SCAN_KERNEL=0`` to disable the kernels (the PyTorch paths are then used). If no compiler
 is found or the build fails, ``load()`` returns None and warns once.
 
@@ -49,6 +52,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -60,7 +64,7 @@ from typing import Any
 
 import torch
 
-from gam.files import default_cache_dir
+from gam.files import atomic_write_bytes, default_cache_dir
 
 # The C++ source, shipped as package data (csrc/scan_kernel.cpp): compiled as is.
 SOURCE = (resources.files("gam.models.ops") / "csrc" / "scan_kernel.cpp").read_text()
@@ -94,34 +98,133 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def _build(cxx: str) -> Path:
+LIBRARY = "libgam_scan.so"
+DIGEST_SUFFIX = ".sha256"  # beside the library: the sha256 of the file that was built
+
+
+def build_key(flags: list[str], compiler_version: str) -> str:
+    """The cache key of a build: the source, the flags, the compiler and the CPU."""
+    return hashlib.sha256("\n".join([SOURCE, " ".join(flags), compiler_version,
+                                     _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
+
+
+def cache_folders(key: str) -> list[Path]:
+    """Where the build of ``key`` is cached, in order of preference: the cache root's
+    ``scan_kernel/<key>``, then ``$TMPDIR/gam-<uid>/<key>`` (a read-only home)."""
+    return [default_cache_dir() / "scan_kernel" / key,
+            Path(tempfile.gettempdir()) / f"gam-{os.getuid()}" / key]
+
+
+def not_private_reason(folder: Path) -> str | None:
+    """Why a library in ``folder`` could have been put there by someone else (None if it
+    cannot): the folder and its parent must be this user's and writable by no one else; every
+    folder above must belong to this user or root and be writable by no one else unless it is
+    sticky (as /tmp: others cannot rename what is in it)."""
+    uid = os.getuid()
+    try:
+        path = folder.resolve(strict=True)  # what is checked is what is loaded
+        chain = [path, *path.parents]
+        for depth, part in enumerate(chain):
+            st = part.stat()
+            if depth < 2:  # the key folder and the one holding it are the cache's own
+                if st.st_uid != uid:
+                    return f"{part} belongs to uid {st.st_uid}, not to this user ({uid})"
+                if st.st_mode & 0o022:
+                    return f"{part} is writable by others (mode {st.st_mode & 0o777:o})"
+            elif st.st_uid not in (uid, 0):
+                return f"{part} belongs to uid {st.st_uid}, not to this user or root"
+            elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                return f"{part} is writable by others (mode {st.st_mode & 0o777:o})"
+    except (OSError, RuntimeError) as exc:  # missing, unreadable, a symlink loop
+        return f"{folder} cannot be checked ({exc})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def verified_library(folder: Path) -> Path | None:
+    """``folder``'s library if it is the file that was built there (its sha256 is the one
+    recorded beside it at build time), else None."""
+    library, digest = folder / LIBRARY, folder / (LIBRARY + DIGEST_SUFFIX)
+    try:
+        if library.is_file() and digest.read_text().strip() == _sha256(library):
+            return library
+    except OSError:
+        pass
+    return None
+
+
+def _private_folder(folder: Path) -> str | None:
+    """Create ``folder`` (and the one holding it) private to this user where missing; why it
+    cannot hold the library, or None."""
+    try:
+        folder.parent.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(mode=0o700, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return f"{folder} cannot be created ({exc.strerror or exc})"
+    return not_private_reason(folder)
+
+
+def _compile(cxx: str, flags: list[str], folder: Path) -> tuple[Path | None, str]:
+    """Build the library into ``folder`` (through a temporary file, then its sha256 beside
+    it); (the library, "") or (None, the compiler's errors)."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        src = Path(tmp) / "scan.cpp"
+        src.write_text(SOURCE)
+        out = Path(tmp) / LIBRARY
+        proc = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True,
+                              text=True, timeout=600)
+        if proc.returncode != 0:
+            return None, proc.stderr[-2000:]
+        digest = _sha256(out)
+        target = folder / LIBRARY
+        os.replace(out, target)  # atomic: concurrent builders never see half a file
+        atomic_write_bytes(folder / (LIBRARY + DIGEST_SUFFIX), (digest + "\n").encode())
+        return target, ""
+
+
+def _build(cxx: str) -> tuple[Path, Path | None]:
+    """(the library to load, a folder to remove once it is loaded or None).
+
+    A library is loaded only from a folder private to this user and only if it is the file
+    built there (:func:`verified_library`); when no cache folder is private, it is built in a
+    fresh private temporary folder (a warning names why)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
-    errors = []
+    errors: list[str] = []
+    refused: list[str] = []
     for arch in ARCH_FLAGS:
         flags = BASE_FLAGS + arch
-        key = hashlib.sha256("\n".join([SOURCE, " ".join(flags), version, _cpu_signature(),
-                                        sys.platform]).encode()).hexdigest()[:16]
-        target = default_cache_dir() / "scan_kernel" / key / "libgam_scan.so"
-        if target.exists():
-            return target
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:  # read-only home: build in the temp dir instead
-            target = Path(tempfile.gettempdir()) / f"gam-{os.getuid()}" / key / "libgam_scan.so"
-            if target.exists():
-                return target
-            target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / "scan.cpp"
-            src.write_text(SOURCE)
-            out = Path(tmp) / "libgam_scan.so"
-            proc = subprocess.run([cxx, *flags, str(src), "-o", str(out)], capture_output=True,
-                                  text=True, timeout=600)
-            if proc.returncode == 0:
-                os.replace(out, target)  # atomic: concurrent builders never see half a file
-                return target
-            errors.append(proc.stderr[-2000:])
+        for folder in cache_folders(build_key(flags, version)):
+            reason = _private_folder(folder)
+            if reason is not None:
+                refused.append(reason)
+                continue
+            library = verified_library(folder)
+            if library is not None:
+                return library, None
+            try:
+                library, error = _compile(cxx, flags, folder)
+            except OSError as exc:  # e.g. a full or read-only cache: the next folder
+                refused.append(f"{folder}: {exc}")
+                continue
+            if library is not None:
+                return library, None
+            errors.append(error)
+            break  # the compiler failed: the next flags, not the next folder
+        else:
+            fresh = Path(tempfile.mkdtemp(prefix="gam-scan-"))  # 0700: this user's only
+            warnings.warn(f"Mamba CPU scan kernel: no private cache folder ({refused[-1]}); "
+                          f"building it in {fresh} for this process", RuntimeWarning,
+                          stacklevel=3)
+            library, error = _compile(cxx, flags, fresh)
+            if library is not None:
+                return library, fresh
+            shutil.rmtree(fresh, ignore_errors=True)
+            errors.append(error)
     raise RuntimeError("compiling the scan kernel failed:\n" + "\n".join(errors))
 
 
@@ -139,7 +242,12 @@ def load() -> ctypes.CDLL | None:
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX)")
-            lib = ctypes.CDLL(str(_build(cxx)))
+            path, temporary = _build(cxx)
+            try:
+                lib = ctypes.CDLL(str(path))
+            finally:  # a loaded library stays mapped: its one-process folder can go
+                if temporary is not None:
+                    shutil.rmtree(temporary, ignore_errors=True)
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             signatures = {
                 "scan_fwd": [p] * 5 + [i64] + [p] * 2 + [i64] + [p] * 3 + [i64] * 5 + [i32],

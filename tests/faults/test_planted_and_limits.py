@@ -129,9 +129,9 @@ def planted_library(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def scan_kernel(tmp_path, monkeypatch):
-    """``gam.models._scan_cpp`` as on first use, with a compiler that knows its version but
+    """``gam.models.ops._scan_cpp`` as on first use, with a compiler that knows its version but
     fails every build (so that only a library found in a cache could be loaded)."""
-    from gam.models import _scan_cpp
+    from gam.models.ops import _scan_cpp
 
     fake = tmp_path / "fake-cxx"
     fake.write_text(f'#!/bin/sh\n[ "$1" = --version ] && echo "{FAKE_VERSION}" && exit 0\n'

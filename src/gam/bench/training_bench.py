@@ -20,6 +20,7 @@ from gam.bench.common import error_text
 from gam.bench.environment import command_line, environment
 from gam.bench.protocols import (
     DATASET_NOTES,
+    Protocol,
     protocol_markdown,
     resolve_data_dir,
     resolve_protocol,
@@ -220,10 +221,11 @@ class Benchmark:
     """Runs specs under one protocol and keeps the rows; the front ends (compare, ablate)
     decide what to run and how to present it."""
 
-    def __init__(self, args: argparse.Namespace, command: str) -> None:
+    def __init__(self, args: argparse.Namespace, command: str,
+                 protocol: Protocol | None = None) -> None:
         self.args = args
         self.command = command
-        self.protocol = resolve_protocol(args)
+        self.protocol = protocol or resolve_protocol(args)
         self.seeds = seeds_of(args)
         self.out = Path(args.out)
         self.data_dir, self.data_dir_explicit = resolve_data_dir(
@@ -268,7 +270,10 @@ class Benchmark:
                 "group": spec.group, **spec.extra, "run_dir": str(run_dir_of(self.out, spec)),
                 "status": status, "action": "skipped", "error": error}
 
-    def run(self, spec: RunSpec, write: Callable[[], None] | None = None) -> dict[str, Any]:
+    def run(self, spec: RunSpec, write: Callable[[], None] | None = None,
+            protocol: Protocol | None = None) -> dict[str, Any]:
+        """Train, resume or reuse ``spec`` under ``protocol`` (default: the benchmark's) and
+        keep its row."""
         info = self.datasets.get(spec.dataset)
         if info is None:
             info = self.prepare(spec.dataset)
@@ -277,8 +282,8 @@ class Benchmark:
         elif self.report_only and run_state(run_dir_of(self.out, spec))[0] != "finished":
             row = self._skipped(spec, "not run", "not finished (--report-only trains nothing)")
         else:
-            row = execute_run(spec, self.protocol, self.out, self.data_dirs.get(spec.dataset),
-                              self.options, self.log)
+            row = execute_run(spec, protocol or self.protocol, self.out,
+                              self.data_dirs.get(spec.dataset), self.options, self.log)
             if row.get("status") == "ok":
                 self.log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] val loss "
                          f"{fmt(row.get('val_loss'), 4)}, ppl "

@@ -57,6 +57,9 @@ ROW_KINDS = ("line", "document")
 TEXT_TRAIN_FRACTION = 0.9
 """Share of the lines of a single ``text:FILE`` that goes to ``train`` (the rest is ``valid``)."""
 
+PYTHON_STDLIB = "python-stdlib"
+"""The code corpus read from the interpreter's own library (:mod:`gam.data.code_corpus`)."""
+
 AUSTEN_VALID_TITLE = "Persuasion"
 AUSTEN_VALID_START_LINE = 65_100
 """1-based line where *Persuasion*, the held-out validation novel, starts in ``austen.txt``."""
@@ -213,7 +216,7 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
-KNOWN_CORPORA: tuple[str, ...] = tuple(_SPECS)
+KNOWN_CORPORA: tuple[str, ...] = (*_SPECS, PYTHON_STDLIB)
 """Named corpora accepted by :func:`load_corpus` (besides ``text:PATH``)."""
 
 
@@ -238,7 +241,8 @@ def load_corpus(
     Args:
         name: one of :data:`KNOWN_CORPORA` -- ``"wikitext2"`` (raw WikiText-2, the paper's
             corpus), ``"wikitext2-tokens"`` (the ``<unk>`` variant), ``"tinystories"``,
-            ``"austen"`` (see :func:`load_austen`) -- or ``"text:PATH"`` where PATH is a text
+            ``"austen"`` (see :func:`load_austen`), ``"python-stdlib"`` (the interpreter's
+            library, :mod:`gam.data.code_corpus`) -- or ``"text:PATH"`` where PATH is a text
             file (its lines are split 90/10 into train/valid) or a folder with ``train.txt``,
             ``valid.txt`` and optionally ``test.txt`` (plain or ``.xz``).
         data_dir: folder holding the corpus folders (see the module docstring for the order in
@@ -258,6 +262,9 @@ def load_corpus(
         raise TypeError(f"corpus name must be a str, got {type(name).__name__}")
     if name.startswith(TEXT_PREFIX):
         return _load_text_corpus(name, max_train_rows, max_val_rows)
+    if name == PYTHON_STDLIB:  # found on every machine: data_dir and the hub play no part
+        from gam.data.code_corpus import load_python_stdlib
+        return load_python_stdlib(max_train_rows, max_val_rows)
     spec = _SPECS.get(name)
     if spec is None:
         raise ValueError(

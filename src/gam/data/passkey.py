@@ -73,9 +73,11 @@ class PasskeyGenerator:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def overhead(self, key: str = "0" * KEY_DIGITS) -> int:
-        """Tokens of a prompt that are not filler (key sentence + question)."""
-        return len(self._encode(KEY_SENTENCE.format(key=key))) + len(self._question)
+    def overhead(self) -> int:
+        """An upper bound, over all keys, of the tokens of a prompt that are not filler (key
+        sentence + question): a key may take up to one token per digit and its space."""
+        return (len(self._encode(KEY_SENTENCE.format(key="0" * KEY_DIGITS)))
+                + 2 * (KEY_DIGITS + 1) + len(self._question))
 
     def filler(self, n: int, offset: int = 0) -> list[int]:
         """``n`` tokens of the repeated filler, from token ``offset`` of its stream."""
@@ -99,8 +101,10 @@ class PasskeyGenerator:
                + self._question)
         return PasskeySample(ids, self._encode(ANSWER.format(key=key)), key, depth, before)
 
-    def answer_tokens(self, key: str = "0" * KEY_DIGITS) -> int:
-        """Tokens of the answer that follows the question."""
+    def answer_tokens(self, key: str | None = None) -> int:
+        """Tokens of the answer that follows the question (no key: an upper bound)."""
+        if key is None:
+            return len(self._encode(ANSWER.format(key="0" * KEY_DIGITS))) + KEY_DIGITS + 1
         return len(self._encode(ANSWER.format(key=key)))
 
     def random_key(self, rng: np.random.Generator) -> str:

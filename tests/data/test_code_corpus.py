@@ -8,8 +8,13 @@ import sysconfig
 
 import pytest
 
-from gam.data import KNOWN_CORPORA, DataNotFoundError, load_corpus
+from gam.data import KNOWN_CORPORA, Corpus, DataNotFoundError, load_corpus
 from gam.data import code_corpus as cc
+
+
+def stdlib_corpus(root) -> Corpus:
+    splits, source, files = cc.read_python_stdlib(root=root)
+    return Corpus("python-stdlib", splits, source, row_kind="document", files=files)
 
 
 def fake_stdlib(root, n: int = 60):
@@ -35,8 +40,8 @@ def test_files_are_sorted_and_tests_and_site_packages_left_out(tmp_path):
 
 
 def test_split_is_a_fixed_function_of_the_path(tmp_path):
-    corpus = cc.load_python_stdlib(root=fake_stdlib(tmp_path))
-    again = cc.load_python_stdlib(root=tmp_path)
+    corpus = stdlib_corpus(fake_stdlib(tmp_path))
+    again = stdlib_corpus(tmp_path)
     assert corpus.splits == again.splits and corpus.source == again.source
     for f in cc.source_files(tmp_path):
         bucket = int(hashlib.sha256(f.relative.encode()).hexdigest(), 16) % 100
@@ -45,10 +50,9 @@ def test_split_is_a_fixed_function_of_the_path(tmp_path):
         assert f.data.decode() in corpus.splits[expected]
     # a file added elsewhere moves no other file
     (tmp_path / "zzz_new.py").write_text("y = 2\n")
-    grown = cc.load_python_stdlib(root=tmp_path)
+    grown = stdlib_corpus(tmp_path)
     for split in ("train", "valid", "test"):
         assert set(corpus.splits[split]) <= set(grown.splits[split])
-    assert corpus.row_kind == "document"
 
 
 def test_fingerprint_covers_paths_and_contents(tmp_path):
@@ -59,25 +63,26 @@ def test_fingerprint_covers_paths_and_contents(tmp_path):
     (tmp_path / "mod001.py").write_text("changed\n")
     edited = cc.stdlib_fingerprint(cc.source_files(tmp_path))
     assert len({base, renamed, edited}) == 3
-    corpus = cc.load_python_stdlib(root=tmp_path)
+    corpus = stdlib_corpus(tmp_path)
     assert edited in corpus.source and all(edited in f for f in corpus.files.values())
 
 
 def test_missing_folder_is_one_clear_error(tmp_path, monkeypatch):
     missing = tmp_path / "no-such-lib"
-    with pytest.raises(DataNotFoundError, match="no-such-lib.*does not exist"):
-        cc.load_python_stdlib(root=missing)
+    with pytest.raises(FileNotFoundError, match="no-such-lib.*does not exist"):
+        stdlib_corpus(missing)
     monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(missing)})
     with pytest.raises(DataNotFoundError) as info:
         load_corpus("python-stdlib")
     assert "\n" not in str(info.value) and str(missing) in str(info.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataNotFoundError, match="holds no .py file"):
-        cc.load_python_stdlib(root=tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="holds no .py file"):
+        stdlib_corpus(tmp_path / "empty")
 
 
 def test_the_interpreters_library_loads_by_name():
     assert "python-stdlib" in KNOWN_CORPORA
     corpus = load_corpus("python-stdlib", max_train_rows=3, max_val_rows=2)
     assert [len(corpus.splits[s]) for s in ("train", "valid", "test")] == [3, 2, 2]
+    assert corpus.row_kind == "document"
     assert sysconfig.get_paths()["stdlib"] in corpus.source and "Python 3." in corpus.source

@@ -86,13 +86,13 @@ PROTOCOLS = {
         "long",
         "one small size for every family: preset cpu-small with d_model 128 (4 layers, 4 heads, "
         "256 slots), byte-level BPE of 10,000 tokens trained on the train split, AdamW lr 1e-3 "
-        "(30 warm-up steps, cosine over the budget), bf16 autocast, 300 optimizer steps of "
-        "--tokens-per-step tokens at every T (4,915,200 tokens with the default 16,384), 5% of "
+        "(15 warm-up steps, cosine over the budget), bf16 autocast, 150 optimizer steps of "
+        "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192), 5% of "
         "the training blocks replaced by passkey samples, validation on the whole valid split",
         dict(model_preset="cpu-small", model_arg={"d_model": 128}, vocab_size=10000,
-             tokenizer="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=300,
-             lr=1e-3, warmup_steps=30, dtype="bf16", max_train_rows=None, max_val_rows=None,
-             eval_every=None, log_every=10, save_every=50, gate_stat_batches=0,
+             tokenizer="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
+             lr=1e-3, warmup_steps=15, dtype="bf16", max_train_rows=None, max_val_rows=None,
+             eval_every=None, log_every=10, save_every=25, gate_stat_batches=0,
              passkey_mix=0.05)),
     "quick": Protocol(
         "long-quick",
@@ -127,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{QUICK_CONTEXTS})")
     parser.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
                         help="tokens per optimizer step at every T; the batch is N / T (default "
-                             "16384; quick 512)")
+                             "8192; quick 512)")
     g = parser.add_argument_group("protocol (identical for every configuration)")
     g.add_argument("--seeds", type=int, nargs="+", default=argparse.SUPPRESS, metavar="K",
                    help="seeds (init and data order) of every configuration (default: --seed)")
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--passkey-depths", nargs="+", type=float, default=PASSKEY_DEPTHS,
                    metavar="D", help="depths of the key in the context (0 first, 1 last)")
     g.add_argument("--passkey-samples", type=int, default=None, metavar="N",
-                   help="prompts per (length, depth) cell (default 10; quick 2)")
+                   help="prompts per (length, depth) cell (default 5; quick 2)")
     g.add_argument("--measure-steps", type=int, default=None, metavar="N",
                    help="timed training steps at T (default 3; quick 1)")
     g.add_argument("--decode-tokens", type=int, default=None, metavar="N",
@@ -185,7 +185,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     if len(set(families)) != len(families):
         raise ValueError(f"--models lists a model twice: {families}")
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
-    tokens = args.tokens_per_step or (512 if args.quick else 16384)
+    tokens = args.tokens_per_step or (512 if args.quick else 8192)
     bad = [t for t in contexts if t < 1 or tokens % t]
     if bad:
         raise ValueError(f"--contexts {bad}: each T must divide --tokens-per-step {tokens} "
@@ -198,7 +198,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "format": EVAL_FORMAT, "edges": list(POSITION_EDGES),
         "passkey_lengths": sorted(set(args.passkey_lengths)),
         "passkey_depths": sorted(set(args.passkey_depths)),
-        "passkey_samples": args.passkey_samples or (2 if args.quick else 10),
+        "passkey_samples": args.passkey_samples or (2 if args.quick else 5),
         "generated_tokens": GENERATED_TOKENS,
         "measure_steps": args.measure_steps or (1 if args.quick else 3),
         "decode_tokens": args.decode_tokens or (4 if args.quick else 32),

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from gam.data.corpora import PYTHON_STDLIB, Corpus, DataNotFoundError
-
+PYTHON_STDLIB = "python-stdlib"
+"""The corpus name (:func:`gam.data.load_corpus`)."""
 VALID_PERCENT = 5
 TEST_PERCENT = 5
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
@@ -69,11 +69,11 @@ def split_of(relative: str) -> str:
 
 def source_files(root: str | os.PathLike[str]) -> list[SourceFile]:
     """The corpus files under ``root`` in sorted relative-path order (see the module docstring
-    for what is left out); DataNotFoundError naming ``root`` when it is missing or holds no
+    for what is left out); FileNotFoundError naming ``root`` when it is missing or holds no
     ``.py`` file."""
     root = Path(root)
     if not root.is_dir():
-        raise DataNotFoundError(
+        raise FileNotFoundError(
             f"corpus {PYTHON_STDLIB!r}: the interpreter's standard-library folder {root} does "
             f"not exist (expected sysconfig.get_paths()['stdlib'] to hold the .py files of "
             f"Python {platform.python_version()}; some installations ship the library zipped "
@@ -85,7 +85,7 @@ def source_files(root: str | os.PathLike[str]) -> list[SourceFile]:
         paths += [(rel / name).as_posix() for name in files if name.endswith(".py")
                   and (Path(folder) / name).is_file()]
     if not paths:
-        raise DataNotFoundError(
+        raise FileNotFoundError(
             f"corpus {PYTHON_STDLIB!r}: the standard-library folder {root} holds no .py file "
             f"outside {sorted(EXCLUDED_DIRS)} (an installation without library sources?)")
     return [SourceFile(p, (root / p).read_bytes()) for p in sorted(paths)]
@@ -101,10 +101,12 @@ def stdlib_fingerprint(files: list[SourceFile]) -> str:
     return digest.hexdigest()
 
 
-def load_python_stdlib(max_train_rows: int | None = None, max_val_rows: int | None = None,
-                       root: str | os.PathLike[str] | None = None) -> Corpus:
+def read_python_stdlib(max_train_rows: int | None = None, max_val_rows: int | None = None,
+                       root: str | os.PathLike[str] | None = None
+                       ) -> tuple[dict[str, list[str]], str, dict[str, str]]:
     """The ``python-stdlib`` corpus of the files under ``root`` (default: the running
-    interpreter's library, :func:`stdlib_dir`); rows are files, cut to the first
+    interpreter's library, :func:`stdlib_dir`) as ``(splits, source, files)``, what
+    :func:`gam.data.load_corpus` makes its ``Corpus`` of: rows are files, cut to the first
     ``max_train_rows`` / ``max_val_rows`` of each split."""
     root = Path(root) if root is not None else stdlib_dir()
     files = source_files(root)
@@ -121,6 +123,5 @@ def load_python_stdlib(max_train_rows: int | None = None, max_val_rows: int | No
                 f"{stdlib_fingerprint(files)}")
     limits = "".join(f", first {n} {s} files" for s, n in
                      (("train", max_train_rows), ("valid/test", max_val_rows)) if n is not None)
-    return Corpus(name=PYTHON_STDLIB, splits=splits, source=f"{root} ({identity}{limits})",
-                  row_kind="document",
-                  files={s: f"{root} ({s} files by path hash; {identity})" for s in splits})
+    return (splits, f"{root} ({identity}{limits})",
+            {s: f"{root} ({s} files by path hash; {identity})" for s in splits})

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from gam.data._files import DataFileError as DataFileError  # re-exported: corrupt data files
 from gam.data._files import describe_text_file, find_text_file, iter_lines
+from gam.data.code_corpus import PYTHON_STDLIB, read_python_stdlib
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,6 @@ ROW_KINDS = ("line", "document")
 
 TEXT_TRAIN_FRACTION = 0.9
 """Share of the lines of a single ``text:FILE`` that goes to ``train`` (the rest is ``valid``)."""
-
-PYTHON_STDLIB = "python-stdlib"
-"""The code corpus read from the interpreter's own library (:mod:`gam.data.code_corpus`)."""
 
 AUSTEN_VALID_TITLE = "Persuasion"
 AUSTEN_VALID_START_LINE = 65_100
@@ -263,8 +261,11 @@ def load_corpus(
     if name.startswith(TEXT_PREFIX):
         return _load_text_corpus(name, max_train_rows, max_val_rows)
     if name == PYTHON_STDLIB:  # found on every machine: data_dir and the hub play no part
-        from gam.data.code_corpus import load_python_stdlib
-        return load_python_stdlib(max_train_rows, max_val_rows)
+        try:
+            splits, source, files = read_python_stdlib(max_train_rows, max_val_rows)
+        except FileNotFoundError as exc:
+            raise DataNotFoundError(str(exc)) from None
+        return Corpus(name, splits, source, row_kind="document", files=files)
     spec = _SPECS.get(name)
     if spec is None:
         raise ValueError(

@@ -421,67 +421,69 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, Any]]
+                     ) -> list[str]:
+    """The tables of one corpus: perplexity, speed and memory; loss by position; passkey."""
+    lines = []
+    if info.get("source"):
+        lines += [f"Data: {info['source']}; tokens train / valid: "
+                  f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
+    mine = [r for r in rows if r["dataset"] == dataset]
+    table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
+              tb.fmt_params(r.get("params_non_embedding")), common.fmt(r.get("steps")),
+              common.fmt(r.get("train_tokens")), common.fmt(r.get("val_ppl"), 2),
+              common.fmt(r.get("tokens_per_s"), 0),
+              common.fmt(r.get("step_tokens_per_s"), 0), common.fmt(r.get("peak_mem_mb"), 0),
+              common.fmt(r.get("decode_tokens_per_s"), 1),
+              r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
+             for r in mine]
+    lines += ["### Perplexity, speed and memory", "", common.markdown_table(
+        ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
+         "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
+         "decode tok/s at T", "status"], table), ""]
+    labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
+    if labels:
+        table = []
+        for r in mine:
+            by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
+            table.append([r["family"], r["T"], *(common.fmt(by.get(x), 3) for x in labels)])
+        lines += ["### Validation loss by position in the window (nats / token)", "",
+                  common.markdown_table(["family", "T", *labels], table), "",
+                  f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
+    cells = [r for r in mine if r.get("passkey")]
+    if cells:
+        lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
+        depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
+        table = []
+        for r in cells:
+            by_len = passkey_summary(r["passkey"], "length")
+            by_depth = passkey_summary([c for c in r["passkey"] if c["length"] <= r["T"]],
+                                       "depth")
+            table.append([r["family"], r["T"], *(_pct(by_len.get(x)) for x in lengths),
+                          *(_pct(by_depth.get(d)) for d in depths)])
+        lines += ["### Passkey retrieval accuracy", "",
+                  "By context length (over all depths; `-`: not run, e.g. no learned "
+                  "position past T), then by depth of the key (over the lengths up to T).",
+                  "", common.markdown_table(
+                      ["family", "T", *(f"len {x:,}" for x in lengths),
+                       *(f"depth {d:g}" for d in depths)], table), ""]
+    return lines
+
+
 def build_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = ["# Long context (gam bench long)", "",
              f"Protocol `{results['protocol']['name']}`: {results['protocol']['description']}. "
              f"Contexts {s['contexts']}, {s['tokens_per_step']:,} tokens per step (batch = "
              f"that / T), seeds {results['seeds']}; passkey mix {s['passkey_mix']:g} of the "
-             f"training blocks (filler: the "
-             f"repeated \"The grass is green. The sky is blue. ...\"), "
-             f"{s['evaluation']['passkey_samples']} prompts per (length, depth) cell.", ""]
+             f"training blocks (filler: the repeated \"The grass is green. The sky is blue. "
+             f"...\"), {s['evaluation']['passkey_samples']} prompts per (length, depth) cell.",
+             ""]
     rows = list(results["runs"])
     for dataset in results["datasets_requested"]:
         info = results["datasets"].get(dataset, {})
-        lines += [f"## {dataset}", ""]
-        if info.get("note"):
-            lines += [f"Note: {info['note']}", ""]
-        if info.get("status") == "error":
-            lines += [f"Not run: {info.get('error')}", ""]
-            continue
-        if info.get("source"):
-            lines += [f"Data: {info['source']}; tokens train / valid: "
-                      f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.",
-                      ""]
-        mine = [r for r in rows if r["dataset"] == dataset]
-        table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
-                  tb.fmt_params(r.get("params_non_embedding")), common.fmt(r.get("steps")),
-                  common.fmt(r.get("train_tokens")), common.fmt(r.get("val_ppl"), 2),
-                  common.fmt(r.get("tokens_per_s"), 0),
-                  common.fmt(r.get("step_tokens_per_s"), 0), common.fmt(r.get("peak_mem_mb"), 0),
-                  common.fmt(r.get("decode_tokens_per_s"), 1),
-                  r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
-                 for r in mine]
-        lines += ["### Perplexity, speed and memory", "", common.markdown_table(
-            ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
-             "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
-             "decode tok/s at T", "status"], table), ""]
-        labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
-        if labels:
-            table = []
-            for r in mine:
-                by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
-                table.append([r["family"], r["T"], *(common.fmt(by.get(x), 3) for x in labels)])
-            lines += ["### Validation loss by position in the window (nats / token)", "",
-                      common.markdown_table(["family", "T", *labels], table), "",
-                      f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
-        cells = [r for r in mine if r.get("passkey")]
-        if cells:
-            lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
-            depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
-            table = []
-            for r in cells:
-                by_len = passkey_summary(r["passkey"], "length")
-                by_depth = passkey_summary([c for c in r["passkey"] if c["length"] <= r["T"]],
-                                           "depth")
-                table.append([r["family"], r["T"], *(_pct(by_len.get(x)) for x in lengths),
-                              *(_pct(by_depth.get(d)) for d in depths)])
-            lines += ["### Passkey retrieval accuracy", "",
-                      "By context length (over all depths; `-`: not run, e.g. no learned "
-                      "position past T), then by depth of the key (over the lengths up to T).",
-                      "", common.markdown_table(
-                          ["family", "T", *(f"len {x:,}" for x in lengths),
-                           *(f"depth {d:g}" for d in depths)], table), ""]
+        head, loaded = tb.dataset_heading(dataset, info)
+        lines += head + (dataset_markdown(dataset, info, rows) if loaded else [])
     failed = [r for r in rows if r.get("status") != "ok" or r.get("eval_status") not in
               ("ok", None)]
     if failed:

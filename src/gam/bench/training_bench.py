@@ -40,8 +40,8 @@ from gam.bench.runs import (
 from gam.runtime import resolve_device, set_threads
 from gam.training import RuntimeOptions, read_metrics
 
-__all__ = ["Benchmark", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown", "paper_params",
-           "plot_curves", "protocol_check", "protocol_markdown", "resolve_data_dir",
+__all__ = ["Benchmark", "dataset_heading", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown",
+           "paper_params", "plot_curves", "protocol_check", "protocol_markdown", "resolve_data_dir",
            "resolve_protocol", "run_training_benchmark", "seeds_of", "summarize"]
 
 
@@ -137,6 +137,17 @@ def ngram_markdown(info: dict[str, Any]) -> list[str]:
                 f"{base['unigram_loss']:.4f} (ppl {base['unigram_ppl']:.2f}); smoothed bigram "
                 f"val loss {base['bigram_loss']:.4f} (ppl {base['bigram_ppl']:.2f}). A model "
                 f"at the unigram figure has learned token frequencies and no context."]
+
+
+def dataset_heading(dataset: str, info: dict[str, Any]) -> tuple[list[str], bool]:
+    """The head of a dataset's report section (its note, or why it could not be loaded) and
+    whether it loaded."""
+    lines = [f"## {dataset}", ""]
+    if info.get("note"):
+        lines += [f"Note: {info['note']}", ""]
+    if info.get("status") == "error":
+        return [*lines, f"Not run: {info.get('error')}", ""], False
+    return lines, True
 
 
 def fmt_pm(mean: float | None, std: float | None, digits: int = 2) -> str:

@@ -3,6 +3,7 @@ families, one small synthetic corpus, one thread) that is reused when run again.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -84,6 +85,8 @@ def test_quick_run_two_families(env, check):
     assert {c["status"] for c in rows[0]["passkey"] if c["length"] == 256} == {"n/a"}
     assert {c["status"] for c in rows[1]["passkey"] if c["length"] == 256} == {"ok"}
     check.assert_png(out / "positions-text-corpus.png")
+    config = json.loads((tmp_path / rows[0]["run_dir"] / "config.json").read_text())
+    assert config["data"]["passkey_mix"] == 0.25 and config["data"]["seq_len"] == 128
     assert res["settings"]["passkey_mix"] == 0.25
     # the same command again reuses the runs and their evaluations; --report-only too
     assert bench_main(argv) == 0
@@ -92,3 +95,16 @@ def test_quick_run_two_families(env, check):
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
     assert "Passkey retrieval accuracy" in text and "1-16" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--contexts", "1000"], "must divide --tokens-per-step"),
+    (["--passkey-mix", "1.5"], "passkey_mix"),
+    (["--passkey-depths", "1.2"], "--passkey-depths"),
+    (["--models", "gam", "gam"], "twice"),
+])
+def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, argv, message):
+    assert bench_main(["long", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -203,7 +203,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         "measure_steps": args.measure_steps or (1 if args.quick else 3),
         "decode_tokens": args.decode_tokens or (4 if args.quick else 32),
     }
-    return Settings(protocol, families, contexts, tokens, evaluation)
+    settings = Settings(protocol, families, contexts, tokens, evaluation)
+    for seq_len in contexts:  # a bad setting (e.g. --passkey-mix 2) fails here, not per run
+        settings.protocol_at(seq_len).run_config("gam", "austen", 0, {}, None)
+    return settings
 
 
 # ------------------------------------------------------------------------ position buckets

@@ -170,7 +170,8 @@ def test_unknown_name_lists_known_names():
     for known in KNOWN_CORPORA:
         assert known in str(info.value)
     assert "text:PATH" in str(info.value)
-    assert set(KNOWN_CORPORA) == {"wikitext2", "wikitext2-tokens", "tinystories", "austen"}
+    assert set(KNOWN_CORPORA) == {"wikitext2", "wikitext2-tokens", "tinystories", "austen",
+                                  "python-stdlib"}
 
 
 def test_empty_split_names_split_and_file(tmp_path, write_text):

@@ -13,7 +13,8 @@ record the exact command line. To add a command: write the module and list it in
 
 Commands: scale (paper Table 2: time and memory of one block vs sequence length), decode
 (cached generation speed vs context), recall (multi-query associative recall accuracy),
-throughput (training tokens/s, FLOPs and MFU), compare, ablate, gates.
+throughput (training tokens/s, FLOPs and MFU), compare, ablate, gates, long (long-context
+language modelling and passkey retrieval).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("gam.bench.compare", "compare trained models"),
     "ablate": ("gam.bench.ablate", "GAM ablations (paper Table 3)"),
     "gates": ("gam.bench.gates", "analysis of GAM's local/global gates"),
+    "long": ("gam.bench.long",
+             "long contexts: perplexity, loss by position, passkey retrieval, speed and memory "
+             "at T in 1024-4096 on three corpora"),
 }
 
 

@@ -80,11 +80,9 @@ def build_markdown(results: dict[str, Any]) -> str:
     summary = results["summary"]
     for dataset in results["datasets_requested"]:
         info = results["datasets"].get(dataset, {})
-        lines += [f"## {dataset}", ""]
-        if info.get("note"):
-            lines += [f"Note: {info['note']}", ""]
-        if info.get("status") == "error":
-            lines += [f"Not run: {info.get('error')}", ""]
+        head, loaded = tb.dataset_heading(dataset, info)
+        lines += head
+        if not loaded:
             continue
         rows = []
         for s in (s for s in summary if s["dataset"] == dataset):

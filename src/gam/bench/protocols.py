@@ -125,6 +125,9 @@ DATASET_NOTES = {
               "for TinyStories, which is not available offline: adult 19th-century prose, not "
               "children's stories, so these numbers are not comparable with the paper's "
               "TinyStories results.",
+    "python-stdlib": "the .py files of the running interpreter's standard library, test suites "
+                     "excluded (gam.data.code_corpus); the interpreter version and a SHA-256 of "
+                     "the files are recorded in every run.",
     "tinystories": "TinyStories (the paper's second corpus) has to be found in --data-dir / "
                    "$GAM_DATA_DIR or on the Hugging Face hub; where it is not available, use "
                    "`austen` as a stand-in and say so.",

@@ -108,7 +108,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMU
     return best
 
 
-def _time_steps(step: Any, device: torch.device, payload: dict[str, Any]
+def time_steps(step: Any, device: torch.device, payload: dict[str, Any]
                 ) -> tuple[float, list[float], float, common.MemoryMeter]:
     """``payload["warmup"]`` untimed steps, then up to ``payload["steps"]`` timed ones (at
     least 2; fewer when the time budget would be exceeded) under a memory meter:
@@ -178,7 +178,7 @@ def _worker(payload: dict[str, Any]) -> None:
 
     if device.type == "cpu":
         common.limit_address_space(payload.get("max_memory_bytes"))
-    warmup_s, step_s, elapsed, meter = _time_steps(step, device, payload)
+    warmup_s, step_s, elapsed, meter = time_steps(step, device, payload)
     steps_done = len(step_s)
     tokens_per_s = batch * seq_len / statistics.median(step_s)
     achieved = tokens_per_s * fpt["total"]

@@ -20,6 +20,7 @@ from gam.bench.common import error_text
 from gam.bench.environment import command_line, environment
 from gam.bench.protocols import (
     DATASET_NOTES,
+    Protocol,
     protocol_markdown,
     resolve_data_dir,
     resolve_protocol,
@@ -39,8 +40,8 @@ from gam.bench.runs import (
 from gam.runtime import resolve_device, set_threads
 from gam.training import RuntimeOptions, read_metrics
 
-__all__ = ["Benchmark", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown", "paper_params",
-           "plot_curves", "protocol_check", "protocol_markdown", "resolve_data_dir",
+__all__ = ["Benchmark", "dataset_heading", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown",
+           "paper_params", "plot_curves", "protocol_check", "protocol_markdown", "resolve_data_dir",
            "resolve_protocol", "run_training_benchmark", "seeds_of", "summarize"]
 
 
@@ -138,6 +139,17 @@ def ngram_markdown(info: dict[str, Any]) -> list[str]:
                 f"at the unigram figure has learned token frequencies and no context."]
 
 
+def dataset_heading(dataset: str, info: dict[str, Any]) -> tuple[list[str], bool]:
+    """The head of a dataset's report section (its note, or why it could not be loaded) and
+    whether it loaded."""
+    lines = [f"## {dataset}", ""]
+    if info.get("note"):
+        lines += [f"Note: {info['note']}", ""]
+    if info.get("status") == "error":
+        return [*lines, f"Not run: {info.get('error')}", ""], False
+    return lines, True
+
+
 def fmt_pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None:
         return "-"
@@ -220,10 +232,11 @@ class Benchmark:
     """Runs specs under one protocol and keeps the rows; the front ends (compare, ablate)
     decide what to run and how to present it."""
 
-    def __init__(self, args: argparse.Namespace, command: str) -> None:
+    def __init__(self, args: argparse.Namespace, command: str,
+                 protocol: Protocol | None = None) -> None:
         self.args = args
         self.command = command
-        self.protocol = resolve_protocol(args)
+        self.protocol = protocol or resolve_protocol(args)
         self.seeds = seeds_of(args)
         self.out = Path(args.out)
         self.data_dir, self.data_dir_explicit = resolve_data_dir(
@@ -268,7 +281,10 @@ class Benchmark:
                 "group": spec.group, **spec.extra, "run_dir": str(run_dir_of(self.out, spec)),
                 "status": status, "action": "skipped", "error": error}
 
-    def run(self, spec: RunSpec, write: Callable[[], None] | None = None) -> dict[str, Any]:
+    def run(self, spec: RunSpec, write: Callable[[], None] | None = None,
+            protocol: Protocol | None = None) -> dict[str, Any]:
+        """Train, resume or reuse ``spec`` under ``protocol`` (default: the benchmark's) and
+        keep its row."""
         info = self.datasets.get(spec.dataset)
         if info is None:
             info = self.prepare(spec.dataset)
@@ -277,8 +293,8 @@ class Benchmark:
         elif self.report_only and run_state(run_dir_of(self.out, spec))[0] != "finished":
             row = self._skipped(spec, "not run", "not finished (--report-only trains nothing)")
         else:
-            row = execute_run(spec, self.protocol, self.out, self.data_dirs.get(spec.dataset),
-                              self.options, self.log)
+            row = execute_run(spec, protocol or self.protocol, self.out,
+                              self.data_dirs.get(spec.dataset), self.options, self.log)
             if row.get("status") == "ok":
                 self.log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] val loss "
                          f"{fmt(row.get('val_loss'), 4)}, ppl "

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from gam.data._files import DataFileError as DataFileError  # re-exported: corrupt data files
 from gam.data._files import describe_text_file, find_text_file, iter_lines
+from gam.data.code_corpus import PYTHON_STDLIB, read_python_stdlib
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ _SPECS: dict[str, _Spec] = {
     ),
 }
 
-KNOWN_CORPORA: tuple[str, ...] = tuple(_SPECS)
+KNOWN_CORPORA: tuple[str, ...] = (*_SPECS, PYTHON_STDLIB)
 """Named corpora accepted by :func:`load_corpus` (besides ``text:PATH``)."""
 
 
@@ -240,7 +241,8 @@ def load_corpus(
     Args:
         name: one of :data:`KNOWN_CORPORA` -- ``"wikitext2"`` (raw WikiText-2, the paper's
             corpus), ``"wikitext2-tokens"`` (the ``<unk>`` variant), ``"tinystories"``,
-            ``"austen"`` (see :func:`load_austen`) -- or ``"text:PATH"`` where PATH is a text
+            ``"austen"`` (see :func:`load_austen`), ``"python-stdlib"`` (the interpreter's
+            library, :mod:`gam.data.code_corpus`) -- or ``"text:PATH"`` where PATH is a text
             file (its lines are split 90/10 into train/valid) or a folder with ``train.txt``,
             ``valid.txt`` and optionally ``test.txt`` (plain or ``.xz``).
         data_dir: folder holding the corpus folders (see the module docstring for the order in
@@ -260,6 +262,12 @@ def load_corpus(
         raise TypeError(f"corpus name must be a str, got {type(name).__name__}")
     if name.startswith(TEXT_PREFIX):
         return _load_text_corpus(name, max_train_rows, max_val_rows)
+    if name == PYTHON_STDLIB:  # found on every machine: data_dir and the hub play no part
+        try:
+            splits, source, files = read_python_stdlib(max_train_rows, max_val_rows)
+        except FileNotFoundError as exc:
+            raise DataNotFoundError(str(exc)) from None
+        return Corpus(name, splits, source, row_kind="document", files=files)
     spec = _SPECS.get(name)
     if spec is None:
         raise ValueError(

@@ -258,8 +258,9 @@ class DataConfig:
     """
 
     dataset: str = setting(
-        "wikitext2", help="{default} (default), wikitext2-tokens, tinystories, austen or "
-                          "text:PATH (a text file or a folder with train.txt, valid.txt)",
+        "wikitext2", help="{default} (default), wikitext2-tokens, tinystories, austen, "
+                          "python-stdlib (this interpreter's library) or text:PATH (a text "
+                          "file or a folder with train.txt, valid.txt)",
         type=argtypes.dataset_name, group="data")
     data_dir: str | None = setting(
         None, help="folder holding the corpus folders (default: $GAM_DATA_DIR, else the "
@@ -279,8 +280,16 @@ class DataConfig:
         True, help="never try the Hugging Face hub for a corpus (default: try it when the data "
                    "is not found locally)", flag="--offline", action="store_const", const=False,
         group="data")
+    passkey_mix: float = setting(
+        0.0, help="share of the training blocks replaced by passkey-retrieval samples "
+                  "(gam.data.passkey; default {default}: none)", type=number, group="data",
+        override="the share of training blocks replaced by passkey samples",
+        bench={"type": float, "metavar": "FRACTION"})
 
     def __post_init__(self) -> None:
+        if not _finite_number(self.passkey_mix) or not 0 <= self.passkey_mix < 1:
+            raise ValueError(f"passkey_mix (--passkey-mix) must be in [0, 1), got "
+                             f"{self.passkey_mix!r}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ValueError(f"dataset (--dataset) must be a corpus name, got {self.dataset!r}")
         _optional_positive_int("max_train_rows", self.max_train_rows, "--max-train-rows")

@@ -22,7 +22,8 @@ from gam.models.ops.losses import linear_cross_entropy
 from gam.runtime import autocast_context
 from gam.training.distributed import DistContext, is_sharded, unwrap_model
 
-__all__ = ["autocast_context", "evaluate", "first_batches", "token_loss_sum"]
+__all__ = ["autocast_context", "evaluate", "evaluate_by_position", "first_batches",
+           "token_loss_sum", "token_losses"]
 
 EVAL_CHUNK_LOGITS = 2_500_000
 
@@ -94,6 +95,64 @@ def token_loss_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     logits, _ = model(x)  # (B, T, V)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of every target of a batch, (B, T) in float32, 0 where the target is
+    ignored (``-100``). Through the head in chunks of rows for ``CausalLM`` models (never the
+    whole (B, T, vocab) logits), else through the model's logits."""
+    head = getattr(model, "head", None)
+    flat_y = y.reshape(-1)
+    if hasattr(model, "hidden_states") and isinstance(head, torch.nn.Linear) \
+            and head.bias is None:
+        h, _ = model.hidden_states(x)
+        h = h.reshape(-1, h.shape[-1])
+        rows = max(64, EVAL_CHUNK_LOGITS // head.weight.shape[0])
+        out = torch.cat([F.cross_entropy(head(h[i:i + rows]).float(), flat_y[i:i + rows],
+                                         ignore_index=IGNORE_INDEX, reduction="none")
+                         for i in range(0, h.shape[0], rows)])
+    else:
+        logits, _ = model(x)
+        out = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), flat_y,
+                              ignore_index=IGNORE_INDEX, reduction="none")
+    return out.reshape(y.shape)
+
+
+@torch.no_grad()
+def evaluate_by_position(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, seq_len: int,
+                         batch_size: int = 8, dtype: str = "fp32",
+                         device: torch.device | None = None) -> dict[str, Any]:
+    """The evaluation of :func:`evaluate` (the same blocks of ``seq_len``, every token but the
+    first a target once), kept per position in the block: ``position_loss_sum[i]`` and
+    ``position_tokens[i]`` are the summed loss and the number of targets predicted from ``i + 1``
+    tokens of context (float64 / int64 arrays of length ``seq_len``); ``loss`` is their
+    token-weighted mean, ``tokens`` the number of targets."""
+    base = unwrap_model(model)
+    if device is None:
+        device = next(base.parameters()).device
+    blocks = TokenBlocks(ids, seq_len, drop_last=False)
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    counts = torch.zeros(seq_len, dtype=torch.int64)
+    was_training = base.training
+    base.eval()
+    try:
+        for start in range(0, len(blocks), batch_size):
+            items = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
+            x = torch.stack([it[0] for it in items]).to(device)
+            y = torch.stack([it[1] for it in items])
+            with autocast_context(device, dtype):
+                losses = token_losses(base, x, y.to(device))
+            sums += losses.double().cpu().sum(0)
+            counts += (y != IGNORE_INDEX).sum(0)
+    finally:
+        base.train(was_training)
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError(f"nothing to evaluate: the {len(ids)} token(s) give no target token")
+    loss = float(sums.sum()) / total
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"),
+            "tokens": total, "position_loss_sum": sums.numpy(),
+            "position_tokens": counts.numpy()}
 
 
 def first_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int

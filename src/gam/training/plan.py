@@ -12,6 +12,7 @@ import torch
 
 import gam
 from gam.data import TokenBlocks, eot_token_id
+from gam.data.passkey import PasskeyGenerator, PasskeyMixBlocks
 from gam.files import sha256_file
 from gam.models.registry import model_config
 from gam.runtime import tf32_enabled
@@ -38,7 +39,7 @@ class RunPlan:
     seq_len: int
     per_rank: int
     tokenizer: Any
-    train_blocks: TokenBlocks
+    train_blocks: TokenBlocks | PasskeyMixBlocks
     val_ids: Any
     batches_per_epoch: int
     total_steps: int
@@ -92,6 +93,9 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
     tokenizer = data.tokenizer
     check_vocab(tokenizer, mcfg.vocab_size, run_dir / TOKENIZER_FILE, run_dir / CONFIG_FILE)
     train_blocks, val_ids = _blocks(run.data.dataset, data.ids, seq_len)
+    if run.data.passkey_mix:
+        train_blocks = PasskeyMixBlocks(train_blocks, seq_len, PasskeyGenerator(data.tokenizer),
+                                        run.data.passkey_mix, cfg.seed)
     batches_per_epoch = len(train_blocks) // cfg.batch_size
     if batches_per_epoch == 0:
         raise ValueError(

@@ -36,7 +36,7 @@ from gam.training.rundir import (
 logger = logging.getLogger("gam.training")
 
 __all__ = ["CONFIG_FILE", "METRICS_FILE", "TOKENIZER_FILE", "evaluate_run", "is_run_dir",
-           "load_run", "read_run_config"]
+           "load_run", "read_run_config", "run_split_ids"]
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: int, tokenizer_path: Path,
@@ -93,18 +93,39 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
     dev = resolve_device(device)
     model, tokenizer, config = load_run(run_dir, map_location=dev)
     run = run_settings(config, run_dir)
-    logger.info("loaded %s (%s); reading split %r of %s ...", run_dir, config.get("model"),
-                split, run.data.dataset)
+    ids = run_split_ids(run_dir, config, tokenizer, split, data_dir, max_val_rows, all_rows,
+                        cache_dir)
+    seq_len = run.data.seq_len or model.config.max_seq_len
+    if batch_size is None:
+        batch_size = run.train.eval_batch_size or run.train.batch_size
+    blocks = -(-(len(ids) - 1) // seq_len)
+    logger.info("evaluating split %r: %s tokens in %s blocks of %d (batches of %d) on %s ...",
+                split, f"{len(ids):,}", f"{blocks:,}", seq_len, batch_size, dev)
+    t0 = time.perf_counter()
+    result = evaluate(model, ids, seq_len, batch_size=batch_size, dtype=dtype, device=dev)
+    logger.info("evaluated in %.1f s: loss %.4f, ppl %.2f", time.perf_counter() - t0,
+                result["loss"], result["ppl"])
+    return {"run_dir": str(run_dir), "model": config.get("model"), "dataset": run.data.dataset,
+            "split": split, "seq_len": seq_len, "loss": result["loss"], "ppl": result["ppl"],
+            "tokens": result["tokens"]}
+
+
+def run_split_ids(run_dir: str | os.PathLike[str], config: dict[str, Any],
+                  tokenizer: Tokenizer, split: str = "valid", data_dir: str | None = None,
+                  max_val_rows: int | None = None, all_rows: bool = False,
+                  cache_dir: str | None = None) -> np.ndarray:
+    """The token ids of ``split`` of a run's corpus (``config``: its ``config.json``), cut as
+    in training (same ``max_val_rows`` unless overridden) and encoded by the run's
+    ``tokenizer``, checked as :func:`evaluate_run` says."""
+    run = run_settings(config, run_dir)
+    logger.info("reading split %r of %s for %s ...", split, run.data.dataset, run_dir)
     data: DataConfig = run.data
     rows = None if all_rows else (max_val_rows if max_val_rows is not None
                                   else data.max_val_rows)
     data = DataConfig(dataset=data.dataset, data_dir=data.data_dir,
                       max_train_rows=data.max_train_rows, max_val_rows=rows,
                       seq_len=data.seq_len, use_hub=data.use_hub)
-    seq_len = data.seq_len or model.config.max_seq_len
-    if batch_size is None:
-        batch_size = run.train.eval_batch_size or run.train.batch_size
-    loaded = load_data(data, TokenizerConfig(**run.tokenizer.to_dict()), DistContext(device=dev),
+    loaded = load_data(data, TokenizerConfig(**run.tokenizer.to_dict()), DistContext(),
                        cache_dir=cache_dir, tokenizer=tokenizer, splits=(split,),
                        data_dir=data_dir)
     ids: np.ndarray = loaded.ids[split]
@@ -121,13 +142,4 @@ def evaluate_run(run_dir: str | os.PathLike[str], split: str = "valid",
     if len(ids) < 2:
         raise ValueError(f"split {split!r} of {data.dataset!r} has {len(ids)} token(s); at "
                          f"least 2 are needed to evaluate")
-    blocks = -(-(len(ids) - 1) // seq_len)
-    logger.info("evaluating split %r: %s tokens in %s blocks of %d (batches of %d) on %s ...",
-                split, f"{len(ids):,}", f"{blocks:,}", seq_len, batch_size, dev)
-    t0 = time.perf_counter()
-    result = evaluate(model, ids, seq_len, batch_size=batch_size, dtype=dtype, device=dev)
-    logger.info("evaluated in %.1f s: loss %.4f, ppl %.2f", time.perf_counter() - t0,
-                result["loss"], result["ppl"])
-    return {"run_dir": str(run_dir), "model": config.get("model"), "dataset": data.dataset,
-            "split": split, "seq_len": seq_len, "loss": result["loss"], "ppl": result["ppl"],
-            "tokens": result["tokens"]}
+    return ids

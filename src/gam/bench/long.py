@@ -1,0 +1,582 @@
+"""``gam bench long``: language modelling at long contexts -- where a linear-cost model should
+pay off.
+
+Every family of ``--models`` (default: each of gam, gam-delta, transformer, transformer-pp,
+mamba, gated-deltanet, rwkv7, s4d that is registered when the command runs) is trained at one
+small size shared by all (protocol ``long``: preset cpu-small with d_model 128, 4 layers) on
+each corpus of ``--datasets`` (default austen, wikitext2, python-stdlib) at each context
+``T`` of ``--contexts`` (default 1024 and 4096; the model's ``max_seq_len`` is set to T), with
+the same number of tokens per optimizer step (``--tokens-per-step``: the batch is that / T) and
+the same number of steps, so every configuration sees the same token budget. A share
+``--passkey-mix`` of the training blocks is replaced by passkey-retrieval samples
+(:mod:`gam.data.passkey`); validation is on the corpus alone.
+
+Each configuration is one training run (``OUT/runs/<dataset>/<family>-T<T>-seed<k>``, trained,
+resumed or reused as in ``gam bench compare``, locked against a second process), then one
+evaluation in a fresh worker process (``OUT/evals/<dataset>/<family>-T<T>-seed<k>.json``, kept
+and reused, locked likewise), which measures on the trained model:
+
+- **loss by position**: the validation split cut into windows of T (as the run's own
+  evaluation), the loss of each target summed by its position in the window, reported per
+  bucket of positions 1-16, 17-64, 65-256, 257-1,024, 1,025-4,096, 4,097-16,384 (a target at
+  position p is predicted from p tokens); the buckets' token-weighted mean is the validation
+  loss;
+- **passkey retrieval**: accuracy of greedy decoding by context length (``--passkey-lengths``
+  times T, beyond T only for a family without learned positions: the others have no position
+  past T) and by depth of the key (``--passkey-depths``), ``--passkey-samples`` prompts per
+  cell, scored on the digits only;
+- **speed and memory at T**: training tokens/s of the run itself (its whole training), the
+  median time and the peak memory growth of ``--measure-steps`` training steps at (batch, T)
+  (``gam.bench.throughput.time_steps``, ``MemoryMeter``), and the decode tokens/s of greedy
+  cached steps at the end of a context of T tokens.
+
+Writes ``results.json`` (``runs``: one row per configuration with its evaluation), ``results.md``
+and ``positions-<dataset>.png`` (loss by position bucket, every family and T on one figure).
+``--report-only`` trains and evaluates nothing; ``--quick`` is a seconds-long smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gam.bench import common
+from gam.bench import training_bench as tb
+from gam.bench.environment import command_line, environment
+from gam.bench.protocols import Protocol, seeds_of
+from gam.bench.runs import RunSpec, apply_model_args, check_models, dataset_slug
+from gam.bench.throughput import time_steps
+from gam.bench.workers import merge_worker_result
+from gam.data.passkey import PasskeyGenerator, score_answer
+from gam.files import LockHeldError, atomic_write_json, hold_lock
+from gam.models.registry import MODELS, config_class, model_from_config
+from gam.training.argtypes import parse_model_arg
+from gam.training.config import TrainConfig
+from gam.training.evaluate import evaluate_by_position
+from gam.training.optim import build_optimizer
+from gam.training.options import add_override_arguments
+from gam.training.run import load_run, run_split_ids
+from gam.training.rundir import read_run_config
+from gam.training.step import train_step
+
+MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
+                 "gated-deltanet", "rwkv7", "s4d")
+DEFAULT_DATASETS = ["austen", "wikitext2", "python-stdlib"]
+DEFAULT_CONTEXTS = [1024, 4096]
+QUICK_CONTEXTS = [128]
+POSITION_EDGES = (16, 64, 256, 1024, 4096, 16384, 65536)
+PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PASSKEY_LENGTHS = [0.25, 0.5, 1.0, 2.0]
+GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
+EVAL_FORMAT = 1  # bump when the evaluation changes, so that kept evaluations are redone
+OVERRIDES = ("max_steps", "epochs", "lr", "warmup_steps", "dtype", "vocab_size", "tokenizer",
+             "model_preset", "max_train_rows", "max_val_rows", "passkey_mix")
+
+PROTOCOLS = {
+    "long": Protocol(
+        "long",
+        "one small size for every family: preset cpu-small with d_model 128 (4 layers, 4 heads, "
+        "256 slots), byte-level BPE of 10,000 tokens trained on the train split, AdamW lr 1e-3 "
+        "(15 warm-up steps, cosine over the budget), bf16 autocast, 150 optimizer steps of "
+        "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192), 5% of "
+        "the training blocks replaced by passkey samples, validation on the whole valid split",
+        dict(model_preset="cpu-small", model_arg={"d_model": 128}, vocab_size=10000,
+             tokenizer="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
+             lr=1e-3, warmup_steps=15, dtype="bf16", max_train_rows=None, max_val_rows=None,
+             eval_every=None, log_every=10, save_every=25, gate_stat_batches=0,
+             passkey_mix=0.05)),
+    "quick": Protocol(
+        "long-quick",
+        "smoke test: preset tiny, byte-level BPE of 512 tokens, 4 steps, 25% passkey blocks, "
+        "first 400 train / 40 validation rows (numbers mean nothing)",
+        dict(model_preset="tiny", vocab_size=512, tokenizer="bytelevel",
+             tokenizer_on_all_splits=False, epochs=1, max_steps=4, lr=3e-3, warmup_steps=1,
+             dtype="fp32", max_train_rows=400, max_val_rows=40, eval_every=None, log_every=2,
+             save_every=2, gate_stat_batches=0, passkey_mix=0.25)),
+}
+
+
+def default_families() -> list[str]:
+    """The main families registered here, in :data:`MAIN_FAMILIES` order (a family added to
+    the registry under one of those names joins by name)."""
+    return [name for name in MAIN_FAMILIES if name in MODELS]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Long-context language modelling: every family trained at context T on each corpus with "
+        "the same token budget; validation perplexity, loss by position in the window, passkey "
+        "retrieval by length and depth, training and decode speed and peak memory at T. "
+        "Resumable (finished runs and evaluations are reused, unfinished runs resumed).")
+    parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                        help=f"build_model names (default: those of {', '.join(MAIN_FAMILIES)} "
+                             f"registered here)")
+    parser.add_argument("--datasets", nargs="+", default=DEFAULT_DATASETS, metavar="NAME",
+                        help="corpora (austen, wikitext2, python-stdlib, text:PATH, ...)")
+    parser.add_argument("--contexts", nargs="+", type=int, default=None, metavar="T",
+                        help=f"training contexts (default {DEFAULT_CONTEXTS}; quick "
+                             f"{QUICK_CONTEXTS})")
+    parser.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+                        help="tokens per optimizer step at every T; the batch is N / T (default "
+                             "8192; quick 512)")
+    g = parser.add_argument_group("protocol (identical for every configuration)")
+    g.add_argument("--seeds", type=int, nargs="+", default=argparse.SUPPRESS, metavar="K",
+                   help="seeds (init and data order) of every configuration (default: --seed)")
+    add_override_arguments(g, OVERRIDES)
+    g.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
+                   metavar="KEY=VALUE", dest="model_args",
+                   help="a model config field for every model, repeatable (max_seq_len is T)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--passkey-lengths", nargs="+", type=float, default=PASSKEY_LENGTHS,
+                   metavar="X", help="passkey context lengths, as multiples of T")
+    g.add_argument("--passkey-depths", nargs="+", type=float, default=PASSKEY_DEPTHS,
+                   metavar="D", help="depths of the key in the context (0 first, 1 last)")
+    g.add_argument("--passkey-samples", type=int, default=None, metavar="N",
+                   help="prompts per (length, depth) cell (default 5; quick 2)")
+    g.add_argument("--measure-steps", type=int, default=None, metavar="N",
+                   help="timed training steps at T (default 3; quick 1)")
+    g.add_argument("--decode-tokens", type=int, default=None, metavar="N",
+                   help="timed decode steps after a T-token context (default 32; quick 4)")
+    g.add_argument("--max-seconds", type=float, default=3600.0,
+                   help="wall-clock limit of one evaluation worker")
+    g = parser.add_argument_group("data and output")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="folder with the corpora (default: $GAM_DATA_DIR, else the hub)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="tokenizer / token-id cache (default: $GAM_CACHE_DIR or ~/.cache/gam)")
+    g.add_argument("--quiet", action="store_true", help="no per-step training log")
+    g.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: report what is finished in --out")
+
+
+# ------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """What the command line resolves to."""
+
+    protocol: Protocol
+    families: list[str]
+    contexts: list[int]
+    tokens_per_step: int
+    evaluation: dict[str, Any]
+
+    def protocol_at(self, seq_len: int) -> Protocol:
+        """The protocol at context ``seq_len``: batch = tokens per step / T."""
+        return Protocol(self.protocol.name, self.protocol.description,
+                        {**self.protocol.settings, "seq_len": seq_len,
+                         "batch_size": self.tokens_per_step // seq_len})
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """ValueError for settings that cannot run."""
+    base = PROTOCOLS["quick" if args.quick else "long"]
+    changes = {k: getattr(args, k) for k in OVERRIDES if hasattr(args, k)}
+    protocol = base.override(**changes) if changes else base
+    families = list(args.models) if args.models else default_families()
+    if len(set(families)) != len(families):
+        raise ValueError(f"--models lists a model twice: {families}")
+    contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
+    tokens = args.tokens_per_step or (512 if args.quick else 8192)
+    bad = [t for t in contexts if t < 1 or tokens % t]
+    if bad:
+        raise ValueError(f"--contexts {bad}: each T must divide --tokens-per-step {tokens} "
+                         f"(the batch is tokens per step / T)")
+    if any(not 0 <= d <= 1 for d in args.passkey_depths):
+        raise ValueError(f"--passkey-depths must be in [0, 1], got {args.passkey_depths}")
+    if any(x <= 0 for x in args.passkey_lengths):
+        raise ValueError(f"--passkey-lengths must be positive, got {args.passkey_lengths}")
+    evaluation = {
+        "format": EVAL_FORMAT, "edges": list(POSITION_EDGES),
+        "passkey_lengths": sorted(set(args.passkey_lengths)),
+        "passkey_depths": sorted(set(args.passkey_depths)),
+        "passkey_samples": args.passkey_samples or (2 if args.quick else 5),
+        "generated_tokens": GENERATED_TOKENS,
+        "measure_steps": args.measure_steps or (1 if args.quick else 3),
+        "decode_tokens": args.decode_tokens or (4 if args.quick else 32),
+    }
+    settings = Settings(protocol, families, contexts, tokens, evaluation)
+    for seq_len in contexts:  # a bad setting (e.g. --passkey-mix 2) fails here, not per run
+        settings.protocol_at(seq_len).run_config("gam", "austen", 0, {}, None)
+    return settings
+
+
+# ------------------------------------------------------------------------ position buckets
+def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[int]
+                     = POSITION_EDGES) -> list[dict[str, Any]]:
+    """Per-position loss sums and target counts (index i: targets predicted from i + 1 tokens)
+    summed into the buckets 1..edges[0], edges[0]+1..edges[1], ... up to the window length:
+    ``first``, ``last`` (1-based positions), ``loss_sum``, ``tokens`` and their mean
+    ``loss``."""
+    loss_sum = np.asarray(loss_sum, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    out, first = [], 1
+    for edge in [*edges, len(loss_sum)]:
+        last = min(edge, len(loss_sum))
+        if last < first:
+            break
+        s, n = float(loss_sum[first - 1:last].sum()), int(tokens[first - 1:last].sum())
+        out.append({"first": first, "last": last, "loss_sum": s, "tokens": n,
+                    "loss": s / n if n else None})
+        first = last + 1
+    return out
+
+
+def bucket_label(bucket: dict[str, Any]) -> str:
+    return f"{bucket['first']:,}-{bucket['last']:,}"
+
+
+# ---------------------------------------------------------------------------------- worker
+def extended_model(model: torch.nn.Module, name: str, max_seq_len: int
+                   ) -> tuple[torch.nn.Module | None, str | None]:
+    """``model`` rebuilt with a longer ``max_seq_len`` and the same weights, or ``(None,
+    reason)`` when it has learned positions (none exist past its T) or its weights depend on
+    the length."""
+    if max_seq_len <= model.config.max_seq_len:
+        return model, None
+    if getattr(model, "pos_embedding", None) is not None:
+        return None, f"learned positions end at {model.config.max_seq_len}"
+    config = config_class(name).from_dict({**model.config.to_dict(),
+                                           "max_seq_len": max_seq_len})
+    longer = model_from_config(name, config)
+    try:
+        longer.load_state_dict(model.state_dict())
+    except RuntimeError as exc:
+        return None, f"weights depend on max_seq_len ({str(exc)[:120]})"
+    return longer.to(next(model.parameters()).device).eval(), None
+
+
+@torch.no_grad()
+def passkey_accuracy(model: torch.nn.Module, name: str, tokenizer: Any, seq_len: int,
+                     evaluation: dict[str, Any], seed: int, device: torch.device
+                     ) -> list[dict[str, Any]]:
+    """One record per (length, depth): ``correct`` of ``n`` greedy answers; ``status`` ok,
+    ``n/a`` (no positions past T) or ``too short`` (the key and question do not fit)."""
+    generator = PasskeyGenerator(tokenizer)
+    rng = np.random.default_rng([seed, 26])
+    n, new = evaluation["passkey_samples"], evaluation["generated_tokens"]
+    cells = []
+    for factor in evaluation["passkey_lengths"]:
+        length = int(round(factor * seq_len))
+        net, reason = extended_model(model, name, length)
+        for depth in evaluation["passkey_depths"]:
+            cell: dict[str, Any] = {"length": length, "factor": factor, "depth": depth,
+                                    "status": "ok"}
+            cells.append(cell)
+            prompt_len = length - new
+            if net is None:
+                cell.update(status="n/a", reason=reason)
+                continue
+            if prompt_len < generator.overhead():
+                cell.update(status="too short", reason=f"the key sentence and the question "
+                            f"take {generator.overhead()} tokens")
+                continue
+            keys = [generator.random_key(rng) for _ in range(n)]
+            prompts = [generator.sample(prompt_len, depth, key) for key in keys]
+            x = torch.tensor([p.ids for p in prompts], dtype=torch.long, device=device)
+            out = net.generate(x, new, temperature=0)[:, prompt_len:].tolist()
+            answers = [tokenizer.decode(row) for row in out]
+            correct = sum(score_answer(a, k) for a, k in zip(answers, keys, strict=True))
+            cell.update(correct=correct, n=n, accuracy=correct / n,
+                        key_positions=[p.key_position for p in prompts],
+                        example={"key": keys[0], "answer": answers[0]})
+    return cells
+
+
+@torch.no_grad()
+def decode_speed(model: torch.nn.Module, context: torch.Tensor, steps: int,
+                 device: torch.device) -> dict[str, Any]:
+    """Greedy cached decoding after ``context`` (1, T'): tokens/s over ``steps`` timed steps
+    (median step time; the prefill untimed)."""
+    logits, cache = model.prefill(context.to(device))
+    token = logits.argmax(-1)
+    times = []
+    for _ in range(steps):
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        logits, cache = model.step(token, cache)
+        token = logits.argmax(-1)
+        common.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return {"decode_tokens_per_s": 1.0 / statistics.median(times),
+            "decode_context": int(context.shape[1]), "decode_steps": steps}
+
+
+def training_speed(model: torch.nn.Module, ids: np.ndarray, seq_len: int, batch: int,
+                   dtype: str, steps: int, device: torch.device) -> dict[str, Any]:
+    """Median tokens/s and peak memory growth of ``steps`` training steps (after one untimed)
+    at (batch, seq_len) on validation windows. It trains the model: run it last."""
+    need = batch * seq_len + 1
+    window = np.resize(np.asarray(ids, dtype=np.int64), need)  # repeated when the split is short
+    x = torch.from_numpy(window[:-1].reshape(batch, seq_len).copy()).to(device)
+    y = torch.from_numpy(window[1:].reshape(batch, seq_len).copy()).to(device)
+    config = TrainConfig(lr=1e-4)
+    optimizer = build_optimizer(model, config)
+    model.train()
+
+    def step() -> None:
+        train_step(model, optimizer, x, y, dtype=dtype, grad_clip=config.grad_clip)
+
+    _, step_s, _, meter = time_steps(step, device, {"warmup": 1, "steps": steps,
+                                                    "model": model.model_name})
+    return {"step_tokens_per_s": batch * seq_len / statistics.median(step_s),
+            "step_ms": statistics.median(step_s) * 1e3, "steps_timed": len(step_s),
+            "peak_mem_mb": meter.growth_bytes() / 2**20, "memory_method": meter.method}
+
+
+def _worker(payload: dict[str, Any]) -> None:
+    device = torch.device(payload["device"])
+    run_dir, seq_len, evaluation = payload["run_dir"], payload["seq_len"], payload["evaluation"]
+    model, tokenizer, config = load_run(run_dir, map_location=device)
+    ids = run_split_ids(run_dir, config, tokenizer, "valid", payload.get("data_dir"),
+                        cache_dir=payload.get("cache_dir"))
+    t0 = time.perf_counter()
+    positions = evaluate_by_position(model, ids, seq_len, batch_size=payload["batch_size"],
+                                     dtype=payload["dtype"], device=device)
+    record: dict[str, Any] = {
+        "status": "ok", "position_loss": positions["loss"], "position_tokens": positions["tokens"],
+        "buckets": position_buckets(positions["position_loss_sum"],
+                                    positions["position_tokens"], evaluation["edges"]),
+        "position_eval_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    record["passkey"] = passkey_accuracy(model, config["model"], tokenizer, seq_len,
+                                         evaluation, payload["seed"], device)
+    record["passkey_s"] = time.perf_counter() - t0
+    model.eval()
+    context = torch.from_numpy(np.resize(np.asarray(ids, dtype=np.int64),
+                                         seq_len - evaluation["decode_tokens"] - 1))[None]
+    record.update(decode_speed(model, context, evaluation["decode_tokens"], device))
+    record.update(training_speed(model, ids, seq_len, payload["batch_size"], payload["dtype"],
+                                 evaluation["measure_steps"], device))
+    common.emit(record)
+
+
+# ------------------------------------------------------------------------------ evaluation
+def eval_path(out: Path, spec: RunSpec) -> Path:
+    return out / "evals" / dataset_slug(spec.dataset) / f"{spec.label}-seed{spec.seed}.json"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, Any],
+                           settings: Settings, seq_len: int) -> dict[str, Any]:
+    """The evaluation of a finished run: kept from an earlier call when made with the same
+    settings on the same run, else measured in a worker (``--report-only``: never)."""
+    path = eval_path(bench.out, spec)
+    run_config = read_run_config(row["run_dir"])
+    key = {**settings.evaluation, "run_created": run_config.get("created"),
+           "run_steps": row.get("steps")}
+    kept = _read_json(path)
+    if kept is not None and kept.get("key") == key:
+        return {**kept["result"], "eval_action": "reused"}
+    if bench.report_only:
+        return {"eval_status": "not run", "eval_error": "no evaluation of this run yet "
+                "(--report-only evaluates nothing)"}
+    payload = {"run_dir": row["run_dir"], "seq_len": seq_len, "evaluation": settings.evaluation,
+               "device": str(bench.device), "threads": bench.args.threads,
+               "batch_size": settings.tokens_per_step // seq_len,
+               "dtype": settings.protocol.dtype, "seed": spec.seed,
+               "data_dir": bench.data_dirs.get(spec.dataset), "cache_dir": bench.cache_dir}
+    try:
+        with hold_lock(path.with_suffix(".lock")):
+            bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
+            result: dict[str, Any] = {}
+            merge_worker_result(result, *common.run_worker(
+                "gam.bench.long", payload, timeout=bench.args.max_seconds))
+    except LockHeldError as exc:
+        return {"eval_status": "not run", "eval_error": str(exc)}
+    status = result.pop("status", "error")
+    result = {**result, "eval_status": status, "eval_threads": bench.threads,
+              "eval_device": str(bench.device)}
+    if status == "ok":
+        atomic_write_json(path, {"key": key, "result": result})
+    else:
+        result["eval_error"] = result.pop("error", None)
+    return {**result, "eval_action": "evaluated"}
+
+
+# --------------------------------------------------------------------------------- report
+def passkey_summary(cells: list[dict[str, Any]], by: str) -> dict[Any, float | None]:
+    """Accuracy per ``length`` or ``depth`` over the cells that ran (None where none did)."""
+    out: dict[Any, list[int]] = {}
+    for cell in cells:
+        tally = out.setdefault(cell[by], [0, 0])
+        if cell.get("status") == "ok":
+            tally[0] += cell["correct"]
+            tally[1] += cell["n"]
+    return {k: (c / n if n else None) for k, (c, n) in out.items()}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, Any]]
+                     ) -> list[str]:
+    """The tables of one corpus: perplexity, speed and memory; loss by position; passkey."""
+    lines = []
+    if info.get("source"):
+        lines += [f"Data: {info['source']}; tokens train / valid: "
+                  f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
+    mine = [r for r in rows if r["dataset"] == dataset]
+    table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
+              tb.fmt_params(r.get("params_non_embedding")), common.fmt(r.get("steps")),
+              common.fmt(r.get("train_tokens")), common.fmt(r.get("val_ppl"), 2),
+              common.fmt(r.get("tokens_per_s"), 0),
+              common.fmt(r.get("step_tokens_per_s"), 0), common.fmt(r.get("peak_mem_mb"), 0),
+              common.fmt(r.get("decode_tokens_per_s"), 1),
+              r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
+             for r in mine]
+    lines += ["### Perplexity, speed and memory", "", common.markdown_table(
+        ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
+         "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
+         "decode tok/s at T", "status"], table), ""]
+    labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
+    if labels:
+        table = []
+        for r in mine:
+            by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
+            table.append([r["family"], r["T"], *(common.fmt(by.get(x), 3) for x in labels)])
+        lines += ["### Validation loss by position in the window (nats / token)", "",
+                  common.markdown_table(["family", "T", *labels], table), "",
+                  f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
+    cells = [r for r in mine if r.get("passkey")]
+    if cells:
+        lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
+        depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
+        table = []
+        for r in cells:
+            by_len = passkey_summary(r["passkey"], "length")
+            by_depth = passkey_summary([c for c in r["passkey"] if c["length"] <= r["T"]],
+                                       "depth")
+            table.append([r["family"], r["T"], *(_pct(by_len.get(x)) for x in lengths),
+                          *(_pct(by_depth.get(d)) for d in depths)])
+        lines += ["### Passkey retrieval accuracy", "",
+                  "By context length (over all depths; `-`: not run, e.g. no learned "
+                  "position past T), then by depth of the key (over the lengths up to T).",
+                  "", common.markdown_table(
+                      ["family", "T", *(f"len {x:,}" for x in lengths),
+                       *(f"depth {d:g}" for d in depths)], table), ""]
+    return lines
+
+
+def build_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = ["# Long context (gam bench long)", "",
+             f"Protocol `{results['protocol']['name']}`: {results['protocol']['description']}. "
+             f"Contexts {s['contexts']}, {s['tokens_per_step']:,} tokens per step (batch = "
+             f"that / T), seeds {results['seeds']}; passkey mix {s['passkey_mix']:g} of the "
+             f"training blocks (filler: the repeated \"The grass is green. The sky is blue. "
+             f"...\"), {s['evaluation']['passkey_samples']} prompts per (length, depth) cell.",
+             ""]
+    rows = list(results["runs"])
+    for dataset in results["datasets_requested"]:
+        info = results["datasets"].get(dataset, {})
+        head, loaded = tb.dataset_heading(dataset, info)
+        lines += head + (dataset_markdown(dataset, info, rows) if loaded else [])
+    failed = [r for r in rows if r.get("status") != "ok" or r.get("eval_status") not in
+              ("ok", None)]
+    if failed:
+        lines += ["## Not finished", "", *(
+            f"- {r['dataset']} / {r['model']}: {r.get('status')}"
+            f"{' / evaluation ' + str(r.get('eval_status')) if r.get('status') == 'ok' else ''}"
+            f": {(r.get('error') or r.get('eval_error') or '')[:300]}" for r in failed), ""]
+    lines += ["train tok/s (run): the run's own training throughput over all its steps; timed "
+              "steps and peak MB: training steps at (batch, T) in the evaluation worker (peak "
+              "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "
+              "GPU); decode: median greedy cached step after a T-token context. Loss by "
+              "position: a target at position p is predicted from p tokens of its window.", "",
+              common.environment_markdown(results["environment"], results["command"])]
+    return "\n".join(lines)
+
+
+def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | None:
+    """Loss per position bucket, every family (colour) and T (line style) on one figure."""
+    mine = [r for r in rows if r["dataset"] == dataset and r.get("buckets")]
+    if not mine:
+        return None
+    fig, (ax,) = common.new_figure(width=7.0)
+    families = list(dict.fromkeys(r["family"] for r in mine))
+    contexts = sorted({r["T"] for r in mine})
+    styles = ["-", "--", ":", "-."]
+    labels: list[str] = []
+    for r in mine:
+        names = [bucket_label(b) for b in r["buckets"]]
+        labels = names if len(names) > len(labels) else labels
+        ax.plot(range(len(names)), [b["loss"] for b in r["buckets"]],
+                styles[contexts.index(r["T"]) % len(styles)], marker="o",
+                color=f"C{families.index(r['family']) % 10}", label=f"{r['family']} T={r['T']}")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_xlabel("position in the evaluation window (bucket)")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(f"loss by position, {dataset}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ------------------------------------------------------------------------------------ run
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = resolve_settings(args)
+        bench = tb.Benchmark(args, "long", settings.protocol)
+        seeds = seeds_of(args)
+        specs = [(RunSpec(dataset=d, model=f, seed=k, label=f"{f}-T{t}",
+                          overrides={"max_seq_len": t}, extra={"family": f, "T": t}), t)
+                 for d in args.datasets for t in settings.contexts for k in seeds
+                 for f in settings.families]
+        apply_model_args([s for s, _ in specs], args)
+        for t in settings.contexts:
+            check_models([s for s, st in specs if st == t], settings.protocol_at(t))
+    except ValueError as exc:
+        print(f"gam bench long: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    out = Path(args.out)
+    started = time.perf_counter()
+
+    def results() -> dict[str, Any]:
+        return {"protocol": settings.protocol.to_dict(), "seeds": seeds,
+                "settings": {"families": settings.families, "contexts": settings.contexts,
+                             "passkey_mix": settings.protocol.passkey_mix,
+                             "tokens_per_step": settings.tokens_per_step,
+                             "evaluation": settings.evaluation},
+                "datasets_requested": list(args.datasets), "datasets": bench.datasets,
+                "runs": bench.rows, "total_wall_s": time.perf_counter() - started,
+                "environment": environment(bench.device, bench.threads),
+                "command": command_line("long", getattr(args, "argv", []))}
+
+    def write() -> None:
+        res = results()
+        common.write_results(out, res, build_markdown(res))
+
+    eval_ok = True
+    for spec, seq_len in specs:
+        row = bench.run(spec, protocol=settings.protocol_at(seq_len))
+        if row.get("status") == "ok":
+            row.update(evaluate_configuration(bench, spec, row, settings, seq_len))
+            eval_ok &= row.get("eval_status") == "ok" or (
+                bench.report_only and row.get("eval_status") == "not run")
+        write()
+    res = results()
+    plots = [lambda o, d=d: plot_positions(bench.rows, d, o / f"positions-{dataset_slug(d)}.png")
+             for d in args.datasets]
+    code = bench.finish(out, res, plots, build_markdown)
+    return code if eval_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(common.worker_main(_worker))

@@ -1,0 +1,110 @@
+"""``gam bench long``: the loss-by-position accounting, and one ``--quick`` end-to-end run (two
+families, one small synthetic corpus, one thread) that is reused when run again."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gam.bench import main as bench_main
+from gam.bench.long import default_families, position_buckets
+from gam.models import build_model
+from gam.training.evaluate import evaluate, evaluate_by_position
+
+WORDS = "the cat dog sat ran on a mat tree house river big small red and then it was".split()
+
+
+@pytest.mark.parametrize("n_tokens", [1000, 641])
+def test_loss_by_position_sums_back_to_the_mean_loss(one_torch_thread, n_tokens):
+    torch.manual_seed(0)
+    model = build_model("gam", "tiny", max_seq_len=100).eval()
+    ids = np.random.default_rng(0).integers(0, 256, n_tokens)
+    by_pos = evaluate_by_position(model, ids, 100, batch_size=3)
+    plain = evaluate(model, ids, 100, batch_size=4)
+    sums, counts = by_pos["position_loss_sum"], by_pos["position_tokens"]
+    assert counts.sum() == by_pos["tokens"] == plain["tokens"] == n_tokens - 1
+    # every window has position 1; only the full windows reach position 100
+    assert counts[0] == math.ceil((n_tokens - 1) / 100)
+    assert counts[-1] == (n_tokens - 1) // 100
+    assert by_pos["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    buckets = position_buckets(sums, counts, (16, 64, 256))
+    assert [(b["first"], b["last"]) for b in buckets] == [(1, 16), (17, 64), (65, 100)]
+    assert sum(b["tokens"] for b in buckets) == by_pos["tokens"]
+    weighted = sum(b["loss"] * b["tokens"] for b in buckets) / by_pos["tokens"]
+    assert weighted == pytest.approx(by_pos["loss"], rel=1e-12)
+    assert math.fsum(b["loss_sum"] for b in buckets) == pytest.approx(float(sums.sum()),
+                                                                      rel=1e-12)
+
+
+def test_default_families_are_the_registered_main_ones():
+    families = default_families()
+    assert {"gam", "gam-delta", "transformer", "mamba", "s4d"} <= set(families)
+    assert "gam-sum" not in families
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("GAM_DATA_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
+                                + " ." for _ in range(600)) + "\n")
+    threads = torch.get_num_threads()
+    yield tmp_path, corpus
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_two_families(env, check):
+    tmp_path, corpus = env
+    out = tmp_path / "long"
+    argv = ["long", "--quick", "--models", "gam", "s4d", "--datasets", f"text:{corpus}",
+            "--threads", "1", "--quiet", "--out", str(out)]
+    assert bench_main(argv) == 0
+    res = check.load_results(out)
+    check.assert_environment(res)
+    rows = res["runs"]
+    assert [(r["family"], r["T"], r["status"], r["eval_status"]) for r in rows] == [
+        ("gam", 128, "ok", "ok"), ("s4d", 128, "ok", "ok")]
+    for r in rows:
+        assert sum(b["tokens"] for b in r["buckets"]) == r["position_tokens"]
+        assert r["position_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+        assert r["decode_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
+        assert r["peak_mem_mb"] is not None and r["params_total"] > 0
+        by_length = {c["length"]: c["status"] for c in r["passkey"]}
+        assert by_length[128] == "ok"
+    # 2T: GAM has learned positions (none past T); S4D has none and is evaluated there
+    assert {c["status"] for c in rows[0]["passkey"] if c["length"] == 256} == {"n/a"}
+    assert {c["status"] for c in rows[1]["passkey"] if c["length"] == 256} == {"ok"}
+    check.assert_png(out / "positions-text-corpus.png")
+    config = json.loads((tmp_path / rows[0]["run_dir"] / "config.json").read_text())
+    assert config["data"]["passkey_mix"] == 0.25 and config["data"]["seq_len"] == 128
+    assert res["settings"]["passkey_mix"] == 0.25
+    # the same command again reuses the runs and their evaluations; --report-only too
+    assert bench_main(argv) == 0
+    again = check.load_results(out)
+    assert {(r["action"], r["eval_action"]) for r in again["runs"]} == {("reused", "reused")}
+    assert bench_main([*argv, "--report-only"]) == 0
+    text = (out / "results.md").read_text()
+    assert "Passkey retrieval accuracy" in text and "1-16" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--contexts", "1000"], "must divide --tokens-per-step"),
+    (["--passkey-mix", "1.5"], "passkey_mix"),
+    (["--passkey-depths", "1.2"], "--passkey-depths"),
+    (["--models", "gam", "gam"], "twice"),
+])
+def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, argv, message):
+    assert bench_main(["long", *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

@@ -4,20 +4,33 @@ import pytest
 import torch
 
 
-def _logit_dependence(model, T):
-    """Boolean (T, T) matrix: entry [t, s] says whether the logits at t depend on input s
-    (through the gradient of position t's logits with respect to token s's embedding)."""
+def _logit_gradients(model, T):
+    """(T, T) matrix: entry [t, s] is the size of the gradient of position t's logits with
+    respect to token s's embedding."""
     model.eval()
     idx = torch.randint(0, model.config.vocab_size, (1, T))
     emb = model.token_embedding(idx).detach().requires_grad_()
     handle = model.token_embedding.register_forward_hook(lambda m, a, out: emb)
     logits, _ = model(idx)
     handle.remove()
-    dep = torch.zeros(T, T, dtype=torch.bool)
+    grads = torch.zeros(T, T)
     for t in range(T):
         (g,) = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
-        dep[t] = g[0].abs().sum(-1) > 0
-    return dep
+        grads[t] = g[0].abs().sum(-1)
+    return grads
+
+
+def _logit_dependence(model, T):
+    """Boolean (T, T) matrix: entry [t, s] says whether the logits at t depend on input s
+    (through the gradient of position t's logits with respect to token s's embedding)."""
+    return _logit_gradients(model, T) > 0
+
+
+@pytest.fixture
+def logit_gradients():
+    """``logit_gradients(model, T)``: how strongly each position's logits depend on each
+    input token."""
+    return _logit_gradients
 
 
 @pytest.fixture

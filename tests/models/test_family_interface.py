@@ -67,3 +67,19 @@ def test_block_interface(name):
         assert used == state_nbytes(state) * 5 // c.max_seq_len
     else:
         assert used == state_nbytes(state)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_causal_and_sees_its_receptive_field(name, logit_gradients, perturb):
+    """Position t's logits depend on tokens t - rf + 1 .. t and on nothing else (rf the
+    receptive field), parameters perturbed so that no zero-initialised path hides a link.
+    A link is a gradient above 1e-6 of the largest: an FFT convolution (s4d) leaks float32
+    roundoff (about 5e-9 of the largest) to every position; the true links are above 1e-3."""
+    torch.manual_seed(0)
+    model = perturb(build_model(name, "tiny")).eval()
+    T, rf = 20, receptive_field(model)
+    grads = logit_gradients(model, T)
+    dep = grads > 1e-6 * grads.max()
+    t, s = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
+    expected = (s <= t) & (s > t - rf)
+    assert torch.equal(dep, expected), f"{name}: dependence differs from rf {rf}"

@@ -386,7 +386,16 @@ class CausalLM(nn.Module):
         """Final normalised hidden states (B, T, C) and, if asked, the input of every block
         plus the last block's output (before the final norm)."""
         self.check_input_ids(idx)
-        x = self.embed(idx)  # (B, T, C)
+        x, all_states = self.forward_blocks(self.embed(idx), output_all)  # (B, T, C)
+        return self.ln_f(x), all_states
+
+    # The three passes over the blocks. A family whose blocks hand each other more than the
+    # residual stream (RWKV-7's first-layer values) overrides them; the rest of the shell
+    # (checks, embedding, final norm, head, cache) stays shared.
+    def forward_blocks(self, x: torch.Tensor, output_all: bool = False
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks' parallel pass over x (B, T, C): the last block's output and, if asked,
+        the input of every block plus that output."""
         all_states = []
         for block in self.blocks:
             if output_all:
@@ -394,7 +403,22 @@ class CausalLM(nn.Module):
             x = block(x)  # (B, T, C)
         if output_all:
             all_states.append(x)
-        return self.ln_f(x), all_states
+        return x, all_states
+
+    def prefill_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        """The blocks' prefill of x (B, T, C): the last output and every block's state."""
+        states = []
+        for block in self.blocks:
+            x, state = block.prefill(x)  # (B, T, C)
+            states.append(state)
+        return x, states
+
+    def step_blocks(self, x: torch.Tensor, layers: list[Any]) -> torch.Tensor:
+        """One token x (B, C) through the blocks; ``layers`` (one state per block) is updated
+        in place."""
+        for i, block in enumerate(self.blocks):
+            x, layers[i] = block.step(x, layers[i])  # (B, C)
+        return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -424,11 +448,7 @@ class CausalLM(nn.Module):
         """Encode a prompt (B, T) in one parallel pass; return the logits of its last position
         (B, V) and the decode cache."""
         self.check_input_ids(idx)
-        x = self.embed(idx)  # (B, T, C)
-        states = []
-        for block in self.blocks:
-            x, state = block.prefill(x)  # (B, T, C)
-            states.append(state)
+        x, states = self.prefill_blocks(self.embed(idx))  # (B, T, C)
         logits = self.head(self.ln_f(x[:, -1]))  # (B, V)
         return logits, DecodeCache(layers=states, seq_len=idx.shape[1])
 
@@ -441,8 +461,7 @@ class CausalLM(nn.Module):
                              f"{tuple(token.shape)}")
         self.check_input_ids(token[:, None], start_pos=cache.seq_len)
         x = self.embed(token[:, None], start_pos=cache.seq_len)[:, 0]  # (B, C)
-        for i, block in enumerate(self.blocks):
-            x, cache.layers[i] = block.step(x, cache.layers[i])  # (B, C)
+        x = self.step_blocks(x, cache.layers)  # (B, C)
         cache.seq_len += 1
         return self.head(self.ln_f(x)), cache  # (B, V)
 

@@ -758,6 +758,23 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         """The wrapped library model (shares the parameters)."""
         return self.model.gam
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``. An export's generation config sets ``max_length`` to
+        the context, so that ``generate()`` and ``pipeline()`` without a length stop there; a
+        call that asks for ``max_new_tokens`` (and no ``max_length``) gets exactly those, as
+        transformers gives them, but without its warning that both lengths are set."""
+        config = kwargs.get("generation_config")
+        asks_new = kwargs.get("max_new_tokens") is not None or (
+            config is not None and getattr(config, "max_new_tokens", None) is not None)
+        default_length = self.generation_config.max_length
+        if not asks_new or kwargs.get("max_length") is not None or default_length is None:
+            return super().generate(*args, **kwargs)
+        self.generation_config.max_length = None
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.generation_config.max_length = default_length
+
     @classmethod
     def from_gam(cls, lm: CausalLM, **config_kwargs: Any) -> GAMForCausalLM:
         """A ``GAMForCausalLM`` holding a copy of ``lm``'s weights (same dtype and device);

@@ -208,3 +208,37 @@ def test_an_export_saved_before_the_init_setting_loads_as_it_was(make_run, tmp_p
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gam.load_pretrained(run_dir).eval()(ids)[0])
+
+
+OTHER_PYTHON = os.environ.get("GAM_HF_OTHER_PYTHON")
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="GAM_HF_OTHER_PYTHON (an interpreter with another "
+                                             "transformers release; .ci/run sets it) is unset")
+def test_exports_load_under_another_transformers_release(make_run, tmp_path):
+    """An export written here loads (tokenizer and remote-code model) under the other release,
+    and one written there loads here: e.g. 4.46.3 <-> 5.x, whose tokenizer classes differ."""
+    ids_script = textwrap.dedent("""
+        import sys, transformers
+        folder = sys.argv[1]
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        print(transformers.__version__, tok("The cat sat").input_ids, tok.padding_side,
+              type(model).__name__)
+    """)
+    here = export_run(make_run(tmp_path, "gam"), tmp_path / "hf-here")
+    there = tmp_path / "hf-there"
+    export_script = ("import sys; from gam.hf.export import main; "
+                     "sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    subprocess.run([OTHER_PYTHON, "-c", export_script, str(make_run(tmp_path, "mamba")),
+                    str(there)], check=True, env=env, timeout=300)
+    for python, folder in ((OTHER_PYTHON, here), (sys.executable, there)):
+        proc = subprocess.run([python, "-c", ids_script, str(folder)], capture_output=True,
+                              text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().endswith("left GAMForCausalLM"), proc.stdout
+    tok = transformers.AutoTokenizer.from_pretrained(here)
+    line = subprocess.run([OTHER_PYTHON, "-c", ids_script, str(here)], capture_output=True,
+                          text=True, env=env, timeout=300).stdout
+    assert str(tok("The cat sat").input_ids) in line

@@ -114,6 +114,22 @@ def test_causal_conv1d_matches_conv1d(dtype, channels, silu, monkeypatch):
         torch.testing.assert_close(a.float(), r_.float(), rtol=rtol, atol=atol * 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv1d_update_matches_the_torch_step(dtype, monkeypatch):
+    need("causal_conv1d_update")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 64, generator=g, device=CUDA).to(dtype)
+    window = torch.randn(3, 64, 3, generator=g, device=CUDA).to(dtype)
+    w = torch.randn(64, 1, 4, generator=g, device=CUDA).to(dtype)
+    b = torch.randn(64, generator=g, device=CUDA).to(dtype)
+    fast = conv_ops.causal_conv_step(x, window, w, b, silu=True)
+    _torch_only(monkeypatch)
+    ref = conv_ops.causal_conv_step(x, window, w, b, silu=True)
+    rtol, atol = CONV_TOL[dtype]
+    for a, r_ in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a.float(), r_.float(), rtol=rtol, atol=atol * 4)
+
+
 @pytest.mark.parametrize("decay", [True, False])
 def test_fla_delta_rule_matches_the_chunked_path(decay, monkeypatch):
     need("fla")

@@ -170,6 +170,50 @@ def test_causal_conv1d_dispatch(fake_kernels, channels):
     assert calls == []
 
 
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_causal_conv_step_is_the_parallel_conv_one_token_at_a_time(silu, with_bias):
+    """float64: stepping through a sequence from a zero window gives causal_depthwise_conv's
+    outputs (silu-ed when asked), and the window holds the last K-1 inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 1, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(5, generator=g, dtype=torch.float64) if with_bias else None
+    full = conv_ops.causal_depthwise_conv(x, w, b)
+    full = F.silu(full) if silu else full
+    window = x.new_zeros(2, 5, 3)
+    for t in range(x.shape[1]):
+        y, window = conv_ops.causal_conv_step(x[:, t], window, w, b, silu=silu)
+        torch.testing.assert_close(y, full[:, t], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(window, x[:, -3:].transpose(1, 2))
+
+
+def test_causal_conv1d_update_dispatch_leaves_the_callers_window(fake_kernels):
+    calls = []
+
+    def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+        # causal-conv1d's contract: x (B, C), conv_state (B, C, state_len) updated in place,
+        # weight (C, K) in x's dtype
+        assert weight.dtype == x.dtype == conv_state.dtype and weight.dim() == 2
+        calls.append(activation)
+        full = torch.cat([conv_state, x[:, :, None]], dim=-1)
+        conv_state.copy_(full[:, :, 1:])
+        y = (full * weight).sum(-1) + (0 if bias is None else bias)
+        return F.silu(y) if activation == "silu" else y
+
+    fake_kernels("causal_conv1d_update", causal_conv1d_update=causal_conv1d_update)
+    g = torch.Generator().manual_seed(1)
+    x, window = torch.randn(2, 6, generator=g), torch.randn(2, 6, 2, generator=g)
+    w, b = torch.randn(6, 1, 3, generator=g), torch.randn(6, generator=g)
+    before = window.clone()
+    y, new = conv_ops.causal_conv_step(x, window, w, b, silu=True)
+    assert calls == ["silu"] and torch.equal(window, before)  # the caller's window unchanged
+    kernels._modules["causal_conv1d_update"] = None  # the PyTorch path for the reference
+    y_ref, new_ref = conv_ops.causal_conv_step(x, window, w, b, silu=True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(new, new_ref)
+
+
 def test_selective_state_update_dispatch(fake_kernels):
     def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
                                dt_softplus=False):

@@ -60,7 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.models.lm import CausalLM, LMConfig
-from gam.models.ops.conv import causal_conv_silu
+from gam.models.ops.conv import causal_conv_silu, causal_conv_step
 from gam.models.ops.selective_scan import (
     selective_scan,
     selective_scan_step,
@@ -188,12 +188,11 @@ class MambaMixer(nn.Module):
 
     def step(self, h: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
         xi, z = self.in_proj(h).chunk(2, dim=-1)  # (B, E) each
-        window = torch.cat([state.conv, xi[:, :, None]], dim=-1)  # (B, E, d_conv)
-        x = (window * self.conv1d.weight[:, 0, :]).sum(-1) + self.conv1d.bias  # (B, E)
-        x = F.silu(x)
+        x, conv = causal_conv_step(xi, state.conv, self.conv1d.weight, self.conv1d.bias,
+                                   silu=True)  # (B, E), (B, E, d_conv - 1)
         delta, B, C, A = self._ssm_inputs(x)
         y, ssm = selective_scan_step(x, delta, A, B, C, self.D, state.ssm)  # (B, E)
-        return self.out_proj(y * F.silu(z)), MambaState(window[:, :, 1:], ssm)  # (B, C)
+        return self.out_proj(y * F.silu(z)), MambaState(conv, ssm)  # (B, C)
 
 
 class MambaBlock(nn.Module):

@@ -114,3 +114,32 @@ def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
         if out is None:
             out = F.silu(_conv1d(x_, w_, b_))
         return out.to(x.dtype)
+
+
+def causal_conv_step(x_t: torch.Tensor, window: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, silu: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding token of a causal depthwise conv: x_t (B, C) the new input, window
+    (B, C, K-1) the previous K-1 inputs, oldest first (zeros before the start), weight
+    (C, 1, K), bias (C,) or None. Returns y_t (B, C) (silu-ed if ``silu``), the same as the
+    last position of ``causal_depthwise_conv`` over the window and x_t, and the new window
+    (B, C, K-1). On CUDA with causal-conv1d installed its ``causal_conv1d_update`` (which
+    updates a state in place: it gets a copy, so the caller's window is never changed)."""
+    K = weight.shape[-1]
+    if kernels.choose("causal_conv_step", x_t.device.type, x_t.dtype,
+                      width=K) == "causal_conv1d":
+        fn = kernels.fast_kernel("causal_conv1d_update").causal_conv1d_update
+        state = window.to(x_t.dtype, copy=True).contiguous()  # (B, C, K-1): the kernel updates it
+        w = weight.reshape(weight.shape[0], K).to(x_t.dtype)
+        b = None if bias is None else bias.to(x_t.dtype)
+        out = kernels.attempt("causal_conv1d_update",
+                              lambda: fn(x_t, state, w, b, "silu" if silu else None))
+        if out is not None:
+            return out, state
+    # types promote as the operands' (a float32 window and weight keep a bf16 input's step in
+    # float32, as the parallel path computes)
+    full = torch.cat([window, x_t[:, :, None]], dim=-1)  # (B, C, K)
+    y = (full * weight[:, 0, :]).sum(-1)  # (B, C)
+    if bias is not None:
+        y = y + bias
+    return (F.silu(y) if silu else y), full[:, :, 1:]

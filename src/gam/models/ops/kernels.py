@@ -11,6 +11,7 @@ op                  fast kernel (package)      supported
 ==================  =========================  =================================================
 causal_conv         ``causal_conv1d_fn``       width 2-4; float32 / bf16 / fp16
 causal_conv_silu    ``causal_conv1d_fn``       (causal-conv1d), computed in float32 as on CPU
+causal_conv_step    ``causal_conv1d_update``   (causal-conv1d), one decoding token, width 2-4
 selective_scan      ``selective_scan_fn``      float32 / bf16 / fp16 (never float64)
 selective_scan_step ``selective_state_update`` (mamba-ssm), float32 / bf16 / fp16
 delta_rule          ``chunk_gated_delta_rule`` (flash-linear-attention), bf16 / fp16 (it
@@ -39,10 +40,12 @@ import torch
 
 from gam.models.ops import _scan_cpp
 
-OPS = ("causal_conv", "causal_conv_silu", "selective_scan", "selective_scan_step", "delta_rule")
+OPS = ("causal_conv", "causal_conv_silu", "causal_conv_step", "selective_scan",
+       "selective_scan_step", "delta_rule")
 # fast kernel name -> (pip package, module, function names)
 FAST_KERNELS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "causal_conv1d": ("causal-conv1d", "causal_conv1d", ("causal_conv1d_fn",)),
+    "causal_conv1d_update": ("causal-conv1d", "causal_conv1d", ("causal_conv1d_update",)),
     "mamba_ssm": ("mamba-ssm", "mamba_ssm.ops.selective_scan_interface", ("selective_scan_fn",)),
     "mamba_ssm_step": ("mamba-ssm", "mamba_ssm.ops.triton.selective_state_update",
                        ("selective_state_update",)),
@@ -137,6 +140,11 @@ def choose(op: str, device_type: str, dtype: torch.dtype, **shapes: int) -> str:
             return "causal_conv1d"
         if op == "causal_conv_silu" and device_type == "cpu" and _cpu_kernel():
             return "cpp"
+        return "torch"
+    if op == "causal_conv_step":
+        if dtype in HALF_OR_FLOAT and shapes.get("width") in CONV_WIDTHS \
+                and _fast("causal_conv1d_update", device_type):
+            return "causal_conv1d"
         return "torch"
     if op == "selective_scan":
         if dtype in HALF_OR_FLOAT and _fast("mamba_ssm", device_type):

@@ -1,6 +1,7 @@
 """The lm-evaluation-harness CLI (``lm_eval --model hf ... trust_remote_code=True``) on exports
 of two families and on a re-saved export, offline, with the repository's tiny task
-(tests/hf/lm_eval_task): its accuracy equals the one the library model gives. Needs the
+(tests/hf/lm_eval_task): its log-likelihood of every choice equals the library model's (to
+1e-3 nats), and so does its accuracy. Needs the
 ``eval`` extra (lm-eval); skipped without it."""
 
 import json
@@ -23,43 +24,54 @@ TASK_DIR = REPO / "tests" / "hf" / "lm_eval_task"
 TASK = "gam_tiny_mc"
 
 
-def _library_accuracy(run_dir: Path, folder: Path) -> float:
-    """The task's accuracy by hand: the choice whose tokens get the highest summed
-    log-probability after the context (lm-eval's acc), from the library model."""
+def _library_scores(run_dir: Path, folder: Path) -> list[list[float]]:
+    """Per row, each choice's summed log-probability after the context (what lm-eval's acc
+    compares), from the library model."""
     lm = gam.load_pretrained(run_dir).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     rows = [json.loads(line) for line in (TASK_DIR / f"{TASK}.jsonl").read_text().splitlines()]
-    right = 0
+    scores = []
     for row in rows:
         context = tok(row["context"]).input_ids
-        scores = []
+        row_scores = []
         for choice in row["choices"]:
             whole = tok(row["context"] + choice).input_ids
             ids = torch.tensor([whole])
             with torch.no_grad():
                 logp = lm(ids)[0][0].log_softmax(-1)  # (T, V)
-            scores.append(sum(logp[t - 1, whole[t]].item() for t in range(len(context),
-                                                                         len(whole))))
-        right += max(range(len(scores)), key=scores.__getitem__) == row["label"]
-    return right / len(rows)
+            row_scores.append(sum(logp[t - 1, whole[t]].item() for t in range(len(context),
+                                                                             len(whole))))
+        scores.append(row_scores)
+    return scores
 
 
-def _lm_eval(folder: Path, tmp_path: Path) -> float:
+def _lm_eval(folder: Path, tmp_path: Path) -> tuple[float, list[list[float]]]:
+    """lm-eval's accuracy and, per row (by doc_id), its log-likelihood of each choice."""
     out = tmp_path / f"results-{folder.name}"
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
            f"pretrained={folder},trust_remote_code=True,dtype=float32", "--tasks", TASK,
            "--include_path", str(TASK_DIR), "--device", "cpu", "--batch_size", "4",
-           "--output_path", str(out)]
+           "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())
-    return results["results"][TASK]["acc,none"]
+    samples = sorted((json.loads(line) for f in out.rglob("samples_*.jsonl")
+                      for line in f.read_text().splitlines()), key=lambda s: s["doc_id"])
+    scores = [[float(r[0][0] if isinstance(r[0], list) else r[0]) for r in s["filtered_resps"]]
+              for s in samples]
+    return results["results"][TASK]["acc,none"], scores
 
 
-@pytest.mark.parametrize("name", ["gam", "transformer"])
+# CI runs two families; GAM_LM_EVAL_FAMILIES="all" (every registered name) or a list of names
+# runs more (each costs a tiny training run and one lm_eval process).
+_ASKED = os.environ.get("GAM_LM_EVAL_FAMILIES", "").split()
+NAMES = sorted(gam.MODELS) if _ASKED == ["all"] else (_ASKED or ["gam", "transformer"])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_lm_eval_cli_agrees_with_the_library(make_run, tmp_path, name):
     run_dir = make_run(tmp_path, name)
     folder = export_run(run_dir, tmp_path / f"hf-{name}")
@@ -69,4 +81,12 @@ def test_lm_eval_cli_agrees_with_the_library(make_run, tmp_path, name):
         model.save_pretrained(resaved)
         transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(resaved)
         folder = resaved
-    assert _lm_eval(folder, tmp_path) == pytest.approx(_library_accuracy(run_dir, folder))
+    acc, scores = _lm_eval(folder, tmp_path)
+    ours = _library_scores(run_dir, folder)
+    assert len(scores) == len(ours)
+    for row, (theirs, mine) in enumerate(zip(scores, ours, strict=True)):
+        assert theirs == pytest.approx(mine, abs=1e-3), f"row {row}"
+    right = [max(range(len(m)), key=m.__getitem__) == json.loads(line)["label"]
+             for m, line in zip(ours, (TASK_DIR / f"{TASK}.jsonl").read_text().splitlines(),
+                                strict=True)]
+    assert acc == pytest.approx(sum(right) / len(right))

@@ -152,3 +152,63 @@ def test_the_ops_import_no_family_and_no_shell(module: str) -> None:
     wrong = sorted(t for t in GRAPH[module] if t.startswith("gam.models")
                    and not t.startswith("gam.models.ops"))
     assert not wrong, f"{module} imports {wrong}: an op stands below every model module"
+
+
+def names_imported_through(path: Path, known: dict[str, Path] = MODULES) -> list[str]:
+    """``from gam.a import X`` in ``path`` where ``gam.a`` is a module (not a package face) that
+    itself imports ``X`` from elsewhere: an import through a re-export instead of the owner."""
+    imported: dict[str, dict[str, str]] = {}  # module -> name it imports -> from where
+
+    def imports_of(module: str) -> dict[str, str]:
+        if module not in imported:
+            tree = ast.parse(known[module].read_text(encoding="utf-8"))
+            imported[module] = {a.asname or a.name: node.module for node in tree.body
+                                if isinstance(node, ast.ImportFrom) and node.module
+                                for a in node.names}
+        return imported[module]
+
+    found = []
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.ImportFrom) and node.module in known
+                and known[node.module].name != "__init__.py"):
+            continue
+        for alias in node.names:
+            owner = imports_of(node.module).get(alias.name)
+            if owner is not None and f"{node.module}.{alias.name}" not in known:
+                found.append(f"{alias.name} through {node.module} (owner: {owner})")
+    return found
+
+
+@pytest.mark.parametrize("path", sorted([*MODULES.values(), *SRC.parent.glob("tests/**/*.py")]),
+                         ids=str)
+def test_names_are_imported_from_their_owner(path: Path) -> None:
+    """One home per name: no module re-exports another's names for others to import (the
+    package faces, ``__init__.py``, excepted)."""
+    found = names_imported_through(path)
+    assert not found, f"{path}: import from the owning module instead: {found}"
+
+
+def test_the_check_sees_an_import_through_a_re_export(tmp_path: Path) -> None:
+    facade = tmp_path / "facade.py"
+    facade.write_text("from gam.runtime import resolve_device\n\ndef own():\n    pass\n")
+    user = tmp_path / "user.py"
+    user.write_text("from gam.facade import own, resolve_device\n")
+    assert names_imported_through(user, {**MODULES, "gam.facade": facade}) == [
+        "resolve_device through gam.facade (owner: gam.runtime)"]
+
+
+MAX_LINES = 500
+# modules still waiting for their split (issue 28): the list only shrinks
+OVER_THE_LIMIT = {"gam.bench.listops", "gam.bench.long", "gam.bench.recall", "gam.data.corpora",
+                  "gam.models.lm", "gam.training.trainer"}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_a_module_stays_under_the_line_limit(module: str) -> None:
+    lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
+    if module in OVER_THE_LIMIT:
+        assert lines > MAX_LINES, f"{module} is split now: take it off OVER_THE_LIMIT"
+    else:
+        assert lines <= MAX_LINES, (f"{MODULES[module]} has {lines} lines: split it along a "
+                                    f"seam (at most {MAX_LINES})")

@@ -56,13 +56,12 @@ from gam.training.argtypes import nonneg_int as _nonneg_int
 from gam.training.argtypes import number as _number
 from gam.training.argtypes import (
     output_folder,
-    parse_model_arg,
     seed,
     thread_count,
     utf8_text,
 )
 from gam.training.argtypes import positive_int as _positive_int
-from gam.training.config import RunConfig
+from gam.training.config import DEVICES, DTYPES, RunConfig
 from gam.training.options import (
     add_setting_arguments,
     format_default,
@@ -72,8 +71,7 @@ from gam.training.options import (
     setting_key,
 )
 
-__all__ = ["PROG", "build_parser", "build_run_config", "main", "parse_model_arg",
-           "stream_text"]
+__all__ = ["PROG", "build_parser", "build_run_config", "main", "stream_text"]
 
 PROG = "gam"
 EXIT_DIVERGED = 3
@@ -190,9 +188,9 @@ def _add_eval(sub: Any) -> None:
                       help="first N rows of the split (default: as in training)")
     rows.add_argument("--all-rows", action="store_true",
                       help="the whole split (default: off, the row limit of training)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="fp32 (default); bf16 / fp16: autocast (fp16 on CUDA only)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default) = cuda if available, else cpu")
     p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
@@ -221,7 +219,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep going after the end-of-text token (default: stop there)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default) = cuda if available, else cpu")
     p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")

@@ -6,16 +6,15 @@ import torch
 
 from gam.bench import main
 from gam.bench.recall import (
-    IGNORE_INDEX,
     TEXTBOOK,
     Protocol,
     build_recall_model,
-    choose_lr,
-    make_mqar_batch,
     parse_variant,
     protocol_key,
-    query_distances,
 )
+from gam.bench.recall_report import choose_lr
+from gam.constants import IGNORE_INDEX
+from gam.data.mqar import make_mqar_batch, query_distances
 from gam.files import hold_lock
 from gam.models.lm import LMConfig
 

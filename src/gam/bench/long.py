@@ -49,23 +49,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from gam.bench import common
 from gam.bench import training_bench as tb
 from gam.bench.environment import command_line, environment
 from gam.bench.protocols import Protocol, seeds_of
-from gam.bench.runs import RunSpec, apply_model_args, check_models, dataset_slug
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_results
+from gam.bench.runs import RunSpec, apply_model_args, check_models
 from gam.bench.throughput import time_steps
-from gam.bench.workers import merge_worker_result
+from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.data.passkey import PasskeyGenerator, score_answer
 from gam.files import LockHeldError, atomic_write_json, hold_lock
 from gam.models.registry import MODELS, config_class, model_from_config
+from gam.runtime import synchronize
 from gam.training.argtypes import parse_model_arg
 from gam.training.config import TrainConfig
 from gam.training.evaluate import evaluate_by_position
 from gam.training.optim import build_optimizer
 from gam.training.options import add_override_arguments
 from gam.training.run import load_run, run_split_ids
-from gam.training.rundir import read_run_config
+from gam.training.rundir import dataset_slug, read_run_config
 from gam.training.step import train_step
 
 MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
@@ -300,11 +301,11 @@ def decode_speed(model: torch.nn.Module, context: torch.Tensor, steps: int,
     token = logits.argmax(-1)
     times = []
     for _ in range(steps):
-        common.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         logits, cache = model.step(token, cache)
         token = logits.argmax(-1)
-        common.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return {"decode_tokens_per_s": 1.0 / statistics.median(times),
             "decode_context": int(context.shape[1]), "decode_steps": steps}
@@ -356,7 +357,7 @@ def _worker(payload: dict[str, Any]) -> None:
     record.update(decode_speed(model, context, evaluation["decode_tokens"], device))
     record.update(training_speed(model, ids, seq_len, payload["batch_size"], payload["dtype"],
                                  evaluation["measure_steps"], device))
-    common.emit(record)
+    emit(record)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -394,7 +395,7 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
         with hold_lock(path.with_suffix(".lock")):
             bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
             result: dict[str, Any] = {}
-            merge_worker_result(result, *common.run_worker(
+            merge_worker_result(result, *run_worker(
                 "gam.bench.long", payload, timeout=bench.args.max_seconds))
     except LockHeldError as exc:
         return {"eval_status": "not run", "eval_error": str(exc)}
@@ -433,14 +434,14 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
                   f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
     mine = [r for r in rows if r["dataset"] == dataset]
     table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
-              tb.fmt_params(r.get("params_non_embedding")), common.fmt(r.get("steps")),
-              common.fmt(r.get("train_tokens")), common.fmt(r.get("val_ppl"), 2),
-              common.fmt(r.get("tokens_per_s"), 0),
-              common.fmt(r.get("step_tokens_per_s"), 0), common.fmt(r.get("peak_mem_mb"), 0),
-              common.fmt(r.get("decode_tokens_per_s"), 1),
+              tb.fmt_params(r.get("params_non_embedding")), fmt(r.get("steps")),
+              fmt(r.get("train_tokens")), fmt(r.get("val_ppl"), 2),
+              fmt(r.get("tokens_per_s"), 0),
+              fmt(r.get("step_tokens_per_s"), 0), fmt(r.get("peak_mem_mb"), 0),
+              fmt(r.get("decode_tokens_per_s"), 1),
               r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
              for r in mine]
-    lines += ["### Perplexity, speed and memory", "", common.markdown_table(
+    lines += ["### Perplexity, speed and memory", "", markdown_table(
         ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
          "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
          "decode tok/s at T", "status"], table), ""]
@@ -449,9 +450,9 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
         table = []
         for r in mine:
             by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
-            table.append([r["family"], r["T"], *(common.fmt(by.get(x), 3) for x in labels)])
+            table.append([r["family"], r["T"], *(fmt(by.get(x), 3) for x in labels)])
         lines += ["### Validation loss by position in the window (nats / token)", "",
-                  common.markdown_table(["family", "T", *labels], table), "",
+                  markdown_table(["family", "T", *labels], table), "",
                   f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
     cells = [r for r in mine if r.get("passkey")]
     if cells:
@@ -467,7 +468,7 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
         lines += ["### Passkey retrieval accuracy", "",
                   "By context length (over all depths; `-`: not run, e.g. no learned "
                   "position past T), then by depth of the key (over the lengths up to T).",
-                  "", common.markdown_table(
+                  "", markdown_table(
                       ["family", "T", *(f"len {x:,}" for x in lengths),
                        *(f"depth {d:g}" for d in depths)], table), ""]
     return lines
@@ -499,7 +500,7 @@ def build_markdown(results: dict[str, Any]) -> str:
               "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "
               "GPU); decode: median greedy cached step after a T-token context. Loss by "
               "position: a target at position p is predicted from p tokens of its window.", "",
-              common.environment_markdown(results["environment"], results["command"])]
+              environment_markdown(results["environment"], results["command"])]
     return "\n".join(lines)
 
 
@@ -508,7 +509,7 @@ def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path
     mine = [r for r in rows if r["dataset"] == dataset and r.get("buckets")]
     if not mine:
         return None
-    fig, (ax,) = common.new_figure(width=7.0)
+    fig, (ax,) = new_figure(width=7.0)
     families = list(dict.fromkeys(r["family"] for r in mine))
     contexts = sorted({r["T"] for r in mine})
     styles = ["-", "--", ":", "-."]
@@ -561,7 +562,7 @@ def run(args: argparse.Namespace) -> int:
 
     def write() -> None:
         res = results()
-        common.write_results(out, res, build_markdown(res))
+        write_results(out, res, build_markdown(res))
 
     eval_ok = True
     for spec, seq_len in specs:
@@ -579,4 +580,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

@@ -62,7 +62,7 @@ position embeddings, untied head) which tells a failure of a model from a failur
 protocol.
 
 Engineering: every (model, length, lr) configuration trains in a fresh
-``python -m gam.bench.recall --worker`` process (``common.run_worker``); its record is written
+``python -m gam.bench.recall --worker`` process (``run_worker``); its record is written
 to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
 ``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
 configuration. Rerunning the same command with the same ``--out`` reuses every finished
@@ -87,10 +87,13 @@ from typing import Any
 import torch
 
 from gam.bench import common
-from gam.bench.recall_report import choose_lr, write_results  # noqa: F401 - choose_lr re-exported
+from gam.bench.environment import command_line, environment
+from gam.bench.recall_report import write_results
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
+from gam.bench.workers import emit, run_worker, worker_main
 from gam.constants import IGNORE_INDEX
-from gam.data.mqar import make_mqar_batch, query_distances  # noqa: F401 - re-exported
+from gam.data.mqar import make_mqar_batch, query_distances
+from gam.errors import is_oom_error
 from gam.files import LockHeldError, atomic_write, atomic_write_json, hold_lock
 from gam.models.registry import (
     MODELS,
@@ -99,6 +102,7 @@ from gam.models.registry import (
     model_config,
     model_from_config,
 )
+from gam.runtime import resolve_device
 from gam.training.argtypes import parse_model_arg, positive_int, positive_number
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
@@ -430,12 +434,12 @@ def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         _worker(payload, emit=records.append)
     except Exception as exc:  # noqa: BLE001 - recorded
-        records.append({"status": "oom" if common.is_oom_error(exc) else "error",
+        records.append({"status": "oom" if is_oom_error(exc) else "error",
                         "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
     return records[-1]
 
 
-def _worker(payload: dict[str, Any], emit=common.emit) -> None:
+def _worker(payload: dict[str, Any], emit=emit) -> None:
     log_file = payload.get("log_file")
 
     def log(line: str) -> None:  # the parent reads stdout only at the end: progress goes here
@@ -550,7 +554,7 @@ def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in
             rec = _train_here(payload)
         else:
             limit = None if max_seconds is None else 2 * max_seconds + 600
-            status, records, error = common.run_worker("gam.bench.recall", payload,
+            status, records, error = run_worker("gam.bench.recall", payload,
                                                        timeout=limit)
             rec = records[-1] if records else {"status": status, "error": error}
         rec.pop("traceback", None)
@@ -595,7 +599,7 @@ def _slug(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
     if args.retrain and args.report_only:
         raise ValueError("--retrain and --report-only contradict each other; give one")
@@ -617,7 +621,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
                          f"length among {all_pairs} for lengths {seq_lens}")
     out = Path(args.out)
-    command = common.command_line(args.command, args.argv)
+    command = command_line(args.command, args.argv)
     settings = {"models": labels, "model_args": global_args, "seq_lens": seq_lens,
                 "pairs": all_pairs, "pairs_by_length": {str(t): v for t, v in lengths.items()},
                 "lrs": lrs, "protocol": asdict(p), "seed": args.seed, "device": str(device),
@@ -627,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
                 "task": "MQAR (zoology): P key-value pairs, then every key queried once at a "
                         "random even offset of the rest; accuracy on query positions only"}
     results: dict[str, Any] = {"command": command, "settings": settings, "configs": [],
-                               "runs": [], "environment": common.environment(device, threads)}
+                               "runs": [], "environment": environment(device, threads)}
     n_configs = sum(len(lrs) for t in seq_lens if lengths[t] for _ in variants)
     print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, d {p.d_model}, "
           f"{p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of {p.tokens_per_step} "
@@ -691,4 +695,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

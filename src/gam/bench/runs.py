@@ -64,9 +64,8 @@ from gam.training.rundir import (
     recorded_vocab_size,
 )
 
-__all__ = ["RunSpec", "apply_model_args", "check_models", "dataset_slug", "execute_run",
-           "parameter_counts", "prepare_dataset", "run_dir_of", "run_state",
-           "summarize_run_dir"]
+__all__ = ["RunSpec", "apply_model_args", "check_models", "execute_run", "parameter_counts",
+           "prepare_dataset", "run_dir_of", "run_state", "summarize_run_dir"]
 
 
 # ----------------------------------------------------------------------------------- specs

@@ -11,7 +11,8 @@ Typical use::
     valid = TokenBlocks(ids["valid"], block_size=256, drop_last=False)
 """
 
-from gam.data.blocks import IGNORE_INDEX, TokenBlocks
+from gam.constants import IGNORE_INDEX
+from gam.data.blocks import TokenBlocks
 from gam.data.corpora import (
     KNOWN_CORPORA,
     Corpus,

@@ -33,7 +33,8 @@ from gam.training.diagnostics import gate_statistics, has_gates
 from gam.training.evaluate import evaluate
 from gam.training.metrics import read_metrics
 from gam.training.optim import WarmupCosine, build_optimizer, parameter_groups
-from gam.training.run import evaluate_run, is_run_dir, load_run, read_run_config
+from gam.training.run import evaluate_run, load_run
+from gam.training.rundir import is_run_dir, read_run_config
 from gam.training.trainer import (
     TrainingDivergedError,
     TrainResult,

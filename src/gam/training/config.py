@@ -24,8 +24,10 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from gam.data.tokenizer import TOKENIZER_KINDS
 from gam.models.lm import dataclass_from_dict
 from gam.models.registry import MODELS, PRESETS
+from gam.runtime import DTYPES as AUTOCAST_DTYPES
 from gam.training import argtypes
 from gam.training.argtypes import (
     SEED_LIMIT,
@@ -35,9 +37,10 @@ from gam.training.argtypes import (
     positive_int,
 )
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(AUTOCAST_DTYPES)  # the names of gam.runtime's dtypes, in its order
 DECAY_FILTERS = ("all", "nanogpt")
 STRATEGIES = ("ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")  # also "cuda:N" (gam.runtime.resolve_device)
 PAPER_VOCAB_SIZE = 10000
 
 
@@ -140,7 +143,7 @@ class TrainConfig:
     decay_filter: str = setting(
         "all", help="all: weight decay on every parameter (the official code, default); "
                     "nanogpt: not on norms, biases and embeddings",
-        choices=("all", "nanogpt"), group="optimisation",
+        choices=DECAY_FILTERS, group="optimisation",
         alias=("--no-decay-norms-biases-embeddings", "nanogpt",
                "same as --decay-filter nanogpt (default: off, --decay-filter {default})"))
     warmup_steps: int = setting(
@@ -153,7 +156,7 @@ class TrainConfig:
     dtype: str = setting(
         "fp32", help="{default} (default); bf16 = torch.autocast on CPU or CUDA; fp16 = "
                      "autocast + GradScaler, CUDA only",
-        choices=("fp32", "bf16", "fp16"), group="optimisation",
+        choices=DTYPES, group="optimisation",
         override="the preset's dtype (bf16/fp16: autocast)")
     compile: bool = setting(
         False, help="torch.compile the model (default: off; the first step then takes ~20 s "
@@ -311,7 +314,7 @@ class TokenizerConfig:
     kind: str = setting(
         "bytelevel", help="{default} BPE (default, lossless) or the official code's whitespace "
                           "BPE",
-        flag="--tokenizer", key="tokenizer", choices=("bytelevel", "paper"), group="data",
+        flag="--tokenizer", key="tokenizer", choices=TOKENIZER_KINDS, group="data",
         override="the tokenizer kind")
     vocab_size: int = setting(
         PAPER_VOCAB_SIZE, help="tokenizer vocabulary size, also the model's vocab_size (default "
@@ -326,9 +329,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _positive_int("vocab_size", self.vocab_size, "--vocab-size")
-        if self.kind not in ("bytelevel", "paper"):
-            raise ValueError(f"tokenizer kind (--tokenizer) must be 'bytelevel' or 'paper', got "
-                             f"{self.kind!r}")
+        if self.kind not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer kind (--tokenizer) must be one of {TOKENIZER_KINDS}, "
+                             f"got {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -401,7 +404,7 @@ class RuntimeOptions:
 
     device: str = setting(
         "auto", help="{default} (default) = cuda if available, else cpu",
-        choices=("auto", "cpu", "cuda"), group="hardware")
+        choices=DEVICES, group="hardware")
     threads: int | None = setting(
         None, help="torch CPU threads (torch.set_num_threads); default one per core, fewer when "
                    "other processes already keep the cores busy",
@@ -428,7 +431,7 @@ class RuntimeOptions:
     data_dir: str | None = setting(None, help="where the data lives now", flag="")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith(
+        if self.device not in DEVICES and not str(self.device).startswith(
                 "cuda:"):
             raise ValueError(f"device (--device) must be auto, cpu or cuda, got {self.device!r}")
         _optional_positive_int("threads", self.threads, "--threads")

@@ -14,7 +14,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gam.models.io import CheckpointError, load_model_config, save_pretrained, state_dict_for_saving
+from gam.models.io import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    load_model_config,
+    save_pretrained,
+    state_dict_for_saving,
+)
 from gam.training.checkpoint import LATEST, STATE, read_state
 from gam.training.config import RunConfig
 from gam.training.metrics import read_metrics
@@ -22,8 +29,6 @@ from gam.training.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
-    MODEL_JSON,
-    MODEL_WEIGHTS,
     recorded_schedule,
 )
 

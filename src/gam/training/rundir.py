@@ -43,7 +43,6 @@ from gam.files import (
 )
 from gam.models.io import (
     MODEL_JSON,
-    MODEL_WEIGHTS,
     CheckpointError,
     load_model_config,
     remove_interrupted_model_writes,
@@ -56,13 +55,12 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 LOCK_FILE = ".lock"
 
-__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_JSON",
-           "MODEL_WEIGHTS", "RunBusyError", "TOKENIZER_FILE", "dataset_slug", "holds_run",
-           "is_run_dir", "now", "read_run_config", "read_run_config_if_any", "recorded_data",
-           "recorded_fingerprints", "recorded_schedule", "recorded_vocab_size", "run_record",
-           "safe_filename", "training_lock", "write_run_config", "validate_run_config",
-           "run_settings", "check_run_files", "check_tokenizer_file", "check_recorded_split",
-           "remove_interrupted_run_writes"]
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "RunBusyError",
+           "TOKENIZER_FILE", "dataset_slug", "holds_run", "is_run_dir", "now", "read_run_config",
+           "read_run_config_if_any", "recorded_data", "recorded_fingerprints", "recorded_schedule",
+           "recorded_vocab_size", "run_record", "safe_filename", "training_lock",
+           "write_run_config", "validate_run_config", "run_settings", "check_run_files",
+           "check_tokenizer_file", "check_recorded_split", "remove_interrupted_run_writes"]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:

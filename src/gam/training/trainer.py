@@ -46,7 +46,7 @@ from gam.models.io import (
     save_pretrained,
 )
 from gam.models.registry import model_from_config
-from gam.runtime import set_tf32, tune_cpu_allocator
+from gam.runtime import autocast_context, set_tf32, set_threads, tune_cpu_allocator
 from gam.training.checkpoint import (
     TrainingState,
     capture_rng_state,
@@ -60,8 +60,8 @@ from gam.training.checkpoint import (
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import epoch_loader
 from gam.training.diagnostics import gate_statistics, has_gates
-from gam.training.distributed import DistContext, init_distributed, is_sharded, set_threads
-from gam.training.evaluate import autocast_context, evaluate, first_batches
+from gam.training.distributed import DistContext, init_distributed, is_sharded
+from gam.training.evaluate import evaluate, first_batches
 from gam.training.fsdp import full_model, load_sharded_into, save_sharded_checkpoint, shard_model
 from gam.training.metrics import (
     MetricsWriter,

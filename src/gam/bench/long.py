@@ -64,7 +64,7 @@ from gam.training.argtypes import parse_model_arg
 from gam.training.config import TrainConfig
 from gam.training.evaluate import evaluate_by_position
 from gam.training.optim import build_optimizer
-from gam.training.options import add_override_arguments
+from gam.training.options import add_override_arguments, overridable_keys
 from gam.training.run import load_run, run_split_ids
 from gam.training.rundir import dataset_slug, read_run_config
 from gam.training.step import train_step
@@ -79,8 +79,9 @@ PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.25, 0.5, 1.0, 2.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
 EVAL_FORMAT = 1  # bump when the evaluation changes, so that kept evaluations are redone
-OVERRIDES = ("max_steps", "epochs", "lr", "warmup_steps", "dtype", "vocab_size", "tokenizer",
-             "model_preset", "max_train_rows", "max_val_rows", "passkey_mix")
+# not overridable here: the block length and batch come from --contexts and --tokens-per-step,
+# and validation runs at the end of each run only
+OVERRIDES = overridable_keys(exclude={"batch_size", "seq_len", "eval_every"})
 
 PROTOCOLS = {
     "long": Protocol(

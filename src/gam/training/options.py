@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -48,6 +48,16 @@ def run_settings() -> dict[str, tuple[str | None, dataclasses.Field]]:
         for f in fields(cls):
             out[setting_key(f)] = (section, f)
     return out
+
+
+def overridable_keys(exclude: Collection[str] = ()) -> tuple[str, ...]:
+    """The keys of the settings a benchmark protocol may override (those with an ``override``
+    text), in definition order, less ``exclude``."""
+    unknown = set(exclude) - set(run_settings())
+    if unknown:
+        raise KeyError(f"no such settings: {sorted(unknown)}")
+    return tuple(key for key, (_, f) in run_settings().items()
+                 if f.metadata.get("override") and key not in exclude)
 
 
 def setting_default(f: dataclasses.Field) -> Any:

@@ -1,6 +1,6 @@
 """The ``gam`` command: train, evaluate, sample from, benchmark and export language models.
 
-    gam train --model gam --preset cpu-small --dataset wikitext2 --data-dir DATA
+    gam train --model gam --model-preset cpu-small --dataset wikitext2 --data-dir DATA
     gam train --resume runs/gam-wikitext2-20250101-120000
     gam eval RUN_DIR [--split test]
     gam generate RUN_DIR --prompt "The history of" --max-new-tokens 100
@@ -76,9 +76,9 @@ __all__ = ["PROG", "build_parser", "build_run_config", "main", "stream_text"]
 PROG = "gam"
 EXIT_DIVERGED = 3
 
-# train options that --resume accepts (how to run, not what: RuntimeOptions); everything else is
-# the run's own
-RESUME_OPTIONS = {setting_key(f) for f in fields(RuntimeOptions)}
+# train options that --resume accepts (how to run, not what: RuntimeOptions, and where the data
+# lives now); everything else is the run's own
+RESUME_OPTIONS = {setting_key(f) for f in fields(RuntimeOptions)} | {"data_dir"}
 # ... and what may change the run's length (extend a finished run)
 RESUME_LENGTH_OPTIONS = {"max_steps", "epochs"}
 
@@ -296,15 +296,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume continues {args.resume} with its saved settings; these "
                              f"options cannot be changed: {flags} (only the run's length, with "
                              f"--max-steps or --epochs)")
-        result = resume(args.resume, options, max_steps=args.max_steps, epochs=args.epochs)
+        result = resume(args.resume, options, max_steps=args.max_steps, epochs=args.epochs,
+                        data_dir=args.data_dir)
     else:
         run = build_run_config(args)
         if run.data.dataset.startswith("text:") and run.data.dataset[5:]:
             # recorded absolute, so that eval / resume work from any directory
             run.data.dataset = "text:" + str(Path(run.data.dataset[5:]).expanduser().resolve())
-        if args.data_dir is not None:
-            run.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
-        options.data_dir = None
+        run = run.with_data_dir(args.data_dir)
         out = args.out or default_run_dir(run.model, run.data.dataset)
         result = train(run, out, options)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     overrides = common.model_overrides(args)
-    configs = common.model_configs("decode", args.models, args.preset, overrides)
+    configs = common.model_configs("decode", args.models, args.model_preset, overrides)
     if configs is None:
         return 2
     print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         records: list[dict[str, Any]] = []
         status, error = "unavailable", reason
         if reason is None:
-            payload = {"model": model, "preset": args.preset, "overrides": overrides,
+            payload = {"model": model, "preset": args.model_preset, "overrides": overrides,
                        "contexts": contexts, "new_tokens": new_tokens,
                        "batch_size": args.batch_size, "device": str(device),
                        "threads": args.threads, "seed": args.seed}
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
                   f" MB", flush=True)
     results = {
         "command": command,
-        "settings": {"models": list(args.models), "preset": args.preset,
+        "settings": {"models": list(args.models), "preset": args.model_preset,
                      "overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
                      "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
                      "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,

@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         reason = common.model_available(model)
         failed_at: tuple[int, str] | None = None
         if reason is None:
-            config = model_config(model, args.preset, **overrides)
+            config = model_config(model, args.model_preset, **overrides)
             d_model = config.d_model
             configs[model] = {**config.to_dict(), "n_layers": 1, "max_seq_len": "N"}
         for n in lengths:
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 row.update(status="skipped",
                            error=f"{failed_at[1]} at N={failed_at[0]}")
             else:
-                payload = {"model": model, "preset": args.preset, "overrides": overrides,
+                payload = {"model": model, "preset": args.model_preset, "overrides": overrides,
                            "seq_len": n, "batch_size": batch, "device": str(device),
                            "threads": args.threads, "warmup": args.warmup, "repeats": repeats,
                            "seed": args.seed, "max_memory_bytes": max_mem}
@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "command": command,
         "settings": {"models": list(args.models), "lengths": lengths, "batch_size": batch,
-                     "preset": args.preset, "d_model": d_model, "repeats": repeats,
+                     "preset": args.model_preset, "d_model": d_model, "repeats": repeats,
                      "warmup": args.warmup, "max_seconds": args.max_seconds,
                      "max_memory_bytes": max_mem, "quick": args.quick, "seed": args.seed,
                      "memory_method": method, "block_configs": configs,

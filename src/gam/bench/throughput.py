@@ -305,7 +305,7 @@ def _measure(args: argparse.Namespace, model: str, dtype: str, seq_len: int,
     """The row of one (model, dtype, seq_len): measured in a worker process."""
     row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
                            "batch_size": args.batch_size, "compile": args.compile,
-                           "preset": args.preset}
+                           "preset": args.model_preset}
     if reason is not None:
         row.update(status="unavailable", error=reason)
     else:
@@ -314,11 +314,11 @@ def _measure(args: argparse.Namespace, model: str, dtype: str, seq_len: int,
             "gam.bench.throughput", payload, timeout=args.max_seconds))
         if "flops_per_token" not in row:
             row["flops_per_token"] = flops_per_token(
-                model, seq_len, preset=args.preset, **overrides,
+                model, seq_len, preset=args.model_preset, **overrides,
                 max_seq_len=max(seq_len, 1))
         # what a causal kernel computes: attention's masked half skipped
         row["flops_per_token_causal"] = flops_per_token(
-            model, seq_len, preset=args.preset, causal_halved=True, **overrides,
+            model, seq_len, preset=args.model_preset, causal_halved=True, **overrides,
             max_seq_len=max(seq_len, 1))
     for key in ("tokens_per_s", "peak_flops", "mfu", "flops_per_token"):
         row.setdefault(key, None)
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     overrides = common.model_overrides(args)
-    configs = common.model_configs("throughput", args.models, args.preset, overrides)
+    configs = common.model_configs("throughput", args.models, args.model_preset, overrides)
     if configs is None:
         return 2
     max_mem = default_memory_cap(device, args.max_memory_gb)
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
           f"device {device}, {threads} threads", flush=True)
 
     # what every configuration's worker gets besides model, dtype and seq_len
-    base = {"preset": args.preset, "overrides": overrides, "batch_size": args.batch_size,
+    base = {"preset": args.model_preset, "overrides": overrides, "batch_size": args.batch_size,
             "compile": args.compile, "steps": steps, "warmup": warmup, "lr": args.lr,
             "device": str(device), "threads": args.threads, "seed": args.seed,
             "matmul_size": args.matmul_size, "time_budget_s": 0.6 * args.max_seconds,
@@ -365,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
               f"{r['inverse_flops_ratio_causal']:.2f})", flush=True)
     results = {
         "command": command,
-        "settings": {"models": list(args.models), "preset": args.preset,
+        "settings": {"models": list(args.models), "preset": args.model_preset,
                      "overrides": overrides, "batch_size": args.batch_size,
                      "seq_lens": list(args.seq_len), "dtypes": list(args.dtype),
                      "compile": args.compile, "steps": steps, "warmup": warmup,

@@ -4,7 +4,7 @@ Typical use (the ``gam train`` / ``gam eval`` / ``gam generate`` commands wrap t
 
     from gam.training import RunConfig, DataConfig, TokenizerConfig, TrainConfig, train, load_run
 
-    run = RunConfig(model="gam", preset="tiny",
+    run = RunConfig(model="gam", model_preset="tiny",
                     data=DataConfig("wikitext2", data_dir="shared/data", max_train_rows=2000),
                     tokenizer=TokenizerConfig(vocab_size=512),
                     train=TrainConfig(batch_size=8, max_steps=50))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from gam.data.tokenizer import TOKENIZER_KINDS
@@ -68,7 +70,7 @@ _from_known = dataclass_from_dict
 
 def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
             key: str | None = None, group: str | None = None, override: str | None = None,
-            none: str | None = None, bench_flag: str | None = None,
+            none: str | None = None, old_flags: tuple[str, ...] = (),
             alias: tuple[str, Any, str] | None = None, bench: dict[str, Any] | None = None,
             default_factory: Any = MISSING,
             **argparse_kwargs: Any) -> Any:
@@ -78,13 +80,13 @@ def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
     the option (default ``--`` + the name with dashes; ``""``: no option); ``key``: the flat
     name (default the field name); ``group``: the ``gam train --help`` group; ``override``:
     a benchmark protocol may change it, and this says what (``override <text>``); ``none``:
-    the protocol option also takes ``none``, meaning this; ``bench_flag``: the protocol
-    option's flag when it differs; ``bench``: argparse details of the protocol option that differ
-    from the ``gam train`` one; ``alias``: ``(flag, const, help)`` of a second option that
-    sets a fixed value; the rest goes to ``add_argument`` (type, choices, metavar, nargs,
-    action...)."""
+    the protocol option also takes ``none``, meaning this; ``old_flags``: former spellings of
+    the option, still accepted; ``bench``: argparse details of the protocol
+    option that differ from the ``gam train`` one; ``alias``: ``(flag, const, help)`` of a
+    second option that sets a fixed value; the rest goes to ``add_argument`` (type, choices,
+    metavar, nargs, action...)."""
     metadata = {"help": help, "flag": flag, "key": key, "group": group, "override": override,
-                "none": none, "bench_flag": bench_flag, "alias": alias, "bench": bench or {},
+                "none": none, "old_flags": old_flags, "alias": alias, "bench": bench or {},
                 "argparse": argparse_kwargs}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -343,15 +345,16 @@ class TokenizerConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run: ``model`` name and size ``preset`` of :func:`gam.build_model`, config
-    overrides (``--model-arg``, ``--dropout``), data, tokenizer and training recipe."""
+    """A whole run: ``model`` name and size preset (``model_preset``) of
+    :func:`gam.build_model`, config overrides (``--model-arg``, ``--dropout``), data, tokenizer
+    and training recipe."""
 
     model: str = setting(
         "gam", help="model family / variant (default {default})", choices=sorted(MODELS),
         group="model")
-    preset: str = setting(
+    model_preset: str = setting(
         "paper", help="size preset (default {default})", choices=sorted(PRESETS),
-        key="model_preset", group="model", bench_flag="--model-preset",
+        old_flags=("--preset",), group="model",
         override="the build_model size preset (paper, cpu-small, tiny)",
         bench={"choices": None, "metavar": "NAME"})
     model_overrides: dict[str, Any] = setting(
@@ -368,21 +371,31 @@ class RunConfig:
             raise ValueError("set the vocabulary size with --vocab-size (it sizes both the "
                              "tokenizer and the model), not with --model-arg vocab_size=...")
 
+    def with_data_dir(self, data_dir: str | os.PathLike[str] | None) -> RunConfig:
+        """This run reading its corpus from ``data_dir`` (recorded absolute, so that eval and
+        resume work from any directory); unchanged when None. ``self`` is not modified."""
+        if data_dir is None:
+            return self
+        resolved = str(Path(data_dir).expanduser().resolve())
+        return replace(self, data=replace(self.data, data_dir=resolved))
+
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword overrides for ``build_model(model, preset, **kwargs)``."""
+        """Keyword overrides for ``build_model(model, model_preset, **kwargs)``."""
         return {**self.model_overrides, "vocab_size": self.tokenizer.vocab_size}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "preset": self.preset,
+        return {"model": self.model, "model_preset": self.model_preset,
                 "model_overrides": dict(self.model_overrides), "data": self.data.to_dict(),
                 "tokenizer": self.tokenizer.to_dict(), "train": self.train.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Read the ``RunConfig`` part of a ``config.json`` (extra keys are ignored)."""
+        """Read the ``RunConfig`` part of a ``config.json`` (extra keys are ignored; a config
+        written before a setting was renamed is read under the new name)."""
+        values = current_names(values)
         try:
             return cls(
-                model=values["model"], preset=values["preset"],
+                model=values["model"], model_preset=values["model_preset"],
                 model_overrides=dict(values.get("model_overrides", {})),
                 data=DataConfig.from_dict(_known_part(DataConfig, values["data"])),
                 tokenizer=TokenizerConfig.from_dict(
@@ -391,6 +404,21 @@ class RunConfig:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"run config is incomplete or malformed ({e!r})") from e
+
+
+# top-level keys of config.json (and of a checkpoint's recorded settings) renamed since runs were
+# first written: old name -> new name
+RENAMED_KEYS = {"preset": "model_preset"}
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a ``RunConfig.to_dict()`` as once written) with renamed keys under their
+    current names; the input is not changed."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def _known_part(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -427,8 +455,6 @@ class RuntimeOptions:
     cache_dir: str | None = setting(
         None, help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)",
         group="data")
-    # on resume: where the data lives now (default: as recorded); the option is DataConfig's
-    data_dir: str | None = setting(None, help="where the data lives now", flag="")
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not str(self.device).startswith(

@@ -4,7 +4,7 @@ benchmark protocols' overrides (:func:`add_override_arguments`), and ``RunConfig
 settings (:func:`run_config_from_settings`, :func:`setting_of`).
 
 A setting's *key* is its flat name across the sections of ``RunConfig`` (``batch_size``,
-``tokenizer`` for ``TokenizerConfig.kind``, ``model_preset`` for ``RunConfig.preset``...): the
+``tokenizer`` for ``TokenizerConfig.kind``, ``tokenizer_on_all_splits``...): the
 ``gam train`` option's ``dest`` and a protocol's override name.
 """
 
@@ -120,6 +120,9 @@ def add_setting_arguments(groups: Mapping[str, Any]) -> None:
         group = groups[f.metadata["group"]]
         group.add_argument(setting_flag(f), dest=dest, default=None, help=setting_help(f),
                            **kwargs)
+        for old in f.metadata.get("old_flags", ()):
+            group.add_argument(old, dest=dest, default=None, metavar="NAME",
+                               help=f"former name of {setting_flag(f)}", **kwargs)
         alias = f.metadata.get("alias")
         if alias is not None:
             flag, const, text = alias
@@ -140,7 +143,7 @@ def add_override_arguments(group: Any, keys: tuple[str, ...]) -> None:
             text += f" ('none': {f.metadata['none']})"
         kwargs.update(f.metadata["bench"])
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        group.add_argument(f.metadata.get("bench_flag") or setting_flag(f), dest=key,
+        group.add_argument(setting_flag(f), dest=key,
                            default=argparse.SUPPRESS, help=text, **kwargs)
 
 

@@ -70,10 +70,9 @@ def _check_batch(run: RunConfig, ctx: DistContext, mcfg: Any) -> tuple[int, int]
 
 def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptions,
              resuming: bool, checkpoint_dir: Path | None) -> RunPlan:
-    """Model config, data, blocks and schedule of the run, and its ``config.json`` record
-    (the data directory of ``opts`` replaces the recorded one on resume)."""
+    """Model config, data, blocks and schedule of the run, and its ``config.json`` record."""
     cfg = run.train
-    mcfg = model_config(run.model, run.preset, **run.model_kwargs())
+    mcfg = model_config(run.model, run.model_preset, **run.model_kwargs())
     seq_len, per_rank = _check_batch(run, ctx, mcfg)
     tokenizer = tokenizer_bytes = None
     recorded = read_run_config(run_dir) if resuming else {}
@@ -81,8 +80,6 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
                           or (run_dir / TOKENIZER_FILE).exists()):
         check_tokenizer_file(run_dir, recorded)
         tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
-    if resuming and opts.data_dir is not None:
-        run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
     data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
                      tokenizer=tokenizer)
     if tokenizer is None:

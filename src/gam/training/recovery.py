@@ -23,7 +23,7 @@ from gam.models.io import (
     state_dict_for_saving,
 )
 from gam.training.checkpoint import LATEST, STATE, read_state
-from gam.training.config import RunConfig
+from gam.training.config import RunConfig, current_names
 from gam.training.metrics import read_metrics
 from gam.training.rundir import (
     CHECKPOINT_DIR,
@@ -107,7 +107,7 @@ def refuse_changed_settings(run_dir: Path, checkpoint_dir: Path, run: RunConfig)
     if used is None:
         return
     skip = {f"{section}.{key}" for section, key in RESUMABLE_CHANGES}
-    before, now = _flat(used), _flat(run.to_dict())
+    before, now = _flat(current_names(used)), _flat(run.to_dict())
     differ = sorted(k for k in set(before) | set(now)
                     if k not in skip and before.get(k) != now.get(k))
     if differ:

@@ -113,7 +113,8 @@ def _is_count(value: Any, least: int = 0) -> bool:
 # (section, key) -> (what it must be, test); None as section: the top level
 _FIELD_TYPES: dict[tuple[str | None, str], tuple[str, Any]] = {
     (None, "model"): ("a string", lambda v: isinstance(v, str)),
-    (None, "preset"): ("a string", lambda v: isinstance(v, str)),
+    (None, "model_preset"): ("a string", lambda v: isinstance(v, str)),
+    (None, "preset"): ("a string", lambda v: isinstance(v, str)),  # its name before model_preset
     (None, "model_overrides"): ("an object", lambda v: isinstance(v, dict)),
     (None, "data"): ("an object", lambda v: isinstance(v, dict)),
     (None, "tokenizer"): ("an object", lambda v: isinstance(v, dict)),

@@ -130,7 +130,8 @@ def train(run: RunConfig, out_dir: str | Path, options: RuntimeOptions | None = 
 
 
 def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
-           max_steps: int | None = None, epochs: int | None = None) -> TrainResult:
+           max_steps: int | None = None, epochs: int | None = None,
+           data_dir: str | os.PathLike[str] | None = None) -> TrainResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, exactly as if it had never
     stopped (from step 0 if it died before its first checkpoint).
 
@@ -139,12 +140,14 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
     ``max_steps``, which would still cap the run), the total is recomputed
     (``min(epochs * batches_per_epoch, max_steps)``) and the cosine of the LR schedule is
     recomputed to end at the new total from the step the run is at (the warm-up is not
-    redone). Without them the run continues bit for bit. Raises CheckpointError, changing
-    nothing, if the run saved a checkpoint that is gone, or if ``config.json``'s settings differ
-    from those the checkpoint was trained with (a run's settings are fixed at its creation).
+    redone). Without them the run continues bit for bit. ``data_dir``: where the corpus lives
+    now (default: as recorded; its content is checked against the recorded fingerprints).
+    Raises CheckpointError, changing nothing, if the run saved a checkpoint that is gone, or if
+    ``config.json``'s settings differ from those the checkpoint was trained with (a run's
+    settings are fixed at its creation).
     """
     run_dir = Path(run_dir)
-    run = run_settings(read_run_config(run_dir), run_dir)
+    run = run_settings(read_run_config(run_dir), run_dir).with_data_dir(data_dir)
     if epochs is not None:
         run.train.epochs = epochs
         # "train it for N epochs": a recorded --max-steps would otherwise still cap it
@@ -405,7 +408,7 @@ class Trainer:
         elif ctx.is_main and not opts.quiet:
             n = gam.count_parameters(self.model)
             progress.message(
-                f"training {run.model} ({run.preset}, {n['total']:,} parameters) on "
+                f"training {run.model} ({run.model_preset}, {n['total']:,} parameters) on "
                 f"{run.data.dataset}: {len(plan.train_blocks):,} blocks of {plan.seq_len}, "
                 f"{plan.batches_per_epoch} steps/epoch, {total_steps} steps, "
                 f"{ctx.world_size} process(es) x {threads} thread(s) on {self.device} -> "

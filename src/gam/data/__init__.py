@@ -13,14 +13,8 @@ Typical use::
 
 from gam.constants import IGNORE_INDEX
 from gam.data.blocks import TokenBlocks
-from gam.data.corpora import (
-    KNOWN_CORPORA,
-    Corpus,
-    DataNotFoundError,
-    default_data_dir,
-    load_austen,
-    load_corpus,
-)
+from gam.data.corpora import KNOWN_CORPORA, default_data_dir, load_austen, load_corpus
+from gam.data.corpus import Corpus, DataNotFoundError
 from gam.data.tokenizer import TOKENIZER_KINDS, eot_token_id, train_tokenizer
 from gam.data.tokens import encode_corpus
 from gam.files import default_cache_dir

@@ -46,7 +46,6 @@ from gam.training import (
     RuntimeOptions,
     TrainConfig,
     TrainingDivergedError,
-    default_run_dir,
     evaluate_run,
     load_run,
     resume,
@@ -70,6 +69,7 @@ from gam.training.options import (
     run_settings,
     setting_key,
 )
+from gam.training.rundir import default_run_dir
 
 __all__ = ["PROG", "build_parser", "build_run_config", "main", "stream_text"]
 

@@ -34,11 +34,10 @@ from gam.training.evaluate import evaluate
 from gam.training.metrics import read_metrics
 from gam.training.optim import WarmupCosine, build_optimizer, parameter_groups
 from gam.training.run import evaluate_run, load_run
-from gam.training.rundir import is_run_dir, read_run_config
+from gam.training.rundir import default_run_dir, is_run_dir, read_run_config
 from gam.training.trainer import (
     TrainingDivergedError,
     TrainResult,
-    default_run_dir,
     resume,
     train,
 )

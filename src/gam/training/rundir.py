@@ -26,6 +26,7 @@ before tokenizer hashes were recorded are checked by vocabulary size and token c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -58,9 +59,10 @@ LOCK_FILE = ".lock"
 __all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "RunBusyError",
            "TOKENIZER_FILE", "dataset_slug", "holds_run", "is_run_dir", "now", "read_run_config",
            "read_run_config_if_any", "recorded_data", "recorded_fingerprints", "recorded_schedule",
-           "recorded_vocab_size", "run_record", "safe_filename", "training_lock",
-           "write_run_config", "validate_run_config", "run_settings", "check_run_files",
-           "check_tokenizer_file", "check_recorded_split", "remove_interrupted_run_writes"]
+           "recorded_vocab_size", "run_record", "safe_filename", "training_lock", "default_run_dir",
+           "discard_unstarted_run", "refuse_a_started_run", "write_run_config",
+           "validate_run_config", "run_settings", "check_run_files", "check_tokenizer_file",
+           "check_recorded_split", "remove_interrupted_run_writes"]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -338,3 +340,29 @@ def remove_interrupted_run_writes(run_dir: str | os.PathLike[str]) -> list[Path]
     run_dir = Path(run_dir)
     return remove_interrupted_model_writes(run_dir) + remove_interrupted_writes(
         run_dir, (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE))
+
+
+def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<dataset>-<timestamp>`` (``text:PATH`` becomes ``text-<file stem>``)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{safe_filename(f'{model}-{dataset_slug(dataset)}')}-{stamp}"
+
+
+def refuse_a_started_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds one (a ValueError saying what to do)."""
+    if holds_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another --out")
+
+
+def discard_unstarted_run(run_dir: Path, written: list[str], new_folder: bool) -> None:
+    """A new run that failed before its first step (too little memory, a full disk...) holds
+    nothing worth keeping: remove the run files it ``written``, and the folder if the run made
+    it (``new_folder``) and nothing else is in it, so that a retry with other settings into the
+    same folder is not refused as "already holds a run"."""
+    for name in written:
+        (run_dir / name).unlink(missing_ok=True)
+    if new_folder:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: something else is in it
+            run_dir.rmdir()

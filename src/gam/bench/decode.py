@@ -47,7 +47,7 @@ from gam.bench.reports import (
 )
 from gam.bench.workers import emit, run_worker, worker_main
 from gam.errors import is_oom_error
-from gam.models.lm import block_decode_state_bytes
+from gam.models.blocks import block_decode_state_bytes
 from gam.models.registry import build_model
 from gam.runtime import synchronize
 from gam.training.argtypes import positive_int, positive_number

@@ -30,8 +30,8 @@ import torch
 from gam.bench import common
 from gam.bench.environment import command_line, environment
 from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_results
+from gam.models.blocks import block_gate_paths
 from gam.models.io import CheckpointError
-from gam.models.lm import block_gate_paths
 from gam.models.registry import MODELS, config_class, model_from_config
 from gam.runtime import autocast_context, resolve_device
 from gam.training import RunConfig, gate_statistics, has_gates, load_run, read_metrics

@@ -34,17 +34,9 @@ from typing import Any
 
 import torch
 
-from gam.bench import common
+from gam.bench import common, reports
 from gam.bench.environment import finish_environment
 from gam.bench.measure import MemoryMeter, tensor_bytes
-from gam.bench.reports import (
-    environment_markdown,
-    fmt,
-    markdown_table,
-    new_figure,
-    style_log_axis,
-    write_report,
-)
 from gam.bench.workers import emit, run_worker, worker_main
 from gam.errors import is_oom_error
 from gam.models.blocks import block_decode_state_bytes
@@ -112,7 +104,7 @@ def _worker(payload: dict[str, Any]) -> None:
         except Exception as exc:  # noqa: BLE001 - recorded, larger contexts skipped
             status = "oom" if is_oom_error(exc) else "error"
             emit({"ctx": ctx, "status": status,
-                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                  "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             break
         live.append({"ctx": ctx, "token": token, "cache": cache, "step_s": [],
                      "prefill_s": prefill_s, "state_used": state_used,
@@ -158,13 +150,13 @@ def _markdown(results: dict[str, Any]) -> str:
         r = by.get((model, ctx))
         if r is None:
             return ""
-        return fmt(r.get(field), digits) if r["status"] == "ok" else r["status"]
+        return reports.fmt(r.get(field), digits) if r["status"] == "ok" else r["status"]
 
     s = results["settings"]
     parts = [f"# gam bench decode: cached greedy decoding (preset {s['preset']}, batch "
              f"{s['batch_size']}, {s['new_tokens']} timed tokens per context"
              f"{common.overrides_text(s['overrides'])})", "",
-             environment_markdown(results["environment"], results["command"]), ""]
+             reports.environment_markdown(results["environment"], results["command"]), ""]
     for title, field, digits in (("Decode speed (tokens/s = batch / median step time, "
                                   "prefill excluded)", "tokens_per_s", 1),
                                  ("Time per generated token (ms, median)", "ms_per_token", 2),
@@ -173,9 +165,9 @@ def _markdown(results: dict[str, Any]) -> str:
                                  ("Peak memory growth during prefill + decode (MB)",
                                   "peak_mem_mb", 1)):
         parts += [f"## {title}", "",
-                  markdown_table(["context", *models],
-                                        [[c, *(cell(m, c, field, digits) for m in models)]
-                                         for c in ctxs]), ""]
+                  reports.markdown_table(["context", *models],
+                                         [[c, *(cell(m, c, field, digits) for m in models)]
+                                          for c in ctxs]), ""]
     errors = [r for r in runs if r.get("error")]
     if errors:
         parts += ["## Failures", ""] + [f"- {r['model']} ctx {r['ctx']}: {r['status']}: "
@@ -184,7 +176,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    fig, axes = new_figure(3, width=5.0)
+    fig, axes = reports.new_figure(3, width=5.0)
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         ok = [r for r in results["runs"] if r["model"] == model and r["status"] == "ok"]
         if not ok:
@@ -196,7 +188,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
     titles = (("decode speed (prefill excluded)", "tokens/s", False),
               ("prefill time", "ms", True), ("decode state", "MB", True))
     for ax, (title, unit, logy) in zip(axes, titles, strict=True):
-        style_log_axis(ax, title, unit, "context length", logy)
+        reports.style_log_axis(ax, title, unit, "context length", logy)
     s = results["settings"]
     fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
                  f"({results['environment']['device']})")
@@ -226,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                        "threads": args.threads, "seed": args.seed}
             t0 = time.perf_counter()
             status, records, error = run_worker("gam.bench.decode", payload,
-                                                       timeout=args.max_seconds)
+                                                timeout=args.max_seconds)
             print(f"  {model}: {len(records)} record(s), {status} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         done = {r["ctx"]: r for r in records if "ctx" in r}
@@ -251,10 +243,10 @@ def run(args: argparse.Namespace) -> int:
                         "peak_mem_mb"):
                 row.setdefault(key, None)
             runs.append(row)
-            print(f"    ctx {ctx:<6} {row['status']:<8} {fmt(row['tokens_per_s'], 1)} "
-                  f"tok/s ({fmt(row['ms_per_token'], 2)} ms/token), prefill "
-                  f"{fmt(row['prefill_ms'], 0)} ms, state "
-                  f"{fmt(row['state_mb'], 2)} MB, peak {fmt(row['peak_mem_mb'], 1)}"
+            print(f"    ctx {ctx:<6} {row['status']:<8} {reports.fmt(row['tokens_per_s'], 1)} "
+                  f"tok/s ({reports.fmt(row['ms_per_token'], 2)} ms/token), prefill "
+                  f"{reports.fmt(row['prefill_ms'], 0)} ms, state "
+                  f"{reports.fmt(row['state_mb'], 2)} MB, peak {reports.fmt(row['peak_mem_mb'], 1)}"
                   f" MB", flush=True)
     results = {
         "command": command,
@@ -267,8 +259,8 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "environment": finish_environment(env),
     }
-    write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "decode.png")], summary=False)
+    reports.write_report(args.out, results, _markdown,
+                         [lambda out: _plot(results, out / "decode.png")], summary=False)
     return 0
 
 

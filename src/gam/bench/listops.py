@@ -454,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
                 run_file.with_suffix(".log").write_text("")
                 t0 = time.perf_counter()
                 status, records, error = run_worker("gam.bench.listops", payload,
-                                                           timeout=args.max_seconds)
+                                                    timeout=args.max_seconds)
                 rec = records[-1] if records else {"status": status, "error": error}
                 row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
                 row.pop("traceback", None)

@@ -243,7 +243,7 @@ def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in
         else:
             limit = None if max_seconds is None else 2 * max_seconds + 600
             status, records, error = run_worker("gam.bench.recall", payload,
-                                                       timeout=limit)
+                                                timeout=limit)
             rec = records[-1] if records else {"status": status, "error": error}
         rec.pop("traceback", None)
         row = {**rec, "action": "trained", "wall_seconds": time.perf_counter() - t0}

@@ -144,7 +144,7 @@ def _worker(payload: dict[str, Any]) -> None:
     fwd_bwd(x)
     peak = meter.growth_bytes()
     timing = time_fn(lambda: fwd_bwd(x), device, warmup=max(0, payload["warmup"] - 1),
-                            repeats=payload["repeats"])
+                     repeats=payload["repeats"])
     emit({
         "status": "ok",
         "time_ms_median": timing["median_ms"],
@@ -194,12 +194,12 @@ def _markdown(results: dict[str, Any]) -> str:
            environment_markdown(results["environment"], results["command"]), "",
            "## Time (ms, median of repeats)", "",
            markdown_table(["N", *models],
-                                 [[n, *(cell(by.get((m, n)), "time_ms_median", 1) for m in models)]
-                                  for n in lengths]), "",
+                          [[n, *(cell(by.get((m, n)), "time_ms_median", 1) for m in models)]
+                           for n in lengths]), "",
            "## Peak memory (MB, growth over block + input)", "",
            markdown_table(["N", *models],
-                                 [[n, *(cell(by.get((m, n)), "peak_mem_mb", 1) for m in models)]
-                                  for n in lengths]), "",
+                          [[n, *(cell(by.get((m, n)), "peak_mem_mb", 1) for m in models)]
+                           for n in lengths]), "",
            "## Scaling exponents (least-squares slope of log y vs log N)", "",
            markdown_table(
                ["model", "time (all N)", "time (3 longest)", "min time (all N)",
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
                            "threads": args.threads, "warmup": args.warmup, "repeats": repeats,
                            "seed": args.seed, "max_memory_bytes": max_mem}
                 merge_worker_result(row, *run_worker("gam.bench.scale", payload,
-                                                            timeout=args.max_seconds))
+                                                     timeout=args.max_seconds))
                 if row["status"] in ("oom", "timeout"):
                     failed_at = (n, row["status"])
             row.setdefault("time_ms_median", None)
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         "environment": finish_environment(env),
     }
     write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "scale.png")], summary=False)
+                 [lambda out: _plot(results, out / "scale.png")], summary=False)
     return 0
 
 

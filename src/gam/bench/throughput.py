@@ -252,9 +252,9 @@ def _markdown(results: dict[str, Any]) -> str:
                  [[r["model"], r["dtype"], r["seq_len"], r["status"],
                    fmt(r.get("tokens_per_s"), 0), fmt(r.get("step_ms"), 0),
                    fmt(r["flops_per_token"] / 1e6 if r.get("flops_per_token") else None,
-                              1),
+                       1),
                    fmt(r["achieved_flops"] / 1e9 if r.get("achieved_flops") else None,
-                              1),
+                       1),
                    fmt(r["peak_flops"] / 1e9 if r.get("peak_flops") else None, 1),
                    f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-",
                    fmt(r.get("peak_mem_mb"), 0)] for r in results["runs"]]), ""]
@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
         "environment": finish_environment(env),
     }
     write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "throughput.png")], summary=False)
+                 [lambda out: _plot(results, out / "throughput.png")], summary=False)
     return 0
 
 

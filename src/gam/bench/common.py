@@ -54,16 +54,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             "recorded in results.json)")
 
 
+def add_model_preset_argument(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--model-preset (and its former name --preset): the build_model size preset."""
+    parser.add_argument("--model-preset", default="paper",
+                        help=f"size preset {whose}: paper, cpu-small or tiny (default: "
+                             "%(default)s)")
+    parser.add_argument("--preset", dest="model_preset", default=argparse.SUPPRESS,
+                        metavar="NAME", help="former name of --model-preset")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[str],
                         models_help: str = "build_model names") -> None:
     """--models, --model-preset, --d-model and --n-layers of the commands that time models."""
     parser.add_argument("--models", nargs="+", default=default_models, metavar="NAME",
                         help=models_help)
-    parser.add_argument("--model-preset", default="paper",
-                        help="size preset of every model: paper, cpu-small or tiny (default: "
-                             "%(default)s)")
-    parser.add_argument("--preset", dest="model_preset", default=argparse.SUPPRESS,
-                        metavar="NAME", help="former name of --model-preset")
+    add_model_preset_argument(parser, "of every model")
     parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's)")
     parser.add_argument("--n-layers", type=positive_int, default=None,

@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest length of the doubling series from 256 (default 8192)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="batch size (default: 4 on CPU, 16 (the paper's) on GPU; quick: 2)")
-    parser.add_argument("--preset", default="paper", help="block hyper-parameters")
+    common.add_model_preset_argument(parser, "of the block's model")
     parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's, 512)")
     parser.add_argument("--repeats", type=positive_int, default=None,

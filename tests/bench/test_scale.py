@@ -1,3 +1,5 @@
+import pytest
+import torch
 
 from gam.bench import main
 from gam.bench.scale import fit_rows
@@ -62,3 +64,26 @@ def test_fit_rows_on_synthetic_runs():
     assert abs(fit["exponent_time_min"] - 1.5) < 1e-9
     assert abs(fit["exponent_memory"] - 1.0) < 1e-9
     assert fit["lengths"] == [256, 512, 1024, 2048]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_scale_runs_the_block_under_the_asked_dtype(dtype, monkeypatch):
+    """The worker's forward runs under bf16 autocast for --dtype bf16, and not for fp32."""
+    from gam.bench import scale
+
+    seen, emitted = [], []
+    real_build = scale.build_block
+
+    def recording_build(*args, **kwargs):
+        block, dim = real_build(*args, **kwargs)
+        block.register_forward_hook(
+            lambda m, a, out: seen.append(torch.is_autocast_enabled("cpu")))
+        return block, dim
+
+    monkeypatch.setattr(scale, "build_block", recording_build)
+    monkeypatch.setattr(scale, "emit", emitted.append)
+    monkeypatch.setattr(scale, "limit_address_space", lambda _: None)
+    scale._worker({"model": "gam", "preset": "tiny", "seq_len": 32, "batch_size": 1,
+                   "device": "cpu", "warmup": 0, "repeats": 1, "dtype": dtype})
+    assert seen and all(flag == (dtype == "bf16") for flag in seen)
+    assert emitted[0]["status"] == "ok"

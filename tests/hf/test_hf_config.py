@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 import gam.hf  # noqa: E402
 from gam.hf import GAMForCausalLM, GAMHFConfig, GAMModel  # noqa: E402
 from gam.models.gam import GAMConfig  # noqa: E402
+from gam.models.registry import MODELS  # noqa: E402
 
 
 def test_auto_config_for_model_with_gam_and_hf_names():
@@ -117,7 +118,18 @@ def test_gam_delta_config_fields_and_round_trip(tmp_path):
     assert GAMHFConfig(delta_heads=2, d_model=32).gam_model_name == "gam-delta"
     assert not hasattr(GAMHFConfig(), "delta_heads")
     with pytest.raises(ValueError, match="gam_model_name"):
-        GAMHFConfig(gam_model_name="transformer")
+        GAMHFConfig(gam_model_name="no-such-family")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_registered_family_has_a_config(name, tmp_path):
+    """Every registry name (families added later included) round-trips through config.json
+    with exactly its config class's fields."""
+    cfg = GAMHFConfig(gam_model_name=name, d_model=32, n_layers=2)
+    assert type(cfg.to_gam_config()) is MODELS[name].config_cls
+    cfg.save_pretrained(tmp_path)
+    back = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert back.gam_model_name == name and back.to_gam_config() == cfg.to_gam_config()
 
 
 def test_tie_embeddings_is_one_attribute_with_tie_word_embeddings():

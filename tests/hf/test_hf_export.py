@@ -30,9 +30,14 @@ def test_export_loads_with_auto_classes_and_matches_the_run(run_dir, tmp_path):
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert model.config.eos_token_id == model.generation_config.eos_token_id == eot
     assert model.generation_config.pad_token_id == eot
-    # no max_length in the generation config: it would clash with generate(max_new_tokens=...);
-    # the context travels as the config's max_seq_len and the tokenizer's model_max_length
-    assert "max_length" not in json.loads((out / "generation_config.json").read_text())
+    # max_length = the context, so that generate() and pipeline() without a length stop there
+    assert json.loads((out / "generation_config.json").read_text())["max_length"] == 64
+    # a class every supported transformers has (5.x would write its own TokenizersBackend)
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "license:" in card
+    assert f'from_pretrained("{out}")' in card and '"PATH"' not in card
     assert model.config.max_seq_len == 64
     assert tok.model_max_length == 64 and tok.padding_side == "left"
     text = "The cat sat on the mat."
@@ -54,9 +59,13 @@ def test_pipeline_text_generation_offline(run_dir, tmp_path):
     single = generator("A dog", max_new_tokens=4, do_sample=False)
     assert batch[0][0]["generated_text"] == single[0]["generated_text"]
     # past the model's context: a clear error, never tokens from positions it has no embedding
-    # for (transformers 5's pipeline asks for 256 new tokens unless told otherwise)
+    # for; without a length, generation stops at the context (the generation config's
+    # max_length; transformers 5's pipeline would otherwise ask for 256 new tokens)
     with pytest.raises(ValueError, match="max_seq_len"):
         generator("The cat", max_new_tokens=64, do_sample=False)
+    generator.model.generation_config.eos_token_id = None  # never stop early
+    full = generator("The cat", do_sample=False, return_tensors=True)
+    assert len(full[0]["generated_token_ids"]) == 64
 
 
 def test_exported_folder_loads_as_remote_code_without_importing_gam(run_dir, tmp_path):
@@ -112,13 +121,31 @@ def test_export_infers_the_tokenizer_kind_without_run_config(make_run, tmp_path)
     assert tok.eos_token == "[EOS]"
 
 
-def test_export_rejects_non_gam_models(make_run, tmp_path, capsys):
-    run_dir = make_run(tmp_path, "transformer")
-    with pytest.raises(ValueError, match="GAM models only"):
-        export_run(run_dir, tmp_path / "hf")
+def test_export_rejects_an_unknown_family(make_run, tmp_path, capsys):
+    run_dir = make_run(tmp_path, "transformer")  # every registered family exports...
+    assert export_run(run_dir, tmp_path / "hf-transformer").is_dir()
+    spec = json.loads((run_dir / "model.json").read_text())  # ...a name gam lacks does not
+    spec["model"] = "no-such-family"
+    (run_dir / "model.json").write_text(json.dumps(spec))
     assert main([str(run_dir), str(tmp_path / "hf")]) == 1
-    assert "GAM models only" in capsys.readouterr().err
+    assert "no-such-family" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_card_names_the_data_its_license_and_the_runs_scores(make_run, tmp_path):
+    run_dir = make_run(tmp_path, "gam-delta")
+    config = json.loads((run_dir / "config.json").read_text())
+    config["data"] = {"dataset": "wikitext2"}
+    config["model_preset"] = "tiny"  # as gam train records the size preset
+    (run_dir / "config.json").write_text(json.dumps(config))
+    records = [{"kind": "eval", "step": s, "epoch": 1, "val_loss": 5.0 - s / 100,
+                "val_ppl": 150.0 - s} for s in (10, 20)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    card = (export_run(run_dir, tmp_path / "hf") / "README.md").read_text()
+    assert "datasets: [Salesforce/wikitext]" in card and "cc-by-sa-3.0" in card
+    assert "`gam-delta`" in card and "130.00" in card and '"dataset": "wikitext2"' in card
+    assert "GAM language model" not in card
+    assert '"model_preset": "tiny"' in card
 
 
 def test_cli_main(run_dir, tmp_path, capsys):
@@ -183,3 +210,37 @@ def test_an_export_saved_before_the_init_setting_loads_as_it_was(make_run, tmp_p
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, gam.load_pretrained(run_dir).eval()(ids)[0])
+
+
+OTHER_PYTHON = os.environ.get("GAM_HF_OTHER_PYTHON")
+
+
+@pytest.mark.skipif(not OTHER_PYTHON, reason="GAM_HF_OTHER_PYTHON (an interpreter with another "
+                                             "transformers release; .ci/run sets it) is unset")
+def test_exports_load_under_another_transformers_release(make_run, tmp_path):
+    """An export written here loads (tokenizer and remote-code model) under the other release,
+    and one written there loads here: e.g. 4.46.3 <-> 5.x, whose tokenizer classes differ."""
+    ids_script = textwrap.dedent("""
+        import sys, transformers
+        folder = sys.argv[1]
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        print(transformers.__version__, tok("The cat sat").input_ids, tok.padding_side,
+              type(model).__name__)
+    """)
+    here = export_run(make_run(tmp_path, "gam"), tmp_path / "hf-here")
+    there = tmp_path / "hf-there"
+    export_script = ("import sys; from gam.hf.export import main; "
+                     "sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+    subprocess.run([OTHER_PYTHON, "-c", export_script, str(make_run(tmp_path, "mamba")),
+                    str(there)], check=True, env=env, timeout=300)
+    for python, folder in ((OTHER_PYTHON, here), (sys.executable, there)):
+        proc = subprocess.run([python, "-c", ids_script, str(folder)], capture_output=True,
+                              text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().endswith("left GAMForCausalLM"), proc.stdout
+    tok = transformers.AutoTokenizer.from_pretrained(here)
+    line = subprocess.run([OTHER_PYTHON, "-c", ids_script, str(here)], capture_output=True,
+                          text=True, env=env, timeout=300).stdout
+    assert str(tok("The cat sat").input_ids) in line

@@ -104,3 +104,57 @@ def test_weights_missing_from_a_checkpoint_get_the_library_init(tmp_path, name, 
                 pname
     assert torch.equal(back.gam.blocks[0].gate.bias, library.blocks[0].gate.bias)
     _assert_same_distributions(library, back.gam, missing_names)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("drop", ["embedding", "head", "both"])
+def test_missing_embedding_or_head_is_filled_and_named(tmp_path, tie, drop):
+    """The one stored copy of a tied embedding, or an untied head / embedding, missing from the
+    file: filled per the config (tied stays tied), never left on the meta device, and named in
+    the loading info, on every supported transformers."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    library = gam.build_model("gam", "tiny", **SIZES, init="paper", tie_embeddings=tie)
+    GAMForCausalLM.from_gam(library).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(path)
+    names = {"embedding": ["model.gam.token_embedding.weight"],
+             "head": ["model.gam.head.weight"],
+             "both": ["model.gam.token_embedding.weight", "model.gam.head.weight"]}[drop]
+    save_file({k: v for k, v in tensors.items() if k not in names}, path,
+              metadata={"format": "pt"})
+    back, info = GAMForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    lm = back.gam
+    for pname, p in back.named_parameters(remove_duplicate=False):
+        assert not p.is_meta and torch.isfinite(p).all(), pname
+    assert (lm.head.weight is lm.token_embedding.weight) == tie
+    stored = [n for n in names if n in tensors]  # a tied file never holds the head
+    if stored:
+        assert set(stored) <= set(info["missing_keys"])
+    elif not tie:
+        raise AssertionError("an untied file holds both")
+    weight = lm.token_embedding.weight if drop != "head" else lm.head.weight
+    if stored:  # drawn per the config: tied, the head's U(+-1/sqrt(d)); untied embedding N(0, 1)
+        want = library.token_embedding.weight if drop != "head" else library.head.weight
+        assert abs(weight.std().item() - want.std().item()) < 0.1 * want.std().item()
+    x = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.isfinite(back(x).logits).all()
+
+
+def test_a_weight_left_on_the_meta_device_is_filled_and_named():
+    """The safety net behind every loader: what a loader left on meta is filled and named."""
+    torch.manual_seed(0)
+    hf = GAMForCausalLM(GAMHFConfig(**SIZES, init="paper", tie_embeddings=True))
+    block = hf.gam.blocks[1]
+    block.ffn.fc1.weight = torch.nn.Parameter(torch.empty_like(block.ffn.fc1.weight,
+                                                               device="meta"))
+    hf.gam.token_embedding.weight = torch.nn.Parameter(
+        torch.empty_like(hf.gam.token_embedding.weight, device="meta"))
+    missing: set[str] = set()
+    hf._fill_meta_weights(missing)  # what tie_weights runs after the base class's tying
+    assert missing == {"model.gam.blocks.1.ffn.fc1.weight", "model.gam.token_embedding.weight"}
+    assert not any(p.is_meta for p in hf.parameters())
+    assert hf.gam.head.weight is hf.gam.token_embedding.weight
+    assert 0.05 < hf.gam.token_embedding.weight.std().item() < 0.15  # the tied head's init

@@ -66,6 +66,7 @@ from gam.bench.reports import (
 )
 from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
+from gam.runtime import autocast_context
 from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
 
 DEFAULT_MODELS = ["gam", "transformer", "transformer-naive", "mamba"]
@@ -90,6 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed runs per configuration (default 3; quick 2)")
     parser.add_argument("--warmup", type=nonneg_int, default=1, help="untimed runs before timing")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16 = torch.autocast(device, dtype=torch.bfloat16), the block's "
+                             "weights and input staying fp32 (default: fp32)")
     parser.add_argument("--max-seconds", type=positive_number, default=600.0,
                         help="wall-clock limit per configuration (its own process)")
     parser.add_argument("--max-memory-gb", type=nonneg_number, default=None,
@@ -128,10 +132,14 @@ def _worker(payload: dict[str, Any]) -> None:
     block = block.to(device).train()
     x = torch.randn(b, n, dim, device=device, requires_grad=True)
 
+    dtype = payload.get("dtype", "fp32")
+
     def fwd_bwd(inp: torch.Tensor) -> None:
         block.zero_grad(set_to_none=True)
         inp.grad = None
-        block(inp).sum().backward()
+        with autocast_context(device, dtype):
+            out = block(inp)
+        out.float().sum().backward()
 
     small = x[:, :min(n, WARMUP_TOKENS)].detach().requires_grad_()
     fwd_bwd(small)
@@ -190,7 +198,8 @@ def _markdown(results: dict[str, Any]) -> str:
 
     s = results["settings"]
     out = [f"# gam bench scale: one block, forward + backward (batch {s['batch_size']}, "
-           f"d {s['d_model']}, {results['environment']['device']})", "",
+           f"d {s['d_model']}, {s.get('dtype', 'fp32')}, {results['environment']['device']})",
+           "",
            environment_markdown(results["environment"], results["command"]), "",
            "## Time (ms, median of repeats)", "",
            markdown_table(["N", *models],
@@ -236,8 +245,8 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
                             (ax_m, "peak memory (growth)", "MB")):
         style_log_axis(ax, title, unit, "sequence length N")
     s = results["settings"]
-    fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']} "
-                 f"({results['environment']['device']})")
+    fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']}, "
+                 f"{s.get('dtype', 'fp32')} ({results['environment']['device']})")
     fig.savefig(path, dpi=120)
     return path
 
@@ -250,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.d_model is None else {"d_model": args.d_model}
     max_mem = default_memory_cap(device, args.max_memory_gb)
     print(f"gam bench scale: models {args.models}, lengths {lengths}, batch {batch}, "
-          f"{repeats} repeats, device {device}, {threads} threads", flush=True)
+          f"{args.dtype}, {repeats} repeats, device {device}, {threads} threads", flush=True)
 
     runs: list[dict[str, Any]] = []
     configs: dict[str, Any] = {}
@@ -273,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
                 payload = {"model": model, "preset": args.model_preset, "overrides": overrides,
                            "seq_len": n, "batch_size": batch, "device": str(device),
                            "threads": args.threads, "warmup": args.warmup, "repeats": repeats,
-                           "seed": args.seed, "max_memory_bytes": max_mem}
+                           "seed": args.seed, "max_memory_bytes": max_mem,
+                           "dtype": args.dtype}
                 merge_worker_result(row, *run_worker("gam.bench.scale", payload,
                                                      timeout=args.max_seconds))
                 if row["status"] in ("oom", "timeout"):
@@ -299,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
     results = {
         "command": command,
         "settings": {"models": list(args.models), "lengths": lengths, "batch_size": batch,
+                     "dtype": args.dtype,
                      "preset": args.model_preset, "d_model": d_model, "repeats": repeats,
                      "warmup": args.warmup, "max_seconds": args.max_seconds,
                      "max_memory_bytes": max_mem, "quick": args.quick, "seed": args.seed,

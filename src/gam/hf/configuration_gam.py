@@ -1,10 +1,10 @@
-"""``GAMHFConfig``: the Hugging Face config of a GAM language model.
+"""``GAMHFConfig``: the Hugging Face config of a gam language model, of any registered family.
 
-``gam_model_name`` is the library's registered name (``gam``, its Table 3 ablations, ``gam-delta``
-and its variants: every registry family whose config is a ``GAMConfig``). The config carries
-exactly the fields of that name's config class (same names, same defaults, validated by the
-library's own checks) plus the usual ``PretrainedConfig`` attributes. HF's standard names are
-aliases of the GAM ones::
+``gam_model_name`` is the library's registered name (``gam`` and its ablations, ``gam-delta``,
+``transformer``, ``mamba``, ...: every name of ``gam.models.registry.MODELS``, including
+families registered later). The config carries exactly the fields of that name's config class
+(same names, same defaults, validated by the library's own checks) plus the usual
+``PretrainedConfig`` attributes. HF's standard names are aliases of the gam ones::
 
     config.hidden_size             -> config.d_model
     config.num_hidden_layers       -> config.n_layers
@@ -12,26 +12,93 @@ aliases of the GAM ones::
 
 ``tie_embeddings`` is an alias of ``tie_word_embeddings`` too (None: the ``init`` scheme's choice);
 ``init`` and ``pos_embedding_std`` choose the initialisation exactly as in the library.
+The ``model_type`` stays ``"gam"`` for every family (the name of the package that runs them).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 
 from gam.models.gam import GAMConfig
-from gam.models.lm import LEGACY_INIT, SCHEME_TIES
+from gam.models.lm import LEGACY_INIT, SCHEME_TIES, LMConfig
 from gam.models.registry import MODELS, config_class
 
 #: The GAMConfig fields, in order, with their defaults (the paper's model).
 GAM_FIELDS: dict[str, Any] = {f.name: f.default for f in fields(GAMConfig)}
 
-#: The registered names the wrapper takes: every family whose config is a GAMConfig (their
-#: blocks share GAMBlock's prefill / extend(pad_mask) / step protocol).
-HF_MODEL_NAMES: tuple[str, ...] = tuple(
+#: The registered names the wrapper takes: every family of the registry (the wrapper only uses
+#: the shell's protocol: embeddings, the blocks' forward / prefill / step passes, final norm).
+HF_MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+#: The GAM families: configs saved before ``gam_model_name`` was stored are one of these.
+_GAM_NAMES: tuple[str, ...] = tuple(
     name for name in MODELS if issubclass(config_class(name), GAMConfig))
+
+
+# trust_remote_code entry points: transformers imports these files from a model folder and takes
+# the classes named in auto_map; they re-export the installed package's classes, so a folder
+# loaded either way gives the same classes (and transformers names `gam` as the package to
+# install). Every save_pretrained of the config (and so of the model: exports, Trainer's
+# save_model, a re-save of a loaded model) writes them, so no folder loses its code.
+_REMOTE_CODE_NOTE = ("Entry point for AutoModel*.from_pretrained(..., trust_remote_code=True), "
+                     "written by gam's save_pretrained.\nNeeds the gam package: "
+                     "pip install 'gam[hf]'.")
+REMOTE_CODE: dict[str, str] = {
+    "configuration_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
+                            "from gam.hf.configuration_gam import GAMHFConfig\n\n"
+                            '__all__ = ["GAMHFConfig"]\n',
+    "modeling_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
+                       "from gam.hf.modeling_gam import GAMForCausalLM, GAMModel\n\n"
+                       '__all__ = ["GAMForCausalLM", "GAMModel"]\n',
+}
+AUTO_MAP: dict[str, str] = {
+    "AutoConfig": "configuration_gam.GAMHFConfig",
+    "AutoModel": "modeling_gam.GAMModel",
+    "AutoModelForCausalLM": "modeling_gam.GAMForCausalLM",
+}
+
+
+def write_remote_code(folder: str | os.PathLike[str]) -> None:
+    """Write the remote-code entry points (``REMOTE_CODE``) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for filename, source in REMOTE_CODE.items():
+        (folder / filename).write_text(source)
+
+
+@contextmanager
+def without_source_copy(obj: Any) -> Iterator[None]:
+    """transformers copies the source file of a class loaded as remote code (``_auto_class``
+    set) into the folder it saves to: for gam that is the package's own module, which would
+    replace the entry point. Switched off while saving (the entry points are written instead)."""
+    cls = type(obj)
+    own = "_auto_class" in cls.__dict__
+    previous = cls.__dict__.get("_auto_class")
+    cls._auto_class = None
+    try:
+        yield
+    finally:
+        if own:
+            cls._auto_class = previous
+        else:
+            del cls._auto_class
+
+
+def save_with_remote_code(obj: Any, save: Callable[..., Any],
+                          save_directory: str | os.PathLike[str], *args: Any,
+                          **kwargs: Any) -> Any:
+    """``save(save_directory, *args, **kwargs)`` (a base class's ``save_pretrained``) with the entry
+    points written first (so that ``push_to_hub`` uploads them) and no source copied."""
+    write_remote_code(save_directory)
+    with without_source_copy(obj):
+        return save(save_directory, *args, **kwargs)
 
 
 def _fields(name: str) -> dict[str, Any]:
@@ -43,10 +110,10 @@ def infer_model_name(values: dict[str, Any]) -> str:
     for configs saved before ``gam_model_name`` was stored; of several, the one with the most
     such settings (``gam-delta-matched`` over ``gam-delta``); ``gam`` when none fits. A family
     with fields of its own (gam-delta's) is chosen only when some of them are given."""
-    family_fields = set().union(*map(_fields, HF_MODEL_NAMES)) - set(GAM_FIELDS)
+    family_fields = set().union(*map(_fields, _GAM_NAMES)) - set(GAM_FIELDS)
     given = set(values) & family_fields
     fits = []
-    for name in HF_MODEL_NAMES:
+    for name in _GAM_NAMES:
         known = _fields(name)
         if not given <= set(known) or (not given and set(known) != set(GAM_FIELDS)):
             continue  # fields this family does not have, or a family none of whose are given
@@ -60,8 +127,10 @@ def infer_model_name(values: dict[str, Any]) -> str:
 class GAMHFConfig(PretrainedConfig):
     """Configuration of :class:`gam.hf.GAMForCausalLM` (``model_type = "gam"``).
 
-    The defaults are the paper's model (vocab 10000, 256 tokens, d 512, 6 layers, 512 memory
-    slots, kernel 3, dropout 0.1). Any ``GAMConfig`` field can be passed by name, and
+    ``gam_model_name`` picks the family (default: ``gam``, or the GAM variant a legacy config's
+    flags describe). The defaults are the family's (for ``gam`` the paper's model: vocab 10000,
+    256 tokens, d 512, 6 layers, 512 memory slots, kernel 3, dropout 0.1). Any field of the
+    family's config can be passed by name, and
     ``hidden_size`` / ``num_hidden_layers`` / ``max_position_embeddings`` are accepted as
     aliases. Invalid values raise ``ValueError`` (the library's checks).
     """
@@ -86,9 +155,9 @@ class GAMHFConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
-        # Every GAMConfig field (vocab_size, max_seq_len, d_model, n_layers, ffn_mult, dropout,
-        # pos_embedding, num_memory_slots, conv_kernel_size, use_local, use_global, use_gate, and
-        # any the library adds later) is read from kwargs by name, with the library's default.
+        # Every field of the family's config (vocab_size, max_seq_len, d_model, n_layers, ...,
+        # GAM's num_memory_slots, the Transformer's n_heads, and any the library adds later) is
+        # read from kwargs by name, with the library's default.
         if "transformers_version" in kwargs and "init" not in kwargs:
             # a config.json saved before the init setting existed: the model it describes was
             # built with the official init, tied (the library's LEGACY_INIT)
@@ -97,8 +166,8 @@ class GAMHFConfig(PretrainedConfig):
         if gam_model_name is None:
             gam_model_name = infer_model_name(kwargs)
         if gam_model_name not in HF_MODEL_NAMES:
-            raise ValueError(f"gam_model_name must be one of {HF_MODEL_NAMES} (the GAM "
-                             f"families), got {gam_model_name!r}")
+            raise ValueError(f"gam_model_name must be one of {HF_MODEL_NAMES} (the registered "
+                             f"model names), got {gam_model_name!r}")
         self.gam_model_name = gam_model_name
         for name, default in _fields(gam_model_name).items():
             setattr(self, name, kwargs.pop(name, default))
@@ -117,6 +186,12 @@ class GAMHFConfig(PretrainedConfig):
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.to_gam_config()  # validate with the library's checks
 
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """``PretrainedConfig.save_pretrained``, plus the remote-code entry points and their
+        ``auto_map``: the folder loads with ``trust_remote_code=True`` without ``gam.hf``."""
+        self.auto_map = dict(AUTO_MAP)
+        return save_with_remote_code(self, super().save_pretrained, save_directory, **kwargs)
+
     # The base class is a dataclass in transformers 5, whose generated __eq__ would only compare
     # the base fields; compare everything, as PretrainedConfig does.
     def __eq__(self, other: object) -> bool:
@@ -124,13 +199,13 @@ class GAMHFConfig(PretrainedConfig):
 
     __hash__ = None  # type: ignore[assignment]
 
-    def to_gam_config(self) -> GAMConfig:
-        """The library config (``GAMConfig``, or the family's subclass) with these values."""
+    def to_gam_config(self) -> LMConfig:
+        """The library config (the family's config class) with these values."""
         cls = config_class(self.gam_model_name)
         return cls(**{name: getattr(self, name) for name in _fields(self.gam_model_name)})
 
     @classmethod
-    def from_gam_config(cls, config: GAMConfig, model_name: str | None = None,
+    def from_gam_config(cls, config: LMConfig, model_name: str | None = None,
                         **kwargs: Any) -> GAMHFConfig:
         """Build the HF config of a library config (``model_name``: its registered name,
         inferred from the variant flags when omitted; kwargs: token ids etc.)."""

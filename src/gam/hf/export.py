@@ -17,14 +17,17 @@ offline::
 
 and, without importing ``gam`` (tools such as ``lm_eval --model hf`` that only know transformers),
 ``AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)``. The entry points only
-import the installed ``gam`` package, so the model code is never copied into the folder.
+import the installed ``gam`` package, so the model code is never copied into the folder; every
+``save_pretrained`` of the model writes them again (a fine-tuned copy keeps them).
 
-Only the GAM families convert (gam, its ablations, gam-delta and its variants: ``HF_MODEL_NAMES``).
+Every registered family converts (``HF_MODEL_NAMES``: GAM and its variants, the Transformer,
+Mamba, and families added to the registry later).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -37,29 +40,30 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from gam.errors import EXIT_INTERRUPTED, one_line
 from gam.files import default_mode, mkdtemp_default_mode
-from gam.hf.configuration_gam import HF_MODEL_NAMES
+from gam.hf.configuration_gam import AUTO_MAP, HF_MODEL_NAMES, REMOTE_CODE
 from gam.hf.modeling_gam import GAMForCausalLM
 from gam.models.io import MODEL_JSON, CheckpointError, load_model_config, load_pretrained
 from gam.models.registry import count_parameters
-from gam.training.rundir import TOKENIZER_FILE, check_run_files, read_run_config_if_any
+from gam.training.metrics import read_metrics
+from gam.training.rundir import (
+    METRICS_FILE,
+    TOKENIZER_FILE,
+    check_run_files,
+    read_run_config_if_any,
+)
 
-# trust_remote_code entry points: transformers imports these files from the folder and takes the
-# classes named in auto_map; they re-export the installed package's classes, so a folder loaded
-# either way gives the same classes (and transformers names `gam` as the package to install).
-_REMOTE_CODE_NOTE = ("Entry point for AutoModel*.from_pretrained(..., trust_remote_code=True), "
-                     "written by `gam export`.\nNeeds the gam package: pip install 'gam[hf]'.")
-REMOTE_CODE: dict[str, str] = {
-    "configuration_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
-                            "from gam.hf.configuration_gam import GAMHFConfig\n\n"
-                            '__all__ = ["GAMHFConfig"]\n',
-    "modeling_gam.py": f'"""{_REMOTE_CODE_NOTE}"""\n\n'
-                       "from gam.hf.modeling_gam import GAMForCausalLM, GAMModel\n\n"
-                       '__all__ = ["GAMForCausalLM", "GAMModel"]\n',
-}
-AUTO_MAP: dict[str, str] = {
-    "AutoConfig": "configuration_gam.GAMHFConfig",
-    "AutoModel": "modeling_gam.GAMModel",
-    "AutoModelForCausalLM": "modeling_gam.GAMForCausalLM",
+__all__ = ["AUTO_MAP", "REMOTE_CODE", "build_tokenizer", "export_run", "main"]
+
+#: The tokenizer class every supported transformers reads from tokenizer_config.json
+#: (transformers 5 writes its own name, TokenizersBackend, which 4.x does not have).
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+#: Hub id and license of the corpora gam trains on (gam.data.KNOWN_CORPORA), for the card.
+CORPUS_CARDS: dict[str, tuple[str | None, str]] = {
+    "wikitext2": ("Salesforce/wikitext", "cc-by-sa-3.0"),
+    "wikitext2-tokens": ("Salesforce/wikitext", "cc-by-sa-3.0"),
+    "tinystories": ("roneneldan/TinyStories", "cdla-sharing-1.0"),
+    "austen": (None, "public domain (Jane Austen's novels)"),
 }
 
 # Special tokens of the two tokenizer kinds of gam.data.tokenizer.
@@ -111,41 +115,112 @@ def build_tokenizer(tokenizer_path: str | Path, kind: str | None = None,
                                    clean_up_tokenization_spaces=False, **kwargs)
 
 
-def _model_card(name: str, run_dir: Path, model: GAMForCausalLM, kind: str) -> str:
-    c = model.config
-    params = count_parameters(model.gam)["total"]
-    return f"""---
-library_name: transformers
-tags: [gam, gated-associative-memory, causal-lm]
----
-# {name} (Gated Associative Memory)
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | os.PathLike[str]) -> None:
+    """``tokenizer.save_pretrained(folder)`` with ``tokenizer_class`` set to a class every
+    supported transformers has (``TOKENIZER_CLASS``), so a folder written under one release
+    loads its tokenizer under the others, and without asking to run remote code."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    values = json.loads(path.read_text())
+    values["tokenizer_class"] = TOKENIZER_CLASS
+    values.pop("auto_map", None)
+    path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
-GAM language model (arXiv 2509.00605) exported from the `gam` run `{run_dir.name}`:
-{params:,} parameters, d_model {c.d_model}, {c.n_layers} layers, {c.num_memory_slots} memory
-slots, conv kernel {c.conv_kernel_size}, context {c.max_seq_len} tokens, {kind} BPE tokenizer
-(vocab {c.vocab_size}).
+
+def _card_scores(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's evaluation records (validation loss / perplexity), oldest first."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    try:
+        return read_metrics(path, kind="eval")
+    except ValueError:  # a damaged metrics file: the card just has no scores
+        return []
+
+
+def _model_card(name: str, run_dir: Path, out_dir: Path, model: GAMForCausalLM, kind: str,
+                run_config: dict[str, Any]) -> str:
+    """README.md: hub metadata (license, datasets, pipeline_tag), the family and size, the
+    training data and its license, the recipe (the run's settings), the run's validation
+    scores and code that loads this folder."""
+    c = model.config
+    params = count_parameters(model.gam)
+    dataset = (run_config.get("data") or {}).get("dataset")
+    hub_id, data_license = CORPUS_CARDS.get(dataset, (None, "unknown")) if dataset \
+        else (None, "unknown")
+    meta = ["library_name: transformers", "pipeline_tag: text-generation",
+            "license: apache-2.0", f"tags: [gam, {name}, causal-lm]"]
+    if hub_id:
+        meta.append(f"datasets: [{hub_id}]")
+    data_line = (f"`{dataset}` ({hub_id or 'not on the hub'}; license: {data_license})"
+                 if dataset else "not recorded (the run directory has no run config)")
+    # "preset": the name runs recorded before "model_preset"
+    recipe = {k: run_config[k] for k in ("model", "model_preset", "preset", "model_overrides",
+                                         "data", "tokenizer", "train", "seed") if k in run_config}
+    scores = _card_scores(run_dir)
+    if scores:
+        last = scores[-1]
+        score_lines = "\n".join(
+            f"| {r.get('step')} | {r.get('epoch')} | {r.get('val_loss', float('nan')):.4f} | "
+            f"{r.get('val_ppl', float('nan')):.2f} |" for r in scores[-5:])
+        score_text = (f"Validation of the run (its last {min(len(scores), 5)} evaluations; "
+                      f"final perplexity {last.get('val_ppl', float('nan')):.2f}):\n\n"
+                      f"| step | epoch | val loss | val ppl |\n|---:|---:|---:|---:|\n"
+                      f"{score_lines}")
+    else:
+        score_text = "The run directory holds no evaluation records (metrics.jsonl)."
+    path = str(out_dir)
+    return f"""---
+{chr(10).join(meta)}
+---
+# {out_dir.name}: `{name}` language model
+
+A `{name}` model of the [gam](https://arxiv.org/abs/2509.00605) library, exported from the `gam`
+run `{run_dir.name}`: {params['total']:,} parameters ({params['non_embedding']:,} without
+the embeddings), d_model {c.d_model}, {c.n_layers} layers, context {c.max_seq_len} tokens,
+{kind} BPE tokenizer (vocab {c.vocab_size}). The code (the `gam` package) is Apache-2.0.
+
+## Training data
+
+{data_line}.
+
+## Recipe
+
+The run's settings (`config.json` of the run; `gam train` reproduces it):
+
+```json
+{json.dumps(recipe, indent=1, sort_keys=True)}
+```
+
+## Evaluation
+
+{score_text}
+
+## Use
 
 ```python
 import gam.hf  # registers the "gam" model type (pip install 'gam[hf]')
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-tokenizer = AutoTokenizer.from_pretrained("PATH")
-model = AutoModelForCausalLM.from_pretrained("PATH")
-print(pipeline("text-generation", model=model, tokenizer=tokenizer)("Hello", max_new_tokens=20))
+tokenizer = AutoTokenizer.from_pretrained("{path}")
+model = AutoModelForCausalLM.from_pretrained("{path}")
+print(pipeline("text-generation", model=model, tokenizer=tokenizer)("Hello"))
 ```
 
-Without `import gam.hf` (e.g. from tools that only know transformers), load it as remote code;
-the folder's `modeling_gam.py` imports the installed `gam` package:
+Without `import gam.hf` (tools that only know transformers), load it as remote code; the
+folder's `modeling_gam.py` imports the installed `gam` package:
 
 ```python
-model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
 ```
 
 ```bash
-lm_eval --model hf --model_args pretrained=PATH,trust_remote_code=True --tasks TASK
+lm_eval --model hf --model_args pretrained={path},trust_remote_code=True --tasks TASK
 ```
 
-Prompt plus generated tokens must fit in {c.max_seq_len} positions (learned position embeddings).
+Context: prompt plus generated tokens must fit in {c.max_seq_len} positions; the generation
+config's `max_length` is {c.max_seq_len}, so `generate` and `pipeline` stop there by default,
+and asking for more (`max_new_tokens` past it) is a clear error.
 """
 
 
@@ -154,14 +229,14 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     """Convert the ``gam train`` run in ``run_dir`` to a Hugging Face folder ``out_dir``.
 
     Writes the model (safetensors, tied head stored once, ``auto_map`` for remote code), its
-    generation config (token ids only: a ``max_length`` there would clash with every
-    ``generate(max_new_tokens=...)``), the remote-code entry points, the tokenizer and a
-    README. The folder is written next to ``out_dir`` first and moved into place at the end,
+    generation config (token ids, and ``max_length`` = the context), the remote-code entry
+    points, the tokenizer (``tokenizer_class`` ``PreTrainedTokenizerFast``) and a model card.
+    The folder is written next to ``out_dir`` first and moved into place at the end,
     so a failed export leaves no partial folder. An existing non-empty ``out_dir`` is refused
     unless ``overwrite`` (its files of the same names are then replaced).
 
     Raises ``FileNotFoundError`` (missing run dir or tokenizer), ``CheckpointError``
-    (missing/corrupted weights), ``ValueError`` (not a GAM model, inconsistent tokenizer) and
+    (missing/corrupted weights), ``ValueError`` (an unknown family, inconsistent tokenizer) and
     ``FileExistsError`` (non-empty ``out_dir``).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -184,8 +259,8 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         check_run_files(run_dir, run_config)
     name, _ = load_model_config(run_dir)
     if name not in HF_MODEL_NAMES:
-        raise ValueError(f"{run_dir} holds a {name!r} model; gam export converts GAM models only "
-                         f"({', '.join(HF_MODEL_NAMES)})")
+        raise ValueError(f"{run_dir} holds a {name!r} model, which this gam does not know "
+                         f"(registered: {', '.join(HF_MODEL_NAMES)})")
     lm = load_pretrained(run_dir).float().eval()
 
     tok_path = run_dir / TOKENIZER_FILE
@@ -202,17 +277,18 @@ def export_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     # tokenizer_class: lets pipeline() of transformers 4 find the tokenizer of a model type that
     # AutoTokenizer does not know
     model = GAMForCausalLM.from_gam(lm, tokenizer_class="PreTrainedTokenizerFast", **ids)
-    model.generation_config = GenerationConfig(**ids)
+    # max_length: the context, so that generate() and pipeline() stop within it by default
+    # (an explicit max_new_tokens takes precedence)
+    model.generation_config = GenerationConfig(max_length=lm.config.max_seq_len, **ids)
     model.config.auto_map = dict(AUTO_MAP)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = mkdtemp_default_mode(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(name, run_dir, model, kind))
-        for filename, source in REMOTE_CODE.items():
-            (tmp / filename).write_text(source)
+        model.save_pretrained(tmp)  # with the remote-code entry points
+        save_tokenizer(tokenizer, tmp)
+        (tmp / "README.md").write_text(_model_card(name, run_dir, out_dir, model, kind,
+                                                   run_config))
         for item in tmp.rglob("*"):  # safetensors writes 0600 whatever the umask
             os.chmod(item, default_mode(item.is_dir()))
         if not out_dir.exists():
@@ -234,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``gam export RUN_DIR OUT_DIR [--overwrite]``; returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="gam export",
-        description="Convert a `gam train` run directory (GAM models) to a Hugging Face folder "
-                    "loadable with AutoModelForCausalLM / AutoTokenizer / pipeline after "
-                    "`import gam.hf`.")
+        description="Convert a `gam train` run directory (any model family) to a Hugging Face "
+                    "folder loadable with AutoModelForCausalLM / AutoTokenizer / pipeline after "
+                    "`import gam.hf`, or with trust_remote_code=True.")
     parser.add_argument("run_dir", help="the run directory (model.json, model.safetensors, "
                                         "tokenizer.json, config.json)")
     parser.add_argument("out_dir", help="the Hugging Face folder to write")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gam.cli import main, parse_model_arg, stream_text
+from gam.cli import main, stream_text
 from gam.training import find_checkpoint, read_metrics
+from gam.training.argtypes import parse_model_arg
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,6 @@
 """The ``gam`` command: train, evaluate, sample from, benchmark and export language models.
 
-    gam train --model gam --preset cpu-small --dataset wikitext2 --data-dir DATA
+    gam train --model gam --model-preset cpu-small --dataset wikitext2 --data-dir DATA
     gam train --resume runs/gam-wikitext2-20250101-120000
     gam eval RUN_DIR [--split test]
     gam generate RUN_DIR --prompt "The history of" --max-new-tokens 100
@@ -46,7 +46,6 @@ from gam.training import (
     RuntimeOptions,
     TrainConfig,
     TrainingDivergedError,
-    default_run_dir,
     evaluate_run,
     load_run,
     resume,
@@ -56,13 +55,12 @@ from gam.training.argtypes import nonneg_int as _nonneg_int
 from gam.training.argtypes import number as _number
 from gam.training.argtypes import (
     output_folder,
-    parse_model_arg,
     seed,
     thread_count,
     utf8_text,
 )
 from gam.training.argtypes import positive_int as _positive_int
-from gam.training.config import RunConfig
+from gam.training.config import DEVICES, DTYPES, RunConfig
 from gam.training.options import (
     add_setting_arguments,
     format_default,
@@ -71,16 +69,16 @@ from gam.training.options import (
     run_settings,
     setting_key,
 )
+from gam.training.rundir import default_run_dir
 
-__all__ = ["PROG", "build_parser", "build_run_config", "main", "parse_model_arg",
-           "stream_text"]
+__all__ = ["PROG", "build_parser", "build_run_config", "main", "stream_text"]
 
 PROG = "gam"
 EXIT_DIVERGED = 3
 
-# train options that --resume accepts (how to run, not what: RuntimeOptions); everything else is
-# the run's own
-RESUME_OPTIONS = {setting_key(f) for f in fields(RuntimeOptions)}
+# train options that --resume accepts (how to run, not what: RuntimeOptions, and where the data
+# lives now); everything else is the run's own
+RESUME_OPTIONS = {setting_key(f) for f in fields(RuntimeOptions)} | {"data_dir"}
 # ... and what may change the run's length (extend a finished run)
 RESUME_LENGTH_OPTIONS = {"max_steps", "epochs"}
 
@@ -190,9 +188,9 @@ def _add_eval(sub: Any) -> None:
                       help="first N rows of the split (default: as in training)")
     rows.add_argument("--all-rows", action="store_true",
                       help="the whole split (default: off, the row limit of training)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
                    help="fp32 (default); bf16 / fp16: autocast (fp16 on CUDA only)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default) = cuda if available, else cpu")
     p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
@@ -221,7 +219,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--seed", type=seed, default=None, help="sampling seed (default: random)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="keep going after the end-of-text token (default: stop there)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=DEVICES, default="auto",
                    help="auto (default) = cuda if available, else cpu")
     p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: torch's, one per core)")
@@ -298,15 +296,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume continues {args.resume} with its saved settings; these "
                              f"options cannot be changed: {flags} (only the run's length, with "
                              f"--max-steps or --epochs)")
-        result = resume(args.resume, options, max_steps=args.max_steps, epochs=args.epochs)
+        result = resume(args.resume, options, max_steps=args.max_steps, epochs=args.epochs,
+                        data_dir=args.data_dir)
     else:
         run = build_run_config(args)
         if run.data.dataset.startswith("text:") and run.data.dataset[5:]:
             # recorded absolute, so that eval / resume work from any directory
             run.data.dataset = "text:" + str(Path(run.data.dataset[5:]).expanduser().resolve())
-        if args.data_dir is not None:
-            run.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
-        options.data_dir = None
+        run = run.with_data_dir(args.data_dir)
         out = args.out or default_run_dir(run.model, run.data.dataset)
         result = train(run, out, options)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -4,36 +4,40 @@ import math
 import pytest
 import torch
 
-from gam.bench import COMMANDS, common, main
+from gam.bench import COMMANDS, main
+from gam.bench.environment import environment
+from gam.bench.measure import MemoryMeter, loglog_fit
+from gam.bench.reports import fmt, markdown_table, write_results
+from gam.runtime import resolve_device
 
 
 def test_loglog_fit_recovers_known_exponent():
     xs = [256, 512, 1024, 2048, 4096]
-    slope, intercept = common.loglog_fit(xs, [3.0 * x ** 1.7 for x in xs])
+    slope, intercept = loglog_fit(xs, [3.0 * x ** 1.7 for x in xs])
     assert slope == pytest.approx(1.7, abs=1e-9)
     assert intercept == pytest.approx(math.log(3.0), abs=1e-9)
     # multiplicative noise that is symmetric around the line leaves the slope unchanged
     noisy = [3.0 * x ** 1.3 * (1.1 if i % 2 else 1 / 1.1) for i, x in enumerate(xs[:4])]
-    assert common.loglog_fit(xs[:4], noisy)[0] == pytest.approx(1.3, abs=0.15)
+    assert loglog_fit(xs[:4], noisy)[0] == pytest.approx(1.3, abs=0.15)
 
 
 def test_loglog_fit_needs_two_points():
-    assert common.loglog_fit([256], [1.0]) is None
-    assert common.loglog_fit([256, 512], [1.0, None]) is None
-    assert common.loglog_fit([], []) is None
+    assert loglog_fit([256], [1.0]) is None
+    assert loglog_fit([256, 512], [1.0, None]) is None
+    assert loglog_fit([], []) is None
 
 
 def test_markdown_table_and_strict_json(tmp_path):
-    table = common.markdown_table(["a", "b"], [[1, common.fmt(2.345, 2)], ["x", common.fmt(None)]])
+    table = markdown_table(["a", "b"], [[1, fmt(2.345, 2)], ["x", fmt(None)]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 2.35 |", "| x | - |"]
-    out = common.write_results(tmp_path, {"x": float("nan"), "y": [float("inf"), 1.0]}, "# t")
+    out = write_results(tmp_path, {"x": float("nan"), "y": [float("inf"), 1.0]}, "# t")
     text = (out / "results.json").read_text()
     assert "NaN" not in text and '"x": null' in text
     assert (out / "results.md").read_text() == "# t\n"
 
 
 def test_memory_meter_sees_a_large_allocation():
-    meter = common.MemoryMeter("cpu")
+    meter = MemoryMeter("cpu")
     meter.start()
     x = torch.ones(16 * 2**20)  # 64 MB, touched
     grown = meter.growth_bytes()
@@ -42,18 +46,18 @@ def test_memory_meter_sees_a_large_allocation():
 
 
 def test_environment_fields():
-    env = common.environment(torch.device("cpu"), 1)
+    env = environment(torch.device("cpu"), 1)
     assert env["threads"] == 1 and env["device"] == "cpu"
     assert env["torch"] == torch.__version__
     assert isinstance(env["cpu_model"], str) and env["cpu_model"]
 
 
 def test_device_resolution():
-    assert common.resolve_device("cpu").type == "cpu"
+    assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
-        assert common.resolve_device("auto").type == "cpu"
+        assert resolve_device("auto").type == "cpu"
         with pytest.raises(ValueError):
-            common.resolve_device("cuda")
+            resolve_device("cuda")
 
 
 def test_dispatcher_lists_commands(capsys):

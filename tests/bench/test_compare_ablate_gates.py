@@ -8,6 +8,7 @@ hub and matplotlib's Agg backend. The corpus is a small synthetic text written b
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -359,3 +360,18 @@ def test_an_overridden_protocol_says_so_in_its_description():
     assert "400 optimizer steps" in cpu.description  # the preset's own budget ...
     assert "this run overrides epochs=2, max_steps=None" in longer.description  # ... qualified
     assert "overrides epochs=2" in protocol_markdown(longer, [0])
+
+
+def test_the_overridable_settings_are_those_with_an_override_text():
+    from dataclasses import fields
+
+    from gam.bench.protocols import OVERRIDABLE, add_protocol_arguments
+    from gam.training.config import DataConfig, RunConfig, TokenizerConfig, TrainConfig
+    from gam.training.options import setting_key
+
+    marked = {setting_key(f) for cls in (RunConfig, DataConfig, TokenizerConfig, TrainConfig)
+              for f in fields(cls) if f.metadata.get("override")}
+    assert set(OVERRIDABLE) == marked - {"passkey_mix"}
+    parser = argparse.ArgumentParser()
+    add_protocol_arguments(parser)
+    assert {a.dest for a in parser._actions} >= set(OVERRIDABLE)

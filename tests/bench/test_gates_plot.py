@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from gam.bench import common, gates
+from gam.bench import gates, reports
 
 
 def test_evolution_plot_has_one_panel_per_path(tmp_path, monkeypatch, check):
     figures = []
-    new_figure = common.new_figure
+    new_figure = reports.new_figure
 
     def spy(*args, **kwargs):
         fig, axes = new_figure(*args, **kwargs)
         figures.append((fig, axes))
         return fig, axes
 
-    monkeypatch.setattr(common, "new_figure", spy)
+    monkeypatch.setattr(gates, "new_figure", spy)
     evo = [{"step": s, "gates": [{"layer": i, "local_mean": 0.5, "global_mean": 0.5}
                                  for i in range(2)]} for s in (10, 20, 30)]
     path = gates.plot_evolution({"evolution": evo}, tmp_path / "evo.png", "t")

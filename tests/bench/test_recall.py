@@ -5,17 +5,16 @@ import pytest
 import torch
 
 from gam.bench import main
-from gam.bench.recall import (
-    IGNORE_INDEX,
+from gam.bench.recall_protocol import (
     TEXTBOOK,
     Protocol,
     build_recall_model,
-    choose_lr,
-    make_mqar_batch,
     parse_variant,
     protocol_key,
-    query_distances,
 )
+from gam.bench.recall_report import choose_lr
+from gam.constants import IGNORE_INDEX
+from gam.data.mqar import make_mqar_batch, query_distances
 from gam.files import hold_lock
 from gam.models.lm import LMConfig
 
@@ -233,13 +232,13 @@ def test_textbook_transformer_is_causal_untied_and_unit_scale():
 def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monkeypatch, name):
     from dataclasses import replace
 
-    import gam.bench.recall as recall
+    import gam.bench.recall_training as recall_training
 
     p = replace(PROTOCOL, steps=12, eval_every=4, target_accuracy=1.01)
     args = (name, {}, 32, [2, 4], 3e-3, p, 0, torch.device("cpu"))
-    whole = recall.train_config(*args, log=lambda _: None)
+    whole = recall_training.train_config(*args, log=lambda _: None)
     checkpoint, key = tmp_path / "c.ckpt", {"any": "key"}
-    real_step, calls = recall.train_step, []
+    real_step, calls = recall_training.train_step, []
 
     def interrupted(*a, **k):  # the process dies during step 10
         calls.append(1)
@@ -247,13 +246,13 @@ def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monk
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
-    monkeypatch.setattr(recall, "train_step", interrupted)
+    monkeypatch.setattr(recall_training, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        recall.train_config(*args, log=lambda _: None, checkpoint=checkpoint, key=key)
+        recall_training.train_config(*args, log=lambda _: None, checkpoint=checkpoint, key=key)
     assert torch.load(checkpoint, weights_only=True)["step"] == 8  # the last validation
-    monkeypatch.setattr(recall, "train_step", real_step)
+    monkeypatch.setattr(recall_training, "train_step", real_step)
     lines = []
-    resumed = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key=key)
+    resumed = recall_training.train_config(*args, log=lines.append, checkpoint=checkpoint, key=key)
     assert "resumed at step 8" in lines[0]
     def numbers(result):  # everything but the timings
         return (result["steps"], result["final_loss"], result["pairs"],
@@ -262,7 +261,8 @@ def test_an_interrupted_configuration_resumes_to_the_same_numbers(tmp_path, monk
 
     assert numbers(resumed) == numbers(whole)
     # another configuration's checkpoint is not taken for this one's
-    other = recall.train_config(*args, log=lines.append, checkpoint=checkpoint, key={"other": 1})
+    other = recall_training.train_config(*args, log=lines.append, checkpoint=checkpoint,
+                                         key={"other": 1})
     assert numbers(other) == numbers(whole) and "resumed" not in lines[-1]
 
 
@@ -280,31 +280,32 @@ def test_report_only_trains_nothing_and_lists_what_is_missing(out_dir, check):
 
 
 def test_mix_trains_shorter_cases_beside_and_keeps_older_keys(out_dir, check, monkeypatch):
-    import gam.bench.recall as recall
+    import gam.bench.recall_protocol as recall_protocol
+    import gam.bench.recall_training as recall_training
 
     p = replace(PROTOCOL, mix=((16, 2), (64, 4), (16, 1)))
     # only the cases shorter than the configuration's length, one entry per length
-    assert recall.mix_for_length(32, p) == [[16, [1, 2]]]
-    assert recall.mix_for_length(128, p) == [[16, [1, 2]], [64, [4]]]
-    assert recall.mix_for_length(16, p) == []
+    assert recall_protocol.mix_for_length(32, p) == [[16, [1, 2]]]
+    assert recall_protocol.mix_for_length(128, p) == [[16, [1, 2]], [64, [4]]]
+    assert recall_protocol.mix_for_length(16, p) == []
     assert "mix" not in protocol_key(p)  # a configuration's key carries its own mix
-    assert recall.parse_mix_case("64:4") == (64, 4)
+    assert recall_protocol.parse_mix_case("64:4") == (64, 4)
     for bad in ("64", "64:x", "16:4", "8:0"):
         with pytest.raises(Exception, match="64:4|pairs"):
-            recall.parse_mix_case(bad)
+            recall_protocol.parse_mix_case(bad)
     lengths = []
-    real_step = recall.train_step
+    real_step = recall_training.train_step
 
     def spy(model, optimizer, xs, ys, **kw):
         lengths.append([x.shape[1] for x in xs])
         return real_step(model, optimizer, xs, ys, **kw)
 
-    monkeypatch.setattr(recall, "train_step", spy)
-    recall.train_config("transformer", {}, 32, [2, 4], 3e-3, replace(p, steps=2), 0,
+    monkeypatch.setattr(recall_training, "train_step", spy)
+    recall_training.train_config("transformer", {}, 32, [2, 4], 3e-3, replace(p, steps=2), 0,
                         torch.device("cpu"), log=lambda _: None,
-                        mix=recall.mix_for_length(32, p))
+                        mix=recall_protocol.mix_for_length(32, p))
     assert lengths == [[32, 16], [32, 16]]  # its own batch, then the shorter one, every step
-    monkeypatch.setattr(recall, "train_step", real_step)
+    monkeypatch.setattr(recall_training, "train_step", real_step)
     # through the command: a mixture is its own configuration; without one the key is the
     # one older runs have (no "mix" entry), so their results are reused
     args = ["--models", "transformer", "--lrs", "1e-2", "--steps", "2"]

@@ -69,7 +69,7 @@ def test_fit_rows_on_synthetic_runs():
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_scale_runs_the_block_under_the_asked_dtype(dtype, monkeypatch):
     """The worker's forward runs under bf16 autocast for --dtype bf16, and not for fp32."""
-    from gam.bench import common, scale
+    from gam.bench import scale
 
     seen, emitted = [], []
     real_build = scale.build_block
@@ -81,8 +81,8 @@ def test_scale_runs_the_block_under_the_asked_dtype(dtype, monkeypatch):
         return block, dim
 
     monkeypatch.setattr(scale, "build_block", recording_build)
-    monkeypatch.setattr(common, "emit", emitted.append)
-    monkeypatch.setattr(common, "limit_address_space", lambda _: None)
+    monkeypatch.setattr(scale, "emit", emitted.append)
+    monkeypatch.setattr(scale, "limit_address_space", lambda _: None)
     scale._worker({"model": "gam", "preset": "tiny", "seq_len": 32, "batch_size": 1,
                    "device": "cpu", "warmup": 0, "repeats": 1, "dtype": dtype})
     assert seen and all(flag == (dtype == "bf16") for flag in seen)

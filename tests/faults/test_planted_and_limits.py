@@ -69,26 +69,27 @@ class _Planted:
 
 @pytest.mark.parametrize("how", ["pickle", "torch.save"])
 def test_a_planted_pickle_in_a_recall_checkpoint_never_runs(tmp_path, how):
-    from gam.bench import recall
+    from gam.bench import recall_training
 
     marker, ckpt = tmp_path / "ran", tmp_path / "cfg.ckpt"
-    payload = {"key": recall._key_text({"k": 1}), "step": 3, "evil": _Planted(marker)}
+    payload = {"key": recall_training.key_text({"k": 1}), "step": 3, "evil": _Planted(marker)}
     if how == "pickle":
         ckpt.write_bytes(pickle.dumps(payload))
     else:
         torch.save(payload, ckpt)
-    assert recall._load_checkpoint(ckpt, {"k": 1}) is None  # refused: not plain data
+    assert recall_training.load_checkpoint(ckpt, {"k": 1}) is None  # refused: not plain data
     assert not marker.exists()
 
 
 def test_recall_checkpoints_round_trip_as_plain_data_and_check_their_key(tmp_path):
-    from gam.bench import recall
+    from gam.bench import recall_training
 
     ckpt = tmp_path / "cfg.ckpt"
     key = {"model": "gam", "pairs": (4, 8), "lr": 3e-3}
-    recall._save_checkpoint(ckpt, {"key": key, "step": 8, "w": torch.ones(2)})
-    assert recall._load_checkpoint(ckpt, {**key, "pairs": [4, 8]})["step"] == 8
-    assert recall._load_checkpoint(ckpt, {**key, "lr": 1e-2}) is None  # another configuration
+    recall_training.save_checkpoint(ckpt, {"key": key, "step": 8, "w": torch.ones(2)})
+    assert recall_training.load_checkpoint(ckpt, {**key, "pairs": [4, 8]})["step"] == 8
+    # another configuration's
+    assert recall_training.load_checkpoint(ckpt, {**key, "lr": 1e-2}) is None
 
 
 def test_nothing_in_src_unpickles_a_file():

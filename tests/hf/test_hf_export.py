@@ -136,6 +136,7 @@ def test_a_card_names_the_data_its_license_and_the_runs_scores(make_run, tmp_pat
     run_dir = make_run(tmp_path, "gam-delta")
     config = json.loads((run_dir / "config.json").read_text())
     config["data"] = {"dataset": "wikitext2"}
+    config["model_preset"] = "tiny"  # as gam train records the size preset
     (run_dir / "config.json").write_text(json.dumps(config))
     records = [{"kind": "eval", "step": s, "epoch": 1, "val_loss": 5.0 - s / 100,
                 "val_ppl": 150.0 - s} for s in (10, 20)]
@@ -144,6 +145,7 @@ def test_a_card_names_the_data_its_license_and_the_runs_scores(make_run, tmp_pat
     assert "datasets: [Salesforce/wikitext]" in card and "cc-by-sa-3.0" in card
     assert "`gam-delta`" in card and "130.00" in card and '"dataset": "wikitext2"' in card
     assert "GAM language model" not in card
+    assert '"model_preset": "tiny"' in card
 
 
 def test_cli_main(run_dir, tmp_path, capsys):

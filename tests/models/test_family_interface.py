@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gam import build_model, receptive_field
-from gam.models.lm import (
+from gam.models.blocks import (
     block_decode_state_bytes,
     block_gate_paths,
     block_mixing_flops,

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from gam import build_model, count_parameters, load_pretrained, receptive_field, save_pretrained
+from gam.models.blocks import SwiGLU
 from gam.models.gated_deltanet import (
     GatedDeltaNetBlock,
     GatedDeltaNetConfig,
     GatedDeltaNetLM,
     GatedDeltaNetState,
 )
-from gam.models.lm import SwiGLU
 from gam.models.ops.delta_memory import gated_log_decay
 from gam.models.registry import model_config
 

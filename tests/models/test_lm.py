@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gam import build_model
-from gam.models.lm import sample_next_token
+from gam.models.sampling import sample_next_token
 
 HAS_MAMBA = importlib.util.find_spec("gam.models.mamba") is not None
 FAMILIES = ["gam", "gam-global-only", "gam-sum", "gam-local-only", "transformer",

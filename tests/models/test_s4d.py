@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gam import build_model, count_parameters
-from gam.models.lm import block_decode_state_bytes, block_mixing_flops
+from gam.models.blocks import block_decode_state_bytes, block_mixing_flops
 from gam.models.ops.s4d_kernel import fft_conv_flops
 from gam.models.registry import model_config
 from gam.models.s4d import S4DLM

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from gam import build_model, count_parameters, load_pretrained, save_pretrained
 from gam.cli import main as cli_main
-from gam.models.lm import block_decode_state_bytes
+from gam.models.blocks import SwiGLU, block_decode_state_bytes
 from gam.models.ops.rotary import apply_rotary_reference
 from gam.models.registry import model_config
 from gam.models.transformer_pp import (
-    SwiGLU,
     TransformerPPBlock,
     TransformerPPConfig,
     TransformerPPLM,

@@ -154,3 +154,33 @@ def test_run_files_get_the_umask_mode(trained_run):
                  ckpt / "state.json", ckpt / "optimizer.pt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
     assert stat.S_IMODE(ckpt.stat().st_mode) == 0o777 & ~mask
+
+
+def _rename_key(path: Path, outer: str | None, old: str, new: str) -> None:
+    values = json.loads(path.read_text())
+    holder = values if outer is None else values[outer]
+    holder[old] = holder.pop(new)
+    path.write_text(json.dumps(values))
+
+
+def test_a_run_written_under_the_old_setting_name_loads_and_resumes(short_run, tmp_path, capsys):
+    """Runs written when ``model_preset`` was called ``preset`` (config.json and the
+    checkpoint's recorded settings) still load and resume."""
+    run = tmp_path / "old-names"
+    shutil.copytree(short_run, run)
+    _rename_key(run / "config.json", None, "preset", "model_preset")
+    _rename_key(find_checkpoint(run) / "state.json", "settings", "preset", "model_preset")
+    model, _, config = load_run(run)
+    assert config["preset"] == "tiny"
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "6",
+                 "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 6 and summary["resumed_from"] == 4
+    assert json.loads((run / "config.json").read_text())["model_preset"] == "tiny"
+
+
+def test_the_old_preset_option_still_works():
+    from gam.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--out", "x"])
+    assert args.model_preset == "tiny"

@@ -26,10 +26,10 @@ def test_run_directory_contents(trained_run):
             "tokenizer.json", "checkpoint"} <= names
 
     config = json.loads((trained_run / "config.json").read_text())
-    for key in ("model", "preset", "model_config", "data", "tokenizer", "train", "gam_version",
-                "torch_version"):
+    for key in ("model", "model_preset", "model_config", "data", "tokenizer", "train",
+                "gam_version", "torch_version"):
         assert key in config
-    assert config["model"] == "gam" and config["preset"] == "tiny"
+    assert config["model"] == "gam" and config["model_preset"] == "tiny"
     assert config["model_config"]["vocab_size"] == 512
     assert config["model_config"]["dropout"] == 0.1
     assert config["data"]["dataset"] == "wikitext2" and config["data"]["seq_len"] == 64

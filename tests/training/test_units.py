@@ -100,7 +100,7 @@ def test_train_config_rejects_bad_numbers(kwargs, message):
 
 
 def test_run_config_round_trip():
-    run = RunConfig(model="transformer", preset="tiny", model_overrides={"dropout": 0.0},
+    run = RunConfig(model="transformer", model_preset="tiny", model_overrides={"dropout": 0.0},
                     data=DataConfig("austen", max_train_rows=10),
                     train=TrainConfig(batch_size=4, betas=(0.8, 0.9)))
     back = RunConfig.from_dict(json.loads(json.dumps(run.to_dict())))
@@ -202,3 +202,17 @@ def test_train_step_takes_micro_batches_of_different_lengths():
         train_step(model, optimizer, [x1, x2], [x1])
     with pytest.raises(ValueError, match="micro-batch lists"):
         train_step(model, optimizer, [x1], [x1], grad_accum=2)
+
+
+def test_data_dir_has_one_home_and_resolving_it_changes_no_input(tmp_path, monkeypatch):
+    from dataclasses import fields
+
+    from gam.training.config import RuntimeOptions
+
+    assert "data_dir" not in {f.name for f in fields(RuntimeOptions)}
+    monkeypatch.chdir(tmp_path)
+    run = RunConfig(model="gam", model_preset="tiny")
+    moved = run.with_data_dir("data")
+    assert moved.data.data_dir == str(tmp_path / "data")
+    assert run.data.data_dir is None and moved.train is run.train
+    assert run.with_data_dir(None) is run

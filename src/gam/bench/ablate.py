@@ -21,11 +21,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gam.bench import common
 from gam.bench import training_bench as tb
 from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
-from gam.bench.runs import RunSpec, dataset_slug
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
+from gam.bench.runs import RunSpec
 from gam.models.registry import model_config
+from gam.training.rundir import dataset_slug
 
 DEFAULT_VARIANTS = ["gam", "gam-global-only", "gam-sum", "gam-local-only"]
 
@@ -100,7 +101,7 @@ def plot_slots(sweep: list[dict[str, Any]], path: Path, dataset: str) -> Path | 
     points = [s for s in sweep if s.get("val_ppl_mean") is not None]
     if not points:
         return None
-    fig, (ax,) = common.new_figure()
+    fig, (ax,) = new_figure()
     xs = [p["slots"] for p in points]
     ys = [p["val_ppl_mean"] for p in points]
     errs = [p["val_ppl_std"] or 0.0 for p in points]
@@ -137,17 +138,17 @@ def build_markdown(results: dict[str, Any]) -> str:
         at_paper = ours_paper.get(v) or {}
         rows.append([
             v, PAPER_TABLE3["labels"].get(v, ""), tb.fmt_params(s["params_total"]),
-            tb.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
+            tb.fmt_params(s["params_non_embedding"]), fmt(s.get("steps")),
             tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1)
             + (" (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""),
-            common.fmt(s["tokens_per_s_mean"], 0),
+            fmt(s["tokens_per_s_mean"], 0),
             tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
             tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), tb.seeds_cell(s),
             tb.fmt_params(at_paper.get("total")),
             f"{paper[v]:.1f}M" if v in paper else "-",
         ])
     if rows:
-        lines.append(common.markdown_table(
+        lines.append(markdown_table(
             ["variant", "", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "params at paper size (ours)", "paper params"],
             rows))
@@ -155,12 +156,12 @@ def build_markdown(results: dict[str, Any]) -> str:
     sweep = results.get("slots_sweep") or []
     if sweep:
         lines += ["", "## Memory slots (full model)", "",
-                  common.markdown_table(
+                  markdown_table(
                       ["slots", "run", "params", "s / epoch", "tokens/s", "val loss", "val ppl",
                        "seeds"],
                       [[p["slots"], p["model"], tb.fmt_params(p["params_total"]),
                         tb.fmt_pm(p["epoch_time_s_mean"], p["epoch_time_s_std"], 1),
-                        common.fmt(p["tokens_per_s_mean"], 0),
+                        fmt(p["tokens_per_s_mean"], 0),
                         tb.fmt_pm(p["val_loss_mean"], p["val_loss_std"], 4),
                         tb.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), tb.seeds_cell(p)]
                        for p in sweep]),
@@ -171,7 +172,7 @@ def build_markdown(results: dict[str, Any]) -> str:
     lines += ["Mean ± sample std over seeds. Paper params: "
               f"{PAPER_TABLE3['source']}; the paper's ablation perplexities are not recorded "
               "here. 'params at paper size (ours)': our implementation at the paper preset.", "",
-              common.environment_markdown(results["environment"], results["command"])]
+              environment_markdown(results["environment"], results["command"])]
     return "\n".join(lines)
 
 

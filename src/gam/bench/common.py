@@ -1,6 +1,7 @@
-"""What every ``gam bench`` command shares: its common options (``add_common_arguments``),
-thread setup, and one-line errors; and, re-exported so that ``common.X`` keeps working, the
-helpers of the modules that do each job:
+"""What every ``gam bench`` command shares: its common options (``add_common_arguments``,
+``add_model_arguments``), thread setup, model availability and one-line errors.
+
+The other shared helpers live in the modules that do each job; import them from there:
 
 - ``gam.runtime``: devices (``resolve_device``, ``synchronize``), dtypes (``DTYPES``);
 - ``gam.bench.measure``: timing (``time_fn``), memory (``MemoryMeter``), rlimits, fits;
@@ -19,32 +20,10 @@ from typing import Any
 
 import torch
 
-from gam.bench.environment import command_line, environment, finish_environment
-from gam.bench.measure import (
-    MemoryMeter,
-    current_rss_bytes,
-    default_memory_cap,
-    limit_address_space,
-    loglog_fit,
-    peak_rss_bytes,
-    release_cpu_memory,
-    tensor_bytes,
-    time_fn,
-)
-from gam.bench.reports import (
-    _finite,
-    environment_markdown,
-    fmt,
-    markdown_table,
-    new_figure,
-    style_log_axis,
-    write_report,
-    write_results,
-)
-from gam.bench.workers import RESULT_PREFIX, emit, run_worker, worker_main
-from gam.errors import available_memory_bytes, is_oom_error, one_line
+from gam.bench.environment import command_line, environment
+from gam.errors import one_line
 from gam.models.registry import config_class, model_config
-from gam.runtime import DTYPES, TF32_ENV, resolve_device, set_threads, synchronize
+from gam.runtime import TF32_ENV, resolve_device, set_threads
 from gam.training.argtypes import (
     output_folder,
     parse_model_arg,
@@ -52,25 +31,14 @@ from gam.training.argtypes import (
     seed,
     thread_count,
 )
-
-__all__ = [
-    "DTYPES", "RESULT_PREFIX", "MemoryMeter", "_finite", "add_common_arguments",
-    "add_model_arguments",
-    "available_memory_bytes", "command_line", "current_rss_bytes", "default_memory_cap",
-    "emit", "environment", "environment_markdown", "error_text", "finish_environment", "fmt",
-    "is_oom_error", "limit_address_space", "loglog_fit", "markdown_table", "model_available",
-    "model_configs", "model_overrides", "overrides_text",
-    "new_figure", "peak_rss_bytes", "release_cpu_memory", "resolve_device", "run_worker",
-    "setup", "setup_threads", "style_log_axis", "synchronize", "tensor_bytes", "time_fn",
-    "worker_main", "write_report", "write_results",
-]
+from gam.training.config import DEVICES
 
 
 # ----------------------------------------------------------------------------- arguments
 def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     """Options every command takes; the dispatcher adds them before the command's own."""
     group = parser.add_argument_group("common options")
-    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    group.add_argument("--device", choices=DEVICES, default="auto",
                        help="auto = cuda if available, else cpu (default: auto)")
     group.add_argument("--threads", type=thread_count, default=None, metavar="N",
                        help="torch.set_num_threads(N) in every process of the run (default: "
@@ -86,14 +54,21 @@ def add_common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
                             "recorded in results.json)")
 
 
+def add_model_preset_argument(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--model-preset (and its former name --preset): the build_model size preset."""
+    parser.add_argument("--model-preset", default="paper",
+                        help=f"size preset {whose}: paper, cpu-small or tiny (default: "
+                             "%(default)s)")
+    parser.add_argument("--preset", dest="model_preset", default=argparse.SUPPRESS,
+                        metavar="NAME", help="former name of --model-preset")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_models: list[str],
                         models_help: str = "build_model names") -> None:
-    """--models, --preset, --d-model and --n-layers of the commands that time models."""
+    """--models, --model-preset, --d-model and --n-layers of the commands that time models."""
     parser.add_argument("--models", nargs="+", default=default_models, metavar="NAME",
                         help=models_help)
-    parser.add_argument("--preset", default="paper",
-                        help="size preset of every model: paper, cpu-small or tiny (default: "
-                             "%(default)s)")
+    add_model_preset_argument(parser, "of every model")
     parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's)")
     parser.add_argument("--n-layers", type=positive_int, default=None,

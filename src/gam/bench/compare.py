@@ -27,10 +27,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gam.bench import common
 from gam.bench import training_bench as tb
 from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
-from gam.bench.runs import RunSpec, dataset_slug
+from gam.bench.reports import environment_markdown, fmt, markdown_table
+from gam.bench.runs import RunSpec
+from gam.training.rundir import dataset_slug
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_DATASETS = ["wikitext2"]
@@ -90,15 +91,15 @@ def build_markdown(results: dict[str, Any]) -> str:
             basis = " (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""
             rows.append([
                 s["model"], tb.fmt_params(s["params_total"]),
-                tb.fmt_params(s["params_non_embedding"]), common.fmt(s.get("steps")),
+                tb.fmt_params(s["params_non_embedding"]), fmt(s.get("steps")),
                 tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1) + basis,
-                common.fmt(s["tokens_per_s_mean"], 0),
+                fmt(s["tokens_per_s_mean"], 0),
                 tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
                 tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2),
                 tb.seeds_cell(s),
-                common.fmt(paper.get("val_ppl"), 2), common.fmt(paper.get("epoch_time_s"), 1),
+                fmt(paper.get("val_ppl"), 2), fmt(paper.get("epoch_time_s"), 1),
             ])
-        lines.append(common.markdown_table(
+        lines.append(markdown_table(
             ["model", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
              "val loss", "val ppl", "seeds", "paper ppl", "paper s / epoch"], rows))
         lines += tb.ngram_markdown(info)
@@ -110,7 +111,7 @@ def build_markdown(results: dict[str, Any]) -> str:
               "step when the step budget ends within the first epoch. Paper figures: "
               f"{PAPER_TABLE1['source']}; they are for the `paper` preset on a GPU, so times "
               "and perplexities of other presets or hardware are not directly comparable.", "",
-              common.environment_markdown(results["environment"], results["command"])]
+              environment_markdown(results["environment"], results["command"])]
     return "\n".join(lines)
 
 

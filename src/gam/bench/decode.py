@@ -34,9 +34,14 @@ from typing import Any
 
 import torch
 
-from gam.bench import common
-from gam.models.lm import block_decode_state_bytes
+from gam.bench import common, reports
+from gam.bench.environment import finish_environment
+from gam.bench.measure import MemoryMeter, tensor_bytes
+from gam.bench.workers import emit, run_worker, worker_main
+from gam.errors import is_oom_error
+from gam.models.blocks import block_decode_state_bytes
 from gam.models.registry import build_model
+from gam.runtime import synchronize
 from gam.training.argtypes import positive_int, positive_number
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
@@ -80,26 +85,26 @@ def _worker(payload: dict[str, Any]) -> None:
     live: list[dict[str, Any]] = []
     for ctx in contexts:
         prompt = torch.randint(vocab, (batch, ctx), generator=gen).to(device)
-        meter = common.MemoryMeter(device)
+        meter = MemoryMeter(device)
         try:
             meter.start()
-            common.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             logits, cache = model.prefill(prompt)
             token = logits.argmax(-1)  # (B,)
-            common.synchronize(device)
+            synchronize(device)
             prefill_s = time.perf_counter() - t0
             state_used = sum(block_decode_state_bytes(b, s)  # what ctx tokens fill
                              for b, s in zip(model.blocks, cache.layers, strict=True))
-            state_alloc = common.tensor_bytes(cache.layers)
+            state_alloc = tensor_bytes(cache.layers)
             for _ in range(WARMUP_STEPS):
                 logits, cache = model.step(token, cache)
                 token = logits.argmax(-1)
             peak = meter.growth_bytes()
         except Exception as exc:  # noqa: BLE001 - recorded, larger contexts skipped
-            status = "oom" if common.is_oom_error(exc) else "error"
-            common.emit({"ctx": ctx, "status": status,
-                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            status = "oom" if is_oom_error(exc) else "error"
+            emit({"ctx": ctx, "status": status,
+                  "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             break
         live.append({"ctx": ctx, "token": token, "cache": cache, "step_s": [],
                      "prefill_s": prefill_s, "state_used": state_used,
@@ -109,15 +114,15 @@ def _worker(payload: dict[str, Any]) -> None:
     # the machine (other tenants, frequency) hits all contexts alike instead of one.
     for _ in range(n_new):
         for run in live:
-            common.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             logits, run["cache"] = model.step(run["token"], run["cache"])
             run["token"] = logits.argmax(-1)
-            common.synchronize(device)
+            synchronize(device)
             run["step_s"].append(time.perf_counter() - t0)
     for run in live:
         step_s = run["step_s"]
-        common.emit({
+        emit({
             "ctx": run["ctx"], "status": "ok", "new_tokens": n_new,
             "prefill_ms": run["prefill_s"] * 1e3,
             "prefill_tokens_per_s": batch * run["ctx"] / run["prefill_s"],
@@ -145,13 +150,13 @@ def _markdown(results: dict[str, Any]) -> str:
         r = by.get((model, ctx))
         if r is None:
             return ""
-        return common.fmt(r.get(field), digits) if r["status"] == "ok" else r["status"]
+        return reports.fmt(r.get(field), digits) if r["status"] == "ok" else r["status"]
 
     s = results["settings"]
     parts = [f"# gam bench decode: cached greedy decoding (preset {s['preset']}, batch "
              f"{s['batch_size']}, {s['new_tokens']} timed tokens per context"
              f"{common.overrides_text(s['overrides'])})", "",
-             common.environment_markdown(results["environment"], results["command"]), ""]
+             reports.environment_markdown(results["environment"], results["command"]), ""]
     for title, field, digits in (("Decode speed (tokens/s = batch / median step time, "
                                   "prefill excluded)", "tokens_per_s", 1),
                                  ("Time per generated token (ms, median)", "ms_per_token", 2),
@@ -160,9 +165,9 @@ def _markdown(results: dict[str, Any]) -> str:
                                  ("Peak memory growth during prefill + decode (MB)",
                                   "peak_mem_mb", 1)):
         parts += [f"## {title}", "",
-                  common.markdown_table(["context", *models],
-                                        [[c, *(cell(m, c, field, digits) for m in models)]
-                                         for c in ctxs]), ""]
+                  reports.markdown_table(["context", *models],
+                                         [[c, *(cell(m, c, field, digits) for m in models)]
+                                          for c in ctxs]), ""]
     errors = [r for r in runs if r.get("error")]
     if errors:
         parts += ["## Failures", ""] + [f"- {r['model']} ctx {r['ctx']}: {r['status']}: "
@@ -171,7 +176,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    fig, axes = common.new_figure(3, width=5.0)
+    fig, axes = reports.new_figure(3, width=5.0)
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         ok = [r for r in results["runs"] if r["model"] == model and r["status"] == "ok"]
         if not ok:
@@ -183,7 +188,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
     titles = (("decode speed (prefill excluded)", "tokens/s", False),
               ("prefill time", "ms", True), ("decode state", "MB", True))
     for ax, (title, unit, logy) in zip(axes, titles, strict=True):
-        common.style_log_axis(ax, title, unit, "context length", logy)
+        reports.style_log_axis(ax, title, unit, "context length", logy)
     s = results["settings"]
     fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
                  f"({results['environment']['device']})")
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     overrides = common.model_overrides(args)
-    configs = common.model_configs("decode", args.models, args.preset, overrides)
+    configs = common.model_configs("decode", args.models, args.model_preset, overrides)
     if configs is None:
         return 2
     print(f"gam bench decode: models {args.models}, contexts {contexts}, {new_tokens} new "
@@ -207,13 +212,13 @@ def run(args: argparse.Namespace) -> int:
         records: list[dict[str, Any]] = []
         status, error = "unavailable", reason
         if reason is None:
-            payload = {"model": model, "preset": args.preset, "overrides": overrides,
+            payload = {"model": model, "preset": args.model_preset, "overrides": overrides,
                        "contexts": contexts, "new_tokens": new_tokens,
                        "batch_size": args.batch_size, "device": str(device),
                        "threads": args.threads, "seed": args.seed}
             t0 = time.perf_counter()
-            status, records, error = common.run_worker("gam.bench.decode", payload,
-                                                       timeout=args.max_seconds)
+            status, records, error = run_worker("gam.bench.decode", payload,
+                                                timeout=args.max_seconds)
             print(f"  {model}: {len(records)} record(s), {status} in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         done = {r["ctx"]: r for r in records if "ctx" in r}
@@ -238,26 +243,26 @@ def run(args: argparse.Namespace) -> int:
                         "peak_mem_mb"):
                 row.setdefault(key, None)
             runs.append(row)
-            print(f"    ctx {ctx:<6} {row['status']:<8} {common.fmt(row['tokens_per_s'], 1)} "
-                  f"tok/s ({common.fmt(row['ms_per_token'], 2)} ms/token), prefill "
-                  f"{common.fmt(row['prefill_ms'], 0)} ms, state "
-                  f"{common.fmt(row['state_mb'], 2)} MB, peak {common.fmt(row['peak_mem_mb'], 1)}"
+            print(f"    ctx {ctx:<6} {row['status']:<8} {reports.fmt(row['tokens_per_s'], 1)} "
+                  f"tok/s ({reports.fmt(row['ms_per_token'], 2)} ms/token), prefill "
+                  f"{reports.fmt(row['prefill_ms'], 0)} ms, state "
+                  f"{reports.fmt(row['state_mb'], 2)} MB, peak {reports.fmt(row['peak_mem_mb'], 1)}"
                   f" MB", flush=True)
     results = {
         "command": command,
-        "settings": {"models": list(args.models), "preset": args.preset,
+        "settings": {"models": list(args.models), "preset": args.model_preset,
                      "overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
                      "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
                      "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,
                      "decoding": "greedy; model.prefill(prompt) then model.step per token",
                      "model_configs": configs},
         "runs": runs,
-        "environment": common.finish_environment(env),
+        "environment": finish_environment(env),
     }
-    common.write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "decode.png")], summary=False)
+    reports.write_report(args.out, results, _markdown,
+                         [lambda out: _plot(results, out / "decode.png")], summary=False)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

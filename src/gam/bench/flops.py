@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gam.models.lm import CausalLM, LMConfig, block_mixing_flops
+from gam.models.blocks import block_mixing_flops
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.registry import MODELS, config_class, model_config, model_from_config
 
 

@@ -28,12 +28,15 @@ from typing import Any
 import torch
 
 from gam.bench import common
+from gam.bench.environment import command_line, environment
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_results
+from gam.models.blocks import block_gate_paths
 from gam.models.io import CheckpointError
-from gam.models.lm import block_gate_paths
 from gam.models.registry import MODELS, config_class, model_from_config
-from gam.runtime import autocast_context
+from gam.runtime import autocast_context, resolve_device
 from gam.training import RunConfig, gate_statistics, has_gates, load_run, read_metrics
 from gam.training.checkpoint import find_checkpoint, read_state
+from gam.training.config import DTYPES
 from gam.training.data import load_data
 from gam.training.diagnostics import gate_paths, gated_blocks
 from gam.training.distributed import DistContext
@@ -50,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validation batches to run (default 16; --quick 2)")
     parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="blocks per batch (default: the run's evaluation batch size)")
-    parser.add_argument("--dtype", choices=("run", "fp32", "bf16", "fp16"), default="run",
+    parser.add_argument("--dtype", choices=("run", *DTYPES), default="run",
                         help="autocast dtype (run: the run's training dtype; fp16 falls back "
                              "to fp32 on a CPU)")
     parser.add_argument("--data-dir", default=argparse.SUPPRESS, metavar="DIR",
@@ -167,7 +170,7 @@ def run_names(run_dirs: list[Path]) -> list[str]:
 
 
 def plot_bars(result: dict[str, Any], path: Path, title: str) -> Path:
-    fig, (ax,) = common.new_figure()
+    fig, (ax,) = new_figure()
     layers = result["layers"]
     xs = list(range(len(layers)))
     paths = result.get("paths") or logged_paths(layers)
@@ -199,7 +202,7 @@ def plot_evolution(result: dict[str, Any], path: Path, title: str) -> Path | Non
     # one panel per path: a layer's local and global means often both sit near 0.5, and on
     # one axes their lines would hide each other; the colour still identifies the layer
     paths = result.get("paths") or logged_paths([g for e in evo for g in e["gates"]])
-    fig, axes = common.new_figure(ncols=len(paths), width=5.0)
+    fig, axes = new_figure(ncols=len(paths), width=5.0)
     steps = [e["step"] for e in evo]
     n_layers = max(len(e["gates"]) for e in evo)
     styles = dict(zip(paths, STYLES, strict=False))
@@ -243,10 +246,10 @@ def build_markdown(results: dict[str, Any]) -> str:
         paths = r.get("paths") or logged_paths(r["layers"])
         for row in r["layers"]:
             rows.append([row["layer"]]
-                        + [common.fmt(row.get(f"{p}_{s}"), 4) for p in paths
+                        + [fmt(row.get(f"{p}_{s}"), 4) for p in paths
                            for s in ("mean", "std")]
                         + [row.get("tokens")])
-        lines.append(common.markdown_table(
+        lines.append(markdown_table(
             ["layer"] + [f"{p} {s}" for p in paths for s in ("mean", "std")] + ["tokens"],
             rows))
         lines += ["", f"![gates]({r['bar_png']})"]
@@ -256,13 +259,13 @@ def build_markdown(results: dict[str, Any]) -> str:
         else:
             lines += ["", "No gate statistics were logged during training (metrics.jsonl)."]
         lines.append("")
-    lines.append(common.environment_markdown(results["environment"], results["command"]))
+    lines.append(environment_markdown(results["environment"], results["command"]))
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        device = common.resolve_device(args.device)
+        device = resolve_device(args.device)
         threads = common.setup_threads(args.threads)
         configs = [check_gated_run(Path(d)) for d in args.run_dirs]
         for opt in ("batches", "batch_size"):
@@ -290,10 +293,10 @@ def run(args: argparse.Namespace) -> int:
                              f"gate means during training: {title}")
         result["evolution_png"] = evo.name if evo is not None else None
         runs.append(result)
-    results = {"runs": runs, "environment": common.environment(device, threads),
-               "command": common.command_line("gates", getattr(args, "argv", []))}
+    results = {"runs": runs, "environment": environment(device, threads),
+               "command": command_line("gates", getattr(args, "argv", []))}
     markdown = build_markdown(results)
-    common.write_results(out, results, markdown)
+    write_results(out, results, markdown)
     print(markdown)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and the PNGs")
     return 0

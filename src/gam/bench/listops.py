@@ -21,7 +21,7 @@ with the best validation accuracy are kept, and the reported test accuracy is th
 best-validation weights (as LRA reports), with the final weights' test accuracy beside it.
 
 Every (model, seed) is trained in a fresh ``python -m gam.bench.listops --worker`` process
-(``common.run_worker``), so one family's memory or crash cannot affect another's numbers. The
+(``run_worker``), so one family's memory or crash cannot affect another's numbers. The
 result of each run is written to ``OUT/runs/<model>-seed<k>.json`` as soon as it finishes and
 ``results.json`` / ``results.md`` / ``listops.png`` are rewritten after every run, so an
 interrupted benchmark loses at most the run in progress; rerunning the same command reuses the
@@ -64,6 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.bench import common
+from gam.bench.environment import command_line, environment, finish_environment
+from gam.bench.listops_report import write_listops_results
+from gam.bench.workers import emit, run_worker, worker_main
 from gam.data import listops
 from gam.files import atomic_write_json
 from gam.models.registry import (
@@ -74,17 +77,13 @@ from gam.models.registry import (
     model_config,
     receptive_field,
 )
+from gam.runtime import autocast_context, resolve_device
 from gam.training.argtypes import parse_model_arg
-from gam.training.config import TrainConfig
-from gam.training.evaluate import autocast_context
+from gam.training.config import DTYPES, TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 BUCKET_BATCHES = 16  # batches whose rows are sorted together by length (see epoch_batches)
-PUBLISHED = {  # LRA Table 1 (Tay et al. 2021) and S4 (Gu et al. 2022), test accuracy (%)
-    "Transformer (LRA)": 36.37, "Reformer (LRA)": 37.27, "Linear Transformer (LRA)": 16.13,
-    "Performer (LRA)": 18.01, "S4 (6 layers, d 256, bidirectional)": 59.5,
-}
 
 
 @dataclass(frozen=True)
@@ -336,7 +335,7 @@ def _worker(payload: dict[str, Any]) -> None:
 
     result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device, log=log,
                                 model_args=payload.get("model_args"))
-    common.emit({"status": "ok", "wall_seconds": time.perf_counter() - t0, **result})
+    emit({"status": "ok", "wall_seconds": time.perf_counter() - t0, **result})
 
 
 # ------------------------------------------------------------------------------ command
@@ -366,7 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    metavar="KEY=VALUE", dest="model_args",
                    help="config override for every model (repeatable), e.g. init=paper "
                         "(default: none: the library's defaults)")
-    g.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+    g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="autocast dtype (fp16 on CUDA only)")
     g.add_argument("--min-len", type=int, default=None, help="shortest sequence (tokens)")
     g.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens)")
@@ -384,108 +383,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUT/runs with the same settings")
 
 
-def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for model in dict.fromkeys(r["model"] for r in runs):
-        ok = [r for r in runs if r["model"] == model and r["status"] == "ok"]
-        row: dict[str, Any] = {"model": model, "runs": len(ok),
-                               "status": "ok" if ok else next(
-                                   r["status"] for r in runs if r["model"] == model)}
-        for key in ("test_accuracy", "test_accuracy_final", "best_valid_accuracy",
-                    "tokens_per_s", "train_seconds"):
-            vals = [r[key] for r in ok if r.get(key) is not None]
-            row[key] = statistics.fmean(vals) if vals else None
-            row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else None
-        row["test_accuracy_per_seed"] = {r["seed"]: r["test_accuracy"] for r in ok}
-        for key in ("receptive_field", "parameters"):
-            row[key] = ok[0][key] if ok else None
-        rows.append(row)
-    return rows
-
-
-def _pct(mean: float | None, std: float | None = None) -> str:
-    if mean is None:
-        return "-"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
-
-
-def _markdown(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    p = s["protocol"]
-    data = results["data"]
-    head = (f"# gam bench listops: LRA ListOps test accuracy (%), protocol {s['protocol_name']}"
-            f", lengths {p['min_len']}-{p['max_len']}, d {p['d_model']}, {p['n_layers']} "
-            f"layers, {p['steps']} steps of {p['batch_size']}")
-    summary = common.markdown_table(
-        ["model", "test acc (best valid)", "test acc (final)", "best valid acc", "per seed",
-         "params", "receptive field", "train tokens/s", "train s"],
-        [[r["model"], _pct(r["test_accuracy"], r["test_accuracy_std"]),
-          _pct(r["test_accuracy_final"], r["test_accuracy_final_std"]),
-          _pct(r["best_valid_accuracy"]),
-          " / ".join(f"{100 * v:.1f}" for v in r["test_accuracy_per_seed"].values()) or
-          r["status"], f"{r['parameters']:,}" if r["parameters"] else "-",
-          common.fmt(r["receptive_field"]),
-          common.fmt(r["tokens_per_s"], 0), common.fmt(r["train_seconds"], 0)]
-         for r in results["summary"]])
-    runs = common.markdown_table(
-        ["model", "seed", "status", "test acc (best valid)", "best step", "test acc (final)",
-         "train tokens/s", "action"],
-        [[r["model"], r["seed"], r["status"], _pct(r.get("test_accuracy")),
-          r.get("best_step", "-"), _pct(r.get("test_accuracy_final")),
-          common.fmt(r.get("tokens_per_s"), 0), r.get("action", "-")] for r in results["runs"]])
-    published = common.markdown_table(
-        ["published (LRA: lengths 500-2000, bidirectional encoders)", "test acc (%)"],
-        [[k, f"{v:.2f}"] for k, v in PUBLISHED.items()])
-    return "\n".join([
-        head, "", common.environment_markdown(results["environment"], results["command"]), "",
-        f"Test accuracy of the weights with the best validation accuracy (mean ± std over "
-        f"seeds {s['seeds']}); 'final' = the weights after the last step. Majority class on "
-        f"test: {100 * data['majority_test']:.1f}% (class {data['majority_class']}). Data: "
-        f"{p['n_train']:,} / {p['n_valid']:,} / {p['n_test']:,} sequences, mean length "
-        f"{data['mean_length_train']:.0f} tokens, depth <= {p['max_depth']}, data seed "
-        f"{s['data_seed']}; read out at the last real token of a causal model.", "",
-        summary, "", "## Runs", "", runs, "", "## Published", "", published])
-
-
-def _plot(results: dict[str, Any], path: Path) -> None:
-    fig, (ax,) = common.new_figure(1, width=6.5, height=4.5)
-    colors: dict[str, Any] = {}
-    for r in results["runs"]:
-        if r["status"] != "ok" or not r.get("curve"):
-            continue
-        color = colors.setdefault(r["model"], f"C{len(colors)}")
-        steps = [c["step"] for c in r["curve"]]
-        accs = [100 * c["valid_accuracy"] for c in r["curve"]]
-        ax.plot(steps, accs, "o-", ms=3, color=color,
-                label=f"{r['model']} seed {r['seed']}",
-                alpha=1.0 if r["seed"] == results["settings"]["seeds"][0] else 0.55)
-    ax.axhline(100 * results["data"]["majority_valid"], ls="--", color="gray",
-               label="majority class (valid)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation accuracy (%)")
-    p = results["settings"]["protocol"]
-    ax.set_title(f"ListOps {p['min_len']}-{p['max_len']} tokens, d {p['d_model']}, "
-                 f"{p['n_layers']} layers")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
-
-
-def _write(out: Path, results: dict[str, Any]) -> None:
-    results["summary"] = _summary(results["runs"])
-    common.write_results(out, results, _markdown(results))
-    _plot(results, out / "listops.png")
-
-
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
     protocol_name, p = resolve_protocol(args)
     for m in args.models:  # a typo fails now, not after an hour of other models
         if m not in MODELS:
             raise ValueError(f"unknown model {m!r}; expected one of {sorted(MODELS)}")
-    command = common.command_line(args.command, args.argv)
-    env = common.environment(device, threads)
+    command = command_line(args.command, args.argv)
+    env = environment(device, threads)
     out = Path(args.out)
     print(f"gam bench listops: protocol {protocol_name}, models {args.models}, seeds "
           f"{args.seeds}, lengths {p.min_len}-{p.max_len}, {p.n_train}/{p.n_valid}/{p.n_test} "
@@ -534,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
                     row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
                     results["runs"].append(row)
                     print(f"  {model} seed {seed}: reused {run_file}", flush=True)
-                    _write(out, results)
+                    write_listops_results(out, results)
                     continue
             reason = common.model_available(model)
             if reason is not None:
@@ -547,8 +453,8 @@ def run(args: argparse.Namespace) -> int:
                 run_file.parent.mkdir(parents=True, exist_ok=True)
                 run_file.with_suffix(".log").write_text("")
                 t0 = time.perf_counter()
-                status, records, error = common.run_worker("gam.bench.listops", payload,
-                                                           timeout=args.max_seconds)
+                status, records, error = run_worker("gam.bench.listops", payload,
+                                                    timeout=args.max_seconds)
                 rec = records[-1] if records else {"status": status, "error": error}
                 row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
                 row.pop("traceback", None)
@@ -562,13 +468,13 @@ def run(args: argparse.Namespace) -> int:
                       f"{row['wall_seconds']:.0f} s", flush=True)
             else:
                 print(f"  {model} seed {seed}: {row['status']}: {row.get('error')}", flush=True)
-            results["environment"] = common.finish_environment(env)
-            _write(out, results)
-    results["environment"] = common.finish_environment(env)
-    _write(out, results)
+            results["environment"] = finish_environment(env)
+            write_listops_results(out, results)
+    results["environment"] = finish_environment(env)
+    write_listops_results(out, results)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'listops.png'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

@@ -49,23 +49,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from gam.bench import common
 from gam.bench import training_bench as tb
 from gam.bench.environment import command_line, environment
+from gam.bench.long_report import build_markdown, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
-from gam.bench.runs import RunSpec, apply_model_args, check_models, dataset_slug
+from gam.bench.reports import write_results
+from gam.bench.runs import RunSpec, apply_model_args, check_models
 from gam.bench.throughput import time_steps
-from gam.bench.workers import merge_worker_result
+from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.data.passkey import PasskeyGenerator, score_answer
 from gam.files import LockHeldError, atomic_write_json, hold_lock
 from gam.models.registry import MODELS, config_class, model_from_config
+from gam.runtime import synchronize
 from gam.training.argtypes import parse_model_arg
 from gam.training.config import TrainConfig
 from gam.training.evaluate import evaluate_by_position
 from gam.training.optim import build_optimizer
-from gam.training.options import add_override_arguments
+from gam.training.options import add_override_arguments, overridable_keys
 from gam.training.run import load_run, run_split_ids
-from gam.training.rundir import read_run_config
+from gam.training.rundir import dataset_slug, read_run_config
 from gam.training.step import train_step
 
 MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
@@ -78,8 +80,9 @@ PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.25, 0.5, 1.0, 2.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
 EVAL_FORMAT = 1  # bump when the evaluation changes, so that kept evaluations are redone
-OVERRIDES = ("max_steps", "epochs", "lr", "warmup_steps", "dtype", "vocab_size", "tokenizer",
-             "model_preset", "max_train_rows", "max_val_rows", "passkey_mix")
+# not overridable here: the block length and batch come from --contexts and --tokens-per-step,
+# and validation runs at the end of each run only
+OVERRIDES = overridable_keys(exclude={"batch_size", "seq_len", "eval_every"})
 
 PROTOCOLS = {
     "long": Protocol(
@@ -230,10 +233,6 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
     return out
 
 
-def bucket_label(bucket: dict[str, Any]) -> str:
-    return f"{bucket['first']:,}-{bucket['last']:,}"
-
-
 # ---------------------------------------------------------------------------------- worker
 def extended_model(model: torch.nn.Module, name: str, max_seq_len: int
                    ) -> tuple[torch.nn.Module | None, str | None]:
@@ -300,11 +299,11 @@ def decode_speed(model: torch.nn.Module, context: torch.Tensor, steps: int,
     token = logits.argmax(-1)
     times = []
     for _ in range(steps):
-        common.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         logits, cache = model.step(token, cache)
         token = logits.argmax(-1)
-        common.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return {"decode_tokens_per_s": 1.0 / statistics.median(times),
             "decode_context": int(context.shape[1]), "decode_steps": steps}
@@ -356,7 +355,7 @@ def _worker(payload: dict[str, Any]) -> None:
     record.update(decode_speed(model, context, evaluation["decode_tokens"], device))
     record.update(training_speed(model, ids, seq_len, payload["batch_size"], payload["dtype"],
                                  evaluation["measure_steps"], device))
-    common.emit(record)
+    emit(record)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -394,7 +393,7 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
         with hold_lock(path.with_suffix(".lock")):
             bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
             result: dict[str, Any] = {}
-            merge_worker_result(result, *common.run_worker(
+            merge_worker_result(result, *run_worker(
                 "gam.bench.long", payload, timeout=bench.args.max_seconds))
     except LockHeldError as exc:
         return {"eval_status": "not run", "eval_error": str(exc)}
@@ -406,127 +405,6 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
     else:
         result["eval_error"] = result.pop("error", None)
     return {**result, "eval_action": "evaluated"}
-
-
-# --------------------------------------------------------------------------------- report
-def passkey_summary(cells: list[dict[str, Any]], by: str) -> dict[Any, float | None]:
-    """Accuracy per ``length`` or ``depth`` over the cells that ran (None where none did)."""
-    out: dict[Any, list[int]] = {}
-    for cell in cells:
-        tally = out.setdefault(cell[by], [0, 0])
-        if cell.get("status") == "ok":
-            tally[0] += cell["correct"]
-            tally[1] += cell["n"]
-    return {k: (c / n if n else None) for k, (c, n) in out.items()}
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, Any]]
-                     ) -> list[str]:
-    """The tables of one corpus: perplexity, speed and memory; loss by position; passkey."""
-    lines = []
-    if info.get("source"):
-        lines += [f"Data: {info['source']}; tokens train / valid: "
-                  f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
-    mine = [r for r in rows if r["dataset"] == dataset]
-    table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
-              tb.fmt_params(r.get("params_non_embedding")), common.fmt(r.get("steps")),
-              common.fmt(r.get("train_tokens")), common.fmt(r.get("val_ppl"), 2),
-              common.fmt(r.get("tokens_per_s"), 0),
-              common.fmt(r.get("step_tokens_per_s"), 0), common.fmt(r.get("peak_mem_mb"), 0),
-              common.fmt(r.get("decode_tokens_per_s"), 1),
-              r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
-             for r in mine]
-    lines += ["### Perplexity, speed and memory", "", common.markdown_table(
-        ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
-         "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
-         "decode tok/s at T", "status"], table), ""]
-    labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
-    if labels:
-        table = []
-        for r in mine:
-            by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
-            table.append([r["family"], r["T"], *(common.fmt(by.get(x), 3) for x in labels)])
-        lines += ["### Validation loss by position in the window (nats / token)", "",
-                  common.markdown_table(["family", "T", *labels], table), "",
-                  f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
-    cells = [r for r in mine if r.get("passkey")]
-    if cells:
-        lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
-        depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
-        table = []
-        for r in cells:
-            by_len = passkey_summary(r["passkey"], "length")
-            by_depth = passkey_summary([c for c in r["passkey"] if c["length"] <= r["T"]],
-                                       "depth")
-            table.append([r["family"], r["T"], *(_pct(by_len.get(x)) for x in lengths),
-                          *(_pct(by_depth.get(d)) for d in depths)])
-        lines += ["### Passkey retrieval accuracy", "",
-                  "By context length (over all depths; `-`: not run, e.g. no learned "
-                  "position past T), then by depth of the key (over the lengths up to T).",
-                  "", common.markdown_table(
-                      ["family", "T", *(f"len {x:,}" for x in lengths),
-                       *(f"depth {d:g}" for d in depths)], table), ""]
-    return lines
-
-
-def build_markdown(results: dict[str, Any]) -> str:
-    s = results["settings"]
-    lines = ["# Long context (gam bench long)", "",
-             f"Protocol `{results['protocol']['name']}`: {results['protocol']['description']}. "
-             f"Contexts {s['contexts']}, {s['tokens_per_step']:,} tokens per step (batch = "
-             f"that / T), seeds {results['seeds']}; passkey mix {s['passkey_mix']:g} of the "
-             f"training blocks (filler: the repeated \"The grass is green. The sky is blue. "
-             f"...\"), {s['evaluation']['passkey_samples']} prompts per (length, depth) cell.",
-             ""]
-    rows = list(results["runs"])
-    for dataset in results["datasets_requested"]:
-        info = results["datasets"].get(dataset, {})
-        head, loaded = tb.dataset_heading(dataset, info)
-        lines += head + (dataset_markdown(dataset, info, rows) if loaded else [])
-    failed = [r for r in rows if r.get("status") != "ok" or r.get("eval_status") not in
-              ("ok", None)]
-    if failed:
-        lines += ["## Not finished", "", *(
-            f"- {r['dataset']} / {r['model']}: {r.get('status')}"
-            f"{' / evaluation ' + str(r.get('eval_status')) if r.get('status') == 'ok' else ''}"
-            f": {(r.get('error') or r.get('eval_error') or '')[:300]}" for r in failed), ""]
-    lines += ["train tok/s (run): the run's own training throughput over all its steps; timed "
-              "steps and peak MB: training steps at (batch, T) in the evaluation worker (peak "
-              "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "
-              "GPU); decode: median greedy cached step after a T-token context. Loss by "
-              "position: a target at position p is predicted from p tokens of its window.", "",
-              common.environment_markdown(results["environment"], results["command"])]
-    return "\n".join(lines)
-
-
-def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | None:
-    """Loss per position bucket, every family (colour) and T (line style) on one figure."""
-    mine = [r for r in rows if r["dataset"] == dataset and r.get("buckets")]
-    if not mine:
-        return None
-    fig, (ax,) = common.new_figure(width=7.0)
-    families = list(dict.fromkeys(r["family"] for r in mine))
-    contexts = sorted({r["T"] for r in mine})
-    styles = ["-", "--", ":", "-."]
-    labels: list[str] = []
-    for r in mine:
-        names = [bucket_label(b) for b in r["buckets"]]
-        labels = names if len(names) > len(labels) else labels
-        ax.plot(range(len(names)), [b["loss"] for b in r["buckets"]],
-                styles[contexts.index(r["T"]) % len(styles)], marker="o",
-                color=f"C{families.index(r['family']) % 10}", label=f"{r['family']} T={r['T']}")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_xlabel("position in the evaluation window (bucket)")
-    ax.set_ylabel("validation loss (nats / token)")
-    ax.set_title(f"loss by position, {dataset}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 # ------------------------------------------------------------------------------------ run
@@ -561,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
 
     def write() -> None:
         res = results()
-        common.write_results(out, res, build_markdown(res))
+        write_results(out, res, build_markdown(res))
 
     eval_ok = True
     for spec, seq_len in specs:
@@ -579,4 +457,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

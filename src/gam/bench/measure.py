@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gam.errors import available_memory_bytes
-from gam.models.lm import state_nbytes
+from gam.models.blocks import state_nbytes
 from gam.runtime import synchronize
 
 

@@ -21,6 +21,7 @@ from gam.training import RunConfig
 from gam.training.argtypes import parse_model_arg
 from gam.training.options import (
     add_override_arguments,
+    overridable_keys,
     run_config_from_settings,
     run_settings,
     setting_default,
@@ -31,10 +32,9 @@ PROTOCOL_SETTINGS = ("model_preset", "vocab_size", "tokenizer", "tokenizer_on_al
                      "seq_len", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
                      "dtype", "max_train_rows", "max_val_rows", "eval_every", "eval_batch_size",
                      "log_every", "save_every", "gate_stat_batches")
-# ... and those the command line may override
-OVERRIDABLE = ("epochs", "max_steps", "dtype", "batch_size", "seq_len", "lr", "warmup_steps",
-               "vocab_size", "tokenizer", "model_preset", "max_train_rows", "max_val_rows",
-               "eval_every")
+# ... and those the command line may override: every setting with an override text but the
+# passkey share, which only ``gam bench long`` mixes in (results.json's protocol omits it)
+OVERRIDABLE = overridable_keys(exclude={"passkey_mix"})
 
 
 @dataclass(frozen=True)
@@ -147,12 +147,11 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, nargs="+", default=keep, metavar="K",
                    help="seeds to run, each the init and data-order seed of every model; mean "
                         "and sample std over seeds are reported (default: --seed)")
-    add_override_arguments(g, OVERRIDABLE[:-3])
+    add_override_arguments(g, OVERRIDABLE)
     g.add_argument("--model-arg", action="append", type=parse_model_arg, default=keep,
                    metavar="KEY=VALUE", dest="model_args",
                    help="a model config field for every model, repeatable (e.g. --model-arg "
                         "pos_embedding_std=0.02); as `gam train --model-arg`")
-    add_override_arguments(g, OVERRIDABLE[-3:])
     g = parser.add_argument_group("data and output")
     g.add_argument("--data-dir", default=keep, metavar="DIR",
                    help="folder with the corpora (default: $GAM_DATA_DIR, else the Hugging "

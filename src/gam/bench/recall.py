@@ -62,7 +62,7 @@ position embeddings, untied head) which tells a failure of a model from a failur
 protocol.
 
 Engineering: every (model, length, lr) configuration trains in a fresh
-``python -m gam.bench.recall --worker`` process (``common.run_worker``); its record is written
+``python -m gam.bench.recall --worker`` process (``run_worker``); its record is written
 to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
 ``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
 configuration. Rerunning the same command with the same ``--out`` reuses every finished
@@ -73,354 +73,46 @@ interrupted continues from its last validation (``<id>.ckpt``, removed once it f
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import re
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gam.bench import common
-from gam.bench.recall_report import choose_lr, write_results  # noqa: F401 - choose_lr re-exported
-from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
-from gam.constants import IGNORE_INDEX
-from gam.data.mqar import make_mqar_batch, query_distances  # noqa: F401 - re-exported
-from gam.files import LockHeldError, atomic_write, atomic_write_json, hold_lock
-from gam.models.registry import (
-    MODELS,
-    config_class,
-    count_parameters,
-    model_config,
-    model_from_config,
+from gam.bench.environment import command_line, environment
+from gam.bench.recall_protocol import (
+    DEFAULT_LRS,
+    DEFAULT_MIX,
+    DEFAULT_PAIRS,
+    DEFAULT_SEQ_LENS,
+    MAX_PAIR_FRACTION,
+    QUICK_LRS,
+    QUICK_PAIRS,
+    QUICK_SEQ_LENS,
+    TEXTBOOK,
+    Protocol,
+    default_models,
+    init_label,
+    mix_for_length,
+    pairs_for_length,
+    parse_mix_case,
+    parse_variant,
+    protocol_key,
+    recall_config,
 )
+from gam.bench.recall_report import write_results
+from gam.bench.recall_training import train_config
+from gam.bench.workers import emit, run_worker, worker_main
+from gam.errors import is_oom_error
+from gam.files import LockHeldError, atomic_write_json, hold_lock
+from gam.runtime import resolve_device
 from gam.training.argtypes import parse_model_arg, positive_int, positive_number
-from gam.training.config import TrainConfig
-from gam.training.optim import build_optimizer, build_scheduler
-from gam.training.step import NonFiniteError, train_step
-
-TEXTBOOK = "textbook-transformer"
-DEFAULT_SEQ_LENS = [64, 128, 256]
-QUICK_SEQ_LENS = [32]
-DEFAULT_PAIRS = [4, 8, 16]
-# zoology's original MQAR training set mixes lengths (64 x 4 pairs is most of it) and the long
-# cases are learned through the short ones: trained alone, T 256 stays at the copy plateau here
-DEFAULT_MIX = [(64, 4)]
-QUICK_PAIRS = [2, 4]
-DEFAULT_LRS = [1e-3, 3e-3, 1e-2]
-QUICK_LRS = [3e-3, 1e-2]
-MAX_PAIR_FRACTION = 8  # pair counts with 8 P <= T: the pairs fill at most a quarter of T
-
-
-def default_models() -> list[str]:
-    """The reference first, then the families; gam-delta once its family is registered."""
-    names = [TEXTBOOK, "transformer", "gam", "mamba"]
-    return names + (["gam-delta"] if "gam-delta" in MODELS else [])
-
-
-def pairs_for_length(seq_len: int, pairs: list[int], vocab_size: int) -> list[int]:
-    return [p for p in pairs if MAX_PAIR_FRACTION * p <= seq_len and p <= vocab_size // 2 - 1]
-
-
-def stream_seed(*parts: Any) -> int:
-    """A generator seed for one data stream (split, seed, length, ...): a hash, so that
-    training, validation and test streams never share a seed."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:7], "little")
-
-
-# ------------------------------------------------------------------------------ protocol
-@dataclass(frozen=True)
-class Protocol:
-    """Everything a configuration's numbers depend on besides model, length, lr and seed."""
-
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    steps: int
-    tokens_per_step: int
-    warmup_fraction: float
-    weight_decay: float
-    eval_every: int
-    val_examples: int
-    test_examples: int
-    target_accuracy: float
-    random_filler: bool
-    max_seconds: float | None
-    query_power_a: float | None = None  # None: query slots uniform; zoology's power law else
-    mix: tuple[tuple[int, int], ...] = ()  # shorter (length, pairs) cases trained beside
-
-
-def protocol_key(p: Protocol) -> dict[str, Any]:
-    """The protocol as part of a configuration's key: with uniform queries, the fields of the
-    protocol before ``query_power_a`` existed, so that finished configurations stay reused.
-    ``mix`` is not in it: what a configuration mixes in is its key's own ``mix``."""
-    key = asdict(p)
-    if key["query_power_a"] is None:
-        del key["query_power_a"]
-    del key["mix"]
-    return key
-
-
-def mix_for_length(seq_len: int, p: Protocol) -> list[list[Any]]:
-    """``[[length, [pairs, ...]], ...]``: the cases of ``p.mix`` shorter than ``seq_len``, one
-    entry per length, that a model at ``seq_len`` also trains on."""
-    lengths: dict[int, list[int]] = {}
-    for m, q in sorted(p.mix):
-        if m < seq_len:
-            lengths.setdefault(m, []).append(q)
-    return [[m, qs] for m, qs in lengths.items()]
-
-
-def parse_mix_case(text: str) -> tuple[int, int]:
-    """``T:P`` -> (T, P) for ``--mix``; a one-line error if malformed or impossible."""
-    try:
-        t, q = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LENGTH:PAIRS such as 64:4, got {text!r}"
-                                         ) from None
-    if q < 1 or MAX_PAIR_FRACTION * q > t:
-        raise argparse.ArgumentTypeError(f"{text!r}: need pairs >= 1 and {MAX_PAIR_FRACTION} "
-                                         f"x pairs <= length")
-    return t, q
-
-
-def batch_size(p: Protocol, seq_len: int, n_pairs: int) -> int:
-    # at least 4 sequences per pair count, so that every batch holds the whole mixture
-    return max(4 * n_pairs, p.tokens_per_step // seq_len)
-
-
-# ------------------------------------------------------------------------------ models
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[:KEY=VALUE,...]`` -> (name, overrides); a one-line ValueError if malformed."""
-    name, _, rest = text.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        try:
-            key, value = parse_model_arg(item)
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"model {text!r}: {exc}") from None
-        overrides[key] = value
-    if name != TEXTBOOK and name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected {TEXTBOOK} or one of "
-                         f"{sorted(MODELS)}")
-    return name, overrides
-
-
-def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
-    """GAM's memory has d_model slots (the paper's ratio); Mamba d_state 16 (mamba-ssm's default
-    and the paper's) instead of the tiny preset's 4; the tiny preset's 4 heads and expand 2.
-    gam-delta's heads are small here (d_model / 4), so its chunk is 32 instead of 64: the same
-    function (the chunk only sets how the work is batched) with ~40% less time in the delta
-    rule on a CPU (docs/results.md, gam-delta)."""
-    known = {f.name for f in fields(config_class(name))}
-    wanted = {"num_memory_slots": d_model, "d_state": 16, "delta_chunk_size": 32}
-    return {k: v for k, v in wanted.items() if k in known}
-
-
-def recall_config(name: str, overrides: dict[str, Any], seq_len: int, p: Protocol):
-    """The model config of a configuration: the registry's (library defaults, the tiny
-    preset's small sizes) with the recall sizes and ``overrides``, or the textbook's."""
-    sizes = dict(d_model=p.d_model, n_layers=p.n_layers, vocab_size=p.vocab_size,
-                 max_seq_len=seq_len)
-    if name == TEXTBOOK:
-        known = {f.name for f in fields(TextbookConfig)} - set(sizes)
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown} for {TEXTBOOK}; expected some of "
-                             f"{sorted(known)}")
-        return TextbookConfig(**sizes, **overrides)
-    return model_config(name, "tiny", dropout=0.0, **sizes,
-                        **{**_family_overrides(name, p.d_model), **overrides})
-
-
-def build_recall_model(name: str, overrides: dict[str, Any], seq_len: int, p: Protocol
-                       ) -> torch.nn.Module:
-    config = recall_config(name, overrides, seq_len, p)
-    if name == TEXTBOOK:
-        return TextbookTransformerLM(config)
-    return model_from_config(name, config)
-
-
-def init_label(name: str, config: Any) -> tuple[str, str]:
-    """(init, tied) as the tables show them."""
-    if name == TEXTBOOK:
-        return "textbook N(0,1)", "no"
-    return config.init, "yes" if config.tie_embeddings else "no"
-
-
-# ------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate(model, seq_len: int, pairs: int, vocab_size: int, n_examples: int, seed: int,
-             device: torch.device, batch_size: int = 128, random_non_queries: bool = True,
-             power_a: float | None = None) -> dict[str, Any]:
-    """Accuracy on the query positions of ``n_examples`` held-out sequences, and the key
-    distance of every query."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    distances = []
-    gen = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < n_examples:
-        b = min(batch_size, n_examples - done)
-        x, y = make_mqar_batch(b, seq_len, pairs, vocab_size, generator=gen,
-                               random_non_queries=random_non_queries, power_a=power_a)
-        logits, _ = model(x.to(device))
-        mask = y != IGNORE_INDEX
-        pred = logits.argmax(-1).cpu()
-        correct += int((pred[mask] == y[mask]).sum())
-        total += int(mask.sum())
-        distances.append(query_distances(x, y, pairs))
-        done += b
-    model.train(was_training)
-    return {"accuracy": correct / total, "queries": total,
-            "distances": torch.cat(distances)}
-
-
-# ------------------------------------------------------------------------------ training
-def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list[int],
-                 lr: float, p: Protocol, seed: int, device: torch.device, log=print,
-                 checkpoint: Path | None = None, key: Any = None,
-                 mix: list[list[Any]] = ()) -> dict[str, Any]:
-    """Train one model at one length and lr on the mixture of ``pairs``; return its
-    validation curve, final validation and test accuracy per pair count.
-
-    ``mix`` (``mix_for_length``): shorter ``[length, pair counts]`` cases trained beside, each
-    step one micro-batch of ``tokens_per_step / 2`` tokens per mixed length, weighted like the
-    configuration's own batch (zoology's original MQAR set mixes lengths 64 to 256 the same
-    way); validation, the early stop and the test are on ``seq_len`` only.
-
-    ``checkpoint``: a file the training state (model, optimizer, schedule, data stream, curve)
-    is written to at every validation and resumed from if it holds the same ``key``, so an
-    interrupted configuration continues where it stopped (the same numbers as an
-    uninterrupted one); it is removed once the configuration has finished."""
-    torch.manual_seed(seed)  # the same initial weights for every lr of a model
-    model = build_recall_model(name, overrides, seq_len, p).to(device).train()
-    per_pair = batch_size(p, seq_len, len(pairs)) // len(pairs)
-    cfg = TrainConfig(batch_size=per_pair * len(pairs), lr=lr, weight_decay=p.weight_decay,
-                      decay_filter="nanogpt",
-                      warmup_steps=max(1, round(p.warmup_fraction * p.steps)), grad_clip=1.0,
-                      seed=seed)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, p.steps)
-    # the same training stream for every model and lr at this length
-    gen = torch.Generator().manual_seed(stream_seed("train", seed, seq_len))
-
-    def validate() -> dict[int, float]:
-        return {q: evaluate(model, seq_len, q, p.vocab_size, p.val_examples,
-                            stream_seed("valid", seed, seq_len, q), device,
-                            random_non_queries=p.random_filler,
-                            power_a=p.query_power_a)["accuracy"] for q in pairs}
-
-    def draw(n_seq: int, length: int, pair_counts: list[int]
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n_seq`` training sequences of ``length`` per pair count, concatenated."""
-        parts = [make_mqar_batch(n_seq, length, q, p.vocab_size, generator=gen,
-                                 random_non_queries=p.random_filler, power_a=p.query_power_a)
-                 for q in pair_counts]
-        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-
-    curve: list[dict[str, Any]] = []
-    train_seconds, stop_reason, step, loss_value = 0.0, "steps", 0, math.nan
-    t_start = time.perf_counter()
-    state = _load_checkpoint(checkpoint, key)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["stream"])
-        torch.set_rng_state(state["torch_rng"])
-        curve, train_seconds, step, loss_value = (state["curve"], state["train_seconds"],
-                                                  state["step"], state["loss"])
-        log(f"    {name} T {seq_len} lr {lr:g}: resumed at step {step}")
-    while step < p.steps:
-        step += 1
-        t0 = time.perf_counter()
-        # its own batch, then one micro-batch per shorter length of the mix
-        micro = [draw(per_pair, seq_len, pairs)] + [
-            draw(max(4, p.tokens_per_step // 2 // m // len(m_pairs)), m, m_pairs)
-            for m, m_pairs in mix]
-        xs, ys = [x for x, _ in micro], [y for _, y in micro]
-        try:  # gam train's step: loss, backward, clipping, AdamW, schedule
-            loss_value, _ = train_step(model, optimizer, xs, ys, scheduler=scheduler,
-                                       grad_clip=cfg.grad_clip)
-        except NonFiniteError as exc:
-            raise FloatingPointError(f"{exc} at step {step}") from exc
-        train_seconds += time.perf_counter() - t0
-        out_of_time = p.max_seconds is not None and train_seconds >= p.max_seconds
-        if step % p.eval_every == 0 or step == p.steps or out_of_time:
-            val = validate()
-            curve.append({"step": step, "train_loss": loss_value, "train_seconds": train_seconds,
-                          "val_accuracy": {str(q): a for q, a in val.items()}})
-            log(f"    {name} T {seq_len} lr {lr:g} step {step}: loss {loss_value:.3f}, "
-                f"validation " + ", ".join(f"P{q} {100 * a:.1f}%" for q, a in val.items())
-                + f", {train_seconds:.0f} s")
-            if min(val.values()) >= p.target_accuracy:
-                stop_reason = "target accuracy"
-                break
-            if out_of_time:
-                stop_reason = "time limit"
-                break
-            if checkpoint is not None and step < p.steps:
-                _save_checkpoint(checkpoint, {
-                    "key": key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "stream": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "curve": curve,
-                    "train_seconds": train_seconds, "step": step, "loss": loss_value})
-    rf = int(model.receptive_field)
-    final_val = {int(q): a for q, a in curve[-1]["val_accuracy"].items()}
-    test = {}
-    for q in pairs:
-        ev = evaluate(model, seq_len, q, p.vocab_size, p.test_examples,
-                      stream_seed("test", seed, seq_len, q), device,
-                      random_non_queries=p.random_filler, power_a=p.query_power_a)
-        test[str(q)] = {"accuracy": ev["accuracy"], "queries": ev["queries"],
-                        "reachable_fraction": float((ev["distances"] <= rf - 1).float().mean()),
-                        "val_accuracy": final_val[q]}
-    if isinstance(model.config, TextbookConfig):
-        parameters = sum(t.numel() for t in model.parameters())
-    else:
-        parameters = count_parameters(model)["total"]
-    return {"status": "ok", "steps": step, "stop_reason": stop_reason,
-            "train_seconds": train_seconds, "run_seconds": time.perf_counter() - t_start,
-            "final_loss": loss_value, "batch_size": cfg.batch_size,
-            "val_accuracy": sum(final_val.values()) / len(final_val),
-            "receptive_field": rf, "parameters": parameters, "pairs": test, "curve": curve,
-            "model_config": model.config.to_dict()}
-
-
-def _key_text(key: Any) -> str:
-    """A configuration's key as canonical JSON (tuples and lists compare equal)."""
-    return json.dumps(key, sort_keys=True)
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # the key as JSON text: loadable with weights_only=True whatever the key holds
-    state = {**state, "key": _key_text(state["key"])}
-    atomic_write(path, lambda handle: torch.save(state, handle))
-
-
-def _load_checkpoint(path: Path | None, key: Any) -> dict[str, Any] | None:
-    """The saved state of this configuration, or None (no file, another key, unreadable).
-
-    Read with ``weights_only=True``: a file in the output folder is data, never code (a
-    planted pickle is refused, not run); its key must equal this configuration's before any
-    of it is used."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - damaged or not a plain-data checkpoint: start again
-        return None
-    if not isinstance(state, dict) or state.get("key") != _key_text(key):
-        return None
-    return state
 
 
 def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
@@ -430,12 +122,12 @@ def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         _worker(payload, emit=records.append)
     except Exception as exc:  # noqa: BLE001 - recorded
-        records.append({"status": "oom" if common.is_oom_error(exc) else "error",
+        records.append({"status": "oom" if is_oom_error(exc) else "error",
                         "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
     return records[-1]
 
 
-def _worker(payload: dict[str, Any], emit=common.emit) -> None:
+def _worker(payload: dict[str, Any], emit=emit) -> None:
     log_file = payload.get("log_file")
 
     def log(line: str) -> None:  # the parent reads stdout only at the end: progress goes here
@@ -550,8 +242,8 @@ def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in
             rec = _train_here(payload)
         else:
             limit = None if max_seconds is None else 2 * max_seconds + 600
-            status, records, error = common.run_worker("gam.bench.recall", payload,
-                                                       timeout=limit)
+            status, records, error = run_worker("gam.bench.recall", payload,
+                                                timeout=limit)
             rec = records[-1] if records else {"status": status, "error": error}
         rec.pop("traceback", None)
         row = {**rec, "action": "trained", "wall_seconds": time.perf_counter() - t0}
@@ -595,7 +287,7 @@ def _slug(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = common.resolve_device(args.device)
+    device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
     if args.retrain and args.report_only:
         raise ValueError("--retrain and --report-only contradict each other; give one")
@@ -617,7 +309,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
                          f"length among {all_pairs} for lengths {seq_lens}")
     out = Path(args.out)
-    command = common.command_line(args.command, args.argv)
+    command = command_line(args.command, args.argv)
     settings = {"models": labels, "model_args": global_args, "seq_lens": seq_lens,
                 "pairs": all_pairs, "pairs_by_length": {str(t): v for t, v in lengths.items()},
                 "lrs": lrs, "protocol": asdict(p), "seed": args.seed, "device": str(device),
@@ -627,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
                 "task": "MQAR (zoology): P key-value pairs, then every key queried once at a "
                         "random even offset of the rest; accuracy on query positions only"}
     results: dict[str, Any] = {"command": command, "settings": settings, "configs": [],
-                               "runs": [], "environment": common.environment(device, threads)}
+                               "runs": [], "environment": environment(device, threads)}
     n_configs = sum(len(lrs) for t in seq_lens if lengths[t] for _ in variants)
     print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, d {p.d_model}, "
           f"{p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of {p.tokens_per_step} "
@@ -691,4 +383,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gam.bench import common
+from gam.bench.environment import finish_environment
+from gam.bench.reports import environment_markdown, fmt, json_safe, markdown_table, new_figure
 from gam.files import atomic_write_bytes
 
 
@@ -61,7 +62,7 @@ def _markdown(results: dict[str, Any]) -> str:
     runs = results["runs"]
     parts = [f"# gam bench recall: MQAR test accuracy on query positions (%), d {p['d_model']}, "
              f"{p['n_layers']} layers, vocab {p['vocab_size']}", "",
-             common.environment_markdown(results["environment"], results["command"]), "",
+             environment_markdown(results["environment"], results["command"]), "",
              f"One model per (model, length, lr), trained on that length's pair counts mixed in "
              f"each batch, {p['steps']} steps of {p['tokens_per_step']} tokens (AdamW, weight "
              f"decay {p['weight_decay']}, warm-up {100 * p['warmup_fraction']:g}% then cosine, "
@@ -89,7 +90,7 @@ def _markdown(results: dict[str, Any]) -> str:
                                                    else r["status"]))
             table.append([v, first["init"], first["tied"], *cells,
                           f"{first['lr']:g}" if first.get("lr") else "-",
-                          first.get("steps", "-"), common.fmt(first.get("train_seconds"), 0)])
+                          first.get("steps", "-"), fmt(first.get("train_seconds"), 0)])
         table.append(["copy plateau (1/P)", "", "", *(f"{100 / q:.1f}" for q in ps), "", "", ""])
         reach = {}
         for r in rows_t:
@@ -99,17 +100,17 @@ def _markdown(results: dict[str, Any]) -> str:
         for rf, vals in sorted(reach.items()):
             table.append([f"reachable (rf {rf})", "", "", *(_pct(vals.get(q)) for q in ps),
                           "", "", ""])
-        parts += ["", f"## T = {t}", "", common.markdown_table(
+        parts += ["", f"## T = {t}", "", markdown_table(
             ["model", "init", "tied", *(f"P {q}" for q in ps), "chosen lr", "steps",
              "train s"], table)]
     sweep = [[c["model"], c["seq_len"], f"{c['lr']:g}", c["status"],
               _pct(c.get("val_accuracy")),
               " / ".join(_pct(r["accuracy"]) for r in c.get("pairs", {}).values()) or "-",
               c.get("steps", "-"), c.get("stop_reason", "-"),
-              common.fmt(c.get("train_seconds"), 0), common.fmt(c.get("wall_seconds"), 0),
+              fmt(c.get("train_seconds"), 0), fmt(c.get("wall_seconds"), 0),
               "yes" if c.get("chosen") else "", c.get("action", "-")]
              for c in results["configs"]]
-    parts += ["", "## Learning-rate sweep (every configuration)", "", common.markdown_table(
+    parts += ["", "## Learning-rate sweep (every configuration)", "", markdown_table(
         ["model", "T", "lr", "status", "val acc (mean)", "test acc per P", "steps", "stop",
          "train s", "wall s", "chosen", "action"], sweep)]
     return "\n".join(parts)
@@ -118,7 +119,7 @@ def _markdown(results: dict[str, Any]) -> str:
 def _plot(results: dict[str, Any], path: Path) -> None:
     runs = [r for r in results["runs"] if r["status"] == "ok"]
     seq_lens = sorted({r["seq_len"] for r in runs}) or [0]
-    fig, axes = common.new_figure(len(seq_lens), width=4.5, height=3.8)
+    fig, axes = new_figure(len(seq_lens), width=4.5, height=3.8)
     for ax, t in zip(axes, seq_lens, strict=True):
         for model in dict.fromkeys(r["model"] for r in runs):
             rows = sorted((r for r in runs if r["model"] == model and r["seq_len"] == t),
@@ -156,8 +157,8 @@ def write_results(out: Path, results: dict[str, Any], plot: bool = False) -> Non
                 chosen[(v, t)] = best["lr"]
     for c in results["configs"]:
         c["chosen"] = chosen.get((c["model"], c["seq_len"])) == c["lr"]
-    results["environment"] = common.finish_environment(results["environment"])
-    clean = common._finite(results)  # strict JSON: NaN/inf -> null
+    results["environment"] = finish_environment(results["environment"])
+    clean = json_safe(results)  # strict JSON: NaN/inf -> null
     atomic_write_bytes(out / "results.json",
                        (json.dumps(clean, indent=2, allow_nan=False) + "\n").encode())
     atomic_write_bytes(out / "results.md", (_markdown(clean).rstrip() + "\n").encode())

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None and Paths -> str, so that results.json is strict JSON."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -43,7 +43,7 @@ def write_results(out_dir: Path | str, results: dict[str, Any], markdown: str) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.json", "w") as f:
-        json.dump(_finite(results), f, indent=2, allow_nan=False)
+        json.dump(json_safe(results), f, indent=2, allow_nan=False)
         f.write("\n")
     (out / "results.md").write_text(markdown.rstrip() + "\n")
     return out

@@ -30,7 +30,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,8 @@ from gam.training.rundir import (
     recorded_vocab_size,
 )
 
-__all__ = ["RunSpec", "apply_model_args", "check_models", "dataset_slug", "execute_run",
-           "parameter_counts", "prepare_dataset", "run_dir_of", "run_state",
-           "summarize_run_dir"]
+__all__ = ["RunSpec", "apply_model_args", "check_models", "execute_run", "parameter_counts",
+           "prepare_dataset", "run_dir_of", "run_state", "summarize_run_dir"]
 
 
 # ----------------------------------------------------------------------------------- specs
@@ -205,11 +204,11 @@ def summarize_run_dir(run_dir: Path) -> dict[str, Any]:
         epoch_time, basis = train_time / steps * batches_per_epoch, "extrapolated"
     else:
         epoch_time, basis = None, None
-    counts = parameter_counts(run.model, run.preset, run.model_kwargs())
+    counts = parameter_counts(run.model, run.model_preset, run.model_kwargs())
     data = recorded_data(config)
     return {
         "model_name": run.model,
-        "model_preset": run.preset,
+        "model_preset": run.model_preset,
         "overrides": dict(run.model_overrides),
         "params_total": counts["total"],
         "params_non_embedding": counts["non_embedding"],
@@ -273,7 +272,7 @@ def execute_run(spec: RunSpec, protocol: Protocol, out: Path, data_dir: str | No
             log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] resuming {run_dir} at "
                 f"step {step}/{total}")
             # the data is read from where it is now, not necessarily where it was recorded
-            resume(run_dir, replace(options, data_dir=data_dir) if data_dir else options)
+            resume(run_dir, options, data_dir=data_dir or None)
         else:
             row["action"] = "trained"
             log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] training -> {run_dir}")

@@ -48,7 +48,23 @@ from typing import Any
 import torch
 
 from gam.bench import common
-from gam.bench.workers import merge_worker_result
+from gam.bench.environment import finish_environment
+from gam.bench.measure import (
+    MemoryMeter,
+    default_memory_cap,
+    limit_address_space,
+    loglog_fit,
+    time_fn,
+)
+from gam.bench.reports import (
+    environment_markdown,
+    fmt,
+    markdown_table,
+    new_figure,
+    style_log_axis,
+    write_report,
+)
+from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
 from gam.runtime import autocast_context
 from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
@@ -69,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest length of the doubling series from 256 (default 8192)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="batch size (default: 4 on CPU, 16 (the paper's) on GPU; quick: 2)")
-    parser.add_argument("--preset", default="paper", help="block hyper-parameters")
+    common.add_model_preset_argument(parser, "of the block's model")
     parser.add_argument("--d-model", type=positive_int, default=None,
                         help="override d_model (default: the preset's, 512)")
     parser.add_argument("--repeats", type=positive_int, default=None,
@@ -130,14 +146,14 @@ def _worker(payload: dict[str, Any]) -> None:
     block.zero_grad(set_to_none=True)
     del small
     if device.type == "cpu":
-        common.limit_address_space(payload.get("max_memory_bytes"))
-    meter = common.MemoryMeter(device)
+        limit_address_space(payload.get("max_memory_bytes"))
+    meter = MemoryMeter(device)
     meter.start()
     fwd_bwd(x)
     peak = meter.growth_bytes()
-    timing = common.time_fn(lambda: fwd_bwd(x), device, warmup=max(0, payload["warmup"] - 1),
-                            repeats=payload["repeats"])
-    common.emit({
+    timing = time_fn(lambda: fwd_bwd(x), device, warmup=max(0, payload["warmup"] - 1),
+                     repeats=payload["repeats"])
+    emit({
         "status": "ok",
         "time_ms_median": timing["median_ms"],
         "time_ms_min": timing["min_ms"],
@@ -161,8 +177,8 @@ def fit_rows(runs: list[dict[str, Any]], models: list[str]) -> list[dict[str, An
         for key, field in (("time", "time_ms_median"), ("time_min", "time_ms_min"),
                            ("memory", "peak_mem_mb")):
             vals = [r[field] for r in ok]
-            full = common.loglog_fit(lens, vals)
-            tail = common.loglog_fit(lens[-3:], vals[-3:]) if len(lens) > 3 else full
+            full = loglog_fit(lens, vals)
+            tail = loglog_fit(lens[-3:], vals[-3:]) if len(lens) > 3 else full
             row[f"exponent_{key}"] = None if full is None else full[0]
             row[f"exponent_{key}_tail"] = None if tail is None else tail[0]
         fits.append(row)
@@ -178,45 +194,45 @@ def _markdown(results: dict[str, Any]) -> str:
     def cell(r: dict[str, Any] | None, field: str, digits: int) -> str:
         if r is None:
             return ""
-        return common.fmt(r[field], digits) if r["status"] == "ok" else r["status"]
+        return fmt(r[field], digits) if r["status"] == "ok" else r["status"]
 
     s = results["settings"]
     out = [f"# gam bench scale: one block, forward + backward (batch {s['batch_size']}, "
            f"d {s['d_model']}, {s.get('dtype', 'fp32')}, {results['environment']['device']})",
            "",
-           common.environment_markdown(results["environment"], results["command"]), "",
+           environment_markdown(results["environment"], results["command"]), "",
            "## Time (ms, median of repeats)", "",
-           common.markdown_table(["N", *models],
-                                 [[n, *(cell(by.get((m, n)), "time_ms_median", 1) for m in models)]
-                                  for n in lengths]), "",
+           markdown_table(["N", *models],
+                          [[n, *(cell(by.get((m, n)), "time_ms_median", 1) for m in models)]
+                           for n in lengths]), "",
            "## Peak memory (MB, growth over block + input)", "",
-           common.markdown_table(["N", *models],
-                                 [[n, *(cell(by.get((m, n)), "peak_mem_mb", 1) for m in models)]
-                                  for n in lengths]), "",
+           markdown_table(["N", *models],
+                          [[n, *(cell(by.get((m, n)), "peak_mem_mb", 1) for m in models)]
+                           for n in lengths]), "",
            "## Scaling exponents (least-squares slope of log y vs log N)", "",
-           common.markdown_table(
+           markdown_table(
                ["model", "time (all N)", "time (3 longest)", "min time (all N)",
                 "min time (3 longest)", "memory (all N)", "memory (3 longest)",
                 "lengths fitted"],
-               [[f["model"], common.fmt(f["exponent_time"], 2),
-                 common.fmt(f["exponent_time_tail"], 2), common.fmt(f["exponent_time_min"], 2),
-                 common.fmt(f["exponent_time_min_tail"], 2), common.fmt(f["exponent_memory"], 2),
-                 common.fmt(f["exponent_memory_tail"], 2),
+               [[f["model"], fmt(f["exponent_time"], 2),
+                 fmt(f["exponent_time_tail"], 2), fmt(f["exponent_time_min"], 2),
+                 fmt(f["exponent_time_min_tail"], 2), fmt(f["exponent_memory"], 2),
+                 fmt(f["exponent_memory_tail"], 2),
                  f"{f['lengths'][0]}-{f['lengths'][-1]}" if f["lengths"] else "-"]
                 for f in fits]), "",
            "## All runs", "",
-           common.markdown_table(
+           markdown_table(
                ["model", "N", "batch", "status", "time median (ms)", "time min (ms)",
                 "peak mem (MB)", "note"],
                [[r["model"], r["seq_len"], r["batch_size"], r["status"],
-                 common.fmt(r.get("time_ms_median"), 1), common.fmt(r.get("time_ms_min"), 1),
-                 common.fmt(r.get("peak_mem_mb"), 1), r.get("error") or ""] for r in runs]), "",
+                 fmt(r.get("time_ms_median"), 1), fmt(r.get("time_ms_min"), 1),
+                 fmt(r.get("peak_mem_mb"), 1), r.get("error") or ""] for r in runs]), "",
            f"Memory: {s['memory_method']}."]
     return "\n".join(out)
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    fig, (ax_t, ax_m) = common.new_figure(2)
+    fig, (ax_t, ax_m) = new_figure(2)
     for model in dict.fromkeys(r["model"] for r in results["runs"]):
         ok = sorted((r for r in results["runs"] if r["model"] == model and r["status"] == "ok"),
                     key=lambda r: r["seq_len"])
@@ -227,7 +243,7 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
         ax_m.plot(n, [r["peak_mem_mb"] for r in ok], "o-", label=model)
     for ax, title, unit in ((ax_t, "forward + backward time", "ms"),
                             (ax_m, "peak memory (growth)", "MB")):
-        common.style_log_axis(ax, title, unit, "sequence length N")
+        style_log_axis(ax, title, unit, "sequence length N")
     s = results["settings"]
     fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']}, "
                  f"{s.get('dtype', 'fp32')} ({results['environment']['device']})")
@@ -241,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
     batch = args.batch_size or (2 if args.quick else (16 if device.type == "cuda" else 4))
     repeats = args.repeats or (2 if args.quick else 3)
     overrides = {} if args.d_model is None else {"d_model": args.d_model}
-    max_mem = common.default_memory_cap(device, args.max_memory_gb)
+    max_mem = default_memory_cap(device, args.max_memory_gb)
     print(f"gam bench scale: models {args.models}, lengths {lengths}, batch {batch}, "
           f"{args.dtype}, {repeats} repeats, device {device}, {threads} threads", flush=True)
 
@@ -252,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         reason = common.model_available(model)
         failed_at: tuple[int, str] | None = None
         if reason is None:
-            config = model_config(model, args.preset, **overrides)
+            config = model_config(model, args.model_preset, **overrides)
             d_model = config.d_model
             configs[model] = {**config.to_dict(), "n_layers": 1, "max_seq_len": "N"}
         for n in lengths:
@@ -263,13 +279,13 @@ def run(args: argparse.Namespace) -> int:
                 row.update(status="skipped",
                            error=f"{failed_at[1]} at N={failed_at[0]}")
             else:
-                payload = {"model": model, "preset": args.preset, "overrides": overrides,
+                payload = {"model": model, "preset": args.model_preset, "overrides": overrides,
                            "seq_len": n, "batch_size": batch, "device": str(device),
                            "threads": args.threads, "warmup": args.warmup, "repeats": repeats,
                            "seed": args.seed, "max_memory_bytes": max_mem,
                            "dtype": args.dtype}
-                merge_worker_result(row, *common.run_worker("gam.bench.scale", payload,
-                                                            timeout=args.max_seconds))
+                merge_worker_result(row, *run_worker("gam.bench.scale", payload,
+                                                     timeout=args.max_seconds))
                 if row["status"] in ("oom", "timeout"):
                     failed_at = (n, row["status"])
             row.setdefault("time_ms_median", None)
@@ -277,24 +293,24 @@ def run(args: argparse.Namespace) -> int:
             row.setdefault("peak_mem_mb", None)
             runs.append(row)
             print(f"  {model:<18} N={n:<6} {row['status']:<8} "
-                  f"time {common.fmt(row['time_ms_median'], 1)} ms "
-                  f"(min {common.fmt(row['time_ms_min'], 1)}), "
-                  f"peak {common.fmt(row['peak_mem_mb'], 1)} MB"
+                  f"time {fmt(row['time_ms_median'], 1)} ms "
+                  f"(min {fmt(row['time_ms_min'], 1)}), "
+                  f"peak {fmt(row['peak_mem_mb'], 1)} MB"
                   + (f"  [{row['error'][:120]}]" if row.get("error") else ""), flush=True)
 
     fits = fit_rows(runs, list(args.models))
     for f in fits:
-        print(f"  fit {f['model']:<18} time ~ N^{common.fmt(f['exponent_time'], 2)} "
-              f"(tail {common.fmt(f['exponent_time_tail'], 2)}), memory ~ "
-              f"N^{common.fmt(f['exponent_memory'], 2)} "
-              f"(tail {common.fmt(f['exponent_memory_tail'], 2)})", flush=True)
+        print(f"  fit {f['model']:<18} time ~ N^{fmt(f['exponent_time'], 2)} "
+              f"(tail {fmt(f['exponent_time_tail'], 2)}), memory ~ "
+              f"N^{fmt(f['exponent_memory'], 2)} "
+              f"(tail {fmt(f['exponent_memory_tail'], 2)})", flush=True)
     method = next((r["memory_method"] for r in runs if r.get("memory_method")),
                   "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM growth")
     results = {
         "command": command,
         "settings": {"models": list(args.models), "lengths": lengths, "batch_size": batch,
                      "dtype": args.dtype,
-                     "preset": args.preset, "d_model": d_model, "repeats": repeats,
+                     "preset": args.model_preset, "d_model": d_model, "repeats": repeats,
                      "warmup": args.warmup, "max_seconds": args.max_seconds,
                      "max_memory_bytes": max_mem, "quick": args.quick, "seed": args.seed,
                      "memory_method": method, "block_configs": configs,
@@ -302,12 +318,12 @@ def run(args: argparse.Namespace) -> int:
                                     "grad, training mode, grads set to None before each run"},
         "runs": runs,
         "fits": fits,
-        "environment": common.finish_environment(env),
+        "environment": finish_environment(env),
     }
-    common.write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "scale.png")], summary=False)
+    write_report(args.out, results, _markdown,
+                 [lambda out: _plot(results, out / "scale.png")], summary=False)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

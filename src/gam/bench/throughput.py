@@ -41,10 +41,13 @@ from typing import Any
 import torch
 
 from gam.bench import common
+from gam.bench.environment import finish_environment
 from gam.bench.flops import flops_breakdown, flops_per_token
-from gam.bench.workers import merge_worker_result
+from gam.bench.measure import MemoryMeter, default_memory_cap, limit_address_space
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_report
+from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
-from gam.runtime import tune_cpu_allocator
+from gam.runtime import DTYPES, synchronize, tune_cpu_allocator
 from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer
@@ -90,7 +93,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMU
     b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
-    common.synchronize(device)
+    synchronize(device)
     best = 0.0
     for _ in range(rounds):
         iters, elapsed = 0, 0.0
@@ -100,16 +103,16 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = MATMU
             iters += 1
             if device.type == "cuda" and iters % 10:
                 continue
-            common.synchronize(device)
+            synchronize(device)
             elapsed = time.perf_counter() - t0
-        common.synchronize(device)
+        synchronize(device)
         elapsed = time.perf_counter() - t0
         best = max(best, 2.0 * n**3 * iters / elapsed)
     return best
 
 
 def time_steps(step: Any, device: torch.device, payload: dict[str, Any]
-                ) -> tuple[float, list[float], float, common.MemoryMeter]:
+                ) -> tuple[float, list[float], float, MemoryMeter]:
     """``payload["warmup"]`` untimed steps, then up to ``payload["steps"]`` timed ones (at
     least 2; fewer when the time budget would be exceeded) under a memory meter:
     ``(warm-up seconds, seconds per timed step, timed seconds, meter)``."""
@@ -124,17 +127,17 @@ def time_steps(step: Any, device: torch.device, payload: dict[str, Any]
                     f"({type(exc).__name__}: {str(exc)[:300]}); run without --compile") from exc
             continue
         step()
-    common.synchronize(device)
+    synchronize(device)
     warmup_s = time.perf_counter() - t_start
     budget = payload.get("time_budget_s")
-    meter = common.MemoryMeter(device)
+    meter = MemoryMeter(device)
     meter.start()
     steps_done, elapsed, step_s = 0, 0.0, []
     t0 = time.perf_counter()
     while steps_done < payload["steps"]:
         t_step = time.perf_counter()
         step()
-        common.synchronize(device)
+        synchronize(device)
         step_s.append(time.perf_counter() - t_step)
         steps_done += 1
         elapsed = time.perf_counter() - t0
@@ -150,7 +153,7 @@ def _worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(payload.get("seed", 0))
     name, seq_len, batch = payload["model"], payload["seq_len"], payload["batch_size"]
     dtype_name = payload["dtype"]
-    dtype = common.DTYPES[dtype_name]
+    dtype = DTYPES[dtype_name]
     peak_before = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
     overrides = dict(payload.get("overrides", {}))
     base_len = model_config(name, payload["preset"], **overrides).max_seq_len
@@ -177,7 +180,7 @@ def _worker(payload: dict[str, Any]) -> None:
         losses.append(loss)
 
     if device.type == "cpu":
-        common.limit_address_space(payload.get("max_memory_bytes"))
+        limit_address_space(payload.get("max_memory_bytes"))
     warmup_s, step_s, elapsed, meter = time_steps(step, device, payload)
     steps_done = len(step_s)
     tokens_per_s = batch * seq_len / statistics.median(step_s)
@@ -188,7 +191,7 @@ def _worker(payload: dict[str, Any]) -> None:
     peak_after = measure_matmul_peak(device, dtype, payload.get("matmul_size", MATMUL_SIZE))
     peak_runs = [peak_before, peak_after]
     peak = max(peak_runs)
-    common.emit({
+    emit({
         "status": "ok",
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_mean": batch * seq_len * steps_done / elapsed,
@@ -241,29 +244,29 @@ def _markdown(results: dict[str, Any]) -> str:
     parts = [f"# gam bench throughput: training tokens/s (preset {s['preset']}, batch "
              f"{s['batch_size']}, AdamW, compile {s['compile']}"
              f"{common.overrides_text(s['overrides'])})", "",
-             common.environment_markdown(results["environment"], results["command"]), "",
-             common.markdown_table(
+             environment_markdown(results["environment"], results["command"]), "",
+             markdown_table(
                  ["model", "dtype", "T", "status", "tokens/s", "median step (ms)",
                   "MFLOP/token", "achieved GFLOP/s", "matmul peak GFLOP/s", "MFU",
                   "peak mem (MB)"],
                  [[r["model"], r["dtype"], r["seq_len"], r["status"],
-                   common.fmt(r.get("tokens_per_s"), 0), common.fmt(r.get("step_ms"), 0),
-                   common.fmt(r["flops_per_token"] / 1e6 if r.get("flops_per_token") else None,
-                              1),
-                   common.fmt(r["achieved_flops"] / 1e9 if r.get("achieved_flops") else None,
-                              1),
-                   common.fmt(r["peak_flops"] / 1e9 if r.get("peak_flops") else None, 1),
+                   fmt(r.get("tokens_per_s"), 0), fmt(r.get("step_ms"), 0),
+                   fmt(r["flops_per_token"] / 1e6 if r.get("flops_per_token") else None,
+                       1),
+                   fmt(r["achieved_flops"] / 1e9 if r.get("achieved_flops") else None,
+                       1),
+                   fmt(r["peak_flops"] / 1e9 if r.get("peak_flops") else None, 1),
                    f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-",
-                   common.fmt(r.get("peak_mem_mb"), 0)] for r in results["runs"]]), ""]
+                   fmt(r.get("peak_mem_mb"), 0)] for r in results["runs"]]), ""]
     if results["ratios"]:
         parts += ["## GAM vs Transformer (SDPA)", "",
-                  common.markdown_table(
+                  markdown_table(
                       ["dtype", "T", "tokens/s ratio (gam/transformer)",
                        "inverse FLOPs ratio (transformer/gam FLOPs per token)",
                        "same, attention causal-halved", "MFU gam", "MFU transformer"],
-                      [[r["dtype"], r["seq_len"], common.fmt(r["tokens_per_s_ratio"], 2),
-                        common.fmt(r["inverse_flops_ratio"], 2),
-                        common.fmt(r.get("inverse_flops_ratio_causal"), 2),
+                      [[r["dtype"], r["seq_len"], fmt(r["tokens_per_s_ratio"], 2),
+                        fmt(r["inverse_flops_ratio"], 2),
+                        fmt(r.get("inverse_flops_ratio_causal"), 2),
                         f"{100 * r['mfu_gam']:.1f}%", f"{100 * r['mfu_transformer']:.1f}%"]
                        for r in results["ratios"]]), ""]
     parts.append("FLOPs per token: 3 x forward (Linear layers incl. the tied head, conv taps, "
@@ -280,7 +283,7 @@ def _markdown(results: dict[str, Any]) -> str:
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    fig, (ax_t, ax_m) = common.new_figure(2)
+    fig, (ax_t, ax_m) = new_figure(2)
     ok = [r for r in results["runs"] if r["status"] == "ok"]
     labels = [f"{r['model']}\n{r['dtype']} T{r['seq_len']}" for r in ok]
     xs = range(len(ok))
@@ -302,20 +305,20 @@ def _measure(args: argparse.Namespace, model: str, dtype: str, seq_len: int,
     """The row of one (model, dtype, seq_len): measured in a worker process."""
     row: dict[str, Any] = {"model": model, "dtype": dtype, "seq_len": seq_len,
                            "batch_size": args.batch_size, "compile": args.compile,
-                           "preset": args.preset}
+                           "preset": args.model_preset}
     if reason is not None:
         row.update(status="unavailable", error=reason)
     else:
         payload = {"model": model, **base, "seq_len": seq_len, "dtype": dtype}
-        merge_worker_result(row, *common.run_worker(
+        merge_worker_result(row, *run_worker(
             "gam.bench.throughput", payload, timeout=args.max_seconds))
         if "flops_per_token" not in row:
             row["flops_per_token"] = flops_per_token(
-                model, seq_len, preset=args.preset, **overrides,
+                model, seq_len, preset=args.model_preset, **overrides,
                 max_seq_len=max(seq_len, 1))
         # what a causal kernel computes: attention's masked half skipped
         row["flops_per_token_causal"] = flops_per_token(
-            model, seq_len, preset=args.preset, causal_halved=True, **overrides,
+            model, seq_len, preset=args.model_preset, causal_halved=True, **overrides,
             max_seq_len=max(seq_len, 1))
     for key in ("tokens_per_s", "peak_flops", "mfu", "flops_per_token"):
         row.setdefault(key, None)
@@ -327,16 +330,16 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     overrides = common.model_overrides(args)
-    configs = common.model_configs("throughput", args.models, args.preset, overrides)
+    configs = common.model_configs("throughput", args.models, args.model_preset, overrides)
     if configs is None:
         return 2
-    max_mem = common.default_memory_cap(device, args.max_memory_gb)
+    max_mem = default_memory_cap(device, args.max_memory_gb)
     print(f"gam bench throughput: models {args.models}, dtypes {args.dtype}, seq_len "
           f"{args.seq_len}, batch {args.batch_size}, {steps} steps (+{warmup} warm-up), "
           f"device {device}, {threads} threads", flush=True)
 
     # what every configuration's worker gets besides model, dtype and seq_len
-    base = {"preset": args.preset, "overrides": overrides, "batch_size": args.batch_size,
+    base = {"preset": args.model_preset, "overrides": overrides, "batch_size": args.batch_size,
             "compile": args.compile, "steps": steps, "warmup": warmup, "lr": args.lr,
             "device": str(device), "threads": args.threads, "seed": args.seed,
             "matmul_size": args.matmul_size, "time_budget_s": 0.6 * args.max_seconds,
@@ -349,10 +352,10 @@ def run(args: argparse.Namespace) -> int:
                 row = _measure(args, model, dtype, seq_len, reason, base, overrides)
                 runs.append(row)
                 print(f"  {model:<12} {dtype} T={seq_len:<5} {row['status']:<8} "
-                      f"{common.fmt(row['tokens_per_s'], 0)} tok/s, "
-                      f"{common.fmt((row['flops_per_token'] or 0) / 1e6, 1)} MFLOP/token, "
-                      f"peak {common.fmt((row['peak_flops'] or 0) / 1e9, 1)} GFLOP/s, "
-                      f"MFU {common.fmt(100 * row['mfu'] if row['mfu'] else None, 1)}%"
+                      f"{fmt(row['tokens_per_s'], 0)} tok/s, "
+                      f"{fmt((row['flops_per_token'] or 0) / 1e6, 1)} MFLOP/token, "
+                      f"peak {fmt((row['peak_flops'] or 0) / 1e9, 1)} GFLOP/s, "
+                      f"MFU {fmt(100 * row['mfu'] if row['mfu'] else None, 1)}%"
                       + (f"  [{row['error'][:120]}]" if row.get("error") else ""), flush=True)
     ratios = ratio_rows(runs)
     for r in ratios:
@@ -362,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
               f"{r['inverse_flops_ratio_causal']:.2f})", flush=True)
     results = {
         "command": command,
-        "settings": {"models": list(args.models), "preset": args.preset,
+        "settings": {"models": list(args.models), "preset": args.model_preset,
                      "overrides": overrides, "batch_size": args.batch_size,
                      "seq_lens": list(args.seq_len), "dtypes": list(args.dtype),
                      "compile": args.compile, "steps": steps, "warmup": warmup,
@@ -382,12 +385,12 @@ def run(args: argparse.Namespace) -> int:
                      "model_configs": configs},
         "runs": runs,
         "ratios": ratios,
-        "environment": common.finish_environment(env),
+        "environment": finish_environment(env),
     }
-    common.write_report(args.out, results, _markdown,
-                        [lambda out: _plot(results, out / "throughput.png")], summary=False)
+    write_report(args.out, results, _markdown,
+                 [lambda out: _plot(results, out / "throughput.png")], summary=False)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(common.worker_main(_worker))
+    sys.exit(worker_main(_worker))

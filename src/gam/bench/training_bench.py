@@ -21,7 +21,6 @@ from gam.bench.environment import command_line, environment
 from gam.bench.protocols import (
     DATASET_NOTES,
     Protocol,
-    protocol_markdown,
     resolve_data_dir,
     resolve_protocol,
     seeds_of,
@@ -41,8 +40,7 @@ from gam.runtime import resolve_device, set_threads
 from gam.training import RuntimeOptions, read_metrics
 
 __all__ = ["Benchmark", "dataset_heading", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown",
-           "paper_params", "plot_curves", "protocol_check", "protocol_markdown", "resolve_data_dir",
-           "resolve_protocol", "run_training_benchmark", "seeds_of", "summarize"]
+           "paper_params", "plot_curves", "protocol_check", "run_training_benchmark", "summarize"]
 
 
 # --------------------------------------------------------------------------------- summary

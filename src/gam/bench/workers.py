@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gam.bench.reports import _finite
+from gam.bench.reports import json_safe
 from gam.errors import is_oom_error
 from gam.runtime import set_threads
 
@@ -84,7 +84,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def emit(record: dict[str, Any]) -> None:
     """Worker side: report one finished record to the parent."""
-    print(RESULT_PREFIX + json.dumps(_finite(record)), flush=True)
+    print(RESULT_PREFIX + json.dumps(json_safe(record)), flush=True)
 
 
 def worker_main(fn: Callable[[dict[str, Any]], None], argv: Sequence[str] | None = None) -> int:

@@ -11,15 +11,10 @@ Typical use::
     valid = TokenBlocks(ids["valid"], block_size=256, drop_last=False)
 """
 
-from gam.data.blocks import IGNORE_INDEX, TokenBlocks
-from gam.data.corpora import (
-    KNOWN_CORPORA,
-    Corpus,
-    DataNotFoundError,
-    default_data_dir,
-    load_austen,
-    load_corpus,
-)
+from gam.constants import IGNORE_INDEX
+from gam.data.blocks import TokenBlocks
+from gam.data.corpora import KNOWN_CORPORA, default_data_dir, load_austen, load_corpus
+from gam.data.corpus import Corpus, DataNotFoundError
 from gam.data.tokenizer import TOKENIZER_KINDS, eot_token_id, train_tokenizer
 from gam.data.tokens import encode_corpus
 from gam.files import default_cache_dir

@@ -30,19 +30,26 @@ Row conventions (those of the Hugging Face ``wikitext`` builder, so local and hu
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from gam.data._files import DataFileError as DataFileError  # re-exported: corrupt data files
 from gam.data._files import describe_text_file, find_text_file, iter_lines
 from gam.data.code_corpus import PYTHON_STDLIB, read_python_stdlib
+from gam.data.corpus import (
+    Corpus,
+    DataNotFoundError,
+    check_not_empty,
+    check_row_limit,
+    describe_limits,
+    iter_line_rows,
+    limit_for,
+    normalize_line,
+)
+from gam.data.text_corpus import TEXT_PREFIX, load_text_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -52,104 +59,9 @@ ENV_DATA_DIR = "GAM_DATA_DIR"
 EOT_MARKER = "<|endoftext|>"
 """Separator between stories in TinyStories text files."""
 
-TEXT_PREFIX = "text:"
-"""Prefix of ad-hoc corpora: ``text:FILE`` or ``text:DIR``."""
-
-ROW_KINDS = ("line", "document")
-
-TEXT_TRAIN_FRACTION = 0.9
-"""Share of the lines of a single ``text:FILE`` that goes to ``train`` (the rest is ``valid``)."""
-
 AUSTEN_VALID_TITLE = "Persuasion"
 AUSTEN_VALID_START_LINE = 65_100
 """1-based line where *Persuasion*, the held-out validation novel, starts in ``austen.txt``."""
-
-
-class DataNotFoundError(FileNotFoundError):
-    """A corpus could not be found in any of the places it may live.
-
-    Subclasses :class:`FileNotFoundError` so callers that already handle missing files keep
-    working; the message lists the expected folder layout and every place that was tried.
-    ``str(error)`` speaks to a library caller (``data_dir=<folder>``); ``cli_message`` says
-    the same to a command-line user (``--data-dir <folder>``).
-    """
-
-    def __init__(self, message: str, cli_message: str | None = None) -> None:
-        super().__init__(message)
-        self.cli_message = cli_message if cli_message is not None else message
-
-
-@dataclass(repr=False)
-class Corpus:
-    """A text corpus split into rows.
-
-    Attributes:
-        name: the name it was loaded under (``"wikitext2"``, ``"text:notes.txt"``...); part of
-            every cache key.
-        splits: rows of text per split: ``"train"``, ``"valid"`` and optionally ``"test"``.
-        source: where the text came from, for logs (folder, file or hub id, and row cuts).
-        row_kind: ``"line"`` -- rows are lines of one continuous text, joined with ``"\\n"`` --
-            or ``"document"`` -- rows are independent documents separated by end-of-text.
-        files: the file (or hub split) each split was read from, for records and messages.
-    """
-
-    name: str
-    splits: dict[str, list[str]]
-    source: str
-    row_kind: str = "line"
-    files: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.row_kind not in ROW_KINDS:
-            raise ValueError(f"row_kind must be one of {ROW_KINDS}, got {self.row_kind!r}")
-        missing = [s for s in ("train", "valid") if s not in self.splits]
-        if missing:
-            raise ValueError(
-                f"corpus {self.name!r} lacks split(s) {missing}; every corpus needs 'train' and "
-                f"'valid', got {sorted(self.splits)}"
-            )
-
-    def __repr__(self) -> str:  # the default repr would print every row
-        counts = ", ".join(f"{s}={len(r)}" for s, r in self.splits.items())
-        return (
-            f"Corpus(name={self.name!r}, rows: {counts}, row_kind={self.row_kind!r}, "
-            f"source={self.source!r})"
-        )
-
-    def rows(self, split: str) -> list[str]:
-        """The rows of ``split``; raises ``KeyError`` naming the splits that do exist."""
-        try:
-            return self.splits[split]
-        except KeyError:
-            raise KeyError(
-                f"corpus {self.name!r} has no split {split!r}; it has {sorted(self.splits)}"
-            ) from None
-
-    def texts(self, split: str) -> list[str]:
-        """The strings to tokenize for ``split``, one per row.
-
-        Line rows get their newline back (``row + "\\n"``) so concatenating the texts restores
-        the original text; document rows are returned as they are (the encoder separates them
-        with end-of-text ids).
-        """
-        rows = self.rows(split)
-        if self.row_kind == "line":
-            return [row + "\n" for row in rows]
-        return list(rows)
-
-    def fingerprint(self, split: str) -> str:
-        """SHA-256 (hex) of the text of ``split``, used to key caches.
-
-        Each row is hashed with its byte length in front, so different row divisions of the same
-        characters hash differently; the row kind is hashed too because it changes the token
-        stream. Any edit to the source text, or a different row cut, changes the fingerprint.
-        """
-        digest = hashlib.sha256(f"gam-corpus-v1 {self.row_kind}\n".encode())
-        for row in self.rows(split):
-            data = row.encode("utf-8")
-            digest.update(len(data).to_bytes(8, "little"))
-            digest.update(data)
-        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -256,12 +168,12 @@ def load_corpus(
         ValueError: unknown name, bad row limit, or a split with no text.
         DataNotFoundError: the corpus is in none of the places searched.
     """
-    _check_row_limit("max_train_rows", max_train_rows)
-    _check_row_limit("max_val_rows", max_val_rows)
+    check_row_limit("max_train_rows", max_train_rows)
+    check_row_limit("max_val_rows", max_val_rows)
     if not isinstance(name, str):
         raise TypeError(f"corpus name must be a str, got {type(name).__name__}")
     if name.startswith(TEXT_PREFIX):
-        return _load_text_corpus(name, max_train_rows, max_val_rows)
+        return load_text_corpus(name, max_train_rows, max_val_rows)
     if name == PYTHON_STDLIB:  # found on every machine: data_dir and the hub play no part
         try:
             splits, source, files = read_python_stdlib(max_train_rows, max_val_rows)
@@ -366,24 +278,15 @@ def _load_from_dir(
     else:
         splits, files = {}, {}
         for split, path in paths.items():
-            limit = _limit_for(split, limits)
-            rows = _iter_stories(path) if spec.reader == "stories" else _iter_line_rows(path)
+            limit = limit_for(split, limits)
+            rows = _iter_stories(path) if spec.reader == "stories" else iter_line_rows(path)
             splits[split] = list(islice(rows, limit))
             files[split] = str(path)
     for split, rows in splits.items():
-        _check_not_empty(name, split, rows, files[split], _limit_for(split, limits))
-    source = f"{folder} ({origin}){_describe_limits(limits)}"
+        check_not_empty(name, split, rows, files[split], limit_for(split, limits))
+    source = f"{folder} ({origin}){describe_limits(limits)}"
     logger.info("loaded corpus %s from %s", name, source)
     return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind, files=files)
-
-
-def _normalize_line(line: str) -> str:
-    """Whitespace-only lines become ``""`` (the Hugging Face wikitext convention)."""
-    return line if line.strip() else ""
-
-
-def _iter_line_rows(path: Path) -> Iterator[str]:
-    return (_normalize_line(line) for line in iter_lines(path))
 
 
 def _iter_stories(path: Path) -> Iterator[str]:
@@ -410,7 +313,7 @@ def _iter_stories(path: Path) -> Iterator[str]:
 def _read_austen(
     path: Path, limits: tuple[int | None, int | None]
 ) -> tuple[dict[str, list[str]], dict[str, str]]:
-    lines = list(_iter_line_rows(path))
+    lines = list(iter_line_rows(path))
     start = AUSTEN_VALID_START_LINE - 1
     if not (start < len(lines) and lines[start].strip() == AUSTEN_VALID_TITLE):
         # Not the reference file: look for the title line rather than trusting the number.
@@ -425,96 +328,11 @@ def _read_austen(
     while train and not train[-1]:  # drop the blank line that separates the novels
         train.pop()
     splits = {
-        "train": train[: _limit_for("train", limits)],
-        "valid": lines[start:][: _limit_for("valid", limits)],
+        "train": train[: limit_for("train", limits)],
+        "valid": lines[start:][: limit_for("valid", limits)],
     }
     where = f"{path} (Persuasion, from line {start + 1:,})"
     return splits, {"train": f"{path} (lines before {start + 1:,})", "valid": where}
-
-
-# ---------------------------------------------------------------------------------------------
-# text:PATH
-
-
-_TEXT_EXPECTED = (
-    "a text file (plain or .xz) or a folder with train.txt, valid.txt and optionally "
-    "test.txt (each plain or .xz)"
-)
-
-
-def check_text_corpus_path(path: Path) -> None:
-    """A ``text:PATH`` corpus path must be a regular file (or ``PATH.xz``) or a folder:
-    DataNotFoundError if it does not exist, ValueError for a symlink loop or a device, pipe or
-    socket (which would be read forever or not at all)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ValueError(f"text corpus path {path} is a symlink loop; expected "
-                             f"{_TEXT_EXPECTED}") from None
-        if find_text_file(path.parent, path.name) is not None:  # PATH.xz
-            return
-        raise DataNotFoundError(
-            f"text corpus path {path} does not exist; expected {_TEXT_EXPECTED}") from None
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise ValueError(f"text corpus path {path} is not a regular file or a folder (a device, "
-                         f"pipe or socket); expected {_TEXT_EXPECTED}")
-
-
-def _load_text_corpus(name: str, max_train_rows: int | None, max_val_rows: int | None) -> Corpus:
-    raw = name[len(TEXT_PREFIX) :]
-    if not raw:
-        raise ValueError(f"{TEXT_PREFIX!r} needs a path, e.g. '{TEXT_PREFIX}notes.txt'")
-    path = Path(raw).expanduser()
-    check_text_corpus_path(path)
-    limits = (max_train_rows, max_val_rows)
-    expected = _TEXT_EXPECTED
-    if path.is_dir():
-        paths: dict[str, Path] = {}
-        missing: list[str] = []
-        for split in ("train", "valid", "test"):
-            found = find_text_file(path, f"{split}.txt")
-            if found is not None:
-                paths[split] = found
-            elif split != "test":
-                missing.append(describe_text_file(path, f"{split}.txt"))
-        if missing:
-            raise DataNotFoundError(
-                f"text corpus folder {path} lacks {', '.join(missing)}; expected {expected}"
-            )
-        splits: dict[str, list[str]] = {}
-        for split, split_path in paths.items():
-            limit = _limit_for(split, limits)
-            splits[split] = list(islice(_iter_line_rows(split_path), limit))
-            _check_not_empty(name, split, splits[split], str(split_path), limit)
-        source = f"{path}{_describe_limits(limits)}"
-        return Corpus(name=name, splits=splits, source=source, row_kind="line",
-                      files={split: str(found) for split, found in paths.items()})
-
-    file_path = path if path.is_file() else find_text_file(path.parent, path.name)
-    if file_path is None:
-        raise DataNotFoundError(f"text corpus path {path} does not exist; expected {expected}")
-    lines = list(_iter_line_rows(file_path))
-    if not any(lines):
-        raise ValueError(f"split 'train' of corpus {name!r} is empty: {file_path} has no text")
-    if len(lines) < 2:
-        raise ValueError(
-            f"{file_path} has {len(lines)} line(s); a single-file text corpus needs at least 2 "
-            f"lines to split {TEXT_TRAIN_FRACTION:.0%} / {1 - TEXT_TRAIN_FRACTION:.0%} by lines"
-        )
-    n_train = min(max(int(len(lines) * TEXT_TRAIN_FRACTION), 1), len(lines) - 1)
-    splits = {
-        "train": lines[:n_train][: _limit_for("train", limits)],
-        "valid": lines[n_train:][: _limit_for("valid", limits)],
-    }
-    for split, rows in splits.items():
-        where = f"{file_path} ({split} part: lines " + (
-            f"1-{n_train})" if split == "train" else f"{n_train + 1}-{len(lines)})"
-        )
-        _check_not_empty(name, split, rows, where, _limit_for(split, limits))
-    source = f"{file_path} (lines split {TEXT_TRAIN_FRACTION:.0%}/{1 - TEXT_TRAIN_FRACTION:.0%})"
-    return Corpus(name=name, splits=splits, source=source + _describe_limits(limits),
-                  files={split: str(file_path) for split in splits})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,51 +366,24 @@ def _load_from_hub(name: str, spec: _Spec, limits: tuple[int | None, int | None]
     splits: dict[str, list[str]] = {}
     files: dict[str, str] = {}
     for split, hub_split in spec.hub_splits.items():
-        limit = _limit_for(split, limits)
+        limit = limit_for(split, limits)
         raw_rows = _hub_rows(spec.hub_id, spec.hub_config, hub_split, limit)
         if spec.row_kind == "line":  # hub rows keep their "\n"; ours do not
-            rows = [_normalize_line(row[:-1] if row.endswith("\n") else row) for row in raw_rows]
+            rows = [normalize_line(row[:-1] if row.endswith("\n") else row) for row in raw_rows]
         else:
             rows = [row.strip() for row in raw_rows if row.strip()]
         where = f"hub {spec.hub_id} ({spec.hub_config or 'default'}) split {hub_split!r}"
-        _check_not_empty(name, split, rows, where, limit)
+        check_not_empty(name, split, rows, where, limit)
         splits[split] = rows
         files[split] = where
     config = f"/{spec.hub_config}" if spec.hub_config else ""
-    source = f"hf-hub:{spec.hub_id}{config}{_describe_limits(limits)}"
+    source = f"hf-hub:{spec.hub_id}{config}{describe_limits(limits)}"
     logger.info("loaded corpus %s from %s", name, source)
     return Corpus(name=name, splits=splits, source=source, row_kind=spec.row_kind, files=files)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _check_row_limit(label: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{label} must be a positive int or None, got {value!r}")
-
-
-def _limit_for(split: str, limits: tuple[int | None, int | None]) -> int | None:
-    """``max_train_rows`` for train, ``max_val_rows`` for every evaluation split."""
-    return limits[0] if split == "train" else limits[1]
-
-
-def _describe_limits(limits: tuple[int | None, int | None]) -> str:
-    labels = ("max_train_rows", "max_val_rows")
-    parts = [f"{lab}={val}" for lab, val in zip(labels, limits, strict=True) if val is not None]
-    return f" [{', '.join(parts)}]" if parts else ""
-
-
-def _check_not_empty(name: str, split: str, rows: list[str], where: str, limit: int | None) -> None:
-    if any(row.strip() for row in rows):
-        return
-    cut = f" after keeping only its first {limit} row(s)" if limit is not None else ""
-    raise ValueError(
-        f"split {split!r} of corpus {name!r} is empty (no non-blank rows){cut}; read from {where}"
-    )
 
 
 # stands for the data-folder option in messages built once for two audiences

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gam.data.corpora import Corpus
+from gam.data.corpus import Corpus
 from gam.files import atomic_write, resolve_cache_dir, safe_name
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from gam.data.corpora import Corpus
+from gam.data.corpus import Corpus
 from gam.data.tokenizer import eot_token_id, tokenizer_hash
 from gam.files import atomic_write, resolve_cache_dir, safe_name
 

@@ -2,7 +2,7 @@
 
 from gam.models.gam import GAMLM, GAMBlock, GAMConfig, gam_receptive_field
 from gam.models.io import CheckpointError, load_pretrained, save_pretrained
-from gam.models.lm import CausalLM, DecodeCache, LMConfig, sample_next_token
+from gam.models.lm import CausalLM, DecodeCache, LMConfig
 from gam.models.official import load_official
 from gam.models.registry import (
     MODELS,
@@ -14,6 +14,7 @@ from gam.models.registry import (
     model_from_config,
     receptive_field,
 )
+from gam.models.sampling import sample_next_token
 from gam.models.transformer import TransformerConfig, TransformerLM
 
 __all__ = [

@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.models.blocks import FeedForward
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops.conv import causal_depthwise_conv
 from gam.models.ops.fused import gated_residual
 from gam.models.ops.memory_retrieval import (

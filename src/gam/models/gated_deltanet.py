@@ -36,7 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from gam.models.lm import CausalLM, LMConfig, SwiGLU, make_norm
+from gam.models.blocks import SwiGLU, make_norm
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops.delta_memory import DeltaRuleMemory, check_delta_settings
 from gam.models.ops.fused import Dropout
 

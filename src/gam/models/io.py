@@ -116,15 +116,21 @@ def validate_model_json(meta: Any, path: Path) -> tuple[str, dict[str, Any]]:
     return meta["model"], meta["config"]
 
 
+def read_json_file(path: Path, label: str, missing: str = "") -> Any:
+    """The parsed JSON of ``path``; a CheckpointError naming it (``label``, e.g. ``checkpoint
+    file PATH``) when it does not exist (``missing`` adds what that means) or is not JSON."""
+    if not path.is_file():
+        raise CheckpointError(f"{label} does not exist{missing}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{label} is truncated or corrupted ({e})") from e
+
+
 def load_model_config(model_dir: str | Path) -> tuple[str, dict[str, Any]]:
     """``(model name, config dict)`` of ``MODEL_DIR/model.json``."""
     path = Path(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: {model_dir} holds no saved model")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is corrupted ({e})") from e
+    meta = read_json_file(path, str(path), f": {model_dir} holds no saved model")
     return validate_model_json(meta, path)
 
 

@@ -42,20 +42,18 @@ the KV cache; Mamba: conv inputs and SSM state) and is documented next to each `
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
-from numbers import Integral, Real
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from gam.constants import IGNORE_INDEX
+from gam.models.blocks import NORMS, make_norm
+from gam.models.inputs import check_target_ids, check_token_ids
 from gam.models.ops.fused import Dropout
 from gam.models.ops.losses import linear_cross_entropy, mean_cross_entropy
-from gam.runtime import host_sync_is_cheap
+from gam.models.sampling import check_sampling, sample_next_token, warn_cropped
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
 #: The default, chosen by measurement (docs/results.md, "Initialisation"): the only scheme under
@@ -182,19 +180,6 @@ def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
     return cls(**values)
 
 
-NORMS = ("layernorm", "rmsnorm")
-
-
-def make_norm(kind: str, d_model: int) -> nn.Module:
-    """A norm over the last dimension: ``"layernorm"`` (weight and bias, eps 1e-5) or
-    ``"rmsnorm"`` (weight only, eps 1e-6, as Llama)."""
-    if kind == "layernorm":
-        return nn.LayerNorm(d_model)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(d_model, eps=1e-6)
-    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
-
-
 @dataclass
 class DecodeCache:
     """State of cached decoding: one family-specific state per block, and how many tokens the
@@ -202,36 +187,6 @@ class DecodeCache:
 
     layers: list[Any]
     seq_len: int
-
-
-class FeedForward(nn.Module):
-    """d -> ffn_mult * d -> GELU -> d -> dropout, as in the paper's blocks."""
-
-    def __init__(self, d_model: int, ffn_mult: int, dropout: float) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d_model, ffn_mult * d_model)
-        self.fc2 = nn.Linear(ffn_mult * d_model, d_model)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """FFN(x), or ``residual + FFN(x)`` with the add fused into the dropout."""
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))), residual)  # (..., C)
-
-
-class SwiGLU(nn.Module):
-    """W2(silu(W1 x) * W3 x) -> dropout, no biases (Llama's MLP; names w1 gate, w3 up, w2
-    down), for the Llama-style families."""
-
-    def __init__(self, d_model: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-        self.dropout = Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """MLP(x), or ``residual + MLP(x)`` with the add fused into the dropout."""
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), residual)  # (..., C)
 
 
 class CausalLM(nn.Module):
@@ -361,49 +316,7 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------ checks
     def check_input_ids(self, idx: torch.Tensor, start_pos: int = 0) -> None:
         """Raise ValueError for ids the model cannot take (rank, dtype, range, length)."""
-        if not isinstance(idx, torch.Tensor):
-            raise ValueError(f"idx must be a torch.Tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must hold integer token ids (torch.long), got dtype {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"idx must have shape (batch, seq_len), got shape {tuple(idx.shape)}")
-        if idx.shape[0] < 1:
-            raise ValueError("idx must hold at least one sequence, got a batch of 0 (shape "
-                             f"{tuple(idx.shape)})")
-        if idx.shape[1] < 1:
-            raise ValueError("idx must hold at least one token per row, got seq_len 0")
-        end = start_pos + idx.shape[1]
-        if end > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}; build the "
-                f"model with a larger max_seq_len (e.g. build_model(..., max_seq_len={end}))")
-        if torch.compiler.is_compiling():
-            return
-        if not host_sync_is_cheap(idx.device):  # checked on the device, without waiting
-            torch._assert_async(((idx >= 0) & (idx < self.config.vocab_size)).all(),
-                                f"a token id is outside [0, {self.config.vocab_size})")
-            return
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside [0, {self.config.vocab_size}) "
-                             f"(vocab_size {self.config.vocab_size})")
-
-    def _check_targets(self, idx: torch.Tensor, targets: torch.Tensor) -> None:
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
-                             f"got {tuple(targets.shape)}")
-        if torch.compiler.is_compiling():
-            return
-        if not host_sync_is_cheap(targets.device):
-            ok = ((targets >= 0) & (targets < self.config.vocab_size)) | (targets == IGNORE_INDEX)
-            torch._assert_async(ok.all(), f"a target id is outside [0, "
-                                f"{self.config.vocab_size}) and not {IGNORE_INDEX}")
-            return
-        valid = targets[targets != IGNORE_INDEX]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.config.vocab_size):
-            raise ValueError(f"target ids must be in [0, {self.config.vocab_size}) or "
-                             f"{IGNORE_INDEX} (ignored)")
+        check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len, start_pos)
 
     # ----------------------------------------------------------------- forward
     def embed(self, idx: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
@@ -463,7 +376,7 @@ class CausalLM(nn.Module):
         """
         x, _ = self.hidden_states(idx)  # (B, T, C)
         if targets is not None:
-            self._check_targets(idx, targets)
+            check_target_ids(idx, targets, self.config.vocab_size)
         if targets is not None and not return_logits:
             loss = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.head.weight,
                                         targets.reshape(-1))
@@ -510,7 +423,7 @@ class CausalLM(nn.Module):
         learned positions a shifted window needs a fresh pass).
         Rows that produced ``eos_token_id`` keep yielding it; the stream ends when all have.
         """
-        _check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         self.check_input_ids(idx)
         generator = None
         if seed is not None:
@@ -534,7 +447,7 @@ class CausalLM(nn.Module):
             else:
                 if not cropped:  # once per call, not once per token
                     cropped = True
-                    _warn_cropped(limit)
+                    warn_cropped(limit)
                 context = context[:, -limit:]
                 logits, cache = self.prefill(context)
 
@@ -555,82 +468,3 @@ class CausalLM(nn.Module):
         """How many tokens (the current one included) can influence a position's logits
         (``LMConfig.receptive_field``)."""
         return self.config.receptive_field
-
-
-def state_nbytes(state: Any) -> int:
-    """Bytes of every tensor in a decode state (a tensor, or tuples / lists / dicts / objects
-    such as ``DecodeCache`` holding them)."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_nbytes(v) for v in state.values())
-    if isinstance(state, (tuple, list)):
-        return sum(state_nbytes(v) for v in state)
-    if hasattr(state, "__dict__"):
-        return sum(state_nbytes(v) for v in vars(state).values())
-    return 0
-
-
-def block_gate_paths(block: nn.Module) -> list[str]:
-    """``block.gate_paths()``, or [] for a block without gates."""
-    paths = getattr(block, "gate_paths", None)
-    return list(paths()) if callable(paths) else []
-
-
-def block_mixing_flops(block: nn.Module, seq_len: int, causal_halved: bool = False
-                       ) -> dict[str, float]:
-    """``block.mixing_flops(...)`` by kind, or {} for a block whose work is all Linear /
-    Conv1d."""
-    flops = getattr(block, "mixing_flops", None)
-    if not callable(flops):
-        return {}
-    return {kind: float(v) for kind, v in flops(seq_len, causal_halved).items() if v}
-
-
-def block_decode_state_bytes(block: nn.Module, state: Any) -> int:
-    """``block.decode_state_bytes(state)``, or every tensor of the state."""
-    used = getattr(block, "decode_state_bytes", None)
-    return int(used(state)) if callable(used) else state_nbytes(state)
-
-
-def _warn_cropped(limit: int) -> None:
-    # 4 = past generate_stream and torch.no_grad's generator wrapper: the caller's loop
-    warnings.warn(f"generation passed max_seq_len={limit}: the oldest tokens are dropped and "
-                  f"each new token sees only the last {limit}", stacklevel=4)
-
-
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
-                    top_p: float | None) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) \
-            or temperature < 0 or math.isnan(temperature):
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real)
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Logits (B, V) -> token ids (B,): greedy at temperature 0, otherwise sampling from the
-    temperature-scaled distribution restricted to the top-k and the top-p nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # (B, V)
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens before it already reach top_p; the top one always stays.
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.models.blocks import FeedForward
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops.fused import Dropout
 from gam.models.ops.s4d_kernel import (
     INITS,

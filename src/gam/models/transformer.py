@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.lm import CausalLM, FeedForward, LMConfig
+from gam.models.blocks import FeedForward
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops.attention import (
     attention_mixing_flops,
     kv_cache_append,

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.lm import CausalLM, LMConfig, SwiGLU, make_norm
+from gam.models.blocks import SwiGLU, make_norm
+from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops import attention
 from gam.models.ops.fused import Dropout
 from gam.models.ops.rotary import ROTARY_BASE, apply_rotary

@@ -4,7 +4,7 @@ Typical use (the ``gam train`` / ``gam eval`` / ``gam generate`` commands wrap t
 
     from gam.training import RunConfig, DataConfig, TokenizerConfig, TrainConfig, train, load_run
 
-    run = RunConfig(model="gam", preset="tiny",
+    run = RunConfig(model="gam", model_preset="tiny",
                     data=DataConfig("wikitext2", data_dir="shared/data", max_train_rows=2000),
                     tokenizer=TokenizerConfig(vocab_size=512),
                     train=TrainConfig(batch_size=8, max_steps=50))
@@ -33,11 +33,11 @@ from gam.training.diagnostics import gate_statistics, has_gates
 from gam.training.evaluate import evaluate
 from gam.training.metrics import read_metrics
 from gam.training.optim import WarmupCosine, build_optimizer, parameter_groups
-from gam.training.run import evaluate_run, is_run_dir, load_run, read_run_config
+from gam.training.run import evaluate_run, load_run
+from gam.training.rundir import default_run_dir, is_run_dir, read_run_config
 from gam.training.trainer import (
     TrainingDivergedError,
     TrainResult,
-    default_run_dir,
     resume,
     train,
 )

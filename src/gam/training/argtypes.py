@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gam.data.corpora import TEXT_PREFIX, check_text_corpus_path
+from gam.data.text_corpus import TEXT_PREFIX, check_text_corpus_path
 from gam.data.tokenizer import MAX_VOCAB_SIZE
 
 SEED_LIMIT = 2**63  # seeds are signed 64-bit integers in torch and numpy

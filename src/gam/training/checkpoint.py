@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from gam.files import atomic_write_json, raise_naming_disk_error, remove_interrupted_writes
-from gam.models.io import CheckpointError, load_weights, save_weights
+from gam.models.io import CheckpointError, load_weights, read_json_file, save_weights
 from gam.training.rundir import CHECKPOINT_DIR
 
 LATEST = "latest.json"
@@ -215,12 +215,7 @@ class LoadedCheckpoint:
 
 def read_state(folder: Path) -> TrainingState:
     path = folder / STATE
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint file {path} is truncated or corrupted ({e})") from e
+    values = read_json_file(path, f"checkpoint file {path}")
     try:
         return TrainingState.from_dict(values, source=path)
     except (TypeError, ValueError) as e:

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
+from gam.data.tokenizer import TOKENIZER_KINDS
 from gam.models.lm import dataclass_from_dict
 from gam.models.registry import MODELS, PRESETS
+from gam.runtime import DTYPES as AUTOCAST_DTYPES
 from gam.training import argtypes
 from gam.training.argtypes import (
     SEED_LIMIT,
@@ -35,9 +39,10 @@ from gam.training.argtypes import (
     positive_int,
 )
 
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = tuple(AUTOCAST_DTYPES)  # the names of gam.runtime's dtypes, in its order
 DECAY_FILTERS = ("all", "nanogpt")
 STRATEGIES = ("ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")  # also "cuda:N" (gam.runtime.resolve_device)
 PAPER_VOCAB_SIZE = 10000
 
 
@@ -65,7 +70,7 @@ _from_known = dataclass_from_dict
 
 def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
             key: str | None = None, group: str | None = None, override: str | None = None,
-            none: str | None = None, bench_flag: str | None = None,
+            none: str | None = None, old_flags: tuple[str, ...] = (),
             alias: tuple[str, Any, str] | None = None, bench: dict[str, Any] | None = None,
             default_factory: Any = MISSING,
             **argparse_kwargs: Any) -> Any:
@@ -75,13 +80,13 @@ def setting(default: Any = MISSING, *, help: str, flag: str | None = None,
     the option (default ``--`` + the name with dashes; ``""``: no option); ``key``: the flat
     name (default the field name); ``group``: the ``gam train --help`` group; ``override``:
     a benchmark protocol may change it, and this says what (``override <text>``); ``none``:
-    the protocol option also takes ``none``, meaning this; ``bench_flag``: the protocol
-    option's flag when it differs; ``bench``: argparse details of the protocol option that differ
-    from the ``gam train`` one; ``alias``: ``(flag, const, help)`` of a second option that
-    sets a fixed value; the rest goes to ``add_argument`` (type, choices, metavar, nargs,
-    action...)."""
+    the protocol option also takes ``none``, meaning this; ``old_flags``: former spellings of
+    the option, still accepted; ``bench``: argparse details of the protocol
+    option that differ from the ``gam train`` one; ``alias``: ``(flag, const, help)`` of a
+    second option that sets a fixed value; the rest goes to ``add_argument`` (type, choices,
+    metavar, nargs, action...)."""
     metadata = {"help": help, "flag": flag, "key": key, "group": group, "override": override,
-                "none": none, "bench_flag": bench_flag, "alias": alias, "bench": bench or {},
+                "none": none, "old_flags": old_flags, "alias": alias, "bench": bench or {},
                 "argparse": argparse_kwargs}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
@@ -140,7 +145,7 @@ class TrainConfig:
     decay_filter: str = setting(
         "all", help="all: weight decay on every parameter (the official code, default); "
                     "nanogpt: not on norms, biases and embeddings",
-        choices=("all", "nanogpt"), group="optimisation",
+        choices=DECAY_FILTERS, group="optimisation",
         alias=("--no-decay-norms-biases-embeddings", "nanogpt",
                "same as --decay-filter nanogpt (default: off, --decay-filter {default})"))
     warmup_steps: int = setting(
@@ -153,7 +158,7 @@ class TrainConfig:
     dtype: str = setting(
         "fp32", help="{default} (default); bf16 = torch.autocast on CPU or CUDA; fp16 = "
                      "autocast + GradScaler, CUDA only",
-        choices=("fp32", "bf16", "fp16"), group="optimisation",
+        choices=DTYPES, group="optimisation",
         override="the preset's dtype (bf16/fp16: autocast)")
     compile: bool = setting(
         False, help="torch.compile the model (default: off; the first step then takes ~20 s "
@@ -311,7 +316,7 @@ class TokenizerConfig:
     kind: str = setting(
         "bytelevel", help="{default} BPE (default, lossless) or the official code's whitespace "
                           "BPE",
-        flag="--tokenizer", key="tokenizer", choices=("bytelevel", "paper"), group="data",
+        flag="--tokenizer", key="tokenizer", choices=TOKENIZER_KINDS, group="data",
         override="the tokenizer kind")
     vocab_size: int = setting(
         PAPER_VOCAB_SIZE, help="tokenizer vocabulary size, also the model's vocab_size (default "
@@ -326,9 +331,9 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _positive_int("vocab_size", self.vocab_size, "--vocab-size")
-        if self.kind not in ("bytelevel", "paper"):
-            raise ValueError(f"tokenizer kind (--tokenizer) must be 'bytelevel' or 'paper', got "
-                             f"{self.kind!r}")
+        if self.kind not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer kind (--tokenizer) must be one of {TOKENIZER_KINDS}, "
+                             f"got {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -340,15 +345,16 @@ class TokenizerConfig:
 
 @dataclass
 class RunConfig:
-    """A whole run: ``model`` name and size ``preset`` of :func:`gam.build_model`, config
-    overrides (``--model-arg``, ``--dropout``), data, tokenizer and training recipe."""
+    """A whole run: ``model`` name and size preset (``model_preset``) of
+    :func:`gam.build_model`, config overrides (``--model-arg``, ``--dropout``), data, tokenizer
+    and training recipe."""
 
     model: str = setting(
         "gam", help="model family / variant (default {default})", choices=sorted(MODELS),
         group="model")
-    preset: str = setting(
+    model_preset: str = setting(
         "paper", help="size preset (default {default})", choices=sorted(PRESETS),
-        key="model_preset", group="model", bench_flag="--model-preset",
+        old_flags=("--preset",), group="model",
         override="the build_model size preset (paper, cpu-small, tiny)",
         bench={"choices": None, "metavar": "NAME"})
     model_overrides: dict[str, Any] = setting(
@@ -365,21 +371,31 @@ class RunConfig:
             raise ValueError("set the vocabulary size with --vocab-size (it sizes both the "
                              "tokenizer and the model), not with --model-arg vocab_size=...")
 
+    def with_data_dir(self, data_dir: str | os.PathLike[str] | None) -> RunConfig:
+        """This run reading its corpus from ``data_dir`` (recorded absolute, so that eval and
+        resume work from any directory); unchanged when None. ``self`` is not modified."""
+        if data_dir is None:
+            return self
+        resolved = str(Path(data_dir).expanduser().resolve())
+        return replace(self, data=replace(self.data, data_dir=resolved))
+
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword overrides for ``build_model(model, preset, **kwargs)``."""
+        """Keyword overrides for ``build_model(model, model_preset, **kwargs)``."""
         return {**self.model_overrides, "vocab_size": self.tokenizer.vocab_size}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "preset": self.preset,
+        return {"model": self.model, "model_preset": self.model_preset,
                 "model_overrides": dict(self.model_overrides), "data": self.data.to_dict(),
                 "tokenizer": self.tokenizer.to_dict(), "train": self.train.to_dict()}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Read the ``RunConfig`` part of a ``config.json`` (extra keys are ignored)."""
+        """Read the ``RunConfig`` part of a ``config.json`` (extra keys are ignored; a config
+        written before a setting was renamed is read under the new name)."""
+        values = current_names(values)
         try:
             return cls(
-                model=values["model"], preset=values["preset"],
+                model=values["model"], model_preset=values["model_preset"],
                 model_overrides=dict(values.get("model_overrides", {})),
                 data=DataConfig.from_dict(_known_part(DataConfig, values["data"])),
                 tokenizer=TokenizerConfig.from_dict(
@@ -388,6 +404,21 @@ class RunConfig:
             )
         except (KeyError, TypeError) as e:
             raise ValueError(f"run config is incomplete or malformed ({e!r})") from e
+
+
+# top-level keys of config.json (and of a checkpoint's recorded settings) renamed since runs were
+# first written: old name -> new name
+RENAMED_KEYS = {"preset": "model_preset"}
+
+
+def current_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a ``RunConfig.to_dict()`` as once written) with renamed keys under their
+    current names; the input is not changed."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def _known_part(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -401,7 +432,7 @@ class RuntimeOptions:
 
     device: str = setting(
         "auto", help="{default} (default) = cuda if available, else cpu",
-        choices=("auto", "cpu", "cuda"), group="hardware")
+        choices=DEVICES, group="hardware")
     threads: int | None = setting(
         None, help="torch CPU threads (torch.set_num_threads); default one per core, fewer when "
                    "other processes already keep the cores busy",
@@ -424,11 +455,9 @@ class RuntimeOptions:
     cache_dir: str | None = setting(
         None, help="tokenizer / token-id cache (default $GAM_CACHE_DIR or ~/.cache/gam)",
         group="data")
-    # on resume: where the data lives now (default: as recorded); the option is DataConfig's
-    data_dir: str | None = setting(None, help="where the data lives now", flag="")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith(
+        if self.device not in DEVICES and not str(self.device).startswith(
                 "cuda:"):
             raise ValueError(f"device (--device) must be auto, cpu or cuda, got {self.device!r}")
         _optional_positive_int("threads", self.threads, "--threads")

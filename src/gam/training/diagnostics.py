@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from gam.models.lm import block_gate_paths
+from gam.models.blocks import block_gate_paths
 from gam.training.distributed import unwrap_model
 
 

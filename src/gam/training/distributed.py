@@ -17,10 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gam.runtime import auto_threads, resolve_device, set_threads
+from gam.runtime import resolve_device
 
-__all__ = ["DistContext", "auto_threads", "init_distributed", "is_sharded", "resolve_device",
-           "set_threads", "unwrap_model"]
+__all__ = ["DistContext", "init_distributed", "is_sharded", "unwrap_model"]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from gam.models.ops.losses import linear_cross_entropy
 from gam.runtime import autocast_context
 from gam.training.distributed import DistContext, is_sharded, unwrap_model
 
-__all__ = ["autocast_context", "evaluate", "evaluate_by_position", "first_batches",
+__all__ = ["evaluate", "evaluate_by_position", "first_batches",
            "token_loss_sum", "token_losses"]
 
 EVAL_CHUNK_LOGITS = 2_500_000

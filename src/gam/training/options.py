@@ -4,7 +4,7 @@ benchmark protocols' overrides (:func:`add_override_arguments`), and ``RunConfig
 settings (:func:`run_config_from_settings`, :func:`setting_of`).
 
 A setting's *key* is its flat name across the sections of ``RunConfig`` (``batch_size``,
-``tokenizer`` for ``TokenizerConfig.kind``, ``model_preset`` for ``RunConfig.preset``...): the
+``tokenizer`` for ``TokenizerConfig.kind``, ``tokenizer_on_all_splits``...): the
 ``gam train`` option's ``dest`` and a protocol's override name.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -48,6 +48,16 @@ def run_settings() -> dict[str, tuple[str | None, dataclasses.Field]]:
         for f in fields(cls):
             out[setting_key(f)] = (section, f)
     return out
+
+
+def overridable_keys(exclude: Collection[str] = ()) -> tuple[str, ...]:
+    """The keys of the settings a benchmark protocol may override (those with an ``override``
+    text), in definition order, less ``exclude``."""
+    unknown = set(exclude) - set(run_settings())
+    if unknown:
+        raise KeyError(f"no such settings: {sorted(unknown)}")
+    return tuple(key for key, (_, f) in run_settings().items()
+                 if f.metadata.get("override") and key not in exclude)
 
 
 def setting_default(f: dataclasses.Field) -> Any:
@@ -110,6 +120,9 @@ def add_setting_arguments(groups: Mapping[str, Any]) -> None:
         group = groups[f.metadata["group"]]
         group.add_argument(setting_flag(f), dest=dest, default=None, help=setting_help(f),
                            **kwargs)
+        for old in f.metadata.get("old_flags", ()):
+            group.add_argument(old, dest=dest, default=None, metavar="NAME",
+                               help=f"former name of {setting_flag(f)}", **kwargs)
         alias = f.metadata.get("alias")
         if alias is not None:
             flag, const, text = alias
@@ -130,7 +143,7 @@ def add_override_arguments(group: Any, keys: tuple[str, ...]) -> None:
             text += f" ('none': {f.metadata['none']})"
         kwargs.update(f.metadata["bench"])
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        group.add_argument(f.metadata.get("bench_flag") or setting_flag(f), dest=key,
+        group.add_argument(setting_flag(f), dest=key,
                            default=argparse.SUPPRESS, help=text, **kwargs)
 
 

@@ -13,8 +13,9 @@ import torch
 import gam
 from gam.data import TokenBlocks, eot_token_id
 from gam.data.passkey import PasskeyGenerator, PasskeyMixBlocks
+from gam.errors import UsageError, available_memory_bytes
 from gam.files import sha256_file
-from gam.models.registry import model_config
+from gam.models.registry import model_config, model_from_config
 from gam.runtime import tf32_enabled
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import load_data, load_tokenizer_file
@@ -70,10 +71,9 @@ def _check_batch(run: RunConfig, ctx: DistContext, mcfg: Any) -> tuple[int, int]
 
 def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptions,
              resuming: bool, checkpoint_dir: Path | None) -> RunPlan:
-    """Model config, data, blocks and schedule of the run, and its ``config.json`` record
-    (the data directory of ``opts`` replaces the recorded one on resume)."""
+    """Model config, data, blocks and schedule of the run, and its ``config.json`` record."""
     cfg = run.train
-    mcfg = model_config(run.model, run.preset, **run.model_kwargs())
+    mcfg = model_config(run.model, run.model_preset, **run.model_kwargs())
     seq_len, per_rank = _check_batch(run, ctx, mcfg)
     tokenizer = tokenizer_bytes = None
     recorded = read_run_config(run_dir) if resuming else {}
@@ -81,8 +81,6 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
                           or (run_dir / TOKENIZER_FILE).exists()):
         check_tokenizer_file(run_dir, recorded)
         tokenizer = load_tokenizer_file(run_dir / TOKENIZER_FILE)
-    if resuming and opts.data_dir is not None:
-        run.data.data_dir = str(Path(opts.data_dir).expanduser().resolve())
     data = load_data(run.data, run.tokenizer, ctx, cache_dir=opts.cache_dir,
                      tokenizer=tokenizer)
     if tokenizer is None:
@@ -150,3 +148,30 @@ def _blocks(dataset: str, ids: dict[str, Any], seq_len: int) -> tuple[TokenBlock
         raise ValueError(f"the valid split of {dataset!r} has {len(val_ids)} token(s); at "
                          f"least 2 are needed to evaluate")
     return train_blocks, val_ids
+
+
+# bytes per fp32 parameter while training: the weight, its gradient and AdamW's two moments
+TRAINING_BYTES_PER_PARAMETER_BYTE = 4
+
+
+def check_model_fits(name: str, config: Any, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and optimizer state alone exceed the memory the
+    device has free (e.g. a ``max_seq_len`` whose position table cannot be allocated), before
+    anything is allocated: a UsageError naming the sizes to lower."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = model_from_config(name, config)
+    need = TRAINING_BYTES_PER_PARAMETER_BYTE * sum(
+        p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_memory_bytes()
+    if free is not None and need > free:
+        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in
+                          ("max_seq_len", "d_model", "n_layers", "vocab_size")
+                          if hasattr(config, k))
+        raise UsageError(f"the {name} model ({sizes}) needs {need / 2**30:.1f} GiB for its "
+                         f"weights, gradients and AdamW state, more than the {free / 2**30:.1f} "
+                         f"GiB free on {device.type}; lower these sizes (--model-arg KEY=VALUE, "
+                         f"--vocab-size)")

@@ -14,17 +14,26 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gam.models.io import CheckpointError, load_model_config, save_pretrained, state_dict_for_saving
-from gam.training.checkpoint import LATEST, STATE, read_state
-from gam.training.config import RunConfig
-from gam.training.metrics import read_metrics
+from gam.files import atomic_write_bytes
+from gam.models.io import (
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    CheckpointError,
+    load_model_config,
+    save_pretrained,
+    state_dict_for_saving,
+)
+from gam.training.checkpoint import LATEST, STATE, TrainingState, find_checkpoint, read_state
+from gam.training.config import RunConfig, TrainConfig, current_names
+from gam.training.metrics import read_metrics, truncate_metrics
 from gam.training.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
-    MODEL_JSON,
-    MODEL_WEIGHTS,
+    TOKENIZER_FILE,
     recorded_schedule,
+    remove_interrupted_run_writes,
+    write_run_config,
 )
 
 # What --resume may change (the run's length, --max-steps / --epochs) and where the data
@@ -102,7 +111,7 @@ def refuse_changed_settings(run_dir: Path, checkpoint_dir: Path, run: RunConfig)
     if used is None:
         return
     skip = {f"{section}.{key}" for section, key in RESUMABLE_CHANGES}
-    before, now = _flat(used), _flat(run.to_dict())
+    before, now = _flat(current_names(used)), _flat(run.to_dict())
     differ = sorted(k for k in set(before) | set(now)
                     if k not in skip and before.get(k) != now.get(k))
     if differ:
@@ -145,3 +154,47 @@ def repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
+
+
+def write_run_files(run_dir: Path, record: dict[str, Any], tokenizer_bytes: bytes | None,
+                    step: int, model: torch.nn.Module | None, created: list[str]) -> None:
+    """The run folder as a (resumed) run starts: ``config.json`` (``record``), the tokenizer
+    (when ``tokenizer_bytes`` is given), ``metrics.jsonl`` cut back to ``step``, and the model
+    files repaired from the checkpoint's weights (``model``, when resuming from one).
+    ``created`` receives the run files this call creates (none it finds there) before any is
+    written, so that a run failing midway can remove them."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_interrupted_run_writes(run_dir)
+    created += [name for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE)
+                if not (run_dir / name).exists()]
+    write_run_config(run_dir, record)
+    if tokenizer_bytes is not None:  # config.json records its sha256
+        atomic_write_bytes(run_dir / TOKENIZER_FILE, tokenizer_bytes)
+    truncate_metrics(run_dir / METRICS_FILE, step)
+    if model is not None:
+        repair_saved_model(run_dir, model, step)
+
+
+def check_resumable(run_dir: Path, checkpoint_dir: Path, state: TrainingState,
+                    batches_per_epoch: int, total_steps: int, train: TrainConfig) -> None:
+    """CheckpointError if the checkpoint's epoch length is not the data's now; ValueError if
+    the run is already beyond the ``total_steps`` asked for."""
+    if state.batches_per_epoch != batches_per_epoch:
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} was made with {state.batches_per_epoch} "
+            f"batches per epoch, the data now gives {batches_per_epoch} (the data or "
+            f"the tokenizer {run_dir / TOKENIZER_FILE} changed, or its state.json "
+            f"was edited)")
+    if total_steps < state.step:
+        raise ValueError(
+            f"{run_dir} is already at step {state.step}, beyond the {total_steps} "
+            f"steps of --epochs {train.epochs} / --max-steps {train.max_steps}; give a "
+            f"larger --max-steps or --epochs with --resume")
+
+
+def kept_checkpoint(run_dir: Path) -> str:
+    """What a run that stopped (diverged) keeps: its last good checkpoint, if any."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return "No checkpoint had been saved yet (see --save-every)"
+    return f"The last good checkpoint (step {load_checkpoint_step(ckpt)}) is kept in {ckpt.parent}"

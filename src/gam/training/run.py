@@ -17,17 +17,15 @@ from tokenizers import Tokenizer
 from gam.data import load_corpus
 from gam.models.io import MODEL_JSON, CheckpointError, load_pretrained
 from gam.models.lm import CausalLM
+from gam.runtime import resolve_device
 from gam.training.config import DataConfig, TokenizerConfig
 from gam.training.data import load_data, load_tokenizer_file
-from gam.training.distributed import DistContext, resolve_device
+from gam.training.distributed import DistContext
 from gam.training.evaluate import evaluate
 from gam.training.rundir import (
-    CONFIG_FILE,
-    METRICS_FILE,
     TOKENIZER_FILE,
     check_recorded_split,
     check_run_files,
-    is_run_dir,
     read_run_config,
     recorded_vocab_size,
     run_settings,
@@ -35,8 +33,7 @@ from gam.training.rundir import (
 
 logger = logging.getLogger("gam.training")
 
-__all__ = ["CONFIG_FILE", "METRICS_FILE", "TOKENIZER_FILE", "evaluate_run", "is_run_dir",
-           "load_run", "read_run_config", "run_split_ids"]
+__all__ = ["evaluate_run", "load_run", "run_split_ids"]
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: int, tokenizer_path: Path,

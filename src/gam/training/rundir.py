@@ -26,6 +26,7 @@ before tokenizer hashes were recorded are checked by vocabulary size and token c
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -43,7 +44,6 @@ from gam.files import (
 )
 from gam.models.io import (
     MODEL_JSON,
-    MODEL_WEIGHTS,
     CheckpointError,
     load_model_config,
     remove_interrupted_model_writes,
@@ -56,13 +56,13 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 LOCK_FILE = ".lock"
 
-__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "MODEL_JSON",
-           "MODEL_WEIGHTS", "RunBusyError", "TOKENIZER_FILE", "dataset_slug", "holds_run",
-           "is_run_dir", "now", "read_run_config", "read_run_config_if_any", "recorded_data",
-           "recorded_fingerprints", "recorded_schedule", "recorded_vocab_size", "run_record",
-           "safe_filename", "training_lock", "write_run_config", "validate_run_config",
-           "run_settings", "check_run_files", "check_tokenizer_file", "check_recorded_split",
-           "remove_interrupted_run_writes"]
+__all__ = ["CHECKPOINT_DIR", "CONFIG_FILE", "LOCK_FILE", "METRICS_FILE", "RunBusyError",
+           "TOKENIZER_FILE", "dataset_slug", "holds_run", "is_run_dir", "now", "read_run_config",
+           "read_run_config_if_any", "recorded_data", "recorded_fingerprints", "recorded_schedule",
+           "recorded_vocab_size", "run_record", "safe_filename", "training_lock", "default_run_dir",
+           "discard_unstarted_run", "refuse_a_started_run", "write_run_config",
+           "validate_run_config", "run_settings", "check_run_files", "check_tokenizer_file",
+           "check_recorded_split", "remove_interrupted_run_writes"]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -115,7 +115,8 @@ def _is_count(value: Any, least: int = 0) -> bool:
 # (section, key) -> (what it must be, test); None as section: the top level
 _FIELD_TYPES: dict[tuple[str | None, str], tuple[str, Any]] = {
     (None, "model"): ("a string", lambda v: isinstance(v, str)),
-    (None, "preset"): ("a string", lambda v: isinstance(v, str)),
+    (None, "model_preset"): ("a string", lambda v: isinstance(v, str)),
+    (None, "preset"): ("a string", lambda v: isinstance(v, str)),  # its name before model_preset
     (None, "model_overrides"): ("an object", lambda v: isinstance(v, dict)),
     (None, "data"): ("an object", lambda v: isinstance(v, dict)),
     (None, "tokenizer"): ("an object", lambda v: isinstance(v, dict)),
@@ -339,3 +340,29 @@ def remove_interrupted_run_writes(run_dir: str | os.PathLike[str]) -> list[Path]
     run_dir = Path(run_dir)
     return remove_interrupted_model_writes(run_dir) + remove_interrupted_writes(
         run_dir, (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE))
+
+
+def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
+    """``runs/<model>-<dataset>-<timestamp>`` (``text:PATH`` becomes ``text-<file stem>``)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(root) / f"{safe_filename(f'{model}-{dataset_slug(dataset)}')}-{stamp}"
+
+
+def refuse_a_started_run(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds one (a ValueError saying what to do)."""
+    if holds_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                         f"or choose another --out")
+
+
+def discard_unstarted_run(run_dir: Path, written: list[str], new_folder: bool) -> None:
+    """A new run that failed before its first step (too little memory, a full disk...) holds
+    nothing worth keeping: remove the run files it ``written``, and the folder if the run made
+    it (``new_folder``) and nothing else is in it, so that a retry with other settings into the
+    same folder is not refused as "already holds a run"."""
+    for name in written:
+        (run_dir / name).unlink(missing_ok=True)
+    if new_folder:
+        (run_dir / LOCK_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: something else is in it
+            run_dir.rmdir()

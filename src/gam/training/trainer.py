@@ -26,7 +26,6 @@ is raised (the CLI exits with status 3).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import gc
 import logging
 import os
@@ -39,14 +38,12 @@ import torch
 
 import gam
 from gam.data import TokenBlocks
-from gam.errors import UsageError, available_memory_bytes
-from gam.files import atomic_write_bytes
 from gam.models.io import (
     CheckpointError,
     save_pretrained,
 )
 from gam.models.registry import model_from_config
-from gam.runtime import set_tf32, tune_cpu_allocator
+from gam.runtime import autocast_context, set_tf32, set_threads, tune_cpu_allocator
 from gam.training.checkpoint import (
     TrainingState,
     capture_rng_state,
@@ -60,38 +57,33 @@ from gam.training.checkpoint import (
 from gam.training.config import RunConfig, RuntimeOptions
 from gam.training.data import epoch_loader
 from gam.training.diagnostics import gate_statistics, has_gates
-from gam.training.distributed import DistContext, init_distributed, is_sharded, set_threads
-from gam.training.evaluate import autocast_context, evaluate, first_batches
+from gam.training.distributed import DistContext, init_distributed, is_sharded
+from gam.training.evaluate import evaluate, first_batches
 from gam.training.fsdp import full_model, load_sharded_into, save_sharded_checkpoint, shard_model
 from gam.training.metrics import (
     MetricsWriter,
     check_metrics,
     check_optional_loggers,
     read_metrics,
-    truncate_metrics,
 )
 from gam.training.optim import build_optimizer, build_scheduler, retarget_schedule
-from gam.training.plan import RunPlan, plan_run
+from gam.training.plan import RunPlan, check_model_fits, plan_run
 from gam.training.progress import Progress
 from gam.training.recovery import (
-    load_checkpoint_step,
+    check_resumable,
+    kept_checkpoint,
     refuse_changed_settings,
     refuse_lost_checkpoint,
-    repair_saved_model,
+    write_run_files,
 )
 from gam.training.rundir import (
-    CONFIG_FILE,
-    LOCK_FILE,
     METRICS_FILE,
-    TOKENIZER_FILE,
-    dataset_slug,
-    holds_run,
+    discard_unstarted_run,
     read_run_config,
+    refuse_a_started_run,
     remove_interrupted_run_writes,
     run_settings,
-    safe_filename,
     training_lock,
-    write_run_config,
 )
 from gam.training.step import NonFiniteError, train_step
 
@@ -117,12 +109,6 @@ class TrainResult:
                 "resumed_from": self.resumed_from}
 
 
-def default_run_dir(model: str, dataset: str, root: str | Path = "runs") -> Path:
-    """``runs/<model>-<dataset>-<timestamp>`` (``text:PATH`` becomes ``text-<file stem>``)."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(root) / f"{safe_filename(f'{model}-{dataset_slug(dataset)}')}-{stamp}"
-
-
 def train(run: RunConfig, out_dir: str | Path, options: RuntimeOptions | None = None
           ) -> TrainResult:
     """Train a new run into ``out_dir`` (which must not hold a run already)."""
@@ -130,7 +116,8 @@ def train(run: RunConfig, out_dir: str | Path, options: RuntimeOptions | None = 
 
 
 def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
-           max_steps: int | None = None, epochs: int | None = None) -> TrainResult:
+           max_steps: int | None = None, epochs: int | None = None,
+           data_dir: str | os.PathLike[str] | None = None) -> TrainResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, exactly as if it had never
     stopped (from step 0 if it died before its first checkpoint).
 
@@ -139,12 +126,14 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
     ``max_steps``, which would still cap the run), the total is recomputed
     (``min(epochs * batches_per_epoch, max_steps)``) and the cosine of the LR schedule is
     recomputed to end at the new total from the step the run is at (the warm-up is not
-    redone). Without them the run continues bit for bit. Raises CheckpointError, changing
-    nothing, if the run saved a checkpoint that is gone, or if ``config.json``'s settings differ
-    from those the checkpoint was trained with (a run's settings are fixed at its creation).
+    redone). Without them the run continues bit for bit. ``data_dir``: where the corpus lives
+    now (default: as recorded; its content is checked against the recorded fingerprints).
+    Raises CheckpointError, changing nothing, if the run saved a checkpoint that is gone, or if
+    ``config.json``'s settings differ from those the checkpoint was trained with (a run's
+    settings are fixed at its creation).
     """
     run_dir = Path(run_dir)
-    run = run_settings(read_run_config(run_dir), run_dir)
+    run = run_settings(read_run_config(run_dir), run_dir).with_data_dir(data_dir)
     if epochs is not None:
         run.train.epochs = epochs
         # "train it for N epochs": a recorded --max-steps would otherwise still cap it
@@ -153,40 +142,6 @@ def resume(run_dir: str | Path, options: RuntimeOptions | None = None,
         run.train.max_steps = max_steps
     run.train.validate()
     return Trainer(run, run_dir, options or RuntimeOptions(), resume=True).run()
-
-
-def refuse_a_started_run(run_dir: Path) -> None:
-    """A new run never writes into a folder that holds one (a ValueError saying what to do)."""
-    if holds_run(run_dir):
-        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                         f"or choose another --out")
-
-
-# bytes per fp32 parameter while training: the weight, its gradient and AdamW's two moments
-TRAINING_BYTES_PER_PARAMETER_BYTE = 4
-
-
-def check_model_fits(name: str, config: Any, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and optimizer state alone exceed the memory the
-    device has free (e.g. a ``max_seq_len`` whose position table cannot be allocated), before
-    anything is allocated: a UsageError naming the sizes to lower."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = model_from_config(name, config)
-    need = TRAINING_BYTES_PER_PARAMETER_BYTE * sum(
-        p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers())
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = available_memory_bytes()
-    if free is not None and need > free:
-        sizes = ", ".join(f"{k}={getattr(config, k)}" for k in
-                          ("max_seq_len", "d_model", "n_layers", "vocab_size")
-                          if hasattr(config, k))
-        raise UsageError(f"the {name} model ({sizes}) needs {need / 2**30:.1f} GiB for its "
-                         f"weights, gradients and AdamW state, more than the {free / 2**30:.1f} "
-                         f"GiB free on {device.type}; lower these sizes (--model-arg KEY=VALUE, "
-                         f"--vocab-size)")
 
 
 class Trainer:
@@ -210,19 +165,8 @@ class Trainer:
             return self._run_locked(main)
         except Exception:
             if main and not self.resuming and (self.state is None or self.state.step == 0):
-                self._discard_unstarted_run(new_folder)
+                discard_unstarted_run(self.run_dir, self.written, new_folder)
             raise
-
-    def _discard_unstarted_run(self, new_folder: bool) -> None:
-        """A new run that failed before its first step (too little memory, a full disk...)
-        holds nothing worth keeping: remove what it wrote, so that a retry with other
-        settings into the same folder is not refused as "already holds a run"."""
-        for name in self.written:
-            (self.run_dir / name).unlink(missing_ok=True)
-        if new_folder:
-            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # not empty: something else is in it
-                self.run_dir.rmdir()
 
     def _run_locked(self, main: bool) -> TrainResult:
         with contextlib.ExitStack() as locks:
@@ -333,17 +277,8 @@ class Trainer:
         cfg, ctx = self.run_config.train, self.ctx
         total_steps, world = plan.total_steps, ctx.world_size
         ckpt = load_checkpoint(checkpoint_dir)
-        if ckpt.state.batches_per_epoch != plan.batches_per_epoch:
-            raise CheckpointError(
-                f"checkpoint {checkpoint_dir} was made with {ckpt.state.batches_per_epoch} "
-                f"batches per epoch, the data now gives {plan.batches_per_epoch} (the data or "
-                f"the tokenizer {self.run_dir / TOKENIZER_FILE} changed, or its state.json "
-                f"was edited)")
-        if total_steps < ckpt.state.step:
-            raise ValueError(
-                f"{self.run_dir} is already at step {ckpt.state.step}, beyond the {total_steps} "
-                f"steps of --epochs {cfg.epochs} / --max-steps {cfg.max_steps}; give a "
-                f"larger --max-steps or --epochs with --resume")
+        check_resumable(self.run_dir, checkpoint_dir, ckpt.state, plan.batches_per_epoch,
+                        total_steps, cfg)
         if cfg.strategy == "fsdp":
             load_sharded_into(ckpt, self.model, self.optimizer, self.scheduler)
         else:
@@ -370,22 +305,12 @@ class Trainer:
         return state.step, retargeted_from
 
     def _write_run_dir(self, plan: RunPlan, checkpoint_dir: Path | None) -> None:
-        """config.json, tokenizer.json, metrics.jsonl cut back to the checkpoint, repaired model
-        files (rank 0)."""
-        ctx, run_dir = self.ctx, self.run_dir
+        ctx = self.ctx
         # FSDP: gathered on rank 0 (every rank takes part)
         whole = full_model(self.model, ctx) if checkpoint_dir is not None else None
         if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            remove_interrupted_run_writes(run_dir)
-            self.written = [name for name in (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE)
-                            if not (run_dir / name).exists()]
-            write_run_config(run_dir, plan.record)
-            if plan.tokenizer_bytes is not None:  # config.json records its sha256
-                atomic_write_bytes(run_dir / TOKENIZER_FILE, plan.tokenizer_bytes)
-            truncate_metrics(run_dir / METRICS_FILE, self.state.step)
-            if checkpoint_dir is not None:
-                repair_saved_model(run_dir, whole, self.state.step)
+            write_run_files(self.run_dir, plan.record, plan.tokenizer_bytes, self.state.step,
+                            whole, created=self.written)
         ctx.barrier()
 
     def _announce(self, plan: RunPlan, threads: int, resumed_from: int | None,
@@ -405,7 +330,7 @@ class Trainer:
         elif ctx.is_main and not opts.quiet:
             n = gam.count_parameters(self.model)
             progress.message(
-                f"training {run.model} ({run.preset}, {n['total']:,} parameters) on "
+                f"training {run.model} ({run.model_preset}, {n['total']:,} parameters) on "
                 f"{run.data.dataset}: {len(plan.train_blocks):,} blocks of {plan.seq_len}, "
                 f"{plan.batches_per_epoch} steps/epoch, {total_steps} steps, "
                 f"{ctx.world_size} process(es) x {threads} thread(s) on {self.device} -> "
@@ -514,15 +439,10 @@ class Trainer:
         step = state.step + 1
         self.writer.write({"kind": "diverged", "step": step, "epoch": state.epoch + 1,
                            "what": what, "value": value})
-        ckpt = find_checkpoint(self.run_dir)
-        if ckpt is not None:
-            kept = (f"The last good checkpoint (step {load_checkpoint_step(ckpt)}) is kept in "
-                    f"{ckpt.parent}")
-        else:
-            kept = "No checkpoint had been saved yet (see --save-every)"
         raise TrainingDivergedError(
             f"{what} is {value} at step {step} (epoch {state.epoch + 1}); training stopped. "
-            f"{kept}. Train again with a lower --lr (or --dtype fp32, a smaller --grad-clip)")
+            f"{kept_checkpoint(self.run_dir)}. Train again with a lower --lr (or --dtype fp32, "
+            f"a smaller --grad-clip)")
 
     # ------------------------------------------------------------------- eval and save
     def _evaluate(self, epoch_end: bool) -> None:

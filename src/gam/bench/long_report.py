@@ -1,0 +1,136 @@
+"""``gam bench long``'s report: ``results.md`` (loss by position, passkey accuracy by length
+and depth, speeds) and the loss-by-position figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gam.bench import training_bench as tb
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
+from gam.training.rundir import dataset_slug
+
+
+def bucket_label(bucket: dict[str, Any]) -> str:
+    """A position bucket as the report names it (``1-16``)."""
+    return f"{bucket['first']:,}-{bucket['last']:,}"
+
+
+def passkey_summary(cells: list[dict[str, Any]], by: str) -> dict[Any, float | None]:
+    """Accuracy per ``length`` or ``depth`` over the cells that ran (None where none did)."""
+    out: dict[Any, list[int]] = {}
+    for cell in cells:
+        tally = out.setdefault(cell[by], [0, 0])
+        if cell.get("status") == "ok":
+            tally[0] += cell["correct"]
+            tally[1] += cell["n"]
+    return {k: (c / n if n else None) for k, (c, n) in out.items()}
+
+
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, Any]]
+                     ) -> list[str]:
+    """The tables of one corpus: perplexity, speed and memory; loss by position; passkey."""
+    lines = []
+    if info.get("source"):
+        lines += [f"Data: {info['source']}; tokens train / valid: "
+                  f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
+    mine = [r for r in rows if r["dataset"] == dataset]
+    table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
+              tb.fmt_params(r.get("params_non_embedding")), fmt(r.get("steps")),
+              fmt(r.get("train_tokens")), fmt(r.get("val_ppl"), 2),
+              fmt(r.get("tokens_per_s"), 0),
+              fmt(r.get("step_tokens_per_s"), 0), fmt(r.get("peak_mem_mb"), 0),
+              fmt(r.get("decode_tokens_per_s"), 1),
+              r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
+             for r in mine]
+    lines += ["### Perplexity, speed and memory", "", markdown_table(
+        ["family", "T", "params", "non-emb", "steps", "train tokens", "val ppl",
+         "train tok/s (run)", "train tok/s (timed steps)", "peak MB (train step)",
+         "decode tok/s at T", "status"], table), ""]
+    labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
+    if labels:
+        table = []
+        for r in mine:
+            by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
+            table.append([r["family"], r["T"], *(fmt(by.get(x), 3) for x in labels)])
+        lines += ["### Validation loss by position in the window (nats / token)", "",
+                  markdown_table(["family", "T", *labels], table), "",
+                  f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
+    cells = [r for r in mine if r.get("passkey")]
+    if cells:
+        lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
+        depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
+        table = []
+        for r in cells:
+            by_len = passkey_summary(r["passkey"], "length")
+            by_depth = passkey_summary([c for c in r["passkey"] if c["length"] <= r["T"]],
+                                       "depth")
+            table.append([r["family"], r["T"], *(pct(by_len.get(x)) for x in lengths),
+                          *(pct(by_depth.get(d)) for d in depths)])
+        lines += ["### Passkey retrieval accuracy", "",
+                  "By context length (over all depths; `-`: not run, e.g. no learned "
+                  "position past T), then by depth of the key (over the lengths up to T).",
+                  "", markdown_table(
+                      ["family", "T", *(f"len {x:,}" for x in lengths),
+                       *(f"depth {d:g}" for d in depths)], table), ""]
+    return lines
+
+
+def build_markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = ["# Long context (gam bench long)", "",
+             f"Protocol `{results['protocol']['name']}`: {results['protocol']['description']}. "
+             f"Contexts {s['contexts']}, {s['tokens_per_step']:,} tokens per step (batch = "
+             f"that / T), seeds {results['seeds']}; passkey mix {s['passkey_mix']:g} of the "
+             f"training blocks (filler: the repeated \"The grass is green. The sky is blue. "
+             f"...\"), {s['evaluation']['passkey_samples']} prompts per (length, depth) cell.",
+             ""]
+    rows = list(results["runs"])
+    for dataset in results["datasets_requested"]:
+        info = results["datasets"].get(dataset, {})
+        head, loaded = tb.dataset_heading(dataset, info)
+        lines += head + (dataset_markdown(dataset, info, rows) if loaded else [])
+    failed = [r for r in rows if r.get("status") != "ok" or r.get("eval_status") not in
+              ("ok", None)]
+    if failed:
+        lines += ["## Not finished", "", *(
+            f"- {r['dataset']} / {r['model']}: {r.get('status')}"
+            f"{' / evaluation ' + str(r.get('eval_status')) if r.get('status') == 'ok' else ''}"
+            f": {(r.get('error') or r.get('eval_error') or '')[:300]}" for r in failed), ""]
+    lines += ["train tok/s (run): the run's own training throughput over all its steps; timed "
+              "steps and peak MB: training steps at (batch, T) in the evaluation worker (peak "
+              "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "
+              "GPU); decode: median greedy cached step after a T-token context. Loss by "
+              "position: a target at position p is predicted from p tokens of its window.", "",
+              environment_markdown(results["environment"], results["command"])]
+    return "\n".join(lines)
+
+
+def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | None:
+    """Loss per position bucket, every family (colour) and T (line style) on one figure."""
+    mine = [r for r in rows if r["dataset"] == dataset and r.get("buckets")]
+    if not mine:
+        return None
+    fig, (ax,) = new_figure(width=7.0)
+    families = list(dict.fromkeys(r["family"] for r in mine))
+    contexts = sorted({r["T"] for r in mine})
+    styles = ["-", "--", ":", "-."]
+    labels: list[str] = []
+    for r in mine:
+        names = [bucket_label(b) for b in r["buckets"]]
+        labels = names if len(names) > len(labels) else labels
+        ax.plot(range(len(names)), [b["loss"] for b in r["buckets"]],
+                styles[contexts.index(r["T"]) % len(styles)], marker="o",
+                color=f"C{families.index(r['family']) % 10}", label=f"{r['family']} T={r['T']}")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_xlabel("position in the evaluation window (bucket)")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(f"loss by position, {dataset}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path

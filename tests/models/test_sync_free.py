@@ -9,7 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from gam.constants import IGNORE_INDEX
-from gam.models import lm as lm_module
+from gam.models import inputs as inputs_module
 from gam.models.ops import losses
 from gam.models.registry import build_model
 
@@ -35,7 +35,7 @@ class SyncCounter(TorchFunctionMode):
 
 @pytest.fixture
 def as_on_gpu(monkeypatch):
-    for module in (lm_module, losses):
+    for module in (inputs_module, losses):
         monkeypatch.setattr(module, "host_sync_is_cheap", lambda device: False)
 
 

@@ -117,19 +117,18 @@ def test_the_check_sees_a_sideways_import(tmp_path: Path) -> None:
     assert found == {"gam.models.lm", "gam.hf"}
 
 
-# Inside gam.models: the shell (``lm``, with the parts blocks share, the input checks and
-# sampling), the ops, the registry and the files that save and load models are shared; every
-# other module is a family's. A family imports the shell, the ops and the bottom layer only,
-# never another family. gam-delta is GAM's own extension (it reuses GAM's config and paths), so
-# the two files form one family.
+# Inside gam.models: the shell (``lm`` and the modules split from it), the ops, the registry and
+# the files that save and load models are shared; every other module is a family's, and a family
+# that needs several modules is a package (``models/gam/``: GAM and its extension gam-delta). A
+# family imports the shell, the ops and the bottom layer only, never another family.
 SHELL = {"gam.models", "gam.models.lm", "gam.models.blocks", "gam.models.inputs",
          "gam.models.sampling"}
 MODEL_SHARED = SHELL | {"gam.models.registry", "gam.models.io", "gam.models.official"}
-FAMILY_GROUPS = {"gam.models.gam_delta": "gam.models.gam"}
 
 
 def family_of(module: str) -> str:
-    return FAMILY_GROUPS.get(module, module)
+    """gam.models.<family>[.<part>] -> gam.models.<family>."""
+    return ".".join(module.split(".")[:3])
 
 
 FAMILY_MODULES = sorted(m for m in MODULES if m.startswith("gam.models.")

@@ -107,7 +107,7 @@ def test_import_gam_works_without_transformers():
 
 
 def test_gam_delta_config_fields_and_round_trip(tmp_path):
-    from gam.models.gam_delta import GAMDeltaConfig
+    from gam.models.gam import GAMDeltaConfig
 
     cfg = GAMHFConfig(gam_model_name="gam-delta", d_model=32, n_layers=2, delta_heads=2)
     assert cfg.to_gam_config() == GAMDeltaConfig(d_model=32, n_layers=2, delta_heads=2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gam import build_model, count_parameters, load_pretrained, receptive_field, save_pretrained
-from gam.models.gam_delta import GAMDeltaBlock, GAMDeltaConfig, GAMDeltaLM, GAMDeltaState
+from gam.models.gam import GAMDeltaBlock, GAMDeltaConfig, GAMDeltaLM, GAMDeltaState
 from gam.models.registry import model_config
 
 VARIANTS = {

@@ -29,8 +29,7 @@ from typing import Any, NamedTuple
 
 import torch.nn as nn
 
-from gam.models.gam import GAMLM, GAMConfig
-from gam.models.gam_delta import GAMDeltaConfig, GAMDeltaLM
+from gam.models.gam import GAMLM, GAMConfig, GAMDeltaConfig, GAMDeltaLM
 from gam.models.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetLM
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.mamba import MambaConfig, MambaLM

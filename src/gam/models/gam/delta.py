@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gam.models.blocks import FeedForward
-from gam.models.gam import GAMConfig, add_gam_paths
+from gam.models.gam.model import GAMConfig, add_gam_paths
 from gam.models.lm import CausalLM
 from gam.models.ops.conv import causal_depthwise_conv
 from gam.models.ops.delta_memory import DeltaRuleMemory, check_delta_settings

@@ -24,7 +24,7 @@ from gam.models.transformer import TransformerLM
 NAMES = sorted(MODELS)
 TIES = [True, False]
 MIN_NUMEL = 500  # std checked only on tensors at least this large
-PAPER_COUNTS = {  # README table, paper preset, init="paper", tied
+PAPER_COUNTS = {  # docs/usage.md table, paper preset, init="paper", tied
     "gam": 22_599_680, "gam-global-only": 19_435_520, "gam-sum": 19_447_808,
     "gam-local-only": 17_874_944, "transformer": 24_166_400, "transformer-naive": 24_166_400,
     "mamba": 20_510_720, "mamba-paper": 20_504_576, "s4d": 22_462_464, "rwkv7": 22_055_424,

@@ -22,7 +22,7 @@ from gam.models.transformer_pp import (
 )
 
 NAME = "transformer-pp"
-TRANSFORMER_PAPER_COUNT = 24_166_400  # the paper Transformer (README table)
+TRANSFORMER_PAPER_COUNT = 24_166_400  # the paper Transformer (docs/usage.md table)
 PAPER_COUNT = 24_394_240  # SwiGLU width 1408
 
 # tiny tensors: one thread (the shared fixture in tests/conftest.py)

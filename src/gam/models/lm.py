@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -108,6 +108,10 @@ class LMConfig:
     ``init="paper"`` alone is the official code: tied, positions N(0, 1).
     """
 
+    # What a config saved or recorded before a field existed was built with (a family adds
+    # its own fields): it loads, and its run resumes, with these values whatever the defaults.
+    LEGACY: ClassVar[dict[str, Any]] = LEGACY_INIT
+
     vocab_size: int = 10000
     max_seq_len: int = 256
     d_model: int = 512
@@ -166,8 +170,21 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
-        """Rebuild a saved config; one saved before ``init`` existed gets the paper init."""
-        return dataclass_from_dict(cls, {**LEGACY_INIT, **values})
+        """Rebuild a saved config; a field it lacks takes its ``LEGACY`` value if it has one
+        (one saved before ``init`` existed gets the paper init), else the default."""
+        return dataclass_from_dict(cls, {**cls.LEGACY, **values})
+
+    def as_recorded(self, recorded: dict[str, Any] | None) -> LMConfig:
+        """This config with each ``LEGACY`` field as ``recorded`` (the ``to_dict()`` of the
+        config a run was made with, as its record holds it) has it, or at its legacy value where
+        the record lacks it: a run resumes as it was trained, even one made before the field
+        existed or under another default. ``self`` is not changed."""
+        if recorded is None:
+            return self
+        values = {k: recorded.get(k, v) for k, v in self.LEGACY.items()}
+        if all(getattr(self, k) == v for k, v in values.items()):
+            return self
+        return replace(self, **values)
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:

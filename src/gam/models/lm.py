@@ -31,6 +31,13 @@ that they never need to know a family:
 - ``decode_state_bytes(state)``: bytes of a decode state in use (a preallocated KV cache
   counts its filled part) [every tensor in the state, ``state_nbytes``].
 
+and, for the optimizer (optional, on any submodule, not only a block):
+
+- ``optimizer_hints()``: ``{parameter name within the module: OptimizerHint}``, parameters the
+  family wants trained with a capped peak learning rate and / or their own weight decay (S4D's
+  SSM parameters; ``gam.models.blocks.OptimizerHint``, read by
+  ``gam.training.optim.parameter_groups``) [none: every parameter follows the run's recipe].
+
 The receptive field is a property of the config (``LMConfig.receptive_field``). A family
 whose blocks hand each other more than the residual stream (RWKV-7's first-layer values)
 overrides ``CausalLM.forward_blocks`` / ``prefill_blocks`` / ``step_blocks``.

@@ -16,7 +16,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = 
     """Optimizer parameter groups: the decay filter's groups, then one group per distinct
     optimizer hint of the family (:class:`gam.models.blocks.OptimizerHint`).
 
-    ``all`` (the official GAM code): one group, every parameter decayed.
+    ``all`` (the official GAM code): one group, every (unhinted) parameter decayed.
     ``nanogpt`` (minGPT/nanoGPT style): no decay for parameters with fewer than 2 dimensions
     (biases, LayerNorm weights), for embedding tables (token embedding = tied output head, and
     position embedding) and for parameters flagged ``_no_weight_decay`` (e.g. Mamba's A_log, D).

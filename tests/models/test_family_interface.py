@@ -1,5 +1,6 @@
 """What tools ask a family, through the block interface of ``lm.py`` (never by type): receptive
-field, gate paths, context-mixing FLOPs and decode-state bytes, for every registered name."""
+field, gate paths, context-mixing FLOPs, decode-state bytes and optimizer hints, for every
+registered name."""
 
 import pytest
 import torch
@@ -9,9 +10,11 @@ from gam.models.blocks import (
     block_decode_state_bytes,
     block_gate_paths,
     block_mixing_flops,
+    parameter_optimizer_hints,
     state_nbytes,
 )
 from gam.models.registry import MODELS
+from gam.training.optim import parameter_groups
 
 EXPECTED_GATES = {
     "gam": ["local", "global"], "gam-delta": ["local", "global", "delta"],
@@ -83,3 +86,26 @@ def test_causal_and_sees_its_receptive_field(name, logit_gradients, perturb):
     t, s = torch.meshgrid(torch.arange(T), torch.arange(T), indexing="ij")
     expected = (s <= t) & (s > t - rf)
     assert torch.equal(dep, expected), f"{name}: dependence differs from rf {rf}"
+
+
+# the families whose modules give optimizer hints, and the parameter names they hint per block
+HINTED = {"s4d": {"ssm.log_dt", "ssm.log_A_real", "ssm.A_imag"}}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_optimizer_hints_and_groups(name):
+    """Only a family that gives hints gets optimizer groups beyond the decay filter's; every
+    other family's groups are the filter's alone, on the run's learning rate."""
+    model = build_model(name, "tiny")
+    names = {id(p): n for n, p in model.named_parameters()}
+    hinted = {names[id(p)] for p, _ in parameter_optimizer_hints(model)}
+    expected = {f"blocks.{i}.{n}" for i in range(model.config.n_layers)
+                for n in HINTED.get(name, ())}
+    assert hinted == expected
+    for decay_filter, filtered in (("all", 1), ("nanogpt", 2)):
+        groups = parameter_groups(model, 0.1, decay_filter, lr=3e-4)
+        assert len(groups) == filtered + (name in HINTED)
+        assert all("lr" not in g for g in groups[:filtered])
+        covered = [names[id(p)] for g in groups for p in g["params"]]
+        assert sorted(covered) == sorted(names.values())
+        assert {names[id(p)] for g in groups[filtered:] for p in g["params"]} == expected

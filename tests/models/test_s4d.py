@@ -1,6 +1,7 @@
 """The S4D family (``gam.models.s4d``): cached decoding == forward in float64, greedy cached ==
-uncached, causality, the paper-size parameter count, init, optimizer flags, bf16 autocast,
-the decode state's bytes, config errors, and ``gam train / eval / generate --model s4d``."""
+uncached, causality, the paper-size parameter count, init, optimizer flags and groups (the S4
+papers' ssm_lr), bf16 autocast, the decode state's bytes, config errors, and
+``gam train / eval / generate --model s4d``."""
 
 import json
 import math
@@ -92,9 +93,12 @@ def test_init_and_optimizer_flags():
     assert abs(layer.C.var().item() - 0.5) < 0.1 and abs(layer.D.var().item() - 1) < 0.5
     inv = build_model("s4d", "tiny", a_init="inv", state_size=32).blocks[0].ssm.A_imag
     assert inv[0, 0].item() == pytest.approx(32 / math.pi * 31)  # N/pi (N/(2n+1) - 1), n = 0
-    groups = parameter_groups(model, 0.1, "nanogpt")
+    # without ssm_lr the SSM parameters are flagged for the nanogpt filter only, as before
+    plain = build_model("s4d", "tiny", d_model=64, state_size=64, ssm_lr=None)
+    groups = parameter_groups(plain, 0.1, "nanogpt")
+    assert len(groups) == 2
     no_decay = {id(p) for p in groups[1]["params"]}
-    for block in model.blocks:
+    for block in plain.blocks:
         for p in (block.ssm.log_dt, block.ssm.log_A_real, block.ssm.A_imag):
             assert id(p) in no_decay
         assert id(block.ssm.C) not in no_decay  # C is decayed, as in the S4 papers
@@ -103,6 +107,32 @@ def test_init_and_optimizer_flags():
         layer.A_imag.fill_(3.0)
     model.init_weights()
     torch.testing.assert_close(layer.A_imag[0], math.pi * torch.arange(32.0))
+
+
+@pytest.mark.parametrize("decay_filter", ["all", "nanogpt"])
+@pytest.mark.parametrize("lr, peak", [(3e-3, 1e-3), (4e-4, 4e-4)])
+def test_ssm_parameters_get_their_own_optimizer_group(decay_filter, lr, peak):
+    """The S4 recipe: log_A_real, A_imag and log_dt at peak min(lr, ssm_lr), no weight decay,
+    whatever the decay filter; C, D and the rest as before."""
+    model = build_model("s4d", "tiny")
+    assert model.config.ssm_lr == 1e-3 and model.config.to_dict()["ssm_lr"] == 1e-3
+    groups = parameter_groups(model, 0.1, decay_filter, lr)
+    *filtered, ssm = groups
+    assert len(filtered) == (1 if decay_filter == "all" else 2)
+    ids = lambda group: {id(p) for p in group["params"]}  # noqa: E731
+    expected = {id(getattr(b.ssm, name)) for b in model.blocks
+                for name in ("log_dt", "log_A_real", "A_imag")}
+    assert ids(ssm) == expected and len(ssm["params"]) == 3 * model.config.n_layers
+    assert ssm["weight_decay"] == 0.0 and ssm["lr"] == peak
+    assert all("lr" not in g for g in filtered)  # the run's lr and schedule
+    assert filtered[0]["weight_decay"] == 0.1
+    rest = set().union(*(ids(g) for g in filtered))
+    assert not rest & expected and len(rest | expected) == len(list(model.parameters()))
+    assert {id(model.blocks[0].ssm.C), id(model.blocks[0].ssm.D)} <= rest
+    assert len(parameter_groups(build_model("s4d", "tiny", ssm_lr=5e-4), 0.1, decay_filter,
+                                lr)[-1]["params"]) == 3 * model.config.n_layers
+    with pytest.raises(ValueError, match="needs the run's lr"):
+        parameter_groups(model, 0.1, decay_filter)
 
 
 def test_block_interface_numbers():
@@ -152,6 +182,10 @@ def test_bf16_weights_without_autocast_decode():
     (dict(state_size=0), "state_size must be an even integer"),
     (dict(a_init="legs"), "a_init must be one of"),
     (dict(dt_min=0.1, dt_max=0.01), "dt_min and dt_max"),
+    (dict(ssm_lr=0.0), "ssm_lr must be a positive number"),
+    (dict(ssm_lr="1e-3"), "ssm_lr must be a positive number"),
+    (dict(ssm_lr=True), "ssm_lr must be a positive number"),
+    (dict(ssm_lr=float("inf")), "ssm_lr must be a positive number"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

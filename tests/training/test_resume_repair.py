@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from gam.cli import main
 from gam.files import current_umask
-from gam.training import find_checkpoint, load_run, read_metrics
+from gam.training import find_checkpoint, load_checkpoint, load_run, read_metrics
 from gam.training.optim import WarmupCosine
 
 
@@ -184,3 +184,69 @@ def test_the_old_preset_option_still_works():
 
     args = build_parser().parse_args(["train", "--preset", "tiny", "--out", "x"])
     assert args.model_preset == "tiny"
+
+
+# ------------------------------------------------------------------- per-group learning rates
+@pytest.fixture(scope="module")
+def s4d_run(tmp_path_factory, data_dir, tiny_args, session_cache_dir) -> Path:
+    """A finished 3-step S4D run: its SSM parameters in a group capped at ssm_lr 1e-3."""
+    out = tmp_path_factory.mktemp("s4d") / "run"
+    assert main(tiny_args(data_dir, out, "--max-steps", "3", "--warmup-steps", "2",
+                          "--lr", "3e-3", "--threads", "1",
+                          "--cache-dir", str(session_cache_dir), model="s4d")) == 0
+    return out
+
+
+def _checkpoint_groups(run: Path) -> list[dict]:
+    return load_checkpoint(find_checkpoint(run)).optimizer["param_groups"]
+
+
+def test_a_resumed_s4d_run_keeps_the_capped_group(s4d_run, tmp_path, capsys):
+    run = tmp_path / "s4d"
+    shutil.copytree(s4d_run, run)
+    assert json.loads((run / "config.json").read_text())["model_config"]["ssm_lr"] == 1e-3
+    main_group, ssm = _checkpoint_groups(run)
+    assert ssm["weight_decay"] == 0.0 and main_group["weight_decay"] == 0.1
+    assert ssm["initial_lr"] == 1e-3 and main_group["initial_lr"] == 3e-3
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "5",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 5
+    main_group, ssm = _checkpoint_groups(run)
+    f = WarmupCosine(2, 5)
+    assert main_group["lr"] == pytest.approx(3e-3 * f(5), abs=1e-15)
+    assert ssm["lr"] == pytest.approx(1e-3 * f(5), abs=1e-15)
+    assert [r["lr"] for r in read_metrics(run, kind="train")][3:] == pytest.approx(
+        [3e-3 * f(s) for s in (3, 4)], rel=1e-9)
+
+
+def _drop_ssm_lr(values: dict, *path: str) -> None:
+    for key in path:
+        values = values[key]
+    del values["ssm_lr"]
+
+
+def test_an_s4d_run_from_before_ssm_lr_resumes_as_it_was_trained(
+        data_dir, tiny_args, session_cache_dir, tmp_path, capsys):
+    """A run recorded before ``ssm_lr`` existed trained its SSM parameters with the others:
+    it resumes so (one optimizer group), and its record then says ssm_lr None."""
+    run = tmp_path / "old-s4d"
+    assert main(tiny_args(data_dir, run, "--max-steps", "2", "--warmup-steps", "1",
+                          "--threads", "1", "--cache-dir", str(session_cache_dir),
+                          "--model-arg", "ssm_lr=none", model="s4d")) == 0
+    for path, keys in ((run / "config.json", [("model_overrides",), ("model_config",)]),
+                       (run / "model.json", [("config",)]),
+                       (find_checkpoint(run) / "state.json", [("settings", "model_overrides")])):
+        values = json.loads(path.read_text())
+        for key in keys:
+            _drop_ssm_lr(values, *key)
+        path.write_text(json.dumps(values))
+    assert len(_checkpoint_groups(run)) == 1
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "3",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3
+    assert len(_checkpoint_groups(run)) == 1
+    assert json.loads((run / "config.json").read_text())["model_config"]["ssm_lr"] is None
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "4",
+                 "--quiet"]) == 0  # and again, from the record that now has ssm_lr None
+    assert len(_checkpoint_groups(run)) == 1

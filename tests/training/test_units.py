@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gam import build_model
+from gam.models.blocks import OptimizerHint
 from gam.models.io import CheckpointError
 from gam.training import (
     DataConfig,
@@ -27,7 +28,8 @@ from gam.training import (
     parameter_groups,
     save_checkpoint,
 )
-from gam.training.checkpoint import capture_rng_state, restore_rng_state
+from gam.training.checkpoint import capture_rng_state, load_into, restore_rng_state
+from gam.training.optim import build_optimizer, build_scheduler, retarget_schedule
 from gam.training.step import train_step
 
 
@@ -65,6 +67,65 @@ def test_warmup_then_cosine_to_min():
     assert all(f(s) >= f(s + 1) for s in range(4, 20))
     assert WarmupCosine(0, 10)(0) == pytest.approx(1.0)
     assert WarmupCosine(100, 10)(9) == pytest.approx(0.1)  # a run shorter than the warm-up
+
+
+class _HintedModule(torch.nn.Module):
+    """A family-agnostic stand-in: ``slow`` capped at ``cap``, no weight decay."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.cap = cap
+        self.fast = torch.nn.Linear(3, 3)
+        self.slow = torch.nn.Parameter(torch.zeros(3, 3))
+
+    def forward(self, x):
+        return self.fast(x) @ self.slow
+
+    def optimizer_hints(self):
+        return {"slow": OptimizerHint(lr_max=self.cap, weight_decay=0.0)}
+
+
+@pytest.mark.parametrize("cap", [1e-3, 1e-2])
+def test_a_capped_group_keeps_its_cap_through_the_schedule(tmp_path, cap):
+    """The rule: at every step the capped group's lr is min(lr, cap) / lr times the run's
+    (warm-up, cosine, min_lr floor, a retargeted schedule, a resumed checkpoint)."""
+    torch.manual_seed(0)
+    model = _HintedModule(cap)
+    cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=3, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    main, capped = opt.param_groups
+    assert [main["weight_decay"], capped["weight_decay"]] == [0.1, 0.0]
+    assert capped["params"] == [model.slow]
+    ratio = min(cfg.lr, cap) / cfg.lr
+    f = WarmupCosine(3, 10, 0.1)
+
+    def check(step):
+        assert main["lr"] == pytest.approx(cfg.lr * f(step), rel=1e-12)
+        assert capped["lr"] == pytest.approx(ratio * main["lr"], rel=1e-12)
+
+    for step in range(6):  # through the warm-up into the cosine
+        check(step)
+        model(torch.randn(2, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    folder = save_checkpoint(tmp_path, model, opt, sched, TrainingState(step=6),
+                             [capture_rng_state()])
+    resumed = _HintedModule(cap)
+    opt2 = build_optimizer(resumed, cfg)
+    sched2 = build_scheduler(opt2, cfg, 10)
+    load_into(load_checkpoint(folder), resumed, opt2, sched2)
+    main, capped = opt2.param_groups
+    check(6)
+    assert torch.equal(opt2.state[resumed.slow]["exp_avg"], opt.state[model.slow]["exp_avg"])
+    retarget_schedule(sched2, 20)
+    f = WarmupCosine(3, 20, 0.1)
+    check(6)
+    for step in range(7, 21):
+        sched2.step()
+        check(step)
+    assert capped["lr"] == pytest.approx(ratio * cfg.min_lr)
 
 
 # ----------------------------------------------------------------------------- weight decay

@@ -1,10 +1,14 @@
 """What the families' blocks share: the norms (``make_norm``), the feed-forward layers
 (``FeedForward``, ``SwiGLU``) and the defaults of the optional block methods that the tools
 reporting on a model call (``block_gate_paths``, ``block_mixing_flops``,
-``block_decode_state_bytes``; the block interface is described in :mod:`gam.models.lm`)."""
+``block_decode_state_bytes``; the block interface is described in :mod:`gam.models.lm`), and
+the optimizer hints a family may give its parameters (``OptimizerHint``,
+``parameter_optimizer_hints``)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,3 +94,51 @@ def block_decode_state_bytes(block: nn.Module, state: Any) -> int:
     """``block.decode_state_bytes(state)``, or every tensor of the state."""
     used = getattr(block, "decode_state_bytes", None)
     return int(used(state)) if callable(used) else state_nbytes(state)
+
+
+@dataclass(frozen=True)
+class OptimizerHint:
+    """How a family wants the optimizer to treat some of its parameters (e.g. S4D's SSM
+    parameters: a smaller learning rate, no weight decay).
+
+    ``lr_max``: a cap on the peak learning rate (None: the run's); ``weight_decay``: the
+    parameters' weight decay whatever the run's decay filter (None: the run's weight decay).
+    ``gam.training.optim.parameter_groups`` puts the parameters of each distinct hint in a group
+    of their own, after the run's groups, with peak ``min(lr, lr_max)``."""
+
+    lr_max: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr_max is not None and not (_finite(self.lr_max) and self.lr_max > 0):
+            raise ValueError(f"OptimizerHint lr_max must be a positive number or None, got "
+                             f"{self.lr_max!r}")
+        if self.weight_decay is not None and not (_finite(self.weight_decay)
+                                                  and self.weight_decay >= 0):
+            raise ValueError(f"OptimizerHint weight_decay must be a number >= 0 or None, got "
+                             f"{self.weight_decay!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def parameter_optimizer_hints(model: nn.Module) -> list[tuple[nn.Parameter, OptimizerHint]]:
+    """The hinted parameters of ``model``: every submodule with an ``optimizer_hints()`` method
+    (``{parameter name within that module: OptimizerHint}``) contributes, in module order, each
+    parameter once. A name resolves to the parameter the module holds now (also after a
+    wrapper such as FSDP replaced it); a parameter given two different hints is a ValueError."""
+    hinted: dict[int, tuple[nn.Parameter, OptimizerHint, str]] = {}
+    for prefix, module in model.named_modules():
+        hints = getattr(module, "optimizer_hints", None)
+        if not callable(hints):
+            continue
+        for name, hint in hints().items():
+            param = module.get_parameter(name)
+            where = f"{prefix}.{name}" if prefix else name
+            seen = hinted.setdefault(id(param), (param, hint, where))
+            if seen[1] != hint:
+                raise ValueError(f"parameter {where} (also {seen[2]}) has two optimizer hints, "
+                                 f"{seen[1]} and {hint}")
+    return [(param, hint) for param, hint, _ in hinted.values()]

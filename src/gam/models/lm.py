@@ -31,6 +31,13 @@ that they never need to know a family:
 - ``decode_state_bytes(state)``: bytes of a decode state in use (a preallocated KV cache
   counts its filled part) [every tensor in the state, ``state_nbytes``].
 
+and, for the optimizer (optional, on any submodule, not only a block):
+
+- ``optimizer_hints()``: ``{parameter name within the module: OptimizerHint}``, parameters the
+  family wants trained with a capped peak learning rate and / or their own weight decay (S4D's
+  SSM parameters; ``gam.models.blocks.OptimizerHint``, read by
+  ``gam.training.optim.parameter_groups``) [none: every parameter follows the run's recipe].
+
 The receptive field is a property of the config (``LMConfig.receptive_field``). A family
 whose blocks hand each other more than the residual stream (RWKV-7's first-layer values)
 overrides ``CausalLM.forward_blocks`` / ``prefill_blocks`` / ``step_blocks``.
@@ -43,8 +50,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -108,6 +115,10 @@ class LMConfig:
     ``init="paper"`` alone is the official code: tied, positions N(0, 1).
     """
 
+    # What a config saved or recorded before a field existed was built with (a family adds
+    # its own fields): it loads, and its run resumes, with these values whatever the defaults.
+    LEGACY: ClassVar[dict[str, Any]] = LEGACY_INIT
+
     vocab_size: int = 10000
     max_seq_len: int = 256
     d_model: int = 512
@@ -166,8 +177,21 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LMConfig:
-        """Rebuild a saved config; one saved before ``init`` existed gets the paper init."""
-        return dataclass_from_dict(cls, {**LEGACY_INIT, **values})
+        """Rebuild a saved config; a field it lacks takes its ``LEGACY`` value if it has one
+        (one saved before ``init`` existed gets the paper init), else the default."""
+        return dataclass_from_dict(cls, {**cls.LEGACY, **values})
+
+    def as_recorded(self, recorded: dict[str, Any] | None) -> LMConfig:
+        """This config with each ``LEGACY`` field as ``recorded`` (the ``to_dict()`` of the
+        config a run was made with, as its record holds it) has it, or at its legacy value where
+        the record lacks it: a run resumes as it was trained, even one made before the field
+        existed or under another default. ``self`` is not changed."""
+        if recorded is None:
+            return self
+        values = {k: recorded.get(k, v) for k, v in self.LEGACY.items()}
+        if all(getattr(self, k) == v for k, v in values.items()):
+            return self
+        return replace(self, **values)
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -12,9 +12,15 @@ A = -exp(log_A_real) + i A_imag, a step dt = exp(log_dt) and output C (B = 1), d
 zero-order hold; ``gam.models.ops.s4d_kernel`` holds the equations, the FFT convolution that
 trains in O(T log T) and the recurrence that decodes with an O(1) state. Init (the paper's):
 A from S4D-Lin (-1/2 + i pi n) or S4D-Inv (``a_init``), log dt ~ U[log 1e-3, log 1e-1] per
-channel, C complex standard normal, D ~ N(0, 1). log_dt, log_A_real and A_imag are flagged
-``_no_weight_decay`` (the S4 papers train them without weight decay; with
-``decay_filter="nanogpt"`` the optimizer honours the flag).
+channel, C complex standard normal, D ~ N(0, 1).
+
+Optimizer: the S4 papers train the SSM's A (log_A_real, A_imag) and step (log_dt) with a
+smaller learning rate, min(lr, 1e-3), and no weight decay, for stability. ``ssm_lr`` (default
+1e-3, the papers') gives them that through the layer's ``optimizer_hints()``: their own
+optimizer group, weight decay 0 and peak learning rate ``min(lr, ssm_lr)``, following the
+run's warm-up + cosine scaled by ``min(lr, ssm_lr) / lr``. ``ssm_lr=None``: they train as
+every other parameter (flagged ``_no_weight_decay``, which only ``decay_filter="nanogpt"``
+honours). C and D are ordinary parameters either way.
 
 No learned positions (``pos_embedding=False``): the convolution kernel is already a function of
 the relative position. The receptive field is the whole context (max_seq_len).
@@ -25,13 +31,15 @@ docs/design.md, "S4D".
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gam.models.blocks import FeedForward
+from gam.models.blocks import FeedForward, OptimizerHint
 from gam.models.lm import CausalLM, LMConfig
 from gam.models.ops.fused import Dropout
 from gam.models.ops.s4d_kernel import (
@@ -51,13 +59,19 @@ class S4DConfig(LMConfig):
     """S4D hyper-parameters. ``state_size`` is the paper's N (N/2 complex modes per channel);
     256 puts the paper preset at 22,462,464 parameters, GAM's 22,599,680 - 0.6% (the S4D
     paper's usual N = 64 gives 21,282,816, - 5.8%). ``a_init``: ``"lin"`` (S4D-Lin) or
-    ``"inv"`` (S4D-Inv). ``dt_min`` / ``dt_max``: the range of the log-uniform initial step."""
+    ``"inv"`` (S4D-Inv). ``dt_min`` / ``dt_max``: the range of the log-uniform initial step.
+    ``ssm_lr``: the cap on the peak learning rate of log_A_real, A_imag and log_dt, which also
+    get no weight decay (1e-3, the S4 papers'; None: trained as every other parameter)."""
+
+    # a config recorded before ssm_lr existed trained the SSM parameters as the others
+    LEGACY: ClassVar[dict[str, Any]] = {**LMConfig.LEGACY, "ssm_lr": None}
 
     pos_embedding: bool = False
     state_size: int = 256
     a_init: str = "lin"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
+    ssm_lr: float | None = 1e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +86,11 @@ class S4DConfig(LMConfig):
                 and 0 < lo <= hi):
             raise ValueError(f"dt_min and dt_max must satisfy 0 < dt_min <= dt_max, got "
                              f"{lo!r} and {hi!r}")
+        r = self.ssm_lr
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float))
+                              or not math.isfinite(r) or r <= 0):
+            raise ValueError(f"ssm_lr must be a positive number, or None to train the SSM "
+                             f"parameters as the others, got {r!r}")
 
 
 class S4DLayer(nn.Module):
@@ -103,6 +122,14 @@ class S4DLayer(nn.Module):
         self.log_dt.copy_(s4d_log_dt_init(H, c.dt_min, c.dt_max))
         self.C.copy_(s4d_c_init(H, modes))
         self.D.copy_(torch.randn(H))
+
+    def optimizer_hints(self) -> dict[str, OptimizerHint]:
+        """log_dt, log_A_real and A_imag: peak learning rate at most ``ssm_lr``, no weight
+        decay (none when ``ssm_lr`` is None)."""
+        if self.config.ssm_lr is None:
+            return {}
+        hint = OptimizerHint(lr_max=self.config.ssm_lr, weight_decay=0.0)
+        return dict.fromkeys(("log_dt", "log_A_real", "A_imag"), hint)
 
     def _ssm(self) -> tuple[torch.Tensor, ...]:
         return self.log_dt, self.log_A_real, self.A_imag, self.C

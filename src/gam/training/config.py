@@ -105,12 +105,15 @@ class TrainConfig:
     code does (``AdamW(model.parameters(), weight_decay=0.1)``); ``"nanogpt"`` exempts norms,
     biases (every parameter with fewer than 2 dimensions) and the embeddings (token embedding,
     which is also the tied output head, and position embedding), as minGPT/nanoGPT's
-    ``configure_optimizers`` did, plus any parameter flagged ``_no_weight_decay``.
+    ``configure_optimizers`` did, plus any parameter flagged ``_no_weight_decay``. Under either
+    filter, parameters a family hints (``optimizer_hints``: S4D's SSM parameters) take the
+    hint's weight decay.
 
     Learning rate at optimizer step s (0-based): ``lr * (s + 1) / warmup_steps`` during warm-up,
     then cosine from ``lr`` down to ``min_lr`` at ``total_steps``, where ``total_steps`` is
     ``epochs * batches_per_epoch``, or ``max_steps`` if that is smaller (a short run still
-    decays fully).
+    decays fully). Parameters a family caps (``optimizer_hints``, e.g. S4D's ``ssm_lr``) have
+    their own group whose learning rate is ``min(lr, cap) / lr`` times this at every step.
     """
 
     batch_size: int = setting(

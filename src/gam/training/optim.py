@@ -7,38 +7,63 @@ import math
 import torch
 import torch.nn as nn
 
-from gam.training.config import TrainConfig
+from gam.models.blocks import OptimizerHint, parameter_optimizer_hints
+from gam.training.config import DECAY_FILTERS, TrainConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = "all"
-                     ) -> list[dict]:
-    """Optimizer parameter groups.
+def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = "all",
+                     lr: float | None = None) -> list[dict]:
+    """Optimizer parameter groups: the decay filter's groups, then one group per distinct
+    optimizer hint of the family (:class:`gam.models.blocks.OptimizerHint`).
 
-    ``all`` (the official GAM code): one group, every parameter decayed.
+    ``all`` (the official GAM code): one group, every (unhinted) parameter decayed.
     ``nanogpt`` (minGPT/nanoGPT style): no decay for parameters with fewer than 2 dimensions
     (biases, LayerNorm weights), for embedding tables (token embedding = tied output head, and
     position embedding) and for parameters flagged ``_no_weight_decay`` (e.g. Mamba's A_log, D).
+
+    A hinted parameter (e.g. S4D's log_A_real, A_imag, log_dt) is left out of the filter's
+    groups: its group has the hint's weight decay (None: ``weight_decay``) and, when the hint
+    caps the learning rate, its own peak ``"lr": min(lr, lr_max)``; the schedule scales every
+    group's peak by the same multiplier (``WarmupCosine``), so the capped group's learning rate
+    is ``min(lr, lr_max) / lr`` times the run's at every step. ``lr`` (the run's peak) is
+    needed only for a model with a capped parameter. The filter's groups come first (group 0 is
+    the one whose learning rate is logged) and are those of a model without hints.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if decay_filter == "all":
-        return [{"params": params, "weight_decay": weight_decay}]
-    if decay_filter != "nanogpt":
+    if decay_filter not in DECAY_FILTERS:
         raise ValueError(f"unknown decay filter {decay_filter!r}; expected 'all' or 'nanogpt'")
-    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in params:
-        if p.dim() < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    hinted = [(p, hint) for p, hint in parameter_optimizer_hints(model) if p.requires_grad]
+    hinted_ids = {id(p) for p, _ in hinted}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in hinted_ids]
+    if decay_filter == "all":
+        groups = [{"params": params, "weight_decay": weight_decay}]
+    else:
+        no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for p in params:
+            if p.dim() < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+    by_hint: dict[OptimizerHint, dict] = {}
+    for p, hint in hinted:
+        if hint not in by_hint:
+            group = by_hint[hint] = {"params": [], "weight_decay": weight_decay
+                                     if hint.weight_decay is None else hint.weight_decay}
+            if hint.lr_max is not None:
+                if lr is None:
+                    raise ValueError("parameter_groups needs the run's lr: the model caps the "
+                                     f"learning rate of some parameters at {hint.lr_max}")
+                group["lr"] = min(lr, hint.lr_max)
+        by_hint[hint]["params"].append(p)
+    return groups + list(by_hint.values())
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the model's parameter groups; the fused kernel (one pass over each parameter
     instead of a dozen elementwise ops) where torch has it for this device."""
-    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_filter)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_filter, cfg.lr)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     device = next(model.parameters()).device.type
     if device in ("cpu", "cuda"):

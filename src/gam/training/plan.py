@@ -77,6 +77,8 @@ def plan_run(run: RunConfig, run_dir: Path, ctx: DistContext, opts: RuntimeOptio
     seq_len, per_rank = _check_batch(run, ctx, mcfg)
     tokenizer = tokenizer_bytes = None
     recorded = read_run_config(run_dir) if resuming else {}
+    if resuming:  # a run recorded before a model setting existed keeps what it trained with
+        mcfg = mcfg.as_recorded(recorded.get("model_config"))
     if resuming and (checkpoint_dir is not None
                           or (run_dir / TOKENIZER_FILE).exists()):
         check_tokenizer_file(run_dir, recorded)

@@ -52,6 +52,13 @@ association is found), and lr 1e-3 or 1e-2 stay at the copy plateau. A configura
 never reaches the target costs 2,000 steps: 150-210 s of training at T 64 (Transformer), plus
 ~25 s of worker start and evaluations.
 
+Seeds: ``--seeds K ...`` (default ``--seed``) runs every (model, length, lr) once per seed
+(its initialisation and its data streams). One run cannot tell a model that recalls from a
+lucky one, so with more than one seed or lr the report adds a **recall rate** per (model,
+length): the runs whose every pair count reaches ``--solved-accuracy`` (0.9) test accuracy,
+over the finished runs, with a Wilson 95% interval, the test accuracy's mean and sample std,
+and the solved runs per lr. The best-lr tables are then per seed.
+
 Models: any registry name, with per-model config overrides as ``NAME:KEY=VALUE,...``
 (``transformer:init=gpt2,tie_embeddings=false``) and overrides for every registry model by
 ``--model-arg KEY=VALUE``; the library's defaults otherwise (``init``, ``tie_embeddings``,
@@ -61,9 +68,10 @@ d_state 16, 4 heads), and ``textbook-transformer``, a reference built from ``tor
 position embeddings, untied head) which tells a failure of a model from a failure of the
 protocol.
 
-Engineering: every (model, length, lr) configuration trains in a fresh
+Engineering: every (model, length, lr, seed) configuration trains in a fresh
 ``python -m gam.bench.recall --worker`` process (``run_worker``); its record is written
-to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
+to ``OUT/configs/<id>.json`` (``config_id``: ``MODEL-T<length>-lr<lr>[-seed<k>]``, no suffix for
+seed 0) as soon as it finishes (its progress to ``<id>.log``), and
 ``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
 configuration. Rerunning the same command with the same ``--out`` reuses every finished
 configuration whose settings match (``action: reused``) and trains the others; one that was
@@ -86,6 +94,7 @@ import torch
 
 from gam.bench import common
 from gam.bench.environment import command_line, environment
+from gam.bench.protocols import seeds_of
 from gam.bench.recall_protocol import (
     DEFAULT_LRS,
     DEFAULT_MIX,
@@ -112,7 +121,7 @@ from gam.bench.workers import emit, run_worker, worker_main
 from gam.errors import is_oom_error
 from gam.files import LockHeldError, atomic_write_json, hold_lock
 from gam.runtime import resolve_device
-from gam.training.argtypes import parse_model_arg, positive_int, positive_number
+from gam.training.argtypes import parse_model_arg, positive_int, positive_number, seed
 
 
 def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +176,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rates swept per (model, length); the best "
                              "validation accuracy is reported (default 1e-3 3e-3 1e-2; quick "
                              "3e-3 1e-2)")
+    parser.add_argument("--seeds", nargs="+", type=seed, default=None, metavar="K",
+                        help="seeds, each the initialisation and data seed of every "
+                             "(model, length, lr); with more than one seed or lr the report "
+                             "adds the rate of solved runs (default: --seed)")
+    parser.add_argument("--solved-accuracy", type=float, default=0.9, metavar="A",
+                        help="a run counts as solved when every pair count's test accuracy "
+                             "is >= A; reported only, not part of a configuration "
+                             "(default: 0.9)")
     parser.add_argument("--d-model", type=int, default=None,
                         help="width of every model (default 64; quick 32)")
     parser.add_argument("--n-layers", type=int, default=2,
@@ -282,8 +299,39 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
     return p
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+def config_id(label: str, seq_len: int, lr: float, run_seed: int) -> str:
+    """The file name of a configuration in ``OUT/configs``: seed 0 has no seed suffix, the name
+    it had before there were several seeds, so that its finished results stay reused."""
+    suffix = f"-seed{run_seed}" if run_seed else ""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}-T{seq_len}-lr{lr:g}{suffix}")
+
+
+def _finished(cfile: Path, key: dict[str, Any], label: str, seq_len: int, lr: float
+              ) -> dict[str, Any] | None:
+    """The finished record of this configuration, or None. Before there were several seeds,
+    every seed's record was in the seed-0 file: one found there with this key is taken (and
+    copied to its own file, so that training seed 0 later does not lose it)."""
+    for path in dict.fromkeys((cfile, cfile.with_name(f"{config_id(label, seq_len, lr, 0)}"
+                                                      f".json"))):
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        if old.get("key") == key and old.get("status") == "ok":
+            if path != cfile:
+                atomic_write_json(cfile, old)
+            return old
+    return None
+
+
+def _print_row(row: dict[str, Any], show_seed: bool) -> None:
+    head = f"  {row['model']} T {row['seq_len']} lr {row['lr']:g}" + (
+        f" seed {row['seed']}" if show_seed else "")
+    if row["status"] == "ok":
+        accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%" for q, r in row["pairs"].items())
+        print(f"{head}: {accs} (validation {100 * row['val_accuracy']:.1f}%), {row['steps']} "
+              f"steps ({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
+              f"{row['action']}", flush=True)
+    else:
+        error = f": {row['error']}" if row.get("error") else ""
+        print(f"{head}: {row['status']}{error}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -308,11 +356,15 @@ def run(args: argparse.Namespace) -> int:
     if not any(lengths.values()):
         raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
                          f"length among {all_pairs} for lengths {seq_lens}")
+    seeds = seeds_of(args)
+    if not 0.0 <= args.solved_accuracy <= 1.0:
+        raise ValueError(f"--solved-accuracy must be in [0, 1], got {args.solved_accuracy}")
     out = Path(args.out)
     command = command_line(args.command, args.argv)
     settings = {"models": labels, "model_args": global_args, "seq_lens": seq_lens,
                 "pairs": all_pairs, "pairs_by_length": {str(t): v for t, v in lengths.items()},
-                "lrs": lrs, "protocol": asdict(p), "seed": args.seed, "device": str(device),
+                "lrs": lrs, "protocol": asdict(p), "seeds": seeds,
+                "solved_accuracy": args.solved_accuracy, "device": str(device),
                 "threads": threads,
                 "optimizer": "gam.training.optim AdamW betas (0.9, 0.95), nanogpt decay filter, "
                              "warm-up then cosine to 0, clip 1.0",
@@ -320,63 +372,58 @@ def run(args: argparse.Namespace) -> int:
                         "random even offset of the rest; accuracy on query positions only"}
     results: dict[str, Any] = {"command": command, "settings": settings, "configs": [],
                                "runs": [], "environment": environment(device, threads)}
-    n_configs = sum(len(lrs) for t in seq_lens if lengths[t] for _ in variants)
-    print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, d {p.d_model}, "
-          f"{p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of {p.tokens_per_step} "
-          f"tokens, {n_configs} configurations, device {device}, {threads} threads", flush=True)
-    # length-major: an interrupted benchmark still has every model at the first length
+    n_configs = sum(len(lrs) * len(seeds) for t in seq_lens if lengths[t] for _ in variants)
+    print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, seeds {seeds}, "
+          f"d {p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of "
+          f"{p.tokens_per_step} tokens, {n_configs} configurations, device {device}, "
+          f"{threads} threads", flush=True)
+    # length-major, then seed-major: an interrupted benchmark still has every model at the
+    # first length and seed
     for t in seq_lens:
         pairs = lengths[t]
         if not pairs:
             continue
-        for label, name, overrides in variants:
-            reason = common.model_available(name) if name != TEXTBOOK else None
-            init, tied, resolved = "-", "-", None
-            if reason is None:
-                try:
-                    config = recall_config(name, overrides, t, p)
-                except (TypeError, ValueError) as exc:  # a bad override: fail now, not later
-                    raise ValueError(f"model {label!r}: {exc}") from None
-                init, tied = init_label(name, config)
-                resolved = asdict(config)  # init and tying resolved: part of the run's key
-            mix = mix_for_length(t, p)
-            for lr in lrs:
-                key = {"protocol": protocol_key(p), "model": label, "name": name,
-                       "overrides": overrides, "model_config": resolved, "seq_len": t,
-                       "pairs": pairs, "lr": lr, "seed": args.seed, "device": device.type}
-                if mix:  # absent without a mixture: the keys of older runs stay valid
-                    key["mix"] = mix
-                cid = _slug(f"{label}-T{t}-lr{lr:g}")
-                cfile = out / "configs" / f"{cid}.json"
-                row: dict[str, Any] = {"model": label, "name": name, "overrides": overrides,
-                                       "init": init, "tied": tied, "seq_len": t,
-                                       "pairs_trained": pairs, "mix": mix, "lr": lr}
-                old = json.loads(cfile.read_text()) if cfile.is_file() else {}
-                if not args.retrain and old.get("key") == key and old.get("status") == "ok":
-                    row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
-                elif reason is not None:
-                    row.update(status="unavailable", error=reason, action="skipped")
-                elif args.report_only:
-                    row.update(status="not run", action="skipped")
-                else:
-                    payload = {"name": name, "overrides": overrides, "seq_len": t,
-                               "pairs": pairs, "lr": lr, "protocol": asdict(p),
-                               "seed": args.seed, "device": str(device), "threads": threads,
-                               "key": key, "mix": mix}
-                    row.update(_train_configuration(cfile, payload, args.retrain,
-                                                    args.in_process, p.max_seconds))
-                results["configs"].append(row)
-                if row["status"] == "ok":
-                    accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%"
-                                     for q, r in row["pairs"].items())
-                    print(f"  {label} T {t} lr {lr:g}: {accs} (validation "
-                          f"{100 * row['val_accuracy']:.1f}%), {row['steps']} steps "
-                          f"({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
-                          f"{row['action']}", flush=True)
-                else:
-                    error = f": {row['error']}" if row.get("error") else ""
-                    print(f"  {label} T {t} lr {lr:g}: {row['status']}{error}", flush=True)
-                write_results(out, results)
+        for run_seed in seeds:
+            for label, name, overrides in variants:
+                reason = common.model_available(name) if name != TEXTBOOK else None
+                init, tied, resolved = "-", "-", None
+                if reason is None:
+                    try:
+                        config = recall_config(name, overrides, t, p)
+                    except (TypeError, ValueError) as exc:  # a bad override: fail now
+                        raise ValueError(f"model {label!r}: {exc}") from None
+                    init, tied = init_label(name, config)
+                    resolved = asdict(config)  # init and tying resolved: part of the key
+                mix = mix_for_length(t, p)
+                for lr in lrs:
+                    key = {"protocol": protocol_key(p), "model": label, "name": name,
+                           "overrides": overrides, "model_config": resolved, "seq_len": t,
+                           "pairs": pairs, "lr": lr, "seed": run_seed, "device": device.type}
+                    if mix:  # absent without a mixture: the keys of older runs stay valid
+                        key["mix"] = mix
+                    row: dict[str, Any] = {"model": label, "name": name,
+                                           "overrides": overrides, "init": init, "tied": tied,
+                                           "seq_len": t, "pairs_trained": pairs, "mix": mix,
+                                           "lr": lr, "seed": run_seed}
+                    cfile = out / "configs" / f"{config_id(label, t, lr, run_seed)}.json"
+                    old = None if args.retrain else _finished(cfile, key, label, t, lr)
+                    if old is not None:
+                        row.update({k: v for k, v in old.items() if k != "key"},
+                                   action="reused")
+                    elif reason is not None:
+                        row.update(status="unavailable", error=reason, action="skipped")
+                    elif args.report_only:
+                        row.update(status="not run", action="skipped")
+                    else:
+                        payload = {"name": name, "overrides": overrides, "seq_len": t,
+                                   "pairs": pairs, "lr": lr, "protocol": asdict(p),
+                                   "seed": run_seed, "device": str(device),
+                                   "threads": threads, "key": key, "mix": mix}
+                        row.update(_train_configuration(cfile, payload, args.retrain,
+                                                        args.in_process, p.max_seconds))
+                    results["configs"].append(row)
+                    _print_row(row, len(seeds) > 1)
+                    write_results(out, results)
     write_results(out, results, plot=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'recall.png'}")
     return 0

@@ -81,12 +81,11 @@ interrupted continues from its last validation (``<id>.ckpt``, removed once it f
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +96,10 @@ from gam.bench.environment import command_line, environment
 from gam.bench.protocols import seeds_of
 from gam.bench.recall_protocol import (
     DEFAULT_LRS,
-    DEFAULT_MIX,
     DEFAULT_PAIRS,
     DEFAULT_SEQ_LENS,
     MAX_PAIR_FRACTION,
+    PRESETS,
     QUICK_LRS,
     QUICK_PAIRS,
     QUICK_SEQ_LENS,
@@ -117,38 +116,19 @@ from gam.bench.recall_protocol import (
 )
 from gam.bench.recall_report import write_results
 from gam.bench.recall_training import train_config
-from gam.bench.workers import emit, run_worker, worker_main
-from gam.errors import is_oom_error
-from gam.files import LockHeldError, atomic_write_json, hold_lock
+from gam.bench.tasks import Configuration, check_distinct, progress_log, resolve_preset
+from gam.bench.workers import emit, run_in_process, worker_main
 from gam.runtime import resolve_device
 from gam.training.argtypes import parse_model_arg, positive_int, positive_number, seed
 
 
-def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
-    """``--in-process``: the worker's work in this process, a failure recorded as the worker's
-    would be."""
-    records: list[dict[str, Any]] = []
-    try:
-        _worker(payload, emit=records.append)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        records.append({"status": "oom" if is_oom_error(exc) else "error",
-                        "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-    return records[-1]
-
-
 def _worker(payload: dict[str, Any], emit=emit) -> None:
-    log_file = payload.get("log_file")
-
-    def log(line: str) -> None:  # the parent reads stdout only at the end: progress goes here
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
     t0 = time.perf_counter()
     checkpoint = payload.get("checkpoint")
     result = train_config(payload["name"], payload["overrides"], payload["seq_len"],
                           payload["pairs"], payload["lr"], Protocol(**payload["protocol"]),
-                          payload["seed"], torch.device(payload["device"]), log=log,
+                          payload["seed"], torch.device(payload["device"]),
+                          log=progress_log(payload),
                           checkpoint=Path(checkpoint) if checkpoint else None,
                           key=payload.get("key"), mix=payload.get("mix", []))
     if checkpoint:
@@ -237,58 +217,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "and list the others as 'not run' (default: train them)")
 
 
-def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in_process: bool,
-                         max_seconds: float | None) -> dict[str, Any]:
-    """Train (or resume) one configuration into ``cfile`` (with its ``.log`` and ``.ckpt``
-    beside it) and return its row fields. The configuration's ``.lock`` is held throughout: a
-    second benchmark process on the same ``--out`` skips it (status "not run") instead of
-    truncating its log and writing the same checkpoint."""
-    log_file, checkpoint = cfile.with_suffix(".log"), cfile.with_suffix(".ckpt")
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(hold_lock(cfile.with_suffix(".lock")))
-        except LockHeldError as exc:
-            return {"status": "not run", "action": "skipped",
-                    "error": f"being trained by another process (pid {exc.holder})"}
-        if not checkpoint.is_file() or retrain:
-            log_file.write_text("")  # a resumed configuration keeps its log
-            checkpoint.unlink(missing_ok=True)
-        payload = {**payload, "log_file": str(log_file), "checkpoint": str(checkpoint)}
-        t0 = time.perf_counter()
-        if in_process:
-            rec = _train_here(payload)
-        else:
-            limit = None if max_seconds is None else 2 * max_seconds + 600
-            status, records, error = run_worker("gam.bench.recall", payload,
-                                                timeout=limit)
-            rec = records[-1] if records else {"status": status, "error": error}
-        rec.pop("traceback", None)
-        row = {**rec, "action": "trained", "wall_seconds": time.perf_counter() - t0}
-        if row["status"] == "ok":
-            atomic_write_json(cfile, {"key": payload["key"], **row})
-        return row
-
-
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
-    q = args.quick
-
-    def pick(value: Any, default: Any, quick: Any) -> Any:
-        return value if value is not None else (quick if q else default)
-
-    p = Protocol(vocab_size=args.vocab_size, d_model=pick(args.d_model, 64, 32),
-                 n_layers=args.n_layers, steps=pick(args.steps, 2000, 30),
-                 tokens_per_step=pick(args.tokens_per_step, 2048, 256),
-                 warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
-                 eval_every=pick(args.eval_every, 100, 15),
-                 val_examples=pick(args.val_examples, 256, 32),
-                 test_examples=pick(args.eval_examples, 1000, 64),
-                 target_accuracy=args.target_accuracy, random_filler=not args.zero_filler,
-                 max_seconds=args.max_seconds, query_power_a=args.power_a,
-                 mix=tuple(sorted(set(pick(args.mix, DEFAULT_MIX, ())))))
-    for name in ("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step", "eval_every",
-                 "val_examples", "test_examples"):
-        if getattr(p, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
+    p = resolve_preset(PRESETS, "quick" if args.quick else "default", {
+        "vocab_size": args.vocab_size, "d_model": args.d_model, "n_layers": args.n_layers,
+        "steps": args.steps, "tokens_per_step": args.tokens_per_step,
+        "warmup_fraction": args.warmup_fraction, "weight_decay": args.weight_decay,
+        "eval_every": args.eval_every, "val_examples": args.val_examples,
+        "test_examples": args.eval_examples, "target_accuracy": args.target_accuracy,
+        "random_filler": not args.zero_filler, "max_seconds": args.max_seconds,
+        "query_power_a": args.power_a,
+        "mix": None if args.mix is None else tuple(sorted(set(args.mix)))},
+        at_least_one=("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step",
+                      "eval_every", "val_examples", "test_examples"))
     if not 0.0 <= p.warmup_fraction < 1.0:
         raise ValueError(f"--warmup-fraction must be in [0, 1), got {p.warmup_fraction}")
     if any(q > p.vocab_size // 2 - 1 for _, q in p.mix):
@@ -306,19 +246,16 @@ def config_id(label: str, seq_len: int, lr: float, run_seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}-T{seq_len}-lr{lr:g}{suffix}")
 
 
-def _finished(cfile: Path, key: dict[str, Any], label: str, seq_len: int, lr: float
-              ) -> dict[str, Any] | None:
-    """The finished record of this configuration, or None. Before there were several seeds,
-    every seed's record was in the seed-0 file: one found there with this key is taken (and
+def _finished(config: Configuration, legacy: Path) -> dict[str, Any] | None:
+    """The finished row of ``config``, or None. Before there were several seeds, every seed's
+    record was in the seed-0 file ``legacy``: one found there with this key is taken (and
     copied to its own file, so that training seed 0 later does not lose it)."""
-    for path in dict.fromkeys((cfile, cfile.with_name(f"{config_id(label, seq_len, lr, 0)}"
-                                                      f".json"))):
-        old = json.loads(path.read_text()) if path.is_file() else {}
-        if old.get("key") == key and old.get("status") == "ok":
-            if path != cfile:
-                atomic_write_json(cfile, old)
-            return old
-    return None
+    found = config.finished()
+    if found is None and legacy != config.path:
+        found = Configuration(legacy, config.key).finished()
+        if found is not None:
+            config.save(found)
+    return found
 
 
 def _print_row(row: dict[str, Any], show_seed: bool) -> None:
@@ -350,8 +287,7 @@ def run(args: argparse.Namespace) -> int:
         overrides = own if name == TEXTBOOK else {**global_args, **own}
         variants.append((text, name, overrides))
     labels = [v[0] for v in variants]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"--models lists a model twice: {labels}")
+    check_distinct(labels)
     lengths = {t: pairs_for_length(t, all_pairs, p.vocab_size) for t in seq_lens}
     if not any(lengths.values()):
         raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
@@ -405,8 +341,10 @@ def run(args: argparse.Namespace) -> int:
                                            "overrides": overrides, "init": init, "tied": tied,
                                            "seq_len": t, "pairs_trained": pairs, "mix": mix,
                                            "lr": lr, "seed": run_seed}
-                    cfile = out / "configs" / f"{config_id(label, t, lr, run_seed)}.json"
-                    old = None if args.retrain else _finished(cfile, key, label, t, lr)
+                    config = Configuration(
+                        out / "configs" / f"{config_id(label, t, lr, run_seed)}.json", key)
+                    legacy = out / "configs" / f"{config_id(label, t, lr, 0)}.json"
+                    old = None if args.retrain else _finished(config, legacy)
                     if old is not None:
                         row.update({k: v for k, v in old.items() if k != "key"},
                                    action="reused")
@@ -419,8 +357,12 @@ def run(args: argparse.Namespace) -> int:
                                    "pairs": pairs, "lr": lr, "protocol": asdict(p),
                                    "seed": run_seed, "device": str(device),
                                    "threads": threads, "key": key, "mix": mix}
-                        row.update(_train_configuration(cfile, payload, args.retrain,
-                                                        args.in_process, p.max_seconds))
+                        limit = None if p.max_seconds is None else 2 * p.max_seconds + 600
+                        row.update(config.run(
+                            "gam.bench.recall", payload, timeout=limit, resumable=True,
+                            retrain=args.retrain,
+                            in_process=partial(run_in_process, _worker) if args.in_process
+                            else None))
                     results["configs"].append(row)
                     _print_row(row, len(seeds) > 1)
                     write_results(out, results)

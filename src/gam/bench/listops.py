@@ -435,9 +435,11 @@ def run(args: argparse.Namespace) -> int:
                 payload = {"model": model, "seed": seed, "protocol": asdict(p),
                            "model_args": model_args, "data_seed": args.seed,
                            "device": str(device), "threads": args.threads}
-                row.update(config.run("gam.bench.listops", payload, timeout=args.max_seconds))
+                row.update(config.run("gam.bench.listops", payload, timeout=args.max_seconds,
+                                      record=False))
             results["runs"].append(row)
             if row["status"] == "ok":
+                config.save(row)
                 print(f"  {model} seed {seed}: test {100 * row['test_accuracy']:.1f}% (best "
                       f"valid {100 * row['best_valid_accuracy']:.1f}% at step "
                       f"{row['best_step']}; final {100 * row['test_accuracy_final']:.1f}%), "

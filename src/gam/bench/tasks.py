@@ -146,10 +146,12 @@ class Configuration:
 
     def run(self, module: str, payload: dict[str, Any], timeout: float | None = None,
             in_process: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-            resumable: bool = False, retrain: bool = False) -> dict[str, Any]:
+            resumable: bool = False, retrain: bool = False, record: bool = True
+            ) -> dict[str, Any]:
         """Run the configuration in a ``python -m <module> --worker`` process (or
         ``in_process(payload)``) and return its row (``action`` trained, ``wall_seconds``);
-        a finished one is recorded. ``resumable``: the worker gets ``checkpoint`` and
+        a finished one is recorded (``record``: else the caller records it, as it keeps
+        it). ``resumable``: the worker gets ``checkpoint`` and
         continues from it (``retrain``: starts again). The ``.lock`` is held throughout: a
         configuration another process runs is skipped (status "not run"), its log and
         checkpoint untouched."""
@@ -175,7 +177,7 @@ class Configuration:
                 row = merge_worker_result({}, *run_worker(module, payload, timeout=timeout))
             row.pop("traceback", None)
             row.update(action="trained", wall_seconds=time.perf_counter() - t0)
-            if row["status"] == "ok":
+            if record and row["status"] == "ok":
                 self.save(row)
             return row
 

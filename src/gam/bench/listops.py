@@ -67,9 +67,11 @@ from gam.bench.environment import command_line, environment, finish_environment
 from gam.bench.listops_report import write_listops_results
 from gam.bench.tasks import (
     Configuration,
+    add_protocol_options,
     check_model_names,
     family_overrides,
     progress_log,
+    protocol_overrides,
     resolve_preset,
 )
 from gam.bench.workers import emit, worker_main
@@ -130,14 +132,22 @@ PROTOCOLS: dict[str, Protocol] = {
                       lr=3e-3, warmup_steps=4, weight_decay=0.1, eval_every=10,
                       eval_batch_size=64, dropout=0.0, pos_embedding_std=0.02, dtype="fp32"),
 }
-OVERRIDABLE = ("min_len", "max_len", "n_train", "n_valid", "n_test", "max_depth", "d_model",
-               "n_layers", "batch_size", "steps", "lr", "warmup_steps", "weight_decay",
-               "eval_every", "dropout", "pos_embedding_std", "dtype")  # each an option
+OPTION_HELP = {  # the protocol's options, each overriding the preset's field
+    "steps": "optimizer steps per run", "batch_size": "sequences per step",
+    "lr": "peak learning rate (AdamW)", "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (matrices only)", "d_model": "model width",
+    "n_layers": "number of blocks", "dropout": "dropout in the backbone",
+    "pos_embedding_std": "std of the learned position embeddings at init; 0 = none",
+    "dtype": "autocast dtype (fp16 on CUDA only)", "min_len": "shortest sequence (tokens)",
+    "max_len": "longest sequence (tokens)", "max_depth": "levels of a tree (LRA: 10)",
+    "n_train": "training sequences", "n_valid": "validation sequences",
+    "n_test": "test sequences",
+    "eval_every": "steps between validation evaluations (the learning curve)"}
 
 
 def resolve_protocol(args: argparse.Namespace) -> tuple[str, Protocol]:
     name = "quick" if args.quick else args.preset
-    p = resolve_preset(PROTOCOLS, name, {f: getattr(args, f, None) for f in OVERRIDABLE},
+    p = resolve_preset(PROTOCOLS, name, protocol_overrides(args, OPTION_HELP),
                        at_least_one=("min_len", "n_train", "n_valid", "n_test", "max_depth",
                                      "d_model", "n_layers", "batch_size", "steps",
                                      "eval_every"))
@@ -339,31 +349,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "min per model and seed on one idle thread) or lra (500-2000 tokens, "
                              "96k/2k/2k, d 512, 6 layers; for a GPU); --quick overrides it")
     g = parser.add_argument_group("protocol overrides (default: the --preset's value)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW weight decay (matrices only)")
-    g.add_argument("--d-model", type=int, default=None, help="model width")
-    g.add_argument("--n-layers", type=int, default=None, help="number of blocks")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in the backbone")
-    g.add_argument("--pos-embedding-std", type=float, default=None,
-                   help="std of the learned position embeddings at init; 0 = none")
+    add_protocol_options(g, Protocol, OPTION_HELP, choices={"dtype": DTYPES})
     g.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
                    metavar="KEY=VALUE", dest="model_args",
                    help="config override for every model (repeatable), e.g. init=paper "
                         "(default: none: the library's defaults)")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="autocast dtype (fp16 on CUDA only)")
-    g.add_argument("--min-len", type=int, default=None, help="shortest sequence (tokens)")
-    g.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens)")
-    g.add_argument("--max-depth", type=int, default=None, help="levels of a tree (LRA: 10)")
-    g.add_argument("--n-train", type=int, default=None, help="training sequences")
-    g.add_argument("--n-valid", type=int, default=None, help="validation sequences")
-    g.add_argument("--n-test", type=int, default=None, help="test sequences")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between validation evaluations (the learning curve)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="wall-clock limit of one (model, seed) run; the run is recorded "
                              "as a timeout (default: none)")

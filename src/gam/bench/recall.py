@@ -116,7 +116,14 @@ from gam.bench.recall_protocol import (
 )
 from gam.bench.recall_report import write_results
 from gam.bench.recall_training import train_config
-from gam.bench.tasks import Configuration, check_distinct, progress_log, resolve_preset
+from gam.bench.tasks import (
+    Configuration,
+    add_protocol_options,
+    check_distinct,
+    progress_log,
+    protocol_overrides,
+    resolve_preset,
+)
 from gam.bench.workers import emit, run_in_process, worker_main
 from gam.runtime import resolve_device
 from gam.training.argtypes import parse_model_arg, positive_int, positive_number, seed
@@ -137,6 +144,23 @@ def _worker(payload: dict[str, Any], emit=emit) -> None:
 
 
 # ------------------------------------------------------------------------------ command
+OPTION_HELP = {  # the protocol's options, each overriding the preset's (--quick's) field
+    "d_model": "width of every model (default 64; quick 32)",
+    "n_layers": "layers of every model (default: 2)",
+    "vocab_size": "keys from [1, V/2), values from [V/2, V) (default: 128)",
+    "steps": "optimizer steps per configuration (default 2000; quick 30)",
+    "tokens_per_step": "batch size = tokens-per-step / T, split evenly between the pair counts "
+                       "(default 2048; quick 256)",
+    "warmup_fraction": "linear warm-up over this fraction of the steps, then cosine to 0 "
+                       "(default: 0.1)",
+    "weight_decay": "AdamW weight decay on matrices (nanogpt filter) (default: 0.1)",
+    "eval_every": "steps between validation scores (default 100; quick 15)",
+    "target_accuracy": "stop a configuration once every pair count reaches this validation "
+                       "accuracy (default: 0.99)",
+    "val_examples": "validation sequences per pair count (default 256; quick 32)",
+    "test_examples": "test sequences per pair count (default 1000; quick 64)"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME[:K=V,...]",
                         help=f"registry names or {TEXTBOOK}, each optionally with config "
@@ -164,12 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a run counts as solved when every pair count's test accuracy "
                              "is >= A; reported only, not part of a configuration "
                              "(default: 0.9)")
-    parser.add_argument("--d-model", type=int, default=None,
-                        help="width of every model (default 64; quick 32)")
-    parser.add_argument("--n-layers", type=int, default=2,
-                        help="layers of every model (default: 2)")
-    parser.add_argument("--vocab-size", type=int, default=128,
-                        help="keys from [1, V/2), values from [V/2, V) (default: 128)")
+    add_protocol_options(parser, Protocol, OPTION_HELP, flags={"test_examples": "--eval-examples"})
     parser.add_argument("--zero-filler", action="store_true",
                         help="fill non-query positions with 0 instead of zoology's random "
                              "tokens (default: random tokens)")
@@ -183,25 +202,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens-per-step / 2 tokens per mixed length (zoology's original "
                              "MQAR set mixes 64 to 256 this way); --mix alone: every length "
                              "alone, as zoology's Figure 2 (default 64:4; quick none)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per configuration (default 2000; quick 30)")
-    parser.add_argument("--tokens-per-step", type=int, default=None,
-                        help="batch size = tokens-per-step / T, split evenly between the "
-                             "pair counts (default 2048; quick 256)")
-    parser.add_argument("--warmup-fraction", type=float, default=0.1,
-                        help="linear warm-up over this fraction of the steps, then cosine to "
-                             "0 (default: 0.1)")
-    parser.add_argument("--weight-decay", type=float, default=0.1,
-                        help="AdamW weight decay on matrices (nanogpt filter) (default: 0.1)")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="steps between validation scores (default 100; quick 15)")
-    parser.add_argument("--target-accuracy", type=float, default=0.99,
-                        help="stop a configuration once every pair count reaches this "
-                             "validation accuracy (default: 0.99)")
-    parser.add_argument("--val-examples", type=int, default=None,
-                        help="validation sequences per pair count (default 256; quick 32)")
-    parser.add_argument("--eval-examples", type=int, default=None,
-                        help="test sequences per pair count (default 1000; quick 64)")
     parser.add_argument("--max-seconds", type=positive_number, default=None,
                         help="training-time limit of one configuration: it then stops, is "
                              "evaluated and recorded with stop 'time limit' (default: none)")
@@ -219,13 +219,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
     p = resolve_preset(PRESETS, "quick" if args.quick else "default", {
-        "vocab_size": args.vocab_size, "d_model": args.d_model, "n_layers": args.n_layers,
-        "steps": args.steps, "tokens_per_step": args.tokens_per_step,
-        "warmup_fraction": args.warmup_fraction, "weight_decay": args.weight_decay,
-        "eval_every": args.eval_every, "val_examples": args.val_examples,
-        "test_examples": args.eval_examples, "target_accuracy": args.target_accuracy,
-        "random_filler": not args.zero_filler, "max_seconds": args.max_seconds,
-        "query_power_a": args.power_a,
+        **protocol_overrides(args, OPTION_HELP), "random_filler": not args.zero_filler,
+        "max_seconds": args.max_seconds, "query_power_a": args.power_a,
         "mix": None if args.mix is None else tuple(sorted(set(args.mix)))},
         at_least_one=("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step",
                       "eval_every", "val_examples", "test_examples"))

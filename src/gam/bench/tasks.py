@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_type_hints
 
 import torch
 
@@ -76,6 +76,27 @@ def family_overrides(name: str, wanted: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------- protocol
+def add_protocol_options(group: Any, protocol: type, helps: Mapping[str, str],
+                         flags: Mapping[str, str] | None = None,
+                         choices: Mapping[str, Sequence[Any]] | None = None) -> None:
+    """One option per field of ``helps`` of the protocol dataclass: ``--field-name`` (or
+    ``flags[field]``), of the field's type, default None (``resolve_preset`` then keeps the
+    preset's value); read back with ``protocol_overrides``."""
+    hints = get_type_hints(protocol)
+    for name, text in helps.items():
+        kind = hints[name]
+        if kind not in (int, float, str):  # ``float | None``: the type that is not None
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        extra = {"choices": choices[name]} if choices and name in choices else {"type": kind}
+        group.add_argument(flag, dest=name, default=None, help=text, **extra)
+
+
+def protocol_overrides(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The values of ``add_protocol_options``' options (None where not given)."""
+    return {name: getattr(args, name, None) for name in names}
+
+
 def resolve_preset(presets: Mapping[str, P], name: str, overrides: Mapping[str, Any],
                    at_least_one: Sequence[str] = ()) -> P:
     """Preset ``name`` with the overrides that are not None; a one-line ValueError naming the

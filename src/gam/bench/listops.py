@@ -68,6 +68,7 @@ from gam.bench.listops_report import write_listops_results
 from gam.bench.tasks import (
     Configuration,
     add_protocol_options,
+    add_rerun_options,
     check_model_names,
     family_overrides,
     progress_log,
@@ -357,9 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="wall-clock limit of one (model, seed) run; the run is recorded "
                              "as a timeout (default: none)")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every run again instead of reusing finished runs in "
-                             "OUT/runs with the same settings")
+    add_rerun_options(parser, "OUT/runs", report_only=False)
 
 
 def run(args: argparse.Namespace) -> int:

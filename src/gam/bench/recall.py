@@ -119,6 +119,7 @@ from gam.bench.recall_training import train_config
 from gam.bench.tasks import (
     Configuration,
     add_protocol_options,
+    add_rerun_options,
     check_distinct,
     progress_log,
     protocol_overrides,
@@ -209,12 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train every configuration in this process instead of one fresh "
                              "worker process each: starts faster (smoke tests), but a crash "
                              "ends the run (default: one process per configuration)")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every configuration again instead of reusing the "
-                             "finished ones in OUT/configs (default: reuse)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the finished configurations in OUT/configs "
-                             "and list the others as 'not run' (default: train them)")
+    add_rerun_options(parser, "OUT/configs")
 
 
 def resolve_protocol(args: argparse.Namespace) -> Protocol:

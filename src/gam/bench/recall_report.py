@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from gam.bench.environment import finish_environment
-from gam.bench.reports import environment_markdown, fmt, json_safe, markdown_table, new_figure
+from gam.bench.reports import (
+    environment_markdown,
+    fmt,
+    group_rows,
+    json_safe,
+    markdown_table,
+    new_figure,
+)
 from gam.bench.training_bench import fmt_pm, mean_std
 from gam.files import atomic_write_bytes
 
@@ -55,11 +62,8 @@ def recall_rates(configs: list[dict[str, Any]], threshold: float) -> list[dict[s
     """One row per (model, length) over its finished runs (every seed and lr): runs, solved
     runs, the rate with its Wilson 95% interval, the test accuracy's mean and sample std, and
     per lr the solved and finished runs."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for c in configs:
-        groups.setdefault((c["model"], c["seq_len"]), []).append(c)
     rows = []
-    for (model, t), group in groups.items():
+    for (model, t), group in group_rows(configs, "model", "seq_len").items():
         ok = [c for c in group if c.get("status") == "ok"]
         n_solved = sum(solved(c, threshold) for c in ok)
         mean, std, _ = mean_std([mean_test_accuracy(c) for c in ok])

@@ -92,6 +92,20 @@ def add_protocol_options(group: Any, protocol: type, helps: Mapping[str, str],
         group.add_argument(flag, dest=name, default=None, help=text, **extra)
 
 
+def add_rerun_options(parser: argparse.ArgumentParser, records: str,
+                      report_only: bool = True) -> None:
+    """``--retrain`` (and ``--report-only``) of a task whose finished configurations are
+    kept in ``records`` (e.g. OUT/configs)."""
+    parser.add_argument("--retrain", action="store_true",
+                        help=f"train every configuration again instead of reusing the "
+                             f"finished ones in {records} (default: reuse)")
+    if report_only:
+        parser.add_argument("--report-only", action="store_true",
+                            help=f"train nothing: report the finished configurations in "
+                                 f"{records} and list the others as 'not run' (default: "
+                                 f"train them)")
+
+
 def protocol_overrides(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The values of ``add_protocol_options``' options (None where not given)."""
     return {name: getattr(args, name, None) for name in names}

@@ -49,12 +49,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +65,21 @@ import torch.nn.functional as F
 from gam.bench import common
 from gam.bench.environment import command_line, environment, finish_environment
 from gam.bench.listops_report import write_listops_results
-from gam.bench.workers import emit, run_worker, worker_main
+from gam.bench.tasks import (
+    Configuration,
+    add_protocol_options,
+    add_rerun_options,
+    check_model_names,
+    family_overrides,
+    progress_log,
+    protocol_overrides,
+    resolve_preset,
+)
+from gam.bench.workers import emit, worker_main
 from gam.data import listops
-from gam.files import atomic_write_json
 from gam.models.registry import (
     MODELS,
     build_model,
-    config_class,
     count_parameters,
     model_config,
     receptive_field,
@@ -126,24 +133,25 @@ PROTOCOLS: dict[str, Protocol] = {
                       lr=3e-3, warmup_steps=4, weight_decay=0.1, eval_every=10,
                       eval_batch_size=64, dropout=0.0, pos_embedding_std=0.02, dtype="fp32"),
 }
-_OPTION_OF = {"min_len": "min_len", "max_len": "max_len", "n_train": "n_train",
-              "n_valid": "n_valid", "n_test": "n_test", "max_depth": "max_depth",
-              "d_model": "d_model", "n_layers": "n_layers", "batch_size": "batch_size",
-              "steps": "steps", "lr": "lr", "warmup_steps": "warmup_steps",
-              "weight_decay": "weight_decay", "eval_every": "eval_every", "dropout": "dropout",
-              "pos_embedding_std": "pos_embedding_std", "dtype": "dtype"}
+OPTION_HELP = {  # the protocol's options, each overriding the preset's field
+    "steps": "optimizer steps per run", "batch_size": "sequences per step",
+    "lr": "peak learning rate (AdamW)", "warmup_steps": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay (matrices only)", "d_model": "model width",
+    "n_layers": "number of blocks", "dropout": "dropout in the backbone",
+    "pos_embedding_std": "std of the learned position embeddings at init; 0 = none",
+    "dtype": "autocast dtype (fp16 on CUDA only)", "min_len": "shortest sequence (tokens)",
+    "max_len": "longest sequence (tokens)", "max_depth": "levels of a tree (LRA: 10)",
+    "n_train": "training sequences", "n_valid": "validation sequences",
+    "n_test": "test sequences",
+    "eval_every": "steps between validation evaluations (the learning curve)"}
 
 
 def resolve_protocol(args: argparse.Namespace) -> tuple[str, Protocol]:
     name = "quick" if args.quick else args.preset
-    overrides = {f: getattr(args, o) for f, o in _OPTION_OF.items()
-                 if getattr(args, o, None) is not None}
-    p = replace(PROTOCOLS[name], **overrides)
-    for field_name in ("min_len", "n_train", "n_valid", "n_test", "max_depth", "d_model",
-                       "n_layers", "batch_size", "steps", "eval_every"):
-        if getattr(p, field_name) < 1:
-            raise ValueError(f"--{field_name.replace('_', '-')} must be >= 1, got "
-                             f"{getattr(p, field_name)}")
+    p = resolve_preset(PROTOCOLS, name, protocol_overrides(args, OPTION_HELP),
+                       at_least_one=("min_len", "n_train", "n_valid", "n_test", "max_depth",
+                                     "d_model", "n_layers", "batch_size", "steps",
+                                     "eval_every"))
     if p.n_train < p.batch_size:
         raise ValueError(f"--n-train {p.n_train} is smaller than --batch-size {p.batch_size}")
     if p.max_len < p.min_len:
@@ -156,11 +164,10 @@ def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
     """GAM gets d_model memory slots (the paper's ratio), Mamba d_state 16 and expand 2, the
     Transformer 4 heads of d/4 (8 from the paper preset at d 512): only the fields a family
     has are passed."""
-    known = {f.name for f in fields(config_class(name))}
     wanted = {"num_memory_slots": d_model, "d_state": 16}
     if d_model < 512:
         wanted.update(n_heads=4, expand=2)
-    return {k: v for k, v in wanted.items() if k in known}
+    return family_overrides(name, wanted)
 
 
 class ListOpsClassifier(nn.Module):
@@ -326,15 +333,8 @@ def _worker(payload: dict[str, Any]) -> None:
     p = Protocol(**payload["protocol"])
     splits, _ = load_splits(p, payload["data_seed"])
     t0 = time.perf_counter()
-    log_file = payload.get("log_file")
-
-    def log(line: str) -> None:  # the parent only reads stdout at the end: progress goes here
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
-    result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device, log=log,
-                                model_args=payload.get("model_args"))
+    result = train_and_evaluate(payload["model"], payload["seed"], p, splits, device,
+                                log=progress_log(payload), model_args=payload.get("model_args"))
     emit({"status": "ok", "wall_seconds": time.perf_counter() - t0, **result})
 
 
@@ -350,46 +350,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "min per model and seed on one idle thread) or lra (500-2000 tokens, "
                              "96k/2k/2k, d 512, 6 layers; for a GPU); --quick overrides it")
     g = parser.add_argument_group("protocol overrides (default: the --preset's value)")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
-    g.add_argument("--batch-size", type=int, default=None, help="sequences per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=None,
-                   help="AdamW weight decay (matrices only)")
-    g.add_argument("--d-model", type=int, default=None, help="model width")
-    g.add_argument("--n-layers", type=int, default=None, help="number of blocks")
-    g.add_argument("--dropout", type=float, default=None, help="dropout in the backbone")
-    g.add_argument("--pos-embedding-std", type=float, default=None,
-                   help="std of the learned position embeddings at init; 0 = none")
+    add_protocol_options(g, Protocol, OPTION_HELP, choices={"dtype": DTYPES})
     g.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
                    metavar="KEY=VALUE", dest="model_args",
                    help="config override for every model (repeatable), e.g. init=paper "
                         "(default: none: the library's defaults)")
-    g.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="autocast dtype (fp16 on CUDA only)")
-    g.add_argument("--min-len", type=int, default=None, help="shortest sequence (tokens)")
-    g.add_argument("--max-len", type=int, default=None, help="longest sequence (tokens)")
-    g.add_argument("--max-depth", type=int, default=None, help="levels of a tree (LRA: 10)")
-    g.add_argument("--n-train", type=int, default=None, help="training sequences")
-    g.add_argument("--n-valid", type=int, default=None, help="validation sequences")
-    g.add_argument("--n-test", type=int, default=None, help="test sequences")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between validation evaluations (the learning curve)")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="wall-clock limit of one (model, seed) run; the run is recorded "
                              "as a timeout (default: none)")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every run again instead of reusing finished runs in "
-                             "OUT/runs with the same settings")
+    add_rerun_options(parser, "OUT/runs", report_only=False)
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
     protocol_name, p = resolve_protocol(args)
-    for m in args.models:  # a typo fails now, not after an hour of other models
-        if m not in MODELS:
-            raise ValueError(f"unknown model {m!r}; expected one of {sorted(MODELS)}")
+    check_model_names(args.models)  # a typo fails now, not after an hour of other models
     command = command_line(args.command, args.argv)
     env = environment(device, threads)
     out = Path(args.out)
@@ -430,37 +406,29 @@ def run(args: argparse.Namespace) -> int:
     # seed-major order: an interrupted benchmark still has every model at the first seed
     for seed in args.seeds:
         for model in args.models:
-            run_file = out / "runs" / f"{model}-seed{seed}.json"
             key = {"protocol": asdict(p), "model": model, "seed": seed, "data_seed": args.seed,
                    "device": device.type, "model_config": configs.get(model)}
+            config = Configuration(out / "runs" / f"{model}-seed{seed}.json", key)
             row: dict[str, Any] = {"model": model, "seed": seed}
-            if not args.retrain and run_file.is_file():
-                old = json.loads(run_file.read_text())
-                if old.get("key") == key and old.get("status") == "ok":
-                    row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
-                    results["runs"].append(row)
-                    print(f"  {model} seed {seed}: reused {run_file}", flush=True)
-                    write_listops_results(out, results)
-                    continue
+            old = None if args.retrain else config.finished()
+            if old is not None:
+                row.update(old, action="reused")
+                results["runs"].append(row)
+                print(f"  {model} seed {seed}: reused {config.path}", flush=True)
+                write_listops_results(out, results)
+                continue
             reason = common.model_available(model)
             if reason is not None:
                 row.update(status="unavailable", error=reason)
             else:
                 payload = {"model": model, "seed": seed, "protocol": asdict(p),
                            "model_args": model_args, "data_seed": args.seed,
-                           "device": str(device),
-                           "threads": args.threads, "log_file": str(run_file.with_suffix(".log"))}
-                run_file.parent.mkdir(parents=True, exist_ok=True)
-                run_file.with_suffix(".log").write_text("")
-                t0 = time.perf_counter()
-                status, records, error = run_worker("gam.bench.listops", payload,
-                                                    timeout=args.max_seconds)
-                rec = records[-1] if records else {"status": status, "error": error}
-                row.update(rec, action="trained", wall_seconds=time.perf_counter() - t0)
-                row.pop("traceback", None)
+                           "device": str(device), "threads": args.threads}
+                row.update(config.run("gam.bench.listops", payload, timeout=args.max_seconds,
+                                      record=False))
             results["runs"].append(row)
             if row["status"] == "ok":
-                atomic_write_json(run_file, {"key": key, **row})
+                config.save(row)
                 print(f"  {model} seed {seed}: test {100 * row['test_accuracy']:.1f}% (best "
                       f"valid {100 * row['best_valid_accuracy']:.1f}% at step "
                       f"{row['best_step']}; final {100 * row['test_accuracy_final']:.1f}%), "

@@ -38,7 +38,6 @@ and ``positions-<dataset>.png`` (loss by position bucket, every family and T on 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -55,10 +54,10 @@ from gam.bench.long_report import build_markdown, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
 from gam.bench.reports import write_results
 from gam.bench.runs import RunSpec, apply_model_args, check_models
+from gam.bench.tasks import Configuration, check_distinct
 from gam.bench.throughput import time_steps
-from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
+from gam.bench.workers import emit, worker_main
 from gam.data.passkey import PasskeyGenerator, score_answer
-from gam.files import LockHeldError, atomic_write_json, hold_lock
 from gam.models.registry import MODELS, config_class, model_from_config
 from gam.runtime import synchronize
 from gam.training.argtypes import parse_model_arg
@@ -185,8 +184,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     changes = {k: getattr(args, k) for k in OVERRIDES if hasattr(args, k)}
     protocol = base.override(**changes) if changes else base
     families = list(args.models) if args.models else default_families()
-    if len(set(families)) != len(families):
-        raise ValueError(f"--models lists a model twice: {families}")
+    check_distinct(families)
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
     tokens = args.tokens_per_step or (512 if args.quick else 8192)
     bad = [t for t in contexts if t < 1 or tokens % t]
@@ -363,24 +361,17 @@ def eval_path(out: Path, spec: RunSpec) -> Path:
     return out / "evals" / dataset_slug(spec.dataset) / f"{spec.label}-seed{spec.seed}.json"
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, Any],
                            settings: Settings, seq_len: int) -> dict[str, Any]:
     """The evaluation of a finished run: kept from an earlier call when made with the same
     settings on the same run, else measured in a worker (``--report-only``: never)."""
-    path = eval_path(bench.out, spec)
     run_config = read_run_config(row["run_dir"])
     key = {**settings.evaluation, "run_created": run_config.get("created"),
            "run_steps": row.get("steps")}
-    kept = _read_json(path)
-    if kept is not None and kept.get("key") == key:
-        return {**kept["result"], "eval_action": "reused"}
+    config = Configuration(eval_path(bench.out, spec), key, nested=True, logged=False)
+    kept = config.finished()
+    if kept is not None:
+        return {**kept, "eval_action": "reused"}
     if bench.report_only:
         return {"eval_status": "not run", "eval_error": "no evaluation of this run yet "
                 "(--report-only evaluates nothing)"}
@@ -389,19 +380,17 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
                "batch_size": settings.tokens_per_step // seq_len,
                "dtype": settings.protocol.dtype, "seed": spec.seed,
                "data_dir": bench.data_dirs.get(spec.dataset), "cache_dir": bench.cache_dir}
-    try:
-        with hold_lock(path.with_suffix(".lock")):
-            bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
-            result: dict[str, Any] = {}
-            merge_worker_result(result, *run_worker(
-                "gam.bench.long", payload, timeout=bench.args.max_seconds))
-    except LockHeldError as exc:
-        return {"eval_status": "not run", "eval_error": str(exc)}
+    bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
+    result = config.run("gam.bench.long", payload, timeout=bench.args.max_seconds,
+                        record=False)
+    if result.pop("action") == "skipped":  # another process evaluates it
+        return {"eval_status": "not run", "eval_error": result["error"]}
+    result.pop("wall_seconds")
     status = result.pop("status", "error")
     result = {**result, "eval_status": status, "eval_threads": bench.threads,
               "eval_device": str(bench.device)}
     if status == "ok":
-        atomic_write_json(path, {"key": key, "result": result})
+        config.save(result)
     else:
         result["eval_error"] = result.pop("error", None)
     return {**result, "eval_action": "evaluated"}

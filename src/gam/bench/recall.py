@@ -52,6 +52,13 @@ association is found), and lr 1e-3 or 1e-2 stay at the copy plateau. A configura
 never reaches the target costs 2,000 steps: 150-210 s of training at T 64 (Transformer), plus
 ~25 s of worker start and evaluations.
 
+Seeds: ``--seeds K ...`` (default ``--seed``) runs every (model, length, lr) once per seed
+(its initialisation and its data streams). One run cannot tell a model that recalls from a
+lucky one, so with more than one seed or lr the report adds a **recall rate** per (model,
+length): the runs whose every pair count reaches ``--solved-accuracy`` (0.9) test accuracy,
+over the finished runs, with a Wilson 95% interval, the test accuracy's mean and sample std,
+and the solved runs per lr. The best-lr tables are then per seed.
+
 Models: any registry name, with per-model config overrides as ``NAME:KEY=VALUE,...``
 (``transformer:init=gpt2,tie_embeddings=false``) and overrides for every registry model by
 ``--model-arg KEY=VALUE``; the library's defaults otherwise (``init``, ``tie_embeddings``,
@@ -61,9 +68,10 @@ d_state 16, 4 heads), and ``textbook-transformer``, a reference built from ``tor
 position embeddings, untied head) which tells a failure of a model from a failure of the
 protocol.
 
-Engineering: every (model, length, lr) configuration trains in a fresh
+Engineering: every (model, length, lr, seed) configuration trains in a fresh
 ``python -m gam.bench.recall --worker`` process (``run_worker``); its record is written
-to ``OUT/configs/<id>.json`` as soon as it finishes (its progress to ``<id>.log``), and
+to ``OUT/configs/<id>.json`` (``config_id``: ``MODEL-T<length>-lr<lr>[-seed<k>]``, no suffix for
+seed 0) as soon as it finishes (its progress to ``<id>.log``), and
 ``results.json`` / ``results.md`` / ``recall.png`` are rewritten atomically after every
 configuration. Rerunning the same command with the same ``--out`` reuses every finished
 configuration whose settings match (``action: reused``) and trains the others; one that was
@@ -73,12 +81,11 @@ interrupted continues from its last validation (``<id>.ckpt``, removed once it f
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +93,13 @@ import torch
 
 from gam.bench import common
 from gam.bench.environment import command_line, environment
+from gam.bench.protocols import seeds_of
 from gam.bench.recall_protocol import (
     DEFAULT_LRS,
-    DEFAULT_MIX,
     DEFAULT_PAIRS,
     DEFAULT_SEQ_LENS,
     MAX_PAIR_FRACTION,
+    PRESETS,
     QUICK_LRS,
     QUICK_PAIRS,
     QUICK_SEQ_LENS,
@@ -108,38 +116,27 @@ from gam.bench.recall_protocol import (
 )
 from gam.bench.recall_report import write_results
 from gam.bench.recall_training import train_config
-from gam.bench.workers import emit, run_worker, worker_main
-from gam.errors import is_oom_error
-from gam.files import LockHeldError, atomic_write_json, hold_lock
+from gam.bench.tasks import (
+    Configuration,
+    add_protocol_options,
+    add_rerun_options,
+    check_distinct,
+    progress_log,
+    protocol_overrides,
+    resolve_preset,
+)
+from gam.bench.workers import emit, run_in_process, worker_main
 from gam.runtime import resolve_device
-from gam.training.argtypes import parse_model_arg, positive_int, positive_number
-
-
-def _train_here(payload: dict[str, Any]) -> dict[str, Any]:
-    """``--in-process``: the worker's work in this process, a failure recorded as the worker's
-    would be."""
-    records: list[dict[str, Any]] = []
-    try:
-        _worker(payload, emit=records.append)
-    except Exception as exc:  # noqa: BLE001 - recorded
-        records.append({"status": "oom" if is_oom_error(exc) else "error",
-                        "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
-    return records[-1]
+from gam.training.argtypes import parse_model_arg, positive_int, positive_number, seed
 
 
 def _worker(payload: dict[str, Any], emit=emit) -> None:
-    log_file = payload.get("log_file")
-
-    def log(line: str) -> None:  # the parent reads stdout only at the end: progress goes here
-        if log_file:
-            with open(log_file, "a") as f:
-                f.write(line + "\n")
-
     t0 = time.perf_counter()
     checkpoint = payload.get("checkpoint")
     result = train_config(payload["name"], payload["overrides"], payload["seq_len"],
                           payload["pairs"], payload["lr"], Protocol(**payload["protocol"]),
-                          payload["seed"], torch.device(payload["device"]), log=log,
+                          payload["seed"], torch.device(payload["device"]),
+                          log=progress_log(payload),
                           checkpoint=Path(checkpoint) if checkpoint else None,
                           key=payload.get("key"), mix=payload.get("mix", []))
     if checkpoint:
@@ -148,6 +145,23 @@ def _worker(payload: dict[str, Any], emit=emit) -> None:
 
 
 # ------------------------------------------------------------------------------ command
+OPTION_HELP = {  # the protocol's options, each overriding the preset's (--quick's) field
+    "d_model": "width of every model (default 64; quick 32)",
+    "n_layers": "layers of every model (default: 2)",
+    "vocab_size": "keys from [1, V/2), values from [V/2, V) (default: 128)",
+    "steps": "optimizer steps per configuration (default 2000; quick 30)",
+    "tokens_per_step": "batch size = tokens-per-step / T, split evenly between the pair counts "
+                       "(default 2048; quick 256)",
+    "warmup_fraction": "linear warm-up over this fraction of the steps, then cosine to 0 "
+                       "(default: 0.1)",
+    "weight_decay": "AdamW weight decay on matrices (nanogpt filter) (default: 0.1)",
+    "eval_every": "steps between validation scores (default 100; quick 15)",
+    "target_accuracy": "stop a configuration once every pair count reaches this validation "
+                       "accuracy (default: 0.99)",
+    "val_examples": "validation sequences per pair count (default 256; quick 32)",
+    "test_examples": "test sequences per pair count (default 1000; quick 64)"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME[:K=V,...]",
                         help=f"registry names or {TEXTBOOK}, each optionally with config "
@@ -167,12 +181,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak learning rates swept per (model, length); the best "
                              "validation accuracy is reported (default 1e-3 3e-3 1e-2; quick "
                              "3e-3 1e-2)")
-    parser.add_argument("--d-model", type=int, default=None,
-                        help="width of every model (default 64; quick 32)")
-    parser.add_argument("--n-layers", type=int, default=2,
-                        help="layers of every model (default: 2)")
-    parser.add_argument("--vocab-size", type=int, default=128,
-                        help="keys from [1, V/2), values from [V/2, V) (default: 128)")
+    parser.add_argument("--seeds", nargs="+", type=seed, default=None, metavar="K",
+                        help="seeds, each the initialisation and data seed of every "
+                             "(model, length, lr); with more than one seed or lr the report "
+                             "adds the rate of solved runs (default: --seed)")
+    parser.add_argument("--solved-accuracy", type=float, default=0.9, metavar="A",
+                        help="a run counts as solved when every pair count's test accuracy "
+                             "is >= A; reported only, not part of a configuration "
+                             "(default: 0.9)")
+    add_protocol_options(parser, Protocol, OPTION_HELP, flags={"test_examples": "--eval-examples"})
     parser.add_argument("--zero-filler", action="store_true",
                         help="fill non-query positions with 0 instead of zoology's random "
                              "tokens (default: random tokens)")
@@ -186,25 +203,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens-per-step / 2 tokens per mixed length (zoology's original "
                              "MQAR set mixes 64 to 256 this way); --mix alone: every length "
                              "alone, as zoology's Figure 2 (default 64:4; quick none)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per configuration (default 2000; quick 30)")
-    parser.add_argument("--tokens-per-step", type=int, default=None,
-                        help="batch size = tokens-per-step / T, split evenly between the "
-                             "pair counts (default 2048; quick 256)")
-    parser.add_argument("--warmup-fraction", type=float, default=0.1,
-                        help="linear warm-up over this fraction of the steps, then cosine to "
-                             "0 (default: 0.1)")
-    parser.add_argument("--weight-decay", type=float, default=0.1,
-                        help="AdamW weight decay on matrices (nanogpt filter) (default: 0.1)")
-    parser.add_argument("--eval-every", type=int, default=None,
-                        help="steps between validation scores (default 100; quick 15)")
-    parser.add_argument("--target-accuracy", type=float, default=0.99,
-                        help="stop a configuration once every pair count reaches this "
-                             "validation accuracy (default: 0.99)")
-    parser.add_argument("--val-examples", type=int, default=None,
-                        help="validation sequences per pair count (default 256; quick 32)")
-    parser.add_argument("--eval-examples", type=int, default=None,
-                        help="test sequences per pair count (default 1000; quick 64)")
     parser.add_argument("--max-seconds", type=positive_number, default=None,
                         help="training-time limit of one configuration: it then stops, is "
                              "evaluated and recorded with stop 'time limit' (default: none)")
@@ -212,66 +210,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train every configuration in this process instead of one fresh "
                              "worker process each: starts faster (smoke tests), but a crash "
                              "ends the run (default: one process per configuration)")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every configuration again instead of reusing the "
-                             "finished ones in OUT/configs (default: reuse)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the finished configurations in OUT/configs "
-                             "and list the others as 'not run' (default: train them)")
-
-
-def _train_configuration(cfile: Path, payload: dict[str, Any], retrain: bool, in_process: bool,
-                         max_seconds: float | None) -> dict[str, Any]:
-    """Train (or resume) one configuration into ``cfile`` (with its ``.log`` and ``.ckpt``
-    beside it) and return its row fields. The configuration's ``.lock`` is held throughout: a
-    second benchmark process on the same ``--out`` skips it (status "not run") instead of
-    truncating its log and writing the same checkpoint."""
-    log_file, checkpoint = cfile.with_suffix(".log"), cfile.with_suffix(".ckpt")
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(hold_lock(cfile.with_suffix(".lock")))
-        except LockHeldError as exc:
-            return {"status": "not run", "action": "skipped",
-                    "error": f"being trained by another process (pid {exc.holder})"}
-        if not checkpoint.is_file() or retrain:
-            log_file.write_text("")  # a resumed configuration keeps its log
-            checkpoint.unlink(missing_ok=True)
-        payload = {**payload, "log_file": str(log_file), "checkpoint": str(checkpoint)}
-        t0 = time.perf_counter()
-        if in_process:
-            rec = _train_here(payload)
-        else:
-            limit = None if max_seconds is None else 2 * max_seconds + 600
-            status, records, error = run_worker("gam.bench.recall", payload,
-                                                timeout=limit)
-            rec = records[-1] if records else {"status": status, "error": error}
-        rec.pop("traceback", None)
-        row = {**rec, "action": "trained", "wall_seconds": time.perf_counter() - t0}
-        if row["status"] == "ok":
-            atomic_write_json(cfile, {"key": payload["key"], **row})
-        return row
+    add_rerun_options(parser, "OUT/configs")
 
 
 def resolve_protocol(args: argparse.Namespace) -> Protocol:
-    q = args.quick
-
-    def pick(value: Any, default: Any, quick: Any) -> Any:
-        return value if value is not None else (quick if q else default)
-
-    p = Protocol(vocab_size=args.vocab_size, d_model=pick(args.d_model, 64, 32),
-                 n_layers=args.n_layers, steps=pick(args.steps, 2000, 30),
-                 tokens_per_step=pick(args.tokens_per_step, 2048, 256),
-                 warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
-                 eval_every=pick(args.eval_every, 100, 15),
-                 val_examples=pick(args.val_examples, 256, 32),
-                 test_examples=pick(args.eval_examples, 1000, 64),
-                 target_accuracy=args.target_accuracy, random_filler=not args.zero_filler,
-                 max_seconds=args.max_seconds, query_power_a=args.power_a,
-                 mix=tuple(sorted(set(pick(args.mix, DEFAULT_MIX, ())))))
-    for name in ("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step", "eval_every",
-                 "val_examples", "test_examples"):
-        if getattr(p, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
+    p = resolve_preset(PRESETS, "quick" if args.quick else "default", {
+        **protocol_overrides(args, OPTION_HELP), "random_filler": not args.zero_filler,
+        "max_seconds": args.max_seconds, "query_power_a": args.power_a,
+        "mix": None if args.mix is None else tuple(sorted(set(args.mix)))},
+        at_least_one=("vocab_size", "d_model", "n_layers", "steps", "tokens_per_step",
+                      "eval_every", "val_examples", "test_examples"))
     if not 0.0 <= p.warmup_fraction < 1.0:
         raise ValueError(f"--warmup-fraction must be in [0, 1), got {p.warmup_fraction}")
     if any(q > p.vocab_size // 2 - 1 for _, q in p.mix):
@@ -282,8 +230,36 @@ def resolve_protocol(args: argparse.Namespace) -> Protocol:
     return p
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+def config_id(label: str, seq_len: int, lr: float, run_seed: int) -> str:
+    """The file name of a configuration in ``OUT/configs``: seed 0 has no seed suffix, the name
+    it had before there were several seeds, so that its finished results stay reused."""
+    suffix = f"-seed{run_seed}" if run_seed else ""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}-T{seq_len}-lr{lr:g}{suffix}")
+
+
+def _finished(config: Configuration, legacy: Path) -> dict[str, Any] | None:
+    """The finished row of ``config``, or None. Before there were several seeds, every seed's
+    record was in the seed-0 file ``legacy``: one found there with this key is taken (and
+    copied to its own file, so that training seed 0 later does not lose it)."""
+    found = config.finished()
+    if found is None and legacy != config.path:
+        found = Configuration(legacy, config.key).finished()
+        if found is not None:
+            config.save(found)
+    return found
+
+
+def _print_row(row: dict[str, Any], show_seed: bool) -> None:
+    head = f"  {row['model']} T {row['seq_len']} lr {row['lr']:g}" + (
+        f" seed {row['seed']}" if show_seed else "")
+    if row["status"] == "ok":
+        accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%" for q, r in row["pairs"].items())
+        print(f"{head}: {accs} (validation {100 * row['val_accuracy']:.1f}%), {row['steps']} "
+              f"steps ({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
+              f"{row['action']}", flush=True)
+    else:
+        error = f": {row['error']}" if row.get("error") else ""
+        print(f"{head}: {row['status']}{error}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -302,17 +278,20 @@ def run(args: argparse.Namespace) -> int:
         overrides = own if name == TEXTBOOK else {**global_args, **own}
         variants.append((text, name, overrides))
     labels = [v[0] for v in variants]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"--models lists a model twice: {labels}")
+    check_distinct(labels)
     lengths = {t: pairs_for_length(t, all_pairs, p.vocab_size) for t in seq_lens}
     if not any(lengths.values()):
         raise SystemExit(f"gam bench recall: no pair count with {MAX_PAIR_FRACTION} x pairs <= "
                          f"length among {all_pairs} for lengths {seq_lens}")
+    seeds = seeds_of(args)
+    if not 0.0 <= args.solved_accuracy <= 1.0:
+        raise ValueError(f"--solved-accuracy must be in [0, 1], got {args.solved_accuracy}")
     out = Path(args.out)
     command = command_line(args.command, args.argv)
     settings = {"models": labels, "model_args": global_args, "seq_lens": seq_lens,
                 "pairs": all_pairs, "pairs_by_length": {str(t): v for t, v in lengths.items()},
-                "lrs": lrs, "protocol": asdict(p), "seed": args.seed, "device": str(device),
+                "lrs": lrs, "protocol": asdict(p), "seeds": seeds,
+                "solved_accuracy": args.solved_accuracy, "device": str(device),
                 "threads": threads,
                 "optimizer": "gam.training.optim AdamW betas (0.9, 0.95), nanogpt decay filter, "
                              "warm-up then cosine to 0, clip 1.0",
@@ -320,63 +299,64 @@ def run(args: argparse.Namespace) -> int:
                         "random even offset of the rest; accuracy on query positions only"}
     results: dict[str, Any] = {"command": command, "settings": settings, "configs": [],
                                "runs": [], "environment": environment(device, threads)}
-    n_configs = sum(len(lrs) for t in seq_lens if lengths[t] for _ in variants)
-    print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, d {p.d_model}, "
-          f"{p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of {p.tokens_per_step} "
-          f"tokens, {n_configs} configurations, device {device}, {threads} threads", flush=True)
-    # length-major: an interrupted benchmark still has every model at the first length
+    n_configs = sum(len(lrs) * len(seeds) for t in seq_lens if lengths[t] for _ in variants)
+    print(f"gam bench recall: models {labels}, lengths {seq_lens}, lrs {lrs}, seeds {seeds}, "
+          f"d {p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of "
+          f"{p.tokens_per_step} tokens, {n_configs} configurations, device {device}, "
+          f"{threads} threads", flush=True)
+    # length-major, then seed-major: an interrupted benchmark still has every model at the
+    # first length and seed
     for t in seq_lens:
         pairs = lengths[t]
         if not pairs:
             continue
-        for label, name, overrides in variants:
-            reason = common.model_available(name) if name != TEXTBOOK else None
-            init, tied, resolved = "-", "-", None
-            if reason is None:
-                try:
-                    config = recall_config(name, overrides, t, p)
-                except (TypeError, ValueError) as exc:  # a bad override: fail now, not later
-                    raise ValueError(f"model {label!r}: {exc}") from None
-                init, tied = init_label(name, config)
-                resolved = asdict(config)  # init and tying resolved: part of the run's key
-            mix = mix_for_length(t, p)
-            for lr in lrs:
-                key = {"protocol": protocol_key(p), "model": label, "name": name,
-                       "overrides": overrides, "model_config": resolved, "seq_len": t,
-                       "pairs": pairs, "lr": lr, "seed": args.seed, "device": device.type}
-                if mix:  # absent without a mixture: the keys of older runs stay valid
-                    key["mix"] = mix
-                cid = _slug(f"{label}-T{t}-lr{lr:g}")
-                cfile = out / "configs" / f"{cid}.json"
-                row: dict[str, Any] = {"model": label, "name": name, "overrides": overrides,
-                                       "init": init, "tied": tied, "seq_len": t,
-                                       "pairs_trained": pairs, "mix": mix, "lr": lr}
-                old = json.loads(cfile.read_text()) if cfile.is_file() else {}
-                if not args.retrain and old.get("key") == key and old.get("status") == "ok":
-                    row.update({k: v for k, v in old.items() if k != "key"}, action="reused")
-                elif reason is not None:
-                    row.update(status="unavailable", error=reason, action="skipped")
-                elif args.report_only:
-                    row.update(status="not run", action="skipped")
-                else:
-                    payload = {"name": name, "overrides": overrides, "seq_len": t,
-                               "pairs": pairs, "lr": lr, "protocol": asdict(p),
-                               "seed": args.seed, "device": str(device), "threads": threads,
-                               "key": key, "mix": mix}
-                    row.update(_train_configuration(cfile, payload, args.retrain,
-                                                    args.in_process, p.max_seconds))
-                results["configs"].append(row)
-                if row["status"] == "ok":
-                    accs = ", ".join(f"P{q} {100 * r['accuracy']:.1f}%"
-                                     for q, r in row["pairs"].items())
-                    print(f"  {label} T {t} lr {lr:g}: {accs} (validation "
-                          f"{100 * row['val_accuracy']:.1f}%), {row['steps']} steps "
-                          f"({row['stop_reason']}), {row['train_seconds']:.0f} s training, "
-                          f"{row['action']}", flush=True)
-                else:
-                    error = f": {row['error']}" if row.get("error") else ""
-                    print(f"  {label} T {t} lr {lr:g}: {row['status']}{error}", flush=True)
-                write_results(out, results)
+        for run_seed in seeds:
+            for label, name, overrides in variants:
+                reason = common.model_available(name) if name != TEXTBOOK else None
+                init, tied, resolved = "-", "-", None
+                if reason is None:
+                    try:
+                        config = recall_config(name, overrides, t, p)
+                    except (TypeError, ValueError) as exc:  # a bad override: fail now
+                        raise ValueError(f"model {label!r}: {exc}") from None
+                    init, tied = init_label(name, config)
+                    resolved = asdict(config)  # init and tying resolved: part of the key
+                mix = mix_for_length(t, p)
+                for lr in lrs:
+                    key = {"protocol": protocol_key(p), "model": label, "name": name,
+                           "overrides": overrides, "model_config": resolved, "seq_len": t,
+                           "pairs": pairs, "lr": lr, "seed": run_seed, "device": device.type}
+                    if mix:  # absent without a mixture: the keys of older runs stay valid
+                        key["mix"] = mix
+                    row: dict[str, Any] = {"model": label, "name": name,
+                                           "overrides": overrides, "init": init, "tied": tied,
+                                           "seq_len": t, "pairs_trained": pairs, "mix": mix,
+                                           "lr": lr, "seed": run_seed}
+                    config = Configuration(
+                        out / "configs" / f"{config_id(label, t, lr, run_seed)}.json", key)
+                    legacy = out / "configs" / f"{config_id(label, t, lr, 0)}.json"
+                    old = None if args.retrain else _finished(config, legacy)
+                    if old is not None:
+                        row.update({k: v for k, v in old.items() if k != "key"},
+                                   action="reused")
+                    elif reason is not None:
+                        row.update(status="unavailable", error=reason, action="skipped")
+                    elif args.report_only:
+                        row.update(status="not run", action="skipped")
+                    else:
+                        payload = {"name": name, "overrides": overrides, "seq_len": t,
+                                   "pairs": pairs, "lr": lr, "protocol": asdict(p),
+                                   "seed": run_seed, "device": str(device),
+                                   "threads": threads, "key": key, "mix": mix}
+                        limit = None if p.max_seconds is None else 2 * p.max_seconds + 600
+                        row.update(config.run(
+                            "gam.bench.recall", payload, timeout=limit, resumable=True,
+                            retrain=args.retrain,
+                            in_process=partial(run_in_process, _worker) if args.in_process
+                            else None))
+                    results["configs"].append(row)
+                    _print_row(row, len(seeds) > 1)
+                    write_results(out, results)
     write_results(out, results, plot=True)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'recall.png'}")
     return 0

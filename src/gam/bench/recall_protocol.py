@@ -11,14 +11,9 @@ from typing import Any
 
 import torch
 
+from gam.bench.tasks import family_overrides, parse_model_spec
 from gam.bench.textbook_transformer import TextbookConfig, TextbookTransformerLM
-from gam.models.registry import (
-    MODELS,
-    config_class,
-    model_config,
-    model_from_config,
-)
-from gam.training.argtypes import parse_model_arg
+from gam.models.registry import MODELS, model_config, model_from_config
 
 TEXTBOOK = "textbook-transformer"
 DEFAULT_SEQ_LENS = [64, 128, 256]
@@ -71,6 +66,18 @@ class Protocol:
     mix: tuple[tuple[int, int], ...] = ()  # shorter (length, pairs) cases trained beside
 
 
+PRESETS = {  # every field an option; --quick: the smoke sizes
+    "default": Protocol(vocab_size=128, d_model=64, n_layers=2, steps=2000, tokens_per_step=2048,
+                        warmup_fraction=0.1, weight_decay=0.1, eval_every=100, val_examples=256,
+                        test_examples=1000, target_accuracy=0.99, random_filler=True,
+                        max_seconds=None, mix=tuple(DEFAULT_MIX)),
+    "quick": Protocol(vocab_size=128, d_model=32, n_layers=2, steps=30, tokens_per_step=256,
+                      warmup_fraction=0.1, weight_decay=0.1, eval_every=15, val_examples=32,
+                      test_examples=64, target_accuracy=0.99, random_filler=True,
+                      max_seconds=None, mix=()),
+}
+
+
 def protocol_key(p: Protocol) -> dict[str, Any]:
     """The protocol as part of a configuration's key: with uniform queries, the fields of the
     protocol before ``query_power_a`` existed, so that finished configurations stay reused.
@@ -111,19 +118,8 @@ def batch_size(p: Protocol, seq_len: int, n_pairs: int) -> int:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME[:KEY=VALUE,...]`` -> (name, overrides); a one-line ValueError if malformed."""
-    name, _, rest = text.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        try:
-            key, value = parse_model_arg(item)
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"model {text!r}: {exc}") from None
-        overrides[key] = value
-    if name != TEXTBOOK and name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected {TEXTBOOK} or one of "
-                         f"{sorted(MODELS)}")
-    return name, overrides
+    """``NAME[:KEY=VALUE,...]`` -> (name, overrides), a registry name or the textbook's."""
+    return parse_model_spec(text, (TEXTBOOK,))
 
 
 def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
@@ -132,9 +128,8 @@ def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
     gam-delta's heads are small here (d_model / 4), so its chunk is 32 instead of 64: the same
     function (the chunk only sets how the work is batched) with ~40% less time in the delta
     rule on a CPU (docs/results.md, gam-delta)."""
-    known = {f.name for f in fields(config_class(name))}
-    wanted = {"num_memory_slots": d_model, "d_state": 16, "delta_chunk_size": 32}
-    return {k: v for k, v in wanted.items() if k in known}
+    return family_overrides(name, {"num_memory_slots": d_model, "d_state": 16,
+                                   "delta_chunk_size": 32})
 
 
 def recall_config(name: str, overrides: dict[str, Any], seq_len: int, p: Protocol):

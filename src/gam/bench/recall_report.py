@@ -5,12 +5,23 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from gam.bench.environment import finish_environment
-from gam.bench.reports import environment_markdown, fmt, json_safe, markdown_table, new_figure
+from gam.bench.reports import (
+    environment_markdown,
+    fmt,
+    group_rows,
+    json_safe,
+    markdown_table,
+    new_figure,
+)
+from gam.bench.training_bench import fmt_pm, mean_std
 from gam.files import atomic_write_bytes
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
 
 def choose_lr(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -26,19 +37,68 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _summary(configs: list[dict[str, Any]], variants: list[str], seq_lens: list[int]
-             ) -> list[dict[str, Any]]:
-    """One row per (model, length, pairs) at the chosen lr."""
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval of a rate ``successes / n`` (None for n = 0): unlike
+    rate +- z * se it stays inside [0, 1] and is not empty at 0 / n or n / n."""
+    if n == 0:
+        return None
+    rate, z2 = successes / n, z * z
+    center = (rate + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(rate * (1 - rate) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def solved(config: dict[str, Any], threshold: float) -> bool:
+    """Every pair count's test accuracy reaches ``threshold``."""
+    return all(r["accuracy"] >= threshold for r in config["pairs"].values())
+
+
+def mean_test_accuracy(config: dict[str, Any]) -> float:
+    """A finished run's test accuracy: the mean over its pair counts."""
+    return sum(r["accuracy"] for r in config["pairs"].values()) / len(config["pairs"])
+
+
+def recall_rates(configs: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """One row per (model, length) over its finished runs (every seed and lr): runs, solved
+    runs, the rate with its Wilson 95% interval, the test accuracy's mean and sample std, and
+    per lr the solved and finished runs."""
+    rows = []
+    for (model, t), group in group_rows(configs, "model", "seq_len").items():
+        ok = [c for c in group if c.get("status") == "ok"]
+        n_solved = sum(solved(c, threshold) for c in ok)
+        mean, std, _ = mean_std([mean_test_accuracy(c) for c in ok])
+        interval = wilson_interval(n_solved, len(ok))
+        by_lr = {}
+        for c in ok:
+            counts = by_lr.setdefault(f"{c['lr']:g}", [0, 0])
+            counts[0] += solved(c, threshold)
+            counts[1] += 1
+        rows.append({"model": model, "seq_len": t, "runs": len(ok), "solved": n_solved,
+                     "not_finished": len(group) - len(ok),
+                     "rate": n_solved / len(ok) if ok else None,
+                     "rate_low": interval[0] if interval else None,
+                     "rate_high": interval[1] if interval else None,
+                     "accuracy_mean": mean, "accuracy_std": std,
+                     "solved_by_lr": {lr: {"solved": k, "runs": n} for lr, (k, n)
+                                      in by_lr.items()}})
+    return rows
+
+
+def _summary(configs: list[dict[str, Any]], variants: list[str], seq_lens: list[int],
+             seeds: list[int]) -> list[dict[str, Any]]:
+    """One row per (model, length, seed, pairs) at that seed's chosen lr."""
     rows = []
     for t in seq_lens:
-        for v in variants:
-            group = [c for c in configs if c["model"] == v and c["seq_len"] == t]
+        for v, run_seed in ((v, k) for k in seeds for v in variants):
+            group = [c for c in configs if c["model"] == v and c["seq_len"] == t
+                     and c["seed"] == run_seed]
             if not group:
                 continue
             best = choose_lr(group)
             ref = best or group[-1]
             for q in ref["pairs_trained"]:
-                row: dict[str, Any] = {"model": v, "seq_len": t, "num_kv_pairs": q,
+                row: dict[str, Any] = {"model": v, "seq_len": t, "seed": run_seed,
+                                       "num_kv_pairs": q,
                                        "init": ref["init"], "tied": ref["tied"],
                                        "copy_plateau": 1.0 / q,
                                        "lrs_tried": [c["lr"] for c in group]}
@@ -68,8 +128,9 @@ def _markdown(results: dict[str, Any]) -> str:
              f"decay {p['weight_decay']}, warm-up {100 * p['warmup_fraction']:g}% then cosine, "
              f"clip 1), stopped early when every pair count reaches "
              f"{100 * p['target_accuracy']:g}% validation accuracy; the lr is chosen per "
-             f"(model, length) among {s['lrs']} on {p['val_examples']} validation sequences "
-             f"per pair count; accuracy on {p['test_examples']} test sequences (other seeds). "
+             f"(model, length{', seed' if len(s['seeds']) > 1 else ''}) among {s['lrs']} "
+             f"on {p['val_examples']} validation sequences per pair count; accuracy on "
+             f"{p['test_examples']} test sequences (other seeds). "
              f"Filler: {'random tokens' if p['random_filler'] else '0'}. Query slots: "
              f"{_query_slots(p.get('query_power_a'))}. {_mix(p.get('mix') or [])} 'copy' = 100/P "
              f"(copying any value of the context); 'reachable (rf r)' = queries whose pair "
@@ -79,31 +140,36 @@ def _markdown(results: dict[str, Any]) -> str:
         if not rows_t:
             continue
         ps = sorted({r["num_kv_pairs"] for r in rows_t})
-        by = {(r["model"], r["num_kv_pairs"]): r for r in rows_t}
+        by = {(r["model"], r["seed"], r["num_kv_pairs"]): r for r in rows_t}
+        seed_col = [["seed"], []][len(s["seeds"]) == 1]  # one seed: the table of before
         table = []
-        for v in dict.fromkeys(r["model"] for r in rows_t):
-            first = next(r for r in rows_t if r["model"] == v)
+        for v, k in dict.fromkeys((r["model"], r["seed"]) for r in rows_t):
+            first = next(r for r in rows_t if r["model"] == v and r["seed"] == k)
             cells = []
             for q in ps:
-                r = by.get((v, q))
+                r = by.get((v, k, q))
                 cells.append("" if r is None else (_pct(r["accuracy"]) if r["status"] == "ok"
                                                    else r["status"]))
-            table.append([v, first["init"], first["tied"], *cells,
+            table.append([v, *([k] if seed_col else []), first["init"], first["tied"], *cells,
                           f"{first['lr']:g}" if first.get("lr") else "-",
                           first.get("steps", "-"), fmt(first.get("train_seconds"), 0)])
-        table.append(["copy plateau (1/P)", "", "", *(f"{100 / q:.1f}" for q in ps), "", "", ""])
+        pad = [""] * len(seed_col)
+        table.append(["copy plateau (1/P)", *pad, "", "", *(f"{100 / q:.1f}" for q in ps), "",
+                      "", ""])
         reach = {}
         for r in rows_t:
             rf = r.get("receptive_field")
             if r["status"] == "ok" and rf is not None and rf < t:
                 reach.setdefault(rf, {})[r["num_kv_pairs"]] = r["reachable_fraction"]
         for rf, vals in sorted(reach.items()):
-            table.append([f"reachable (rf {rf})", "", "", *(_pct(vals.get(q)) for q in ps),
-                          "", "", ""])
+            table.append([f"reachable (rf {rf})", *pad, "", "",
+                          *(_pct(vals.get(q)) for q in ps), "", "", ""])
         parts += ["", f"## T = {t}", "", markdown_table(
-            ["model", "init", "tied", *(f"P {q}" for q in ps), "chosen lr", "steps",
+            ["model", *seed_col, "init", "tied", *(f"P {q}" for q in ps), "chosen lr", "steps",
              "train s"], table)]
-    sweep = [[c["model"], c["seq_len"], f"{c['lr']:g}", c["status"],
+    if results.get("rates"):
+        parts += _rates_markdown(results["rates"], s["solved_accuracy"])
+    sweep = [[c["model"], c["seq_len"], f"{c['lr']:g}", c["seed"], c["status"],
               _pct(c.get("val_accuracy")),
               " / ".join(_pct(r["accuracy"]) for r in c.get("pairs", {}).values()) or "-",
               c.get("steps", "-"), c.get("stop_reason", "-"),
@@ -111,9 +177,26 @@ def _markdown(results: dict[str, Any]) -> str:
               "yes" if c.get("chosen") else "", c.get("action", "-")]
              for c in results["configs"]]
     parts += ["", "## Learning-rate sweep (every configuration)", "", markdown_table(
-        ["model", "T", "lr", "status", "val acc (mean)", "test acc per P", "steps", "stop",
+        ["model", "T", "lr", "seed", "status", "val acc (mean)", "test acc per P", "steps", "stop",
          "train s", "wall s", "chosen", "action"], sweep)]
     return "\n".join(parts)
+
+
+def _rates_markdown(rates: list[dict[str, Any]], threshold: float) -> list[str]:
+    rows = [[r["model"], r["seq_len"], r["runs"], r["solved"], _pct(r["rate"]),
+             f"{_pct(r['rate_low'])} - {_pct(r['rate_high'])}",
+             fmt_pm(*(None if v is None else 100 * v
+                      for v in (r["accuracy_mean"], r["accuracy_std"])), digits=1),
+             ", ".join(f"{lr}: {c['solved']}/{c['runs']}" for lr, c in
+                       r["solved_by_lr"].items()) or "-", r["not_finished"]]
+            for r in rates]
+    return ["", "## Recall rate over seeds and learning rates", "",
+            f"A run (one seed at one lr) is *solved* when every pair count's test accuracy is "
+            f">= {100 * threshold:g}% (--solved-accuracy). Rate = solved / finished runs, with "
+            f"its Wilson 95% interval; test accuracy = the mean over pair counts of a run, "
+            f"mean ± sample std over the finished runs.", "",
+            markdown_table(["model", "T", "runs", "solved", "rate (%)", "95% interval (%)",
+                            "test acc (%)", "solved per lr", "not finished"], rows)]
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
@@ -122,11 +205,14 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = new_figure(len(seq_lens), width=4.5, height=3.8)
     for ax, t in zip(axes, seq_lens, strict=True):
         for model in dict.fromkeys(r["model"] for r in runs):
-            rows = sorted((r for r in runs if r["model"] == model and r["seq_len"] == t),
-                          key=lambda r: r["num_kv_pairs"])
-            if rows:
-                ax.plot([r["num_kv_pairs"] for r in rows], [100 * r["accuracy"] for r in rows],
-                        "o-", label=model)
+            by_pairs: dict[int, list[float]] = {}  # over seeds: their mean
+            for r in runs:
+                if r["model"] == model and r["seq_len"] == t:
+                    by_pairs.setdefault(r["num_kv_pairs"], []).append(100 * r["accuracy"])
+            if by_pairs:
+                ps = sorted(by_pairs)
+                ax.plot(ps, [sum(by_pairs[q]) / len(by_pairs[q]) for q in ps], "o-",
+                        label=model)
         ps = sorted({r["num_kv_pairs"] for r in runs if r["seq_len"] == t})
         ax.plot(ps, [100 / q for q in ps], "--", color="gray", label="copy plateau (1/P)")
         ax.set_xscale("log", base=2)
@@ -139,7 +225,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         axes[0].legend(fontsize=7)
     p = results["settings"]["protocol"]
     fig.suptitle(f"multi-query associative recall, d {p['d_model']}, {p['n_layers']} layers, "
-                 f"best lr per model and length")
+                 f"best lr per model and length" + (", mean over seeds"
+                                                     if len(results["settings"]["seeds"]) > 1
+                                                     else ""))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
@@ -147,16 +235,12 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def write_results(out: Path, results: dict[str, Any], plot: bool = False) -> None:
     s = results["settings"]
-    results["runs"] = _summary(results["configs"], s["models"], s["seq_lens"])
-    chosen = {}
-    for t in s["seq_lens"]:
-        for v in s["models"]:
-            best = choose_lr([c for c in results["configs"] if c["model"] == v
-                              and c["seq_len"] == t])
-            if best is not None:
-                chosen[(v, t)] = best["lr"]
+    results["runs"] = _summary(results["configs"], s["models"], s["seq_lens"], s["seeds"])
+    chosen = {(r["model"], r["seq_len"], r["seed"]): r.get("lr") for r in results["runs"]}
     for c in results["configs"]:
-        c["chosen"] = chosen.get((c["model"], c["seq_len"])) == c["lr"]
+        c["chosen"] = chosen.get((c["model"], c["seq_len"], c["seed"])) == c["lr"]
+    several = len(s["seeds"]) > 1 or len(s["lrs"]) > 1
+    results["rates"] = recall_rates(results["configs"], s["solved_accuracy"]) if several else []
     results["environment"] = finish_environment(results["environment"])
     clean = json_safe(results)  # strict JSON: NaN/inf -> null
     atomic_write_bytes(out / "results.json",

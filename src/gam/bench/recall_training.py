@@ -1,9 +1,8 @@
 """Training and evaluation of one ``gam bench recall`` configuration (model, length, lr,
-seed) on MQAR batches, and its plain-data checkpoints."""
+seed) on MQAR batches, with the plain-data checkpoints of ``gam.bench.tasks``."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,16 +16,18 @@ from gam.bench.recall_protocol import (
     build_recall_model,
     stream_seed,
 )
+from gam.bench.tasks import key_text, load_checkpoint, save_checkpoint
 from gam.bench.textbook_transformer import TextbookConfig
 from gam.constants import IGNORE_INDEX
 from gam.data.mqar import make_mqar_batch, query_distances
-from gam.files import atomic_write
 from gam.models.registry import (
     count_parameters,
 )
 from gam.training.config import TrainConfig
 from gam.training.optim import build_optimizer, build_scheduler
 from gam.training.step import NonFiniteError, train_step
+
+__all__ = ["evaluate", "key_text", "load_checkpoint", "save_checkpoint", "train_config"]
 
 
 @torch.no_grad()
@@ -166,31 +167,3 @@ def train_config(name: str, overrides: dict[str, Any], seq_len: int, pairs: list
             "val_accuracy": sum(final_val.values()) / len(final_val),
             "receptive_field": rf, "parameters": parameters, "pairs": test, "curve": curve,
             "model_config": model.config.to_dict()}
-
-
-def key_text(key: Any) -> str:
-    """A configuration's key as canonical JSON (tuples and lists compare equal)."""
-    return json.dumps(key, sort_keys=True)
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # the key as JSON text: loadable with weights_only=True whatever the key holds
-    state = {**state, "key": key_text(state["key"])}
-    atomic_write(path, lambda handle: torch.save(state, handle))
-
-
-def load_checkpoint(path: Path | None, key: Any) -> dict[str, Any] | None:
-    """The saved state of this configuration, or None (no file, another key, unreadable).
-
-    Read with ``weights_only=True``: a file in the output folder is data, never code (a
-    planted pickle is refused, not run); its key must equal this configuration's before any
-    of it is used."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - damaged or not a plain-data checkpoint: start again
-        return None
-    if not isinstance(state, dict) or state.get("key") != key_text(key):
-        return None
-    return state

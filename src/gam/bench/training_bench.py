@@ -25,7 +25,7 @@ from gam.bench.protocols import (
     resolve_protocol,
     seeds_of,
 )
-from gam.bench.reports import fmt, new_figure, write_report, write_results
+from gam.bench.reports import fmt, group_rows, new_figure, write_report, write_results
 from gam.bench.runs import (
     RunSpec,
     apply_model_args,
@@ -69,11 +69,8 @@ def seeds_cell(summary: dict[str, Any]) -> str:
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (dataset, model) over the seeds that finished: mean and sample std of
     ``SUMMARY_FIELDS``, parameter counts, and the seeds used."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["dataset"], row["model"]), []).append(row)
     out = []
-    for (dataset, model), members in groups.items():
+    for (dataset, model), members in group_rows(rows, "dataset", "model").items():
         ok = [r for r in members if r.get("status") == "ok"]
         entry: dict[str, Any] = {
             "dataset": dataset, "model": model,

@@ -63,7 +63,7 @@ from gam.models.ops.losses import linear_cross_entropy, mean_cross_entropy
 from gam.models.sampling import check_sampling, sample_next_token, warn_cropped
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
-#: The default, chosen by measurement (docs/results.md, "Initialisation"): the only scheme under
+#: The default, chosen by measurement (docs/results.md, "Fair initialisation: the default init"): the only scheme under
 #: which every family that can recall learns MQAR, at a WikiText-2 perplexity close to the best.
 DEFAULT_INIT = "untied"
 GPT2_STD = 0.02

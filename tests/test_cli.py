@@ -102,13 +102,13 @@ def test_wrongly_laid_out_data_dir_names_the_missing_files(tmp_path, capsys):
 def test_data_dir_from_the_environment(tmp_path, data_dir, monkeypatch, capsys):
     monkeypatch.setenv("GAM_DATA_DIR", str(data_dir))
     out = tmp_path / "env-run"
-    assert main(train_args(out, "--max-steps", "1", "--offline")) == 0
+    assert main(train_args(out, "--max-steps", "1", "--no-use-hub")) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["data_dir"] is None
     assert str(data_dir) in config["data"]["corpus_source"]
 
     monkeypatch.setenv("GAM_DATA_DIR", str(tmp_path / "empty"))
-    assert main(train_args(tmp_path / "env-run2", "--offline")) == 2
+    assert main(train_args(tmp_path / "env-run2", "--offline")) == 2  # the former name
     assert "GAM_DATA_DIR" in error_of(capsys)
 
 
@@ -178,7 +178,7 @@ def test_model_arg_reaches_the_model(tmp_path, data_dir):
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["decay_filter"] == "nanogpt"
     assert config["model_config"]["num_memory_slots"] == 8
-    assert config["model_overrides"] == {"num_memory_slots": 8}
+    assert config["model_arg"] == {"num_memory_slots": 8}
 
 
 # --------------------------------------------------------------------------- bad numbers

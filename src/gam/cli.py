@@ -96,7 +96,7 @@ minGPT/nanoGPT's configure_optimizers did.
 data: corpus -> BPE tokenizer (trained on the train split only unless
 --tokenizer-on-all-splits; cached under $GAM_CACHE_DIR or ~/.cache/gam) -> token ids (cached)
 -> blocks of --seq-len -> batches in an order fixed by (--seed, epoch). Named corpora are read
-from --data-dir, else $GAM_DATA_DIR, else the Hugging Face hub (unless --offline).
+from --data-dir, else $GAM_DATA_DIR, else the Hugging Face hub (unless --no-use-hub).
 
 run directory (--out, default runs/<model>-<dataset>-<timestamp>): config.json,
 metrics.jsonl, model.json + model.safetensors (gam.load_pretrained(RUN_DIR) works),

@@ -350,6 +350,21 @@ def test_protocol_presets_and_overrides(env):
     assert tr.resolve_data_dir(None)[1] is False
 
 
+def test_the_tokenizer_kind_has_one_name_and_its_old_one_still_reads():
+    """``tokenizer_kind`` (``--tokenizer-kind``) was ``tokenizer``: a results.json protocol
+    written then reads the same."""
+    from gam.bench import build_parser, load_command
+    from gam.bench.protocols import PROTOCOLS, Protocol
+
+    cpu = PROTOCOLS["cpu"]
+    assert cpu.to_dict()["tokenizer_kind"] == "paper"
+    old = {("tokenizer" if k == "tokenizer_kind" else k): v for k, v in cpu.to_dict().items()}
+    assert Protocol.from_dict(old).to_dict() == cpu.to_dict()
+    parser = build_parser("compare", load_command("compare"))
+    args = parser.parse_args(["--tokenizer-kind", "bytelevel"])
+    assert tr.resolve_protocol(args).tokenizer_kind == "bytelevel"
+
+
 def test_an_overridden_protocol_says_so_in_its_description():
     from gam.bench.protocols import PROTOCOLS, protocol_markdown
 

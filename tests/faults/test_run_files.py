@@ -215,7 +215,7 @@ def test_an_edited_setting_is_refused_on_resume(run, key, value, capsys):
 
 _EDITS = [  # (file, edit, what the error says, the commands that read the file)
     ("config.json", lambda c: c.update(data=[]), "data must be an object", "resume eval"),
-    ("config.json", lambda c: c.update(model_overrides=["x"]), "model_overrides must be",
+    ("config.json", lambda c: c.update(model_arg=["x"]), "model_arg must be",
      "resume eval"),
     ("config.json", lambda c: c["tokenizer"].update(actual_vocab_size="10000"),
      "tokenizer.actual_vocab_size must be a positive integer", "resume eval"),

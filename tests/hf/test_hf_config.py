@@ -19,7 +19,8 @@ def test_auto_config_for_model_with_gam_and_hf_names():
                                             num_memory_slots=16, max_seq_len=64)
     assert isinstance(cfg, GAMHFConfig) and cfg.model_type == "gam"
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.max_position_embeddings) == (32, 2, 64)
-    # the library's default init unties the head (docs/results.md, "Fair initialisation: the default init")
+    # the library's default init unties the head
+    # (docs/results.md, "Fair initialisation: the default init")
     assert cfg.tie_word_embeddings is cfg.tie_embeddings is False
     assert transformers.AutoConfig.for_model("gam", init="paper").tie_word_embeddings is True
     aliased = transformers.AutoConfig.for_model("gam", hidden_size=48, num_hidden_layers=3,

@@ -137,7 +137,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(make_lm, padded):
 
 
 def test_gradient_checkpointing_recomputes_the_blocks(make_lm, monkeypatch):
-    import gam.hf.modeling_gam as modeling
+    import gam.hf.padding as padding
     from gam.models.gam import GAMBlock
 
     ckpt = _checkpointed(make_lm())
@@ -149,9 +149,9 @@ def test_gradient_checkpointing_recomputes_the_blocks(make_lm, monkeypatch):
     assert len(calls) == ckpt.config.n_layers
     loss.backward()  # each block runs again, recomputing its activations
     assert [sum(c is b for c in calls) for b in ckpt.gam.blocks] == [2] * ckpt.config.n_layers
-    real = modeling._block_extend  # the padded path runs the block through _block_extend
+    real = padding.block_extend  # the padded path runs the block through block_extend
     extends = []
-    monkeypatch.setattr(modeling, "_block_extend",
+    monkeypatch.setattr(padding, "block_extend",
                         lambda *a, **k: extends.append(1) or real(*a, **k))
     ckpt(idx, attention_mask=mask, labels=idx).loss.backward()
     assert len(extends) == 2 * ckpt.config.n_layers

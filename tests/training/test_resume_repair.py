@@ -179,11 +179,26 @@ def test_a_run_written_under_the_old_setting_name_loads_and_resumes(short_run, t
     assert json.loads((run / "config.json").read_text())["model_preset"] == "tiny"
 
 
-def test_the_old_preset_option_still_works():
-    from gam.cli import build_parser
-
-    args = build_parser().parse_args(["train", "--preset", "tiny", "--out", "x"])
-    assert args.model_preset == "tiny"
+def test_a_run_written_with_model_overrides_loads_and_resumes(data_dir, tiny_args, tmp_path,
+                                                              session_cache_dir, capsys):
+    """Runs written when ``model_arg`` was called ``model_overrides`` (config.json and the
+    checkpoint's recorded settings) still load and resume with their model settings."""
+    run = tmp_path / "old-overrides"
+    assert main(tiny_args(data_dir, run, "--max-steps", "2", "--threads", "1",
+                          "--model-arg", "num_memory_slots=8",
+                          "--cache-dir", str(session_cache_dir))) == 0
+    capsys.readouterr()
+    _rename_key(run / "config.json", None, "model_overrides", "model_arg")
+    _rename_key(find_checkpoint(run) / "state.json", "settings", "model_overrides", "model_arg")
+    model, _, config = load_run(run)
+    assert config["model_overrides"] == {"num_memory_slots": 8}
+    assert model.config.num_memory_slots == 8
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "3",
+                 "--threads", "1", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 3 and summary["resumed_from"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_arg"] == {"num_memory_slots": 8} and "model_overrides" not in config
 
 
 # ------------------------------------------------------------------- per-group learning rates
@@ -233,9 +248,9 @@ def test_an_s4d_run_from_before_ssm_lr_resumes_as_it_was_trained(
     assert main(tiny_args(data_dir, run, "--max-steps", "2", "--warmup-steps", "1",
                           "--threads", "1", "--cache-dir", str(session_cache_dir),
                           "--model-arg", "ssm_lr=none", model="s4d")) == 0
-    for path, keys in ((run / "config.json", [("model_overrides",), ("model_config",)]),
+    for path, keys in ((run / "config.json", [("model_arg",), ("model_config",)]),
                        (run / "model.json", [("config",)]),
-                       (find_checkpoint(run) / "state.json", [("settings", "model_overrides")])):
+                       (find_checkpoint(run) / "state.json", [("settings", "model_arg")])):
         values = json.loads(path.read_text())
         for key in keys:
             _drop_ssm_lr(values, *key)
@@ -250,3 +265,18 @@ def test_an_s4d_run_from_before_ssm_lr_resumes_as_it_was_trained(
     assert main(["train", "--resume", str(run), "--device", "cpu", "--max-steps", "4",
                  "--quiet"]) == 0  # and again, from the record that now has ssm_lr None
     assert len(_checkpoint_groups(run)) == 1
+
+
+@pytest.mark.parametrize("old, new, dest, value", [
+    (["--preset", "tiny"], ["--model-preset", "tiny"], "model_preset", "tiny"),
+    (["--tokenizer", "paper"], ["--tokenizer-kind", "paper"], "tokenizer_kind", "paper"),
+    (["--offline"], ["--no-use-hub"], "use_hub", False),
+])
+def test_an_old_option_still_works(old, new, dest, value):
+    from gam.cli import build_parser, build_run_config
+    from gam.training.options import setting_of
+
+    for argv in (old, new):
+        args = build_parser().parse_args(["train", *argv, "--out", "x"])
+        assert getattr(args, dest) == value
+        assert setting_of(build_run_config(args), dest) == value

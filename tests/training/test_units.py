@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from gam.training import (
     DataConfig,
     EpochBatchSampler,
     RunConfig,
+    RuntimeOptions,
+    TokenizerConfig,
     TrainConfig,
     TrainingState,
     WarmupCosine,
@@ -30,6 +33,7 @@ from gam.training import (
 )
 from gam.training.checkpoint import capture_rng_state, load_into, restore_rng_state
 from gam.training.optim import build_optimizer, build_scheduler, retarget_schedule
+from gam.training.options import setting_flag, setting_key
 from gam.training.step import train_step
 
 
@@ -161,13 +165,45 @@ def test_train_config_rejects_bad_numbers(kwargs, message):
 
 
 def test_run_config_round_trip():
-    run = RunConfig(model="transformer", model_preset="tiny", model_overrides={"dropout": 0.0},
-                    data=DataConfig("austen", max_train_rows=10),
+    run = RunConfig(model="transformer", model_preset="tiny", model_arg={"dropout": 0.0},
+                    data=DataConfig("austen", max_train_rows=10, use_hub=False),
+                    tokenizer=TokenizerConfig(kind="paper", on_all_splits=True),
                     train=TrainConfig(batch_size=4, betas=(0.8, 0.9)))
-    back = RunConfig.from_dict(json.loads(json.dumps(run.to_dict())))
+    values = json.loads(json.dumps(run.to_dict()))
+    assert values["model_arg"] == {"dropout": 0.0} and values["data"]["use_hub"] is False
+    assert values["tokenizer"]["kind"] == "paper"
+    back = RunConfig.from_dict(values)
     assert back == run
     with pytest.raises(ValueError, match="--vocab-size"):
-        RunConfig(model_overrides={"vocab_size": 100})
+        RunConfig(model_arg={"vocab_size": 100})
+
+
+def test_a_config_written_under_the_old_names_reads_as_the_new_one():
+    new = RunConfig(model_preset="tiny", model_arg={"num_memory_slots": 8}).to_dict()
+    old = {("preset" if k == "model_preset" else "model_overrides" if k == "model_arg" else k): v
+           for k, v in new.items()}
+    assert RunConfig.from_dict(old).to_dict() == new
+
+
+# a tokenizer field that names the model's size too keeps its own name (the model's)
+SHARED_WITH_THE_MODEL = {"vocab_size"}
+
+
+@pytest.mark.parametrize("section, cls", [(None, RunConfig), ("data", DataConfig),
+                                          ("tokenizer", TokenizerConfig),
+                                          ("train", TrainConfig), (None, RuntimeOptions)])
+def test_every_setting_has_one_name(section, cls):
+    """The field (config.json's entry), the flat key (option dest, protocol override) and the
+    flag are one name; a tokenizer field's key and flag carry the section (tokenizer.kind:
+    tokenizer_kind, --tokenizer-kind)."""
+    for f in fields(cls):
+        if not f.metadata:  # a section (RunConfig.data, ...)
+            continue
+        name = f"tokenizer_{f.name}" if section == "tokenizer" \
+            and f.name not in SHARED_WITH_THE_MODEL else f.name
+        assert setting_key(f) == name, f"{cls.__name__}.{f.name}"
+        if setting_flag(f):  # "": a setting without an option
+            assert setting_flag(f) == "--" + name.replace("_", "-"), f"{cls.__name__}.{f.name}"
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -266,10 +302,6 @@ def test_train_step_takes_micro_batches_of_different_lengths():
 
 
 def test_data_dir_has_one_home_and_resolving_it_changes_no_input(tmp_path, monkeypatch):
-    from dataclasses import fields
-
-    from gam.training.config import RuntimeOptions
-
     assert "data_dir" not in {f.name for f in fields(RuntimeOptions)}
     monkeypatch.chdir(tmp_path)
     run = RunConfig(model="gam", model_preset="tiny")

@@ -92,7 +92,7 @@ PROTOCOLS = {
         "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192), 5% of "
         "the training blocks replaced by passkey samples, validation on the whole valid split",
         dict(model_preset="cpu-small", model_arg={"d_model": 128}, vocab_size=10000,
-             tokenizer="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
+             tokenizer_kind="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
              lr=1e-3, warmup_steps=15, dtype="bf16", max_train_rows=None, max_val_rows=None,
              eval_every=None, log_every=10, save_every=25, gate_stat_batches=0,
              passkey_mix=0.05)),
@@ -100,7 +100,7 @@ PROTOCOLS = {
         "long-quick",
         "smoke test: preset tiny, byte-level BPE of 512 tokens, 4 steps, 25% passkey blocks, "
         "first 400 train / 40 validation rows (numbers mean nothing)",
-        dict(model_preset="tiny", vocab_size=512, tokenizer="bytelevel",
+        dict(model_preset="tiny", vocab_size=512, tokenizer_kind="bytelevel",
              tokenizer_on_all_splits=False, epochs=1, max_steps=4, lr=3e-3, warmup_steps=1,
              dtype="fp32", max_train_rows=400, max_val_rows=40, eval_every=None, log_every=2,
              save_every=2, gate_stat_batches=0, passkey_mix=0.25)),

@@ -19,6 +19,7 @@ from typing import Any
 
 from gam.training import RunConfig
 from gam.training.argtypes import parse_model_arg
+from gam.training.config import current_setting_names
 from gam.training.options import (
     add_override_arguments,
     overridable_keys,
@@ -28,7 +29,7 @@ from gam.training.options import (
 )
 
 # settings a protocol states (in results.json's "protocol", in this order)
-PROTOCOL_SETTINGS = ("model_preset", "vocab_size", "tokenizer", "tokenizer_on_all_splits",
+PROTOCOL_SETTINGS = ("model_preset", "vocab_size", "tokenizer_kind", "tokenizer_on_all_splits",
                      "seq_len", "batch_size", "epochs", "max_steps", "lr", "warmup_steps",
                      "dtype", "max_train_rows", "max_val_rows", "eval_every", "eval_batch_size",
                      "log_every", "save_every", "gate_stat_batches")
@@ -80,8 +81,10 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Protocol:
-        """Inverse of :meth:`to_dict` (e.g. a results.json's ``protocol``)."""
-        settings = {k: v for k, v in values.items() if k in run_settings()}
+        """Inverse of :meth:`to_dict` (e.g. a results.json's ``protocol``, settings renamed
+        since it was written included)."""
+        settings = {k: v for k, v in current_setting_names(values).items()
+                    if k in run_settings()}
         return cls(values["name"], values.get("description", ""), settings)
 
 
@@ -94,7 +97,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "5,000 validation rows; validation after every epoch; the official initialisation "
         "(init=paper: tied head, positions N(0, 1))",
         dict(model_preset="paper", model_arg={"init": "paper"}, vocab_size=10000,
-             tokenizer="paper",
+             tokenizer_kind="paper",
              tokenizer_on_all_splits=True, seq_len=256, batch_size=32, epochs=5,
              max_steps=None, lr=3e-4, warmup_steps=100, dtype="fp32", max_train_rows=50000,
              max_val_rows=5000, eval_every=None, log_every=10, save_every=250)),
@@ -106,7 +109,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "tokens, 0.64 of a WikiText-2 epoch) with AdamW lr 1e-3 (40 warm-up steps, cosine to 0 "
         "over the budget), same data rows as the paper (whole WikiText-2 validation split), "
         "validation every 100 steps",
-        dict(model_preset="cpu-small", vocab_size=10000, tokenizer="paper",
+        dict(model_preset="cpu-small", vocab_size=10000, tokenizer_kind="paper",
              tokenizer_on_all_splits=True, seq_len=256, batch_size=16, epochs=1, max_steps=400,
              lr=1e-3, warmup_steps=40, dtype="bf16", max_train_rows=50000, max_val_rows=5000,
              eval_every=100, log_every=10, save_every=100)),
@@ -114,7 +117,7 @@ PROTOCOLS: dict[str, Protocol] = {
         "quick",
         "smoke test: model preset tiny, vocabulary 512, blocks of 64, batch 8, 20 steps, first "
         "2,000 train / 200 validation rows (numbers mean nothing)",
-        dict(model_preset="tiny", vocab_size=512, tokenizer="paper",
+        dict(model_preset="tiny", vocab_size=512, tokenizer_kind="paper",
              tokenizer_on_all_splits=True, seq_len=64, batch_size=8, epochs=1, max_steps=20,
              lr=3e-3, warmup_steps=2, dtype="fp32", max_train_rows=2000, max_val_rows=200,
              eval_every=10, log_every=2, save_every=5)),
@@ -193,7 +196,7 @@ def protocol_markdown(protocol: Protocol, seeds: Sequence[int]) -> str:
     p = protocol
     steps = f"max {p.max_steps} steps" if p.max_steps else "no step cap"
     return (f"Protocol `{p.name}`: {p.description}. Settings: model preset `{p.model_preset}`, "
-            f"tokenizer `{p.tokenizer}` (vocab {p.vocab_size}"
+            f"tokenizer `{p.tokenizer_kind}` (vocab {p.vocab_size}"
             f"{', trained on all splits' if p.tokenizer_on_all_splits else ''}), seq_len "
             f"{p.seq_len}, batch {p.batch_size}, {p.epochs} epoch(s), {steps}, lr {p.lr:g} "
             f"(warm-up {p.warmup_steps}), dtype {p.dtype}, rows train/val "

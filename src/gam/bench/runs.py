@@ -117,7 +117,8 @@ def prepare_dataset(protocol: Protocol, dataset: str, data_dir: str | None,
     corpus source and fingerprints."""
     t0 = time.perf_counter()
     corpus = load_corpus(dataset, data_dir, protocol.max_train_rows, protocol.max_val_rows)
-    tokenizer = train_tokenizer(corpus, kind=protocol.tokenizer, vocab_size=protocol.vocab_size,
+    tokenizer = train_tokenizer(corpus, kind=protocol.tokenizer_kind,
+                                vocab_size=protocol.vocab_size,
                                 on_all_splits=protocol.tokenizer_on_all_splits,
                                 cache_dir=cache_dir)
     ids = encode_corpus(corpus, tokenizer, cache_dir=cache_dir, splits=["train", "valid"])
@@ -209,7 +210,7 @@ def summarize_run_dir(run_dir: Path) -> dict[str, Any]:
     return {
         "model_name": run.model,
         "model_preset": run.model_preset,
-        "overrides": dict(run.model_overrides),
+        "overrides": dict(run.model_arg),
         "params_total": counts["total"],
         "params_non_embedding": counts["non_embedding"],
         "steps": steps,

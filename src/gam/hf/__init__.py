@@ -21,16 +21,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "gam.hf needs the Hugging Face transformers package: pip install 'gam[hf]' "
         "(or pip install 'transformers>=4.46')") from exc
 
+from gam.hf.cache import CACHE_ARG, GAMCache, output_cache
 from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig
-from gam.hf.modeling_gam import (
-    CACHE_ARG,
-    GAMCache,
-    GAMForCausalLM,
-    GAMModel,
-    GAMPreTrainedModel,
-    causal_lm_loss,
-    output_cache,
-)
+from gam.hf.modeling_gam import GAMForCausalLM, GAMModel, causal_lm_loss
+from gam.hf.pretrained import GAMPreTrainedModel
 
 
 def register() -> None:

@@ -154,9 +154,10 @@ def _model_card(name: str, run_dir: Path, out_dir: Path, model: GAMForCausalLM, 
         meta.append(f"datasets: [{hub_id}]")
     data_line = (f"`{dataset}` ({hub_id or 'not on the hub'}; license: {data_license})"
                  if dataset else "not recorded (the run directory has no run config)")
-    # "preset": the name runs recorded before "model_preset"
-    recipe = {k: run_config[k] for k in ("model", "model_preset", "preset", "model_overrides",
-                                         "data", "tokenizer", "train", "seed") if k in run_config}
+    # "preset", "model_overrides": the names runs recorded before "model_preset", "model_arg"
+    recipe = {k: run_config[k] for k in ("model", "model_preset", "preset", "model_arg",
+                                         "model_overrides", "data", "tokenizer", "train", "seed")
+              if k in run_config}
     scores = _card_scores(run_dir)
     if scores:
         last = scores[-1]

@@ -8,32 +8,22 @@ so the weights and the numerics are the library's. The wrapper only uses the she
 ``forward_blocks`` / ``prefill_blocks`` / ``step_blocks`` where a family overrides them), so a
 family added to the registry works without changes here. Around it, what HF expects:
 
-* **Cache** (:class:`GAMCache`): every block's decode state, the family's own (GAM's last
-  k-1 normalised inputs, the Transformer's KV cache, Mamba's conv and SSM state, ...), plus the
-  number of tokens consumed and each row's next position; ``reorder_cache`` for beam search.
-* **Padding**: ``attention_mask`` zeros mark padding. Positions come from the mask
-  (``cumsum - 1``), so each row's real tokens get the positions they would have alone. The GAM
-  families (blocks with ``extend(x, state, pad_mask)``) zero the normalised conv inputs of
-  padded tokens in every block, exactly the zero padding a row alone sees before its start;
-  for every other family the rows of each left-padding length run together without their
-  padding (one decode state per group in the cache). Left-padded batches therefore give each
-  row the output of its prompt alone, in every family. Right padding is fine without a cache
-  (the models are causal); a cache that ends in padding cannot be continued (a clear error),
-  nor can padding sit between a row's real tokens.
+* **Cache** (``gam.hf.cache.GAMCache``): every block's decode state, the family's own, plus
+  the number of tokens consumed and each row's next position; ``reorder_cache`` for beam search.
+* **Padding** (``gam.hf.padding``): ``attention_mask`` zeros mark padding. Positions come from
+  the mask (``cumsum - 1``), so each row's real tokens get the positions they would have alone,
+  and left-padded batches give each row the output of its prompt alone, in every family.
 * ``labels`` (shifted inside, -100 ignored), ``output_hidden_states``, ``logits_to_keep``,
   ``inputs_embeds`` and gradient checkpointing of the blocks.
 * ``save_pretrained`` writes the remote-code entry points and ``auto_map`` beside the weights
   (``GAMHFConfig.save_pretrained``), so every folder it writes, a fine-tuned model's included,
-  loads with ``trust_remote_code=True`` in a fresh interpreter.
+  loads with ``trust_remote_code=True`` in a fresh interpreter. The entry point
+  ``modeling_gam.py`` of every such folder imports ``GAMForCausalLM`` and ``GAMModel`` from
+  this module: they stay here.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -41,395 +31,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
 
 from gam.constants import IGNORE_INDEX
-from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig, save_with_remote_code
+from gam.hf.cache import CACHE_ARG, GAMCache, RowGroup, given_cache, output_cache
+from gam.hf.configuration_gam import HF_MODEL_NAMES, GAMHFConfig
+from gam.hf.padding import (
+    block_pass,
+    masked_forward,
+    masks_padding,
+    plain_stack,
+    row_layout,
+    rows_by_lead,
+    scatter_rows,
+)
+from gam.hf.pretrained import GAMPreTrainedModel
 from gam.models.lm import CausalLM
 from gam.models.registry import model_from_config
 
-logger = logging.get_logger(__name__)
-
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-
-#: What this transformers release calls the cache, as a forward/generate argument and as a model
-#: output field: ``cache`` from 5.24 on (where ``past_key_values`` is deprecated, with a warning),
-#: ``past_key_values`` before. The models accept both names in ``forward``.
-CACHE_ARG = ("cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)}
-             else "past_key_values")
-
-
-def output_cache(output: Any) -> GAMCache | None:
-    """The cache a model output or a ``generate(..., return_dict_in_generate=True)`` result
-    holds, whichever name this transformers release gives it (no deprecation warning)."""
-    return output.get(CACHE_ARG)
-
-
-def _one_cache(cache: GAMCache | None, past_key_values: GAMCache | None) -> GAMCache | None:
-    """The cache passed to ``forward`` under either name (both at once is an error)."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
-    cache = past_key_values if cache is None else cache
-    if cache is not None and not isinstance(cache, GAMCache):
-        raise TypeError(f"GAM's cache must be a GAMCache (returned by the model), got "
-                        f"{type(cache).__name__}")
-    return cache
-
-
-@dataclass
-class RowGroup:
-    """Batch rows that share one decode state: ``rows`` (b,) their indices in the batch (on the
-    CPU), ``layers`` one state per block with batch b, None while the rows have seen only
-    padding."""
-
-    rows: torch.Tensor
-    layers: list[Any] | None
-
-
-class GAMCache(Cache):
-    """Decode state of a gam model, any family.
-
-    ``groups``: the batch's rows in groups that share one decode state (a ``RowGroup``: one
-    state per block, the family's: GAM its last ``conv_kernel_size - 1`` normalised inputs,
-    gam-delta a ``GAMDeltaState``, the Transformer its KV cache, Mamba a ``MambaState``, ...).
-    A family whose blocks mask padding themselves (``extend(x, state, pad_mask)``: the GAM
-    families) keeps the whole batch in one group; for the others each left-padding length is a
-    group whose real tokens are run without the padding, so every row gets what it gets alone.
-    ``seq_len``: tokens consumed so far, padding included (``get_seq_length``);
-    ``next_position``: (B,) position of each row's next token (its real tokens so far);
-    ``closed``: (B,) rows whose state ends in padding (right padding), which cannot be
-    continued.
-
-    ``generate`` and the forward create it; pass ``GAMCache(config=model.config)`` as the
-    cache (``cache=`` from transformers 5.24, ``past_key_values=`` before; ``CACHE_ARG`` names
-    it) to keep it after ``generate`` or for chunked prefill; ``output_cache(out)`` reads it.
-    """
-
-    is_compileable = False
-    is_croppable = False
-
-    def __init__(self, num_layers: int | None = None, config: GAMHFConfig | None = None) -> None:
-        if num_layers is None:
-            if config is None:
-                raise ValueError("GAMCache needs num_layers or config")
-            num_layers = config.n_layers
-        try:
-            super().__init__(layers=[])  # transformers 5: the base class holds attention layers
-        except TypeError:
-            super().__init__()  # transformers 4
-        self.num_layers = num_layers
-        self.groups: list[RowGroup] = []
-        self.seq_len = 0
-        self.next_position: torch.Tensor | None = None
-        self.closed: torch.Tensor | None = None
-
-    def __repr__(self) -> str:
-        return (f"GAMCache(num_layers={self.num_layers}, seq_len={self.seq_len}, "
-                f"batch_size={self.batch_size}, groups={len(self.groups)})")
-
-    def __len__(self) -> int:
-        return self.num_layers
-
-    @property
-    def conv_states(self) -> list[Any]:
-        """The blocks' states of the whole batch, when one group holds it in order (always for
-        the GAM families); [None] * num_layers before the first token."""
-        if not self.groups:
-            return [None] * self.num_layers
-        group = self.groups[0]
-        if len(self.groups) > 1 or not torch.equal(group.rows, torch.arange(len(group.rows))):
-            raise ValueError("the cache holds its rows in several groups (left padding of a "
-                             "family without pad masking): read cache.groups")
-        return list(group.layers) if group.layers is not None else [None] * self.num_layers
-
-    @conv_states.setter
-    def conv_states(self, layers: list[Any]) -> None:
-        batch = next((t.shape[0] for t in _tensors(layers)), None)
-        if batch is None:
-            raise ValueError("conv_states must hold at least one tensor (batch first)")
-        self.groups = [RowGroup(torch.arange(batch), list(layers))]
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.seq_len
-
-    @property
-    def is_linear(self) -> list[bool]:
-        # transformers >= 5.24 trims a prompt that continues a cache to the tokens the cache has
-        # not seen only when the cache is not all "linear attention" layers (then it feeds the
-        # whole sequence again). This state continues exactly after get_seq_length() tokens,
-        # so it needs the trimming: re-fed tokens would be written into the memory twice.
-        return [False] * self.num_layers
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1  # no sequence dimension: the state has a fixed size
-
-    def get_max_cache_shape(self, layer_idx: int | None = 0) -> None:
-        return None  # transformers 4 name of the above (None = unbounded)
-
-    @property
-    def batch_size(self) -> int:
-        if self.next_position is None:
-            return -1
-        return self.next_position.shape[0]
-
-    def _select(self, src: torch.Tensor) -> None:
-        """Row r of the new batch is row ``src[r]`` of the old one (beam search reordering,
-        expansion, selection); each group keeps its own state, restricted to its rows."""
-        src = src.to("cpu", torch.long)
-        if self.groups:
-            old = self.batch_size if self.batch_size >= 0 else int(src.max()) + 1
-            group_of = torch.full((old,), -1, dtype=torch.long)
-            local_of = torch.zeros(old, dtype=torch.long)
-            for g, group in enumerate(self.groups):
-                group_of[group.rows] = g
-                local_of[group.rows] = torch.arange(len(group.rows))
-            groups = []
-            for g, group in enumerate(self.groups):
-                new_rows = (group_of[src] == g).nonzero()[:, 0]
-                if not len(new_rows):
-                    continue
-                local = local_of[src[new_rows]]
-                layers = None if group.layers is None else [
-                    _map_state(s, lambda t, i=local: t.index_select(0, i.to(t.device)))
-                    for s in group.layers]
-                groups.append(RowGroup(new_rows, layers))
-            self.groups = groups
-        if self.next_position is not None:
-            self.next_position = self.next_position[src.to(self.next_position.device)]
-        if self.closed is not None:
-            self.closed = self.closed[src.to(self.closed.device)]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep, for every row, the state of row ``beam_idx[row]`` (beam search)."""
-        self._select(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select(torch.arange(max(self.batch_size, 0)).repeat_interleave(repeats))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select(indices)
-
-    def reset(self) -> None:
-        self.groups = []
-        self.seq_len = 0
-        self.next_position = None
-        self.closed = None
-
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("a GAMCache cannot be cropped: a recurrent state does not keep "
-                                  "older tokens")
-
-
-def _tensors(state: Any) -> list[torch.Tensor]:
-    """Every tensor of a decode state, in order."""
-    found: list[torch.Tensor] = []
-    _map_state(state, lambda t: found.append(t) or t)
-    return found
-
-
-def _map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``fn`` applied to every tensor of a block's decode state: a tensor, a NamedTuple, tuple,
-    list or dict of them (the Transformer's KV cache), a dataclass or a plain object; other
-    leaves (a stored length) are kept."""
-    if isinstance(state, torch.Tensor):
-        return fn(state)
-    if isinstance(state, dict):
-        return {k: _map_state(v, fn) for k, v in state.items()}
-    if isinstance(state, tuple) and hasattr(state, "_fields"):  # NamedTuple
-        return type(state)(*(_map_state(s, fn) for s in state))
-    if isinstance(state, (tuple, list)):
-        return type(state)(_map_state(s, fn) for s in state)
-    if is_dataclass(state) and not isinstance(state, type):
-        return replace(state, **{f.name: _map_state(getattr(state, f.name), fn)
-                                 for f in fields(state) if f.init})
-    if hasattr(state, "__dict__"):
-        other = copy.copy(state)
-        other.__dict__.update({k: _map_state(v, fn) for k, v in vars(state).items()})
-        return other
-    return state
-
-
-def _masks_padding(block: nn.Module) -> bool:
-    """Whether the block's ``extend`` takes a ``pad_mask`` (GAMBlock's protocol): it then runs
-    left-padded rows in one batch by itself."""
-    extend = getattr(block, "extend", None)
-    return callable(extend) and "pad_mask" in inspect.signature(extend).parameters
-
-
-def _plain_stack(lm: CausalLM) -> bool:
-    """Whether the blocks only hand each other the residual stream (the shell's own block
-    passes): then the wrapper may run them one by one (checkpointing, hidden states)."""
-    return all(getattr(type(lm), name) is getattr(CausalLM, name)
-               for name in ("forward_blocks", "prefill_blocks", "step_blocks"))
-
-
-def _block_pass(block: nn.Module, x: torch.Tensor, state: Any, pad_mask: torch.Tensor | None
-                ) -> tuple[torch.Tensor, Any]:
-    """Run ``block`` on T new tokens x (B, T, C) that follow ``state`` (None = the start):
-    prefill, one step, ``extend`` (chunked continuation; with ``pad_mask`` (B, T) False at
-    padding, the GAM families' masking) or one step per token."""
-    if pad_mask is None and state is None:
-        return block.prefill(x)
-    if pad_mask is None and x.shape[1] == 1:
-        y, state = block.step(x[:, 0], state)
-        return y[:, None], state
-    if pad_mask is not None or hasattr(block, "extend"):
-        return _block_extend(block, x, state, pad_mask)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = block.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, dim=1), state
-
-
-def _block_extend(block: nn.Module, x: torch.Tensor, state: Any,
-                  pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
-    """``block.extend``: T new tokens after ``state``, padded tokens (``pad_mask`` False)
-    masked (only passed when given: a family's extend may not take it)."""
-    if pad_mask is None:
-        return block.extend(x, state)
-    return block.extend(x, state, pad_mask)
-
-
-def _masked_forward(block: nn.Module, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-    return _block_extend(block, x, None, pad_mask)[0]
-
-
-def _row_layout(current: torch.Tensor | None, started: torch.Tensor | None, B: int, T: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's leading padding (B,) and whether it ends in padding (B,) (right padding:
-    its state cannot be continued). A row's real tokens must be one run (padding between real
-    tokens, or before the new tokens of a row that has real tokens in the cache, is refused:
-    no family could give the row what it gives alone)."""
-    if current is None:
-        return torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.bool)
-    mask = current.cpu()
-    if started is not None:  # real tokens in the cache count as a run that started before
-        before = started.cpu()[:, None]
-    else:
-        before = torch.zeros(B, 1, dtype=torch.bool)
-    runs = (mask & ~torch.cat([before, mask[:, :-1]], dim=1)).sum(dim=1)
-    bad = (runs > 1) | ((runs == 1) & before[:, 0])
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"attention_mask row {row} has padding between real tokens (or before "
-                         f"the new tokens of a row the cache has tokens of): gam models take "
-                         f"padding before a row's tokens (left) or after them (right) only")
-    lead = torch.where(mask.any(dim=1), mask.long().argmax(dim=1), torch.full((B,), T))
-    seen = (mask.long().cumsum(dim=1) > 0) | before
-    closed = (seen & ~mask).any(dim=1)
-    return lead, closed
-
-
-def _scatter_rows(out: torch.Tensor, rows: torch.Tensor, lead: int, values: torch.Tensor
-                  ) -> torch.Tensor:
-    """``out`` with ``values`` (b, T - lead, C) written at rows ``rows``, positions lead..T-1
-    (out of place, so gradients flow)."""
-    positions = torch.arange(lead, out.shape[1], device=out.device)
-    return out.index_put((rows.to(out.device)[:, None], positions[None, :]), values)
-
-
-class GAMPreTrainedModel(PreTrainedModel):
-    """Weights initialisation, checkpointing and generation settings shared by the GAM models."""
-
-    config_class = GAMHFConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["GAMBlock", "GAMDeltaBlock"]
-    _is_stateful = True  # no assisted generation: the conv state cannot be rolled back
-    _supports_cache_class = True  # transformers 4
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any,
-                        **kwargs: Any) -> Any:
-        """``PreTrainedModel.save_pretrained``; the folder also gets the remote-code entry
-        points and ``auto_map`` (through the config's ``save_pretrained``), whether this model
-        came from ``gam.hf``, from remote code or from a constructor, so a fine-tuned or
-        re-saved model loads with ``trust_remote_code=True`` wherever ``gam`` is installed."""
-        return save_with_remote_code(self, super().save_pretrained, save_directory, *args,
-                                     **kwargs)
-
-    def mark_tied_weights_as_initialized(self, loading_info: Any) -> None:
-        """transformers 5 flags the Parameter of each tie target (the head) as loaded before it
-        fills the missing weights. A gam model is tied at construction, so that Parameter is
-        also the source (the token embedding): when the file lacks it, it would stay on the
-        meta device, unreported. Such a source is marked missing again, so the loader
-        materialises it, draws it per the config and reports it."""
-        tied = getattr(self, "all_tied_weights_keys", None) or {}
-        missing_sources = {source for source in tied.values()
-                           if source in loading_info.missing_keys}
-        super().mark_tied_weights_as_initialized(loading_info)
-        for source in missing_sources:
-            param = self.get_parameter(source)
-            if getattr(param, "_is_hf_initialized", False):
-                del param._is_hf_initialized
-            loading_info.missing_keys.add(source)
-
-    def tie_weights(self, *args: Any, **kwargs: Any) -> Any:
-        """The base class's tying, then a check that no weight is left on the meta device (a
-        loader that skipped one): any such weight is drawn per the config, named in a warning
-        and added to the loader's missing keys."""
-        result = super().tie_weights(*args, **kwargs)
-        missing = kwargs.get("missing_keys", args[0] if args else None)
-        self._fill_meta_weights(missing)
-        return result
-
-    @torch.no_grad()
-    def _fill_meta_weights(self, missing: set[str] | None) -> None:
-        lm = getattr(self, "gam", None)
-        if not isinstance(lm, CausalLM):
-            return
-        params = dict(self.named_parameters(remove_duplicate=False))
-        found = [name for name, p in params.items() if p.is_meta]
-        if not found or len(found) == len(params):
-            return  # nothing missing, or a model built on the meta device on purpose
-        device = next(p.device for p in self.parameters() if not p.is_meta)
-        for name in found:
-            module_name, _, attr = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            param = getattr(module, attr)
-            if param.is_meta:
-                setattr(module, attr, nn.Parameter(torch.empty_like(param, device=device),
-                                                   requires_grad=param.requires_grad))
-        if self.config.tie_embeddings:
-            lm.head.weight = lm.token_embedding.weight
-        for module in {self.get_submodule(n.rpartition(".")[0]) for n in found}:
-            lm.init_module_weights(module)
-        logger.warning(f"weights missing from the checkpoint, drawn per the config: "
-                       f"{sorted(found)}")
-        if missing is not None:
-            missing.update(found)
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not build a DynamicCache: the model creates its GAMCache itself.
-        return False
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """The library's initialisation, whatever the config asks (``init``, ``tie_embeddings``,
-        ``pos_embedding_std``), so that a model from ``from_config`` gets the distributions
-        ``gam.build_model`` gives and a checkpoint's missing weights get them too. transformers
-        4 visits the wrapped model itself (one ``CausalLM.init_weights``); transformers 5 only
-        the modules that hold parameters directly, each re-drawn alone, leaving the ones it has
-        already loaded (flagged ``_is_hf_initialized``) as they are."""
-        if isinstance(module, CausalLM):
-            module.init_weights()
-            return
-        lm = getattr(self, "gam", None)
-        if not isinstance(lm, CausalLM):
-            return  # during GAMModel.__init__, before the library model exists
-        if module is lm.token_embedding and self.config.tie_embeddings \
-                and lm.head.weight is not module.weight:
-            lm.head.weight = module.weight  # untied by the loader: tie first, draw as tied
-        loaded = [(p, p.detach().clone()) for p in module.parameters(recurse=False)
-                  if getattr(p, "_is_hf_initialized", False)]
-        lm.init_module_weights(module)
-        for p, value in loaded:
-            p.copy_(value)
 
 
 class GAMModel(GAMPreTrainedModel):
@@ -453,7 +74,7 @@ class GAMModel(GAMPreTrainedModel):
         self.gam._modules["head"] = self.gam._modules.pop("head")
         self.gradient_checkpointing = False
         # left padding: masked by the blocks themselves (GAM), or run row group by row group
-        self._masks_padding = _plain_stack(self.gam) and all(map(_masks_padding, self.gam.blocks))
+        self._masks_padding = plain_stack(self.gam) and all(map(masks_padding, self.gam.blocks))
         self._no_split_modules = sorted({type(b).__name__ for b in self.gam.blocks})
         self.post_init()
 
@@ -538,19 +159,23 @@ class GAMModel(GAMPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: GAMCache | None = None,
+        cache: GAMCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cache: GAMCache | None = None,
+        past_key_values: GAMCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """``hidden_states`` (with ``output_hidden_states``): the embeddings, the output of
         every block but the last, and the final normalised state (n_layers + 1 tensors, the
         last equal to ``last_hidden_state``). gam models have no attention maps (``attentions``
-        is None)."""
+        is None).
+
+        The cache is the fourth argument, as in every HF model, under the name transformers
+        gives it from 5.24 on; ``past_key_values``, the earlier name, is taken by keyword (one
+        of the two at most)."""
         cfg = self.config
         if output_hidden_states is None:
             output_hidden_states = cfg.output_hidden_states
@@ -562,7 +187,7 @@ class GAMModel(GAMPreTrainedModel):
             use_cache = False  # a cache would keep every block's inputs alive
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        cache = _one_cache(cache, past_key_values)
+        cache = given_cache(cache, past_key_values)
 
         lm = self.gam
         if input_ids is not None:
@@ -585,7 +210,7 @@ class GAMModel(GAMPreTrainedModel):
         current = self._current_mask(attention_mask, past, B, T)
         started = None if cache is None or cache.next_position is None \
             else cache.next_position > 0
-        lead, closed = _row_layout(current, started, B, T)
+        lead, closed = row_layout(current, started, B, T)
         positions, next_position = self._positions(position_ids, current, cache, B, T, device)
         self._check_positions(positions, current)
         pad_mask = None if current is None or bool(current.all()) else current
@@ -624,19 +249,19 @@ class GAMModel(GAMPreTrainedModel):
         out = torch.zeros_like(x)
         states = [torch.zeros_like(x) for _ in range(len(self.gam.blocks) + 1)] \
             if want_hidden else []
-        for start, rows in _rows_by_lead(lead, x.shape[1]):
+        for start, rows in rows_by_lead(lead, x.shape[1]):
             y, group_states = self._blocks_parallel(x[rows.to(x.device), start:], None,
                                                     want_hidden)
-            out = _scatter_rows(out, rows, start, y)
-            states = [_scatter_rows(s, rows, start, g) for s, g in zip(states, group_states,
-                                                                       strict=False)]
+            out = scatter_rows(out, rows, start, y)
+            states = [scatter_rows(s, rows, start, g) for s, g in zip(states, group_states,
+                                                                      strict=False)]
         return out, states
 
     def _blocks_parallel(self, x: torch.Tensor, pad_mask: torch.Tensor | None,
                          want_hidden: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         lm = self.gam
         checkpointing = self.gradient_checkpointing and self.training
-        if not _plain_stack(lm):  # the family's own pass (pad_mask is None here)
+        if not plain_stack(lm):  # the family's own pass (pad_mask is None here)
             if checkpointing and not want_hidden:  # the whole stack as one checkpoint
                 return self._gradient_checkpointing_func(
                     lambda t: lm.forward_blocks(t)[0], x), []
@@ -645,7 +270,7 @@ class GAMModel(GAMPreTrainedModel):
         for block in lm.blocks:
             if want_hidden:
                 states.append(x)
-            fn = block if pad_mask is None else partial(_masked_forward, block,
+            fn = block if pad_mask is None else partial(masked_forward, block,
                                                         pad_mask=pad_mask)
             x = self._gradient_checkpointing_func(fn, x) if checkpointing else fn(x)
         if want_hidden:
@@ -668,7 +293,7 @@ class GAMModel(GAMPreTrainedModel):
         groups = []
         for group in cache.groups:
             if group.layers is None:  # rows that have seen only padding: split by this chunk's
-                parts = [(start, rows, None) for start, rows in _rows_by_lead(lead, T, group.rows)]
+                parts = [(start, rows, None) for start, rows in rows_by_lead(lead, T, group.rows)]
                 if lead[group.rows].eq(T).any():
                     groups.append(RowGroup(group.rows[lead[group.rows] == T], None))
             else:
@@ -676,9 +301,9 @@ class GAMModel(GAMPreTrainedModel):
             for start, rows, layers in parts:
                 y, layers, group_states = self._group_pass(x[rows.to(x.device), start:], layers,
                                                            None, want_hidden)
-                out = _scatter_rows(out, rows, start, y)
-                states = [_scatter_rows(s, rows, start, g) for s, g in zip(states, group_states,
-                                                                           strict=False)]
+                out = scatter_rows(out, rows, start, y)
+                states = [scatter_rows(s, rows, start, g) for s, g in zip(states, group_states,
+                                                                          strict=False)]
                 groups.append(RowGroup(rows, layers))
         cache.groups = groups
         return out, states
@@ -690,7 +315,7 @@ class GAMModel(GAMPreTrainedModel):
         through the blocks; returns the output, the new states and (if asked) the blocks'
         inputs plus the output."""
         lm = self.gam
-        if not _plain_stack(lm):  # the family's own passes (pad_mask is None here)
+        if not plain_stack(lm):  # the family's own passes (pad_mask is None here)
             if want_hidden:
                 raise ValueError(f"output_hidden_states with a cache is not available for "
                                  f"{self.config.gam_model_name!r} (its blocks pass more than "
@@ -705,20 +330,11 @@ class GAMModel(GAMPreTrainedModel):
         for i, block in enumerate(lm.blocks):
             if want_hidden:
                 states.append(x)
-            x, layers[i] = _block_pass(block, x, layers[i], pad_mask)
+            x, layers[i] = block_pass(block, x, layers[i], pad_mask)
         if want_hidden:
             states.append(x)
         return x, layers, states
 
-
-def _rows_by_lead(lead: torch.Tensor, T: int, rows: torch.Tensor | None = None
-                  ) -> list[tuple[int, torch.Tensor]]:
-    """The rows (of ``rows``, default all) grouped by their leading padding: (start, rows) for
-    every start < T (rows that are all padding are left out)."""
-    rows = torch.arange(len(lead)) if rows is None else rows
-    starts = lead[rows]
-    return [(int(start), rows[starts == start]) for start in torch.unique(starts)
-            if int(start) < T]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -826,7 +442,7 @@ class GAMForCausalLM(GAMPreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=_one_cache(cache, past_key_values),
+                         position_ids=position_ids, cache=given_cache(cache, past_key_values),
                          inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, return_dict=True)
         out_cache = output_cache(out)

@@ -63,8 +63,9 @@ from gam.models.ops.losses import linear_cross_entropy, mean_cross_entropy
 from gam.models.sampling import check_sampling, sample_next_token, warn_cropped
 
 INIT_SCHEMES = ("paper", "gpt2", "untied")
-#: The default, chosen by measurement (docs/results.md, "Fair initialisation: the default init"): the only scheme under
-#: which every family that can recall learns MQAR, at a WikiText-2 perplexity close to the best.
+#: The default, chosen by measurement (docs/results.md, "Fair initialisation: the default
+#: init"): the only scheme under which every family that can recall learns MQAR, at a
+#: WikiText-2 perplexity close to the best.
 DEFAULT_INIT = "untied"
 GPT2_STD = 0.02
 # What each scheme means when tie_embeddings / pos_embedding_std are left as None.

@@ -13,8 +13,13 @@ the argparse details and, for the settings a benchmark protocol may change, what
 means. ``gam train``'s options (``gam.training.options.add_setting_arguments``), ``config.json``
 (``RunConfig.to_dict``) and the benchmark protocols (named sets of overrides of these
 settings, :mod:`gam.bench.protocols`) are derived from them. A setting's *key* is its flat name
-across the sections (``batch_size``, ``tokenizer`` for ``TokenizerConfig.kind``, ...): the
-``gam train`` option's ``dest`` and a protocol's override name.
+across the sections (``batch_size``, ``tokenizer_kind`` for ``TokenizerConfig.kind``, ...):
+the ``gam train`` option's ``dest``, a protocol's override name and, with dashes, the option's
+flag. One setting has one name: the flag, the key and ``config.json``'s entry (a tokenizer
+field's entry is ``tokenizer.<field>`` and its key ``tokenizer_<field>``, but ``vocab_size``,
+the model's too); settings renamed since runs were first written are read under their old names
+(:data:`RENAMED_KEYS`, :data:`RENAMED_SETTINGS`) and ``gam train`` still takes their old
+flags.
 """
 
 from __future__ import annotations
@@ -262,7 +267,8 @@ class DataConfig:
 
     ``dataset``: a corpus name of :func:`gam.data.load_corpus` (``wikitext2``,
     ``wikitext2-tokens``, ``tinystories``, ``austen``) or ``text:PATH``. ``seq_len`` None means
-    the model's ``max_seq_len``. ``use_hub=False`` never contacts the Hugging Face hub.
+    the model's ``max_seq_len``. ``use_hub=False`` (``--no-use-hub``) never contacts the
+    Hugging Face hub.
     """
 
     dataset: str = setting(
@@ -285,9 +291,9 @@ class DataConfig:
         type=positive_int, group="data", override="the block length",
         bench={"type": int, "metavar": "N"})
     use_hub: bool = setting(
-        True, help="never try the Hugging Face hub for a corpus (default: try it when the data "
-                   "is not found locally)", flag="--offline", action="store_const", const=False,
-        group="data")
+        True, help="try the Hugging Face hub for a corpus not found locally (default: yes; "
+                   "--no-use-hub never contacts it)", action=argparse.BooleanOptionalAction,
+        alias=("--offline", False, "former name of --no-use-hub"), group="data")
     passkey_mix: float = setting(
         0.0, help="share of the training blocks replaced by passkey-retrieval samples "
                   "(gam.data.passkey; default {default}: none)", type=number, group="data",
@@ -319,8 +325,8 @@ class TokenizerConfig:
     kind: str = setting(
         "bytelevel", help="{default} BPE (default, lossless) or the official code's whitespace "
                           "BPE",
-        flag="--tokenizer", key="tokenizer", choices=TOKENIZER_KINDS, group="data",
-        override="the tokenizer kind")
+        flag="--tokenizer-kind", key="tokenizer_kind", old_flags=("--tokenizer",),
+        choices=TOKENIZER_KINDS, group="data", override="the tokenizer kind")
     vocab_size: int = setting(
         PAPER_VOCAB_SIZE, help="tokenizer vocabulary size, also the model's vocab_size (default "
                                "{default})",
@@ -335,8 +341,8 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         _positive_int("vocab_size", self.vocab_size, "--vocab-size")
         if self.kind not in TOKENIZER_KINDS:
-            raise ValueError(f"tokenizer kind (--tokenizer) must be one of {TOKENIZER_KINDS}, "
-                             f"got {self.kind!r}")
+            raise ValueError(f"tokenizer kind (--tokenizer-kind) must be one of "
+                             f"{TOKENIZER_KINDS}, got {self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -349,8 +355,8 @@ class TokenizerConfig:
 @dataclass
 class RunConfig:
     """A whole run: ``model`` name and size preset (``model_preset``) of
-    :func:`gam.build_model`, config overrides (``--model-arg``, ``--dropout``), data, tokenizer
-    and training recipe."""
+    :func:`gam.build_model`, its config overrides (``model_arg``: ``--model-arg``, and
+    ``--dropout``), data, tokenizer and training recipe."""
 
     model: str = setting(
         "gam", help="model family / variant (default {default})", choices=sorted(MODELS),
@@ -360,17 +366,17 @@ class RunConfig:
         old_flags=("--preset",), group="model",
         override="the build_model size preset (paper, cpu-small, tiny)",
         bench={"choices": None, "metavar": "NAME"})
-    model_overrides: dict[str, Any] = setting(
+    model_arg: dict[str, Any] = setting(
         help="override a model config field, repeatable (e.g. --model-arg "
              "num_memory_slots=128; default: none, the preset's values)",
-        flag="--model-arg", key="model_arg", action="append", type=parse_model_arg,
-        metavar="KEY=VALUE", group="model", default_factory=dict)
+        action="append", type=parse_model_arg, metavar="KEY=VALUE", group="model",
+        default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if "vocab_size" in self.model_overrides:
+        if "vocab_size" in self.model_arg:
             raise ValueError("set the vocabulary size with --vocab-size (it sizes both the "
                              "tokenizer and the model), not with --model-arg vocab_size=...")
 
@@ -384,11 +390,11 @@ class RunConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword overrides for ``build_model(model, model_preset, **kwargs)``."""
-        return {**self.model_overrides, "vocab_size": self.tokenizer.vocab_size}
+        return {**self.model_arg, "vocab_size": self.tokenizer.vocab_size}
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "model_preset": self.model_preset,
-                "model_overrides": dict(self.model_overrides), "data": self.data.to_dict(),
+                "model_arg": dict(self.model_arg), "data": self.data.to_dict(),
                 "tokenizer": self.tokenizer.to_dict(), "train": self.train.to_dict()}
 
     @classmethod
@@ -399,7 +405,7 @@ class RunConfig:
         try:
             return cls(
                 model=values["model"], model_preset=values["model_preset"],
-                model_overrides=dict(values.get("model_overrides", {})),
+                model_arg=dict(values.get("model_arg", {})),
                 data=DataConfig.from_dict(_known_part(DataConfig, values["data"])),
                 tokenizer=TokenizerConfig.from_dict(
                     _known_part(TokenizerConfig, values["tokenizer"])),
@@ -411,17 +417,30 @@ class RunConfig:
 
 # top-level keys of config.json (and of a checkpoint's recorded settings) renamed since runs were
 # first written: old name -> new name
-RENAMED_KEYS = {"preset": "model_preset"}
+RENAMED_KEYS = {"preset": "model_preset", "model_overrides": "model_arg"}
+# flat setting keys (a benchmark protocol's, as results.json records them) renamed since: old
+# name -> new name (RENAMED_KEYS' renames kept their flat key)
+RENAMED_SETTINGS = {"tokenizer": "tokenizer_kind"}
+
+
+def _renamed(values: dict[str, Any], renames: dict[str, str]) -> dict[str, Any]:
+    out = dict(values)
+    for old, new in renames.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
 
 
 def current_names(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` (a ``RunConfig.to_dict()`` as once written) with renamed keys under their
     current names; the input is not changed."""
-    out = dict(values)
-    for old, new in RENAMED_KEYS.items():
-        if old in out and new not in out:
-            out[new] = out.pop(old)
-    return out
+    return _renamed(values, RENAMED_KEYS)
+
+
+def current_setting_names(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (flat settings by key, as a protocol once recorded them) with renamed keys
+    under their current names; the input is not changed."""
+    return _renamed(values, RENAMED_SETTINGS)
 
 
 def _known_part(cls: type, values: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ benchmark protocols' overrides (:func:`add_override_arguments`), and ``RunConfig
 settings (:func:`run_config_from_settings`, :func:`setting_of`).
 
 A setting's *key* is its flat name across the sections of ``RunConfig`` (``batch_size``,
-``tokenizer`` for ``TokenizerConfig.kind``, ``tokenizer_on_all_splits``...): the
+``tokenizer_kind`` for ``TokenizerConfig.kind``, ``tokenizer_on_all_splits``...): the
 ``gam train`` option's ``dest`` and a protocol's override name.
 """
 
@@ -65,8 +65,8 @@ def setting_default(f: dataclasses.Field) -> Any:
 
 
 def run_config_from_settings(values: Mapping[str, Any]) -> RunConfig:
-    """A ``RunConfig`` from flat settings (``{"batch_size": 16, "tokenizer": "paper", ...}``);
-    the others keep their defaults. KeyError for an unknown key."""
+    """A ``RunConfig`` from flat settings (``{"batch_size": 16, "tokenizer_kind": "paper",
+    ...}``); the others keep their defaults. KeyError for an unknown key."""
     known = run_settings()
     top: dict[str, Any] = {}
     parts: dict[str, dict[str, Any]] = {section: {} for section, _ in _SECTIONS}

@@ -117,7 +117,8 @@ _FIELD_TYPES: dict[tuple[str | None, str], tuple[str, Any]] = {
     (None, "model"): ("a string", lambda v: isinstance(v, str)),
     (None, "model_preset"): ("a string", lambda v: isinstance(v, str)),
     (None, "preset"): ("a string", lambda v: isinstance(v, str)),  # its name before model_preset
-    (None, "model_overrides"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "model_arg"): ("an object", lambda v: isinstance(v, dict)),
+    (None, "model_overrides"): ("an object", lambda v: isinstance(v, dict)),  # before model_arg
     (None, "data"): ("an object", lambda v: isinstance(v, dict)),
     (None, "tokenizer"): ("an object", lambda v: isinstance(v, dict)),
     (None, "train"): ("an object", lambda v: isinstance(v, dict)),

@@ -66,3 +66,18 @@ def test_run_key_follows_the_model_config():
 def test_listops_bench_rejects_unknown_model(out_dir):
     with pytest.raises(ValueError, match="unknown model"):
         main(["listops", "--quick", "--models", "nope", "--out", str(out_dir)])
+
+
+def test_learned_positions_only_for_families_that_have_them():
+    """The protocol's learned positions go to GAM, the Transformer and Mamba only: a rotary,
+    convolutional or recurrent family keeps its own design (and S4D gets the S4D paper's N 64)."""
+    from gam.bench.listops import PROTOCOLS, backbone_config
+
+    cpu = PROTOCOLS["cpu"]
+    assert cpu.pos_embedding_std > 0
+    for name in ("gam", "transformer", "mamba", "gam-delta"):
+        assert backbone_config(name, cpu)["pos_embedding"] is True, name
+    for name in ("transformer-pp", "s4d", "gated-deltanet", "rwkv7"):
+        config = backbone_config(name, cpu)
+        assert config["pos_embedding"] is False, name
+    assert backbone_config("s4d", cpu)["state_size"] == 64

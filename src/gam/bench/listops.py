@@ -161,10 +161,10 @@ def resolve_protocol(args: argparse.Namespace) -> tuple[str, Protocol]:
 
 # ---------------------------------------------------------------------------- the model
 def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
-    """GAM gets d_model memory slots (the paper's ratio), Mamba d_state 16 and expand 2, the
-    Transformer 4 heads of d/4 (8 from the paper preset at d 512): only the fields a family
-    has are passed."""
-    wanted = {"num_memory_slots": d_model, "d_state": 16}
+    """GAM gets d_model memory slots (the paper's ratio), Mamba d_state 16 and expand 2, S4D
+    N 64 (the S4D paper's at LRA), the Transformer 4 heads of d/4 (8 from the paper preset at
+    d 512): only the fields a family has are passed."""
+    wanted = {"num_memory_slots": d_model, "d_state": 16, "state_size": 64}
     if d_model < 512:
         wanted.update(n_heads=4, expand=2)
     return family_overrides(name, wanted)
@@ -188,7 +188,9 @@ def backbone_overrides(name: str, p: Protocol, model_args: dict[str, Any] | None
                        ) -> dict[str, Any]:
     """The ``build_model`` overrides of a backbone: the protocol's sizes, then ``--model-arg``
     (e.g. ``init=paper``)."""
-    std = p.pos_embedding_std
+    # learned positions only for a family that has them: rotary, convolutional and recurrent
+    # families (transformer-pp, s4d, gated-deltanet, rwkv7) keep their own design
+    std = p.pos_embedding_std if model_config(name, p.model_preset).pos_embedding else 0.0
     return {"vocab_size": listops.VOCAB_SIZE, "max_seq_len": p.max_len, "d_model": p.d_model,
             "n_layers": p.n_layers, "dropout": p.dropout, "pos_embedding": std > 0,
             "pos_embedding_std": std if std > 0 else None,

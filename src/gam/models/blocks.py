@@ -161,8 +161,8 @@ def flagged_no_weight_decay(model: nn.Module) -> list[nn.Parameter]:
     (Mamba's A_log and D, ...), which the ``nanogpt`` decay filter exempts: every submodule's
     ``no_weight_decay_names`` (names of parameters within that module), each parameter once, in
     module order. Resolved by name on the module, so the flags survive FSDP's replacing of the
-    parameters. A parameter flagged the old way (a ``_no_weight_decay`` attribute on the
-    tensor, lost under FSDP) but not declared is a ValueError."""
+    parameters. A parameter that carries a ``_no_weight_decay`` attribute on the tensor instead
+    (which FSDP drops) is a ValueError."""
     def names(module: nn.Module) -> dict[str, bool]:
         return dict.fromkeys(getattr(module, "no_weight_decay_names", ()), True)
 

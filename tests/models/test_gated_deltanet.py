@@ -142,7 +142,7 @@ def test_decay_init_and_range(init):
         dt = torch.nn.functional.softplus(block.mixer.dt_bias.detach())
         assert ((A >= 1) & (A <= 16)).all()
         assert ((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5))).all()
-    assert model.blocks[0].mixer.A_log._no_weight_decay
+    assert model.blocks[0].mixer.no_weight_decay_names == ("A_log", "dt_bias")
     mixer = model.blocks[0].mixer
     g = gated_log_decay(mixer.a_proj(10 * torch.randn(3, 7, 256)), mixer.A_log, mixer.dt_bias)
     assert (g <= 0).all()

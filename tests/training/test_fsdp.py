@@ -5,6 +5,7 @@ beside them, and a resume after SIGKILL that continues bit for bit."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import gam
+from gam.models.blocks import flagged_no_weight_decay
 from gam.models.io import CheckpointError
 from gam.training import (
     RunConfig,
@@ -24,8 +26,10 @@ from gam.training import (
     load_checkpoint,
     read_metrics,
 )
-from gam.training.fsdp import SHARDED, load_sharded_into
-from gam.training.optim import build_optimizer
+from gam.training.checkpoint import TrainingState, capture_rng_state
+from gam.training.distributed import DistContext
+from gam.training.fsdp import SHARDED, load_sharded_into, save_sharded_checkpoint
+from gam.training.optim import build_optimizer, build_scheduler, parameter_groups
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -202,3 +206,120 @@ def test_fsdp_resume_after_sigkill_is_bit_exact(tmp_path, data_dir, tiny_args, g
     # same process count, same threads, restored RNG of each rank (dropout on): bit for bit
     assert _losses(killed) == _losses(full)
     assert _val_losses(killed) == _val_losses(full)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this process alone, and its one-device mesh (CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _names(model: torch.nn.Module, groups: list[dict]) -> list[list[str]]:
+    """The parameter names of each optimizer group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in groups]
+
+
+def _group_names(model: torch.nn.Module, decay_filter: str) -> list[list[str]]:
+    return _names(model, parameter_groups(model, 0.1, decay_filter, lr=3e-4))
+
+
+def _sharded(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """``model`` sharded as ``shard_model`` does (which leaves one process's model whole)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+
+# per family, the parameters of a block it keeps out of weight decay (``no_weight_decay_names``)
+FLAGGED = {
+    "mamba": {"mixer.A_log", "mixer.D"},
+    "gated-deltanet": {"mixer.A_log", "mixer.dt_bias"},
+    "rwkv7": {f"att.{n}" for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2", "r_k")},
+    "s4d": {"ssm.log_dt", "ssm.log_A_real", "ssm.A_imag"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAGGED))
+def test_flagged_parameters_stay_out_of_weight_decay_under_fsdp(name, one_process_group):
+    """``fully_shard`` replaces every parameter by a new (DTensor) one: the parameters a family
+    keeps out of weight decay (Mamba's A_log, a 2-D one among them) must still be in the
+    ``nanogpt`` filter's no-decay group, and every group as without FSDP, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    kwargs = {"ssm_lr": None} if name == "s4d" else {}  # no hints: the filter decides alone
+    model = gam.build_model(name, "tiny", **kwargs)
+    expected = {f: _group_names(model, f) for f in ("all", "nanogpt")}
+    flagged = {f"blocks.{i}.{n}" for i in range(model.config.n_layers) for n in FLAGGED[name]}
+    flagged.discard("blocks.0.att.v1")  # RWKV-7's layer 0 has no value LoRA
+    flagged.discard("blocks.0.att.v2")
+    assert flagged <= set(expected["nanogpt"][1])
+    _sharded(model, one_process_group)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in flagged_no_weight_decay(model)} == flagged
+    assert {f: _group_names(model, f) for f in expected} == expected
+
+
+def test_an_fsdp_run_resumes_with_its_own_optimizer_groups(one_process_group, tmp_path,
+                                                            monkeypatch, caplog):
+    """An FSDP run recorded before the flags were read by name (its mamba A_log in the decayed
+    group) resumes with the groups it was trained with, hyperparameters and moments whole, and
+    says so; ``set_state_dict`` alone would leave a group without lr or betas."""
+    cfg = TrainConfig(decay_filter="nanogpt", weight_decay=0.1, lr=1e-3, warmup_steps=1)
+
+    def sharded_mamba() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return _sharded(gam.build_model("mamba", "tiny"), one_process_group)
+
+    model = sharded_mamba()
+    with monkeypatch.context() as m:  # the groups as built before the fix
+        m.setattr(gam.training.optim, "flagged_no_weight_decay", lambda model: [])
+        optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10)
+    recorded = _names(model, optimizer.param_groups)
+    assert "blocks.0.mixer.A_log" in recorded[0]
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(x, x)[1].backward()
+    optimizer.step()
+    scheduler.step()
+    save_sharded_checkpoint(tmp_path, model, optimizer, scheduler, TrainingState(step=1),
+                            [capture_rng_state()], DistContext())
+
+    resumed = sharded_mamba()
+    optimizer2 = build_optimizer(resumed, cfg)
+    assert _names(resumed, optimizer2.param_groups) != recorded
+    scheduler2 = build_scheduler(optimizer2, cfg, 10)
+    with caplog.at_level(logging.WARNING, logger="gam.training"):
+        load_sharded_into(load_checkpoint(find_checkpoint(tmp_path)), resumed, optimizer2,
+                          scheduler2)
+    assert _names(resumed, optimizer2.param_groups) == recorded
+    assert "resuming with the run's own groups" in caplog.text
+    assert "blocks.0.mixer.A_log" in caplog.text
+    for before, after in zip(optimizer.param_groups, optimizer2.param_groups, strict=True):
+        assert {k: v for k, v in before.items() if k != "params"} == \
+            {k: v for k, v in after.items() if k != "params"}
+    a_log = resumed.blocks[0].mixer.A_log
+    assert torch.equal(optimizer2.state[a_log]["exp_avg"].full_tensor(),
+                       optimizer.state[model.blocks[0].mixer.A_log]["exp_avg"].full_tensor())
+    resumed(x, x)[1].backward()
+    optimizer2.step()  # every group has its hyperparameters
+
+    # other groups than the run's (here the "all" filter's one) are refused, in one line
+    other = sharded_mamba()
+    with pytest.raises(CheckpointError, match=r"does not match the model or optimizer "
+                                              r"\(parameters per optimizer group: \[13\] read, "
+                                              r"\[27\] expected\)$"):
+        load_sharded_into(load_checkpoint(find_checkpoint(tmp_path)), other,
+                          build_optimizer(other, TrainConfig(decay_filter="all")))

@@ -152,6 +152,17 @@ def test_decay_filters():
     assert len(ids(decay) | ids(no_decay)) == len(list(model.parameters()))
 
 
+def test_a_parameter_flagged_on_the_tensor_only_is_refused():
+    """A flag set on the parameter tensor is lost when FSDP replaces the parameter: the
+    ``nanogpt`` filter refuses it (naming the parameter) rather than decay it silently there."""
+    model = build_model("gam", "tiny")
+    model.blocks[1].gate.weight._no_weight_decay = True
+    with pytest.raises(ValueError, match=r"parameter blocks\.1\.gate\.weight is flagged "
+                                         r"_no_weight_decay on the tensor"):
+        parameter_groups(model, 0.1, "nanogpt")
+    assert len(parameter_groups(model, 0.1, "all")) == 1  # which decays everything anyway
+
+
 # ---------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("kwargs, message", [
     (dict(batch_size=0), "batch_size"), (dict(lr=0.0), "lr"), (dict(lr=-1e-3), "lr"),

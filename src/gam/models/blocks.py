@@ -3,11 +3,13 @@
 reporting on a model call (``block_gate_paths``, ``block_mixing_flops``,
 ``block_decode_state_bytes``; the block interface is described in :mod:`gam.models.lm`), and
 the optimizer hints a family may give its parameters (``OptimizerHint``,
-``parameter_optimizer_hints``)."""
+``parameter_optimizer_hints``) and the parameters it keeps out of weight decay
+(``flagged_no_weight_decay``)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,21 +126,49 @@ def _finite(value: Any) -> bool:
         and math.isfinite(value)
 
 
+def _declared_parameters(model: nn.Module, declared: Callable[[nn.Module], dict[str, Any]]
+                         ) -> Iterator[tuple[str, nn.Parameter, Any]]:
+    """``(full name, parameter, value)`` for every ``{parameter name within the module: value}``
+    that ``declared`` gives of each submodule of ``model``, in module order. A name resolves to
+    the parameter the module holds now, also after a wrapper such as FSDP replaced it (which
+    drops anything set on the old parameter tensor: what a family says of its parameters is
+    said on its module, by name)."""
+    for prefix, module in model.named_modules():
+        for name, value in declared(module).items():
+            yield (f"{prefix}.{name}" if prefix else name), module.get_parameter(name), value
+
+
 def parameter_optimizer_hints(model: nn.Module) -> list[tuple[nn.Parameter, OptimizerHint]]:
     """The hinted parameters of ``model``: every submodule with an ``optimizer_hints()`` method
     (``{parameter name within that module: OptimizerHint}``) contributes, in module order, each
     parameter once. A name resolves to the parameter the module holds now (also after a
     wrapper such as FSDP replaced it); a parameter given two different hints is a ValueError."""
+    def hints(module: nn.Module) -> dict[str, OptimizerHint]:
+        method = getattr(module, "optimizer_hints", None)
+        return method() if callable(method) else {}
+
     hinted: dict[int, tuple[nn.Parameter, OptimizerHint, str]] = {}
-    for prefix, module in model.named_modules():
-        hints = getattr(module, "optimizer_hints", None)
-        if not callable(hints):
-            continue
-        for name, hint in hints().items():
-            param = module.get_parameter(name)
-            where = f"{prefix}.{name}" if prefix else name
-            seen = hinted.setdefault(id(param), (param, hint, where))
-            if seen[1] != hint:
-                raise ValueError(f"parameter {where} (also {seen[2]}) has two optimizer hints, "
-                                 f"{seen[1]} and {hint}")
+    for where, param, hint in _declared_parameters(model, hints):
+        seen = hinted.setdefault(id(param), (param, hint, where))
+        if seen[1] != hint:
+            raise ValueError(f"parameter {where} (also {seen[2]}) has two optimizer hints, "
+                             f"{seen[1]} and {hint}")
     return [(param, hint) for param, hint, _ in hinted.values()]
+
+
+def flagged_no_weight_decay(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` its families keep out of weight decay whatever their shape
+    (Mamba's A_log and D, ...), which the ``nanogpt`` decay filter exempts: every submodule's
+    ``no_weight_decay_names`` (names of parameters within that module), each parameter once, in
+    module order. Resolved by name on the module, so the flags survive FSDP's replacing of the
+    parameters. A parameter that carries a ``_no_weight_decay`` attribute on the tensor instead
+    (which FSDP drops) is a ValueError."""
+    def names(module: nn.Module) -> dict[str, bool]:
+        return dict.fromkeys(getattr(module, "no_weight_decay_names", ()), True)
+
+    flagged = {id(param): param for _, param, _ in _declared_parameters(model, names)}
+    for where, param in model.named_parameters():
+        if getattr(param, "_no_weight_decay", False) and id(param) not in flagged:
+            raise ValueError(f"parameter {where} is flagged _no_weight_decay on the tensor, "
+                             f"which FSDP drops; list it in its module's no_weight_decay_names")
+    return list(flagged.values())

@@ -36,7 +36,11 @@ and, for the optimizer (optional, on any submodule, not only a block):
 - ``optimizer_hints()``: ``{parameter name within the module: OptimizerHint}``, parameters the
   family wants trained with a capped peak learning rate and / or their own weight decay (S4D's
   SSM parameters; ``gam.models.blocks.OptimizerHint``, read by
-  ``gam.training.optim.parameter_groups``) [none: every parameter follows the run's recipe].
+  ``gam.training.optim.parameter_groups``) [none: every parameter follows the run's recipe];
+- ``no_weight_decay_names``: names of parameters within the module that the ``nanogpt`` decay
+  filter exempts whatever their shape (Mamba's A_log; read by
+  ``gam.models.blocks.flagged_no_weight_decay``), by name because FSDP replaces the parameter
+  tensors (an attribute set on them is lost) [none].
 
 The receptive field is a property of the config (``LMConfig.receptive_field``). A family
 whose blocks hand each other more than the residual stream (RWKV-7's first-layer values)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,9 @@ class MambaMixer(nn.Module):
     """The Mamba-1 selective-SSM mixer with mamba-ssm's parameter names, shapes and init
     (paper size: 2,542,080 parameters)."""
 
+    # the SSM's A and skip D are kept out of weight decay, as mamba-ssm does
+    no_weight_decay_names: ClassVar[tuple[str, ...]] = ("A_log", "D")
+
     def __init__(self, config: MambaConfig) -> None:
         super().__init__()
         c = config
@@ -140,8 +143,6 @@ class MambaMixer(nn.Module):
         # S4D-real init A = -(1..N) for every channel, stored as log so A stays negative
         self.A_log = nn.Parameter(_s4d_real_log_a(e, n))  # (E, N)
         self.D = nn.Parameter(torch.ones(e))
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
         self.out_proj = nn.Linear(e, d, bias=False)
 
     @torch.no_grad()

@@ -152,8 +152,6 @@ def _shifted(h: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
 def _lora_parameters(d_model: int, rank: int) -> tuple[nn.Parameter, nn.Parameter]:
     first = nn.Parameter(torch.empty(d_model, rank))
     second = nn.Parameter(torch.empty(rank, d_model))
-    # the reference keeps them out of weight decay (not ".weight" parameters)
-    first._no_weight_decay = second._no_weight_decay = True
     return first, second
 
 
@@ -189,7 +187,11 @@ class TimeMix(nn.Module):
         self.k_k = nn.Parameter(torch.empty(d))  # removal-key scale
         self.k_a = nn.Parameter(torch.empty(d))  # how much a scales the written key
         self.r_k = nn.Parameter(torch.empty(H, self.head_size))  # bonus weights
-        self.r_k._no_weight_decay = True
+        # the reference keeps the LoRA matrices and r_k out of weight decay (not ".weight"
+        # parameters); read by flagged_no_weight_decay
+        lora = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+        self.no_weight_decay_names: tuple[str, ...] = tuple(
+            n for n in lora if getattr(self, n) is not None) + ("r_k",)
         self.receptance = nn.Linear(d, d, bias=False)
         self.key = nn.Linear(d, d, bias=False)
         self.value = nn.Linear(d, d, bias=False)

@@ -19,8 +19,8 @@ smaller learning rate, min(lr, 1e-3), and no weight decay, for stability. ``ssm_
 1e-3, the papers') gives them that through the layer's ``optimizer_hints()``: their own
 optimizer group, weight decay 0 and peak learning rate ``min(lr, ssm_lr)``, following the
 run's warm-up + cosine scaled by ``min(lr, ssm_lr) / lr``. ``ssm_lr=None``: they train as
-every other parameter (flagged ``_no_weight_decay``, which only ``decay_filter="nanogpt"``
-honours). C and D are ordinary parameters either way.
+every other parameter (listed in ``no_weight_decay_names``, which only
+``decay_filter="nanogpt"`` honours). C and D are ordinary parameters either way.
 
 No learned positions (``pos_embedding=False``): the convolution kernel is already a function of
 the relative position. The receptive field is the whole context (max_seq_len).
@@ -98,6 +98,9 @@ class S4DLayer(nn.Module):
     float64 models). Parameters: log_dt (C,), log_A_real and A_imag (C, N/2), C (C, N/2, 2)
     (real, imaginary), D (C,)."""
 
+    # the SSM's A and step, kept out of weight decay by the nanogpt filter when not hinted
+    no_weight_decay_names: ClassVar[tuple[str, ...]] = ("log_dt", "log_A_real", "A_imag")
+
     def __init__(self, config: S4DConfig) -> None:
         super().__init__()
         self.config = config
@@ -107,8 +110,6 @@ class S4DLayer(nn.Module):
         self.A_imag = nn.Parameter(torch.empty(H, modes))
         self.C = nn.Parameter(torch.empty(H, modes, 2))
         self.D = nn.Parameter(torch.empty(H))
-        for p in (self.log_dt, self.log_A_real, self.A_imag):
-            p._no_weight_decay = True
         self.reset_family_parameters()
 
     @torch.no_grad()

@@ -110,7 +110,8 @@ class TrainConfig:
     code does (``AdamW(model.parameters(), weight_decay=0.1)``); ``"nanogpt"`` exempts norms,
     biases (every parameter with fewer than 2 dimensions) and the embeddings (token embedding,
     which is also the tied output head, and position embedding), as minGPT/nanoGPT's
-    ``configure_optimizers`` did, plus any parameter flagged ``_no_weight_decay``. Under either
+    ``configure_optimizers`` did, plus the parameters a family lists in a module's
+    ``no_weight_decay_names`` (Mamba's A_log, D, ...). Under either
     filter, parameters a family hints (``optimizer_hints``: S4D's SSM parameters) take the
     hint's weight decay.
 

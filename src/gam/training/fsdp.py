@@ -23,6 +23,7 @@ the model is then not sharded, but the checkpoints keep this format).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,8 @@ from gam.training.checkpoint import (
 from gam.training.distributed import DistContext, is_sharded
 
 SHARDED = "sharded"
+
+logger = logging.getLogger("gam.training")
 
 __all__ = ["SHARDED", "full_model", "load_sharded_into", "save_sharded_checkpoint",
            "shard_model"]
@@ -120,15 +123,18 @@ def save_sharded_checkpoint(run_dir: Path, model: torch.nn.Module,
 def load_sharded_into(ckpt: LoadedCheckpoint, model: torch.nn.Module,
                       optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
     """Load the sharded model and optimizer of an FSDP run's checkpoint (collective) and its
-    scheduler state."""
+    scheduler state. The optimizer's groups become the checkpoint's (see
+    ``_keep_recorded_groups``)."""
     shards = ckpt.path / SHARDED
     if not (shards / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {ckpt.path} has no sharded model and optimizer "
                               f"({shards / '.metadata'} does not exist)")
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    ours = [list(group["params"]) for group in optimizer_state["param_groups"]]
     try:
         _in_all_processes(dcp.load, {"model": model_state, "optimizer": optimizer_state},
                           shards)
+        _keep_recorded_groups(optimizer, ours, optimizer_state["param_groups"], shards)
         set_state_dict(model, optimizer, model_state_dict=model_state,
                        optim_state_dict=optimizer_state)
         if scheduler is not None and ckpt.scheduler is not None:
@@ -136,6 +142,30 @@ def load_sharded_into(ckpt: LoadedCheckpoint, model: torch.nn.Module,
     except (CheckpointException, KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {shards} is corrupted or does not match the model "
                               f"or optimizer ({_first_line(e)})") from e
+
+
+def _keep_recorded_groups(optimizer: torch.optim.Optimizer, ours: list[list[str]],
+                          recorded: list[dict[str, Any]], shards: Path) -> None:
+    """Give ``optimizer`` (whose groups hold the parameters named ``ours``) the checkpoint's
+    grouping ``recorded`` of the same parameters, when they differ: a resumed run keeps the
+    weight decay it was trained with. (An FSDP run recorded before the families' flags were
+    read by name decayed its flagged matrices, e.g. Mamba's A_log.) ``set_state_dict`` would
+    instead build groups without hyperparameters; other groups than ours are a ValueError."""
+    theirs = [list(group["params"]) for group in recorded]
+    if theirs == ours:
+        return
+    if len(theirs) != len(ours) or sorted(sum(theirs, [])) != sorted(sum(ours, [])):
+        raise ValueError(f"parameters per optimizer group: {[len(names) for names in theirs]} "
+                         f"read, {[len(names) for names in ours]} expected")
+    by_name = {name: param for names, group in zip(ours, optimizer.param_groups, strict=True)
+               for name, param in zip(names, group["params"], strict=True)}
+    moved = [name for names, mine in zip(theirs, map(set, ours), strict=True)
+             for name in names if name not in mine]
+    for names, group in zip(theirs, optimizer.param_groups, strict=True):
+        group["params"] = [by_name[name] for name in names]
+    logger.warning("checkpoint %s puts %d parameter(s) (%s, ...) in other optimizer groups than "
+                   "this version would: resuming with the run's own groups", shards, len(moved),
+                   moved[0])
 
 
 def _in_all_processes(save_or_load: Callable[..., Any], state: dict[str, Any],

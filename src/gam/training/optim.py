@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from gam.models.blocks import OptimizerHint, parameter_optimizer_hints
+from gam.models.blocks import OptimizerHint, flagged_no_weight_decay, parameter_optimizer_hints
 from gam.training.config import DECAY_FILTERS, TrainConfig
 
 
@@ -19,7 +19,9 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = 
     ``all`` (the official GAM code): one group, every (unhinted) parameter decayed.
     ``nanogpt`` (minGPT/nanoGPT style): no decay for parameters with fewer than 2 dimensions
     (biases, LayerNorm weights), for embedding tables (token embedding = tied output head, and
-    position embedding) and for parameters flagged ``_no_weight_decay`` (e.g. Mamba's A_log, D).
+    position embedding) and for the parameters a family keeps out of weight decay
+    (``gam.models.blocks.flagged_no_weight_decay``: e.g. Mamba's A_log, D; declared by name on
+    their module, so that the flag holds also for the DTensor parameters of an FSDP model).
 
     A hinted parameter (e.g. S4D's log_A_real, A_imag, log_dt) is left out of the filter's
     groups: its group has the hint's weight decay (None: ``weight_decay``) and, when the hint
@@ -38,9 +40,10 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_filter: str = 
         groups = [{"params": params, "weight_decay": weight_decay}]
     else:
         no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        no_decay_ids.update(id(p) for p in flagged_no_weight_decay(model))
         decay, no_decay = [], []
         for p in params:
-            if p.dim() < 2 or id(p) in no_decay_ids or getattr(p, "_no_weight_decay", False):
+            if p.dim() < 2 or id(p) in no_decay_ids:
                 no_decay.append(p)
             else:
                 decay.append(p)

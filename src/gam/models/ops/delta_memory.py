@@ -109,12 +109,12 @@ class DeltaRuleMemory(nn.Module):
         self.qkv_conv = nn.Conv1d(width, width, conv_size, groups=width, bias=False)
         self.b_proj = nn.Linear(d_model, H, bias=False)
         self.a_proj = self.A_log = self.dt_bias = None
+        # the decay's parameters are kept out of weight decay (read by flagged_no_weight_decay)
+        self.no_weight_decay_names: tuple[str, ...] = ("A_log", "dt_bias") if use_decay else ()
         if use_decay:
             self.a_proj = nn.Linear(d_model, H, bias=False)
             self.A_log = nn.Parameter(torch.empty(H))
             self.dt_bias = nn.Parameter(torch.empty(H))
-            self.A_log._no_weight_decay = True
-            self.dt_bias._no_weight_decay = True
             self.reset_family_parameters()
         self.o_norm = nn.RMSNorm(dv, eps=1e-5)  # per head, weight shared by the heads
         self.o_proj = nn.Linear(H * dv, d_model, bias=False)

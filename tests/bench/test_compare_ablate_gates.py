@@ -152,6 +152,72 @@ def test_compare_refuses_a_run_folder_with_another_configuration(compared, corpu
     assert "train.lr" in row["error"]
 
 
+def _forget_model_field(run_dir: Path, field: str) -> None:
+    """Make a run folder look made before the model config had ``field`` (both records)."""
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["model_config"][field]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    saved = json.loads((run_dir / "model.json").read_text())
+    del saved["config"][field]
+    (run_dir / "model.json").write_text(json.dumps(saved))
+
+
+def test_compare_refuses_a_run_made_under_another_model_default(env, corpus):
+    """A finished S4D run recorded without ``ssm_lr`` trained its SSM parameters as the others
+    (the legacy value, None): it is not the run of today's default (1e-3), so it is refused,
+    not reused; the same run made now is reused."""
+    out = env / "compare-legacy-s4d"
+    argv = _quick(out, corpus, "--models", "s4d", "--datasets", f"text:{corpus}")
+    assert _bench("compare", *argv) == 0
+    assert _bench("compare", *argv) == 0
+    assert _results(out)["runs"][0]["action"] == "reused"
+    run_dir = Path(_results(out)["runs"][0]["run_dir"])
+    _forget_model_field(run_dir, "ssm_lr")
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert _bench("compare", *argv) == 1
+    row = _results(out)["runs"][0]
+    assert row["status"] == "error" and "another configuration" in row["error"]
+    assert str(run_dir) in row["error"] and "model_config.ssm_lr: None (found)" in row["error"]
+    assert "\n" not in row["error"]
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # nothing trained or resumed
+
+
+def test_model_differences_of_records_made_now_and_before():
+    """Every family's record made by the current code matches the run it would build now; a
+    record lacking a field means the field's legacy value where it has one (else the default)."""
+    from gam.bench.protocols import PROTOCOLS
+    from gam.bench.runs import model_differences
+    from gam.models.registry import MODELS, model_config
+
+    protocol = PROTOCOLS["quick"]
+
+    def record(name, **overrides):
+        run = protocol.run_config(name, "wikitext2", 0, overrides, None)
+        made = model_config(name, run.model_preset, **run.model_kwargs()).to_dict()
+        return run, json.loads(json.dumps(made))
+
+    for name in MODELS:
+        run, made = record(name)
+        assert model_differences(run, {"model_config": made}) == [], name
+    run, made = record("s4d")
+    del made["ssm_lr"]  # made before ssm_lr existed: trained as the other parameters
+    assert model_differences(run, {"model_config": made}) == [
+        "model_config.ssm_lr: None (found) vs 0.001 (requested)"]
+    run, made = record("s4d", ssm_lr=None)
+    del made["ssm_lr"]
+    assert model_differences(run, {"model_config": made}) == []
+    run, made = record("gam")
+    del made["final_norm"]  # no legacy value: the default, which it was built with
+    assert model_differences(run, {"model_config": made}) == []
+    del made["init"], made["tie_embeddings"]  # made before init existed: the paper init, tied
+    assert model_differences(run, {"model_config": made}) == [
+        "model_config.init: 'paper' (found) vs 'untied' (requested)",
+        "model_config.tie_embeddings: True (found) vs False (requested)"]
+    assert model_differences(run, {"model_config": {**made, "gone": 1}})[0].startswith(
+        "model_config: does not build a 'gam' model now")
+    assert model_differences(run, {}) == ["model_config: none recorded"]
+
+
 def test_compare_resumes_an_interrupted_run(env, corpus, monkeypatch):
     from gam.training import trainer
 

@@ -5,7 +5,7 @@ import torch
 
 from gam import CheckpointError, build_model, count_parameters, load_pretrained, save_pretrained
 from gam.models.gam import GAMConfig
-from gam.models.registry import MODELS, PRESETS, model_config
+from gam.models.registry import MODELS, PRESETS, model_config, recorded_config
 from gam.models.transformer import TransformerConfig
 
 
@@ -116,3 +116,19 @@ def test_mamba_paper_size_within_one_percent_of_paper(name, exact):
         total = count_parameters(build_model(name, "paper", init="paper"))["total"]
     assert total == exact
     assert abs(total - 20.5e6) / 20.5e6 < 0.01
+
+
+def test_recorded_config_fills_what_a_record_lacks():
+    """A field a record lacks: the family's legacy value, else the name's variant setting,
+    else the default; a field the code no longer has is an error."""
+    made = model_config("transformer-naive", "tiny").to_dict()
+    del made["attention"], made["final_norm"]
+    config = recorded_config("transformer-naive", made)
+    assert config.attention == "naive" and config.final_norm == "layernorm"
+    made = model_config("s4d", "tiny").to_dict()
+    assert recorded_config("s4d", made).ssm_lr == 1e-3
+    del made["ssm_lr"], made["init"]
+    assert recorded_config("s4d", made).ssm_lr is None
+    assert recorded_config("s4d", made).init == "paper"
+    with pytest.raises(ValueError, match="gone"):
+        recorded_config("gam", {**model_config("gam", "tiny").to_dict(), "gone": 1})

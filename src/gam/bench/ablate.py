@@ -23,7 +23,7 @@ from typing import Any
 
 from gam.bench import training_bench as tb
 from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
-from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
+from gam.bench.reports import fmt, markdown_table, new_figure
 from gam.bench.runs import RunSpec
 from gam.models.registry import model_config
 from gam.training.rundir import dataset_slug
@@ -136,21 +136,12 @@ def build_markdown(results: dict[str, Any]) -> str:
         if s is None:
             continue
         at_paper = ours_paper.get(v) or {}
-        rows.append([
-            v, PAPER_TABLE3["labels"].get(v, ""), tb.fmt_params(s["params_total"]),
-            tb.fmt_params(s["params_non_embedding"]), fmt(s.get("steps")),
-            tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1)
-            + (" (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""),
-            fmt(s["tokens_per_s_mean"], 0),
-            tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
-            tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), tb.seeds_cell(s),
-            tb.fmt_params(at_paper.get("total")),
-            f"{paper[v]:.1f}M" if v in paper else "-",
-        ])
+        rows.append([v, PAPER_TABLE3["labels"].get(v, ""), *tb.summary_cells(s),
+                     tb.fmt_params(at_paper.get("total")),
+                     f"{paper[v]:.1f}M" if v in paper else "-"])
     if rows:
         lines.append(markdown_table(
-            ["variant", "", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
-             "val loss", "val ppl", "seeds", "params at paper size (ours)", "paper params"],
+            ["variant", "", *tb.SUMMARY_HEADERS, "params at paper size (ours)", "paper params"],
             rows))
         lines += tb.ngram_markdown(info)
     sweep = results.get("slots_sweep") or []
@@ -166,13 +157,11 @@ def build_markdown(results: dict[str, Any]) -> str:
                         tb.fmt_pm(p["val_ppl_mean"], p["val_ppl_std"], 2), tb.seeds_cell(p)]
                        for p in sweep]),
                   "", f"![slots](slots-{dataset_slug(dataset)}.png)"]
-    lines += tb.check_markdown(results["protocol_check"].get(dataset))
-    lines += ["", f"![curves](curves-{dataset_slug(dataset)}.png)", ""]
-    lines += tb.failed_markdown(results["runs"], with_dataset=False)
-    lines += ["Mean ± sample std over seeds. Paper params: "
-              f"{PAPER_TABLE3['source']}; the paper's ablation perplexities are not recorded "
-              "here. 'params at paper size (ours)': our implementation at the paper preset.", "",
-              environment_markdown(results["environment"], results["command"])]
+    lines += tb.dataset_footer_markdown(results, dataset)
+    lines += tb.closing_markdown(
+        results, f"Mean ± sample std over seeds. Paper params: {PAPER_TABLE3['source']}; the "
+        "paper's ablation perplexities are not recorded here. 'params at paper size (ours)': "
+        "our implementation at the paper preset.", with_dataset=False)
     return "\n".join(lines)
 
 
@@ -194,15 +183,15 @@ def run(args: argparse.Namespace) -> int:
         res["dataset"] = args.dataset
         res["variants"] = list(args.variants)
         res["slots"] = list(args.slots or [])
-        res["paper"] = PAPER_TABLE3
-        res["paper_preset_params"] = {v: tb.paper_params(v) for v in args.variants}
+        res.update(tb.paper_reference(PAPER_TABLE3, args.variants))
         return res
 
     def plots(bench: tb.Benchmark, res: dict[str, Any]) -> list[Any]:
         slug = dataset_slug(args.dataset)
         variant_rows = [r for r in bench.rows if r.get("group") == "variants"]
         out = [lambda o: tb.plot_curves(variant_rows or bench.rows, args.dataset,
-                                        o / f"curves-{slug}.png", f"{args.dataset}, ablations")]
+                                        o / tb.curves_file(args.dataset),
+                                        f"{args.dataset}, ablations")]
         if res["slots_sweep"]:
             out.append(lambda o: plot_slots(res["slots_sweep"], o / f"slots-{slug}.png",
                                             args.dataset))

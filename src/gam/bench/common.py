@@ -1,5 +1,7 @@
 """What every ``gam bench`` command shares: its common options (``add_common_arguments``,
-``add_model_arguments``), thread setup, model availability and one-line errors.
+``add_model_arguments``), thread setup, model availability and one-line errors; and how a
+measuring command (decode, scale, throughput) starts (``setup``) and ends
+(``write_measurements``).
 
 The other shared helpers live in the modules that do each job; import them from there:
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gam.bench.environment import command_line, environment
+from gam.bench.environment import command_line, environment, finish_environment
+from gam.bench.reports import write_report
 from gam.errors import one_line
 from gam.models.registry import config_class, model_config
 from gam.runtime import TF32_ENV, resolve_device, set_threads
@@ -117,6 +121,30 @@ def setup(args: argparse.Namespace) -> tuple[torch.device, int, str, dict[str, A
     device = resolve_device(args.device)
     threads = setup_threads(args.threads)
     return device, threads, command_line(args.command, args.argv), environment(device, threads)
+
+
+def write_measurements(args: argparse.Namespace, command: str, env: dict[str, Any],
+                       settings: dict[str, Any], runs: list[dict[str, Any]],
+                       markdown: Callable[[dict[str, Any]], str],
+                       plot: Callable[[dict[str, Any], Path], Path | None], figure: str,
+                       **extra: Any) -> dict[str, Any]:
+    """What a measuring command ends with (``setup``'s counterpart): its ``results.json``
+    (the command line; the settings every one records, ``--models``, ``--model-preset``,
+    ``--max-seconds``, ``--quick`` and ``--seed``, then its own ``settings``; the ``runs``, the
+    ``extra`` entries and the environment as it ends), ``results.md`` and the figure
+    ``OUT/<figure>`` drawn by ``plot(results, path)``. Returns the results."""
+    results = {
+        "command": command,
+        "settings": {"models": list(args.models), "preset": args.model_preset,
+                     "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,
+                     **settings},
+        "runs": runs,
+        **extra,
+        "environment": finish_environment(env),
+    }
+    write_report(args.out, results, markdown, [lambda out: plot(results, out / figure)],
+                 summary=False)
+    return results
 
 
 def setup_threads(threads: int | None) -> int:

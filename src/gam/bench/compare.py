@@ -29,9 +29,8 @@ from typing import Any
 
 from gam.bench import training_bench as tb
 from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
-from gam.bench.reports import environment_markdown, fmt, markdown_table
+from gam.bench.reports import fmt, markdown_table
 from gam.bench.runs import RunSpec
-from gam.training.rundir import dataset_slug
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_DATASETS = ["wikitext2"]
@@ -88,32 +87,19 @@ def build_markdown(results: dict[str, Any]) -> str:
         rows = []
         for s in (s for s in summary if s["dataset"] == dataset):
             paper = paper_figures(dataset, s["model"])
-            basis = " (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""
-            rows.append([
-                s["model"], tb.fmt_params(s["params_total"]),
-                tb.fmt_params(s["params_non_embedding"]), fmt(s.get("steps")),
-                tb.fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1) + basis,
-                fmt(s["tokens_per_s_mean"], 0),
-                tb.fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
-                tb.fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2),
-                tb.seeds_cell(s),
-                fmt(paper.get("val_ppl"), 2), fmt(paper.get("epoch_time_s"), 1),
-            ])
+            rows.append([s["model"], *tb.summary_cells(s), fmt(paper.get("val_ppl"), 2),
+                         fmt(paper.get("epoch_time_s"), 1)])
         lines.append(markdown_table(
-            ["model", "params", "non-emb params", "steps", "s / epoch", "tokens/s",
-             "val loss", "val ppl", "seeds", "paper ppl", "paper s / epoch"], rows))
+            ["model", *tb.SUMMARY_HEADERS, "paper ppl", "paper s / epoch"], rows))
         lines += tb.ngram_markdown(info)
-        lines += tb.check_markdown(results["protocol_check"].get(dataset))
-        lines += ["", f"![curves](curves-{dataset_slug(dataset)}.png)", ""]
-    lines += tb.failed_markdown(results["runs"], with_dataset=True)
-    lines += ["Mean ± sample std over seeds. s / epoch: training steps only (evaluation "
-              "excluded), measured over complete epochs, or extrapolated from the time per "
-              "step when the step budget ends within the first epoch. Paper figures: "
-              f"{PAPER_TABLE1['source']}; they are for the `paper` preset on a GPU, so times "
-              "and perplexities of other presets or hardware are not directly comparable.", "",
-              environment_markdown(results["environment"], results["command"])]
+        lines += tb.dataset_footer_markdown(results, dataset)
+    lines += tb.closing_markdown(
+        results, "Mean ± sample std over seeds. s / epoch: training steps only (evaluation "
+        "excluded), measured over complete epochs, or extrapolated from the time per step when "
+        f"the step budget ends within the first epoch. Paper figures: {PAPER_TABLE1['source']}; "
+        "they are for the `paper` preset on a GPU, so times and perplexities of other presets "
+        "or hardware are not directly comparable.", with_dataset=True)
     return "\n".join(lines)
-
 
 def run(args: argparse.Namespace) -> int:
     def specs(bench: tb.Benchmark) -> list[RunSpec]:
@@ -126,13 +112,11 @@ def run(args: argparse.Namespace) -> int:
         res = bench.base_results()
         res["datasets_requested"] = list(args.datasets)
         res["models"] = list(args.models)
-        res["paper"] = PAPER_TABLE1
-        res["paper_preset_params"] = {m: tb.paper_params(m) for m in args.models}
+        res.update(tb.paper_reference(PAPER_TABLE1, args.models))
         return res
 
     def plots(bench: tb.Benchmark, res: dict[str, Any]) -> list[Any]:
-        return [lambda out, d=d: tb.plot_curves(bench.rows, d,
-                                                out / f"curves-{dataset_slug(d)}.png", d)
+        return [lambda out, d=d: tb.plot_curves(bench.rows, d, out / tb.curves_file(d), d)
                 for d in args.datasets]
 
     return tb.run_training_benchmark(args, "compare", specs, results, plots, build_markdown)

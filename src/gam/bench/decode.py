@@ -35,7 +35,6 @@ from typing import Any
 import torch
 
 from gam.bench import common, reports
-from gam.bench.environment import finish_environment
 from gam.bench.measure import MemoryMeter, tensor_bytes
 from gam.bench.workers import emit, run_worker, worker_main
 from gam.errors import is_oom_error
@@ -190,10 +189,8 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
     for ax, (title, unit, logy) in zip(axes, titles, strict=True):
         reports.style_log_axis(ax, title, unit, "context length", logy)
     s = results["settings"]
-    fig.suptitle(f"cached decoding, preset {s['preset']}, batch {s['batch_size']} "
-                 f"({results['environment']['device']})")
-    fig.savefig(path, dpi=120)
-    return path
+    return reports.save_measured_figure(
+        fig, path, f"cached decoding, preset {s['preset']}, batch {s['batch_size']}", results)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -248,21 +245,14 @@ def run(args: argparse.Namespace) -> int:
                   f"{reports.fmt(row['prefill_ms'], 0)} ms, state "
                   f"{reports.fmt(row['state_mb'], 2)} MB, peak {reports.fmt(row['peak_mem_mb'], 1)}"
                   f" MB", flush=True)
-    results = {
-        "command": command,
-        "settings": {"models": list(args.models), "preset": args.model_preset,
-                     "overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
-                     "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
-                     "max_seconds": args.max_seconds, "quick": args.quick, "seed": args.seed,
-                     "decoding": "greedy; model.prefill(prompt) then model.step per token",
-                     "model_configs": configs},
-        "runs": runs,
-        "environment": finish_environment(env),
-    }
-    reports.write_report(args.out, results, _markdown,
-                         [lambda out: _plot(results, out / "decode.png")], summary=False)
+    common.write_measurements(
+        args, command, env,
+        {"overrides": overrides, "contexts": contexts, "new_tokens": new_tokens,
+         "warmup_steps": WARMUP_STEPS, "batch_size": args.batch_size,
+         "decoding": "greedy; model.prefill(prompt) then model.step per token",
+         "model_configs": configs},
+        runs, _markdown, _plot, "decode.png")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(worker_main(_worker))

@@ -32,7 +32,7 @@ from gam.bench.environment import command_line, environment
 from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_results
 from gam.models.blocks import block_gate_paths
 from gam.models.io import CheckpointError
-from gam.models.registry import MODELS, config_class, model_from_config
+from gam.models.registry import MODELS, model_from_config, recorded_config
 from gam.runtime import autocast_context, resolve_device
 from gam.training import RunConfig, gate_statistics, has_gates, load_run, read_metrics
 from gam.training.checkpoint import find_checkpoint, read_state
@@ -91,7 +91,7 @@ def gated_paths(model: Any, model_config: dict[str, Any]) -> list[str]:
     if not isinstance(model, str) or model not in MODELS:
         return []
     try:
-        config = config_class(model).from_dict({**MODELS[model].variant, **model_config})
+        config = recorded_config(model, model_config)
         with torch.device("meta"):
             blocks = model_from_config(model, config).blocks
     except (TypeError, ValueError) as err:

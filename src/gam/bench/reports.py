@@ -95,6 +95,14 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.5):
     return fig, list(axes)
 
 
+def save_measured_figure(fig: Any, path: Path, title: str, results: dict[str, Any]) -> Path:
+    """Save a measuring command's figure, its title followed by the device the numbers were
+    measured on (a figure shown alone still says where its times come from)."""
+    fig.suptitle(f"{title} ({results['environment']['device']})")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def write_report(out: Path | str, results: dict[str, Any], markdown: Callable[[dict], str],
                  plots: Sequence[Callable[[Path], Path | str | None]] = (),
                  summary: bool = True) -> list[str]:

@@ -12,7 +12,10 @@ seed for every model; only the model (``build_model`` name and config overrides)
   finished run with the same configuration is *reused* (its result is read back, nothing is
   trained); an unfinished one is *resumed* exactly from its last checkpoint
   (``gam.training.resume``); a folder holding a run with another configuration is an error
-  (nothing is overwritten). So an interrupted benchmark is re-run with the same command.
+  (nothing is overwritten). The configuration is the ``RunConfig`` and the model config it
+  builds now (``model_differences``): a run recorded before a family's default changed, or
+  before a field existed that it lacks and whose legacy value is not today's, is another
+  configuration. So an interrupted benchmark is re-run with the same command.
 
 Results per run (one row each, ``summarize_run_dir``, read from the run folder only):
 parameters (total and without embeddings), optimizer steps, average training time per epoch
@@ -43,7 +46,12 @@ from gam.data.tokenizer import tokenizer_hash
 from gam.errors import is_oom_error
 from gam.files import sha256_file
 from gam.models.io import MODEL_JSON
-from gam.models.registry import count_parameters, model_config, model_from_config
+from gam.models.registry import (
+    count_parameters,
+    model_config,
+    model_from_config,
+    recorded_config,
+)
 from gam.training import (
     RunConfig,
     RuntimeOptions,
@@ -64,8 +72,8 @@ from gam.training.rundir import (
     recorded_vocab_size,
 )
 
-__all__ = ["RunSpec", "apply_model_args", "check_models", "execute_run", "parameter_counts",
-           "prepare_dataset", "run_dir_of", "run_state", "summarize_run_dir"]
+__all__ = ["RunSpec", "apply_model_args", "check_models", "execute_run", "model_differences",
+           "parameter_counts", "prepare_dataset", "run_dir_of", "run_state", "summarize_run_dir"]
 
 
 # ----------------------------------------------------------------------------------- specs
@@ -137,10 +145,15 @@ def prepare_dataset(protocol: Protocol, dataset: str, data_dir: str | None,
 
 
 # ------------------------------------------------------------------------------- run dirs
+def _as_json(value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` as it reads back from JSON (tuples as lists), to compare it with a record."""
+    return json.loads(json.dumps(value))
+
+
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a RunConfig dict that must match for a run to be reused (not where the
     data lives)."""
-    config = json.loads(json.dumps(config))
+    config = _as_json(config)
     config.get("data", {}).pop("data_dir", None)
     return config
 
@@ -152,6 +165,22 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} (found) vs {a!r} (requested)"]
+
+
+def model_differences(requested: RunConfig, record: dict[str, Any]) -> list[str]:
+    """How the model ``requested`` would build now differs from the one a run folder's
+    ``config.json`` ``record`` holds (``[]``: the same). A field the record lacks means its
+    legacy value (``recorded_config``): a run made before a family's default changed does not
+    pass for one under the new default. Assumes the records name the same model family."""
+    recorded = record.get("model_config")
+    if not isinstance(recorded, dict):
+        return ["model_config: none recorded"]
+    wanted = model_config(requested.model, requested.model_preset, **requested.model_kwargs())
+    try:
+        found = recorded_config(requested.model, recorded)
+    except (TypeError, ValueError) as exc:
+        return [f"model_config: does not build a {requested.model!r} model now ({exc})"]
+    return _differences(_as_json(wanted.to_dict()), _as_json(found.to_dict()), "model_config.")
 
 
 def run_state(run_dir: Path) -> tuple[str, int | None, int | None]:
@@ -257,8 +286,10 @@ def execute_run(spec: RunSpec, protocol: Protocol, out: Path, data_dir: str | No
     try:
         state, step, total = run_state(run_dir)
         if state != "absent":
-            found = RunConfig.from_dict(read_run_config(run_dir)).to_dict()
-            diff = _differences(_comparable(requested.to_dict()), _comparable(found))
+            record = read_run_config(run_dir)
+            found = RunConfig.from_dict(record).to_dict()
+            diff = (_differences(_comparable(requested.to_dict()), _comparable(found))
+                    or model_differences(requested, record))
             if diff:
                 raise ValueError(f"{run_dir} already holds a run with another configuration "
                                  f"({'; '.join(diff[:5])}); use another --out or remove that "

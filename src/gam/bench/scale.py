@@ -48,7 +48,6 @@ from typing import Any
 import torch
 
 from gam.bench import common
-from gam.bench.environment import finish_environment
 from gam.bench.measure import (
     MemoryMeter,
     default_memory_cap,
@@ -61,8 +60,8 @@ from gam.bench.reports import (
     fmt,
     markdown_table,
     new_figure,
+    save_measured_figure,
     style_log_axis,
-    write_report,
 )
 from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
@@ -245,10 +244,8 @@ def _plot(results: dict[str, Any], path: Path) -> Path:
                             (ax_m, "peak memory (growth)", "MB")):
         style_log_axis(ax, title, unit, "sequence length N")
     s = results["settings"]
-    fig.suptitle(f"one block, batch {s['batch_size']}, d {s['d_model']}, "
-                 f"{s.get('dtype', 'fp32')} ({results['environment']['device']})")
-    fig.savefig(path, dpi=120)
-    return path
+    return save_measured_figure(fig, path, f"one block, batch {s['batch_size']}, d "
+                                f"{s['d_model']}, {s.get('dtype', 'fp32')}", results)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -306,24 +303,15 @@ def run(args: argparse.Namespace) -> int:
               f"(tail {fmt(f['exponent_memory_tail'], 2)})", flush=True)
     method = next((r["memory_method"] for r in runs if r.get("memory_method")),
                   "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM growth")
-    results = {
-        "command": command,
-        "settings": {"models": list(args.models), "lengths": lengths, "batch_size": batch,
-                     "dtype": args.dtype,
-                     "preset": args.model_preset, "d_model": d_model, "repeats": repeats,
-                     "warmup": args.warmup, "max_seconds": args.max_seconds,
-                     "max_memory_bytes": max_mem, "quick": args.quick, "seed": args.seed,
-                     "memory_method": method, "block_configs": configs,
-                     "measurement": "y = block(x); y.sum().backward(), x (B, N, d) requires "
-                                    "grad, training mode, grads set to None before each run"},
-        "runs": runs,
-        "fits": fits,
-        "environment": finish_environment(env),
-    }
-    write_report(args.out, results, _markdown,
-                 [lambda out: _plot(results, out / "scale.png")], summary=False)
+    common.write_measurements(
+        args, command, env,
+        {"lengths": lengths, "batch_size": batch, "dtype": args.dtype, "d_model": d_model,
+         "repeats": repeats, "warmup": args.warmup, "max_memory_bytes": max_mem,
+         "memory_method": method, "block_configs": configs,
+         "measurement": "y = block(x); y.sum().backward(), x (B, N, d) requires grad, "
+                        "training mode, grads set to None before each run"},
+        runs, _markdown, _plot, "scale.png", fits=fits)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(worker_main(_worker))

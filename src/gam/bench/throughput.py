@@ -41,10 +41,9 @@ from typing import Any
 import torch
 
 from gam.bench import common
-from gam.bench.environment import finish_environment
 from gam.bench.flops import flops_breakdown, flops_per_token
 from gam.bench.measure import MemoryMeter, default_memory_cap, limit_address_space
-from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure, write_report
+from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
 from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
 from gam.runtime import DTYPES, synchronize, tune_cpu_allocator
@@ -363,34 +362,23 @@ def run(args: argparse.Namespace) -> int:
               f"{r['tokens_per_s_ratio']:.2f}, inverse FLOPs ratio "
               f"{r['inverse_flops_ratio']:.2f} (causal-halved "
               f"{r['inverse_flops_ratio_causal']:.2f})", flush=True)
-    results = {
-        "command": command,
-        "settings": {"models": list(args.models), "preset": args.model_preset,
-                     "overrides": overrides, "batch_size": args.batch_size,
-                     "seq_lens": list(args.seq_len), "dtypes": list(args.dtype),
-                     "compile": args.compile, "steps": steps, "warmup": warmup,
-                     "lr": args.lr, "matmul_size": args.matmul_size,
-                     "max_seconds": args.max_seconds, "max_memory_bytes": max_mem,
-                     "quick": args.quick, "seed": args.seed,
-                     "step": "gam train's step (gam.training.step.train_step): autocast "
-                             "forward with targets (return_logits=False: chunked linear "
-                             "cross-entropy), backward, gradient clipping at 1.0, AdamW.step "
-                             "(gam train's optimizer: fused, betas (0.9, 0.95), wd 0.1), "
-                             "zero_grad(set_to_none=True); CPU: gam.runtime."
-                             "tune_cpu_allocator() applied",
-                     "flops_convention": "3 x forward; Linear (incl. tied head) 2*in*out, "
-                                         "conv taps, GAM memory 2 x 2*S*C, attention "
-                                         "2 x 2*T*C per layer (not causal-halved), Mamba "
-                                         "scan 9*d_inner*d_state",
-                     "model_configs": configs},
-        "runs": runs,
-        "ratios": ratios,
-        "environment": finish_environment(env),
-    }
-    write_report(args.out, results, _markdown,
-                 [lambda out: _plot(results, out / "throughput.png")], summary=False)
+    common.write_measurements(
+        args, command, env,
+        {"overrides": overrides, "batch_size": args.batch_size,
+         "seq_lens": list(args.seq_len), "dtypes": list(args.dtype), "compile": args.compile,
+         "steps": steps, "warmup": warmup, "lr": args.lr, "matmul_size": args.matmul_size,
+         "max_memory_bytes": max_mem,
+         "step": "gam train's step (gam.training.step.train_step): autocast forward with "
+                 "targets (return_logits=False: chunked linear cross-entropy), backward, "
+                 "gradient clipping at 1.0, AdamW.step (gam train's optimizer: fused, betas "
+                 "(0.9, 0.95), wd 0.1), zero_grad(set_to_none=True); CPU: "
+                 "gam.runtime.tune_cpu_allocator() applied",
+         "flops_convention": "3 x forward; Linear (incl. tied head) 2*in*out, conv taps, GAM "
+                             "memory 2 x 2*S*C, attention 2 x 2*T*C per layer (not "
+                             "causal-halved), Mamba scan 9*d_inner*d_state",
+         "model_configs": configs},
+        runs, _markdown, _plot, "throughput.png", ratios=ratios)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(worker_main(_worker))

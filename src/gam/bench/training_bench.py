@@ -25,7 +25,14 @@ from gam.bench.protocols import (
     resolve_protocol,
     seeds_of,
 )
-from gam.bench.reports import fmt, group_rows, new_figure, write_report, write_results
+from gam.bench.reports import (
+    environment_markdown,
+    fmt,
+    group_rows,
+    new_figure,
+    write_report,
+    write_results,
+)
 from gam.bench.runs import (
     RunSpec,
     apply_model_args,
@@ -38,9 +45,12 @@ from gam.bench.runs import (
 )
 from gam.runtime import resolve_device, set_threads
 from gam.training import RuntimeOptions, read_metrics
+from gam.training.rundir import dataset_slug
 
-__all__ = ["Benchmark", "dataset_heading", "fmt_params", "fmt_pm", "mean_std", "ngram_markdown",
-           "paper_params", "plot_curves", "protocol_check", "run_training_benchmark", "summarize"]
+__all__ = ["SUMMARY_HEADERS", "Benchmark", "closing_markdown", "curves_file",
+           "dataset_footer_markdown", "dataset_heading", "fmt_params", "fmt_pm", "mean_std",
+           "ngram_markdown", "paper_params", "paper_reference", "plot_curves", "protocol_check",
+           "run_training_benchmark", "summarize", "summary_cells"]
 
 
 # --------------------------------------------------------------------------------- summary
@@ -203,6 +213,40 @@ def check_markdown(check: dict[str, Any] | None) -> list[str]:
                 f"({check['steps']})."]
 
 
+#: the columns of ``summary_cells``
+SUMMARY_HEADERS = ("params", "non-emb params", "steps", "s / epoch", "tokens/s", "val loss",
+                   "val ppl", "seeds")
+
+
+def summary_cells(summary: dict[str, Any]) -> list[str]:
+    """A model's cells of a report table (``SUMMARY_HEADERS``) from its ``summarize`` row:
+    mean ± sample std over seeds, the time per epoch marked when extrapolated."""
+    s = summary
+    basis = " (extrapolated)" if s.get("epoch_time_basis") == "extrapolated" else ""
+    return [fmt_params(s["params_total"]), fmt_params(s["params_non_embedding"]),
+            fmt(s.get("steps")), fmt_pm(s["epoch_time_s_mean"], s["epoch_time_s_std"], 1) + basis,
+            fmt(s["tokens_per_s_mean"], 0), fmt_pm(s["val_loss_mean"], s["val_loss_std"], 4),
+            fmt_pm(s["val_ppl_mean"], s["val_ppl_std"], 2), seeds_cell(s)]
+
+
+def curves_file(dataset: str) -> str:
+    """The name of a dataset's loss-curve figure (``plot_curves``) in the output folder."""
+    return f"curves-{dataset_slug(dataset)}.png"
+
+
+def dataset_footer_markdown(results: dict[str, Any], dataset: str) -> list[str]:
+    """The end of a dataset's report section: the protocol check and the loss curves."""
+    return [*check_markdown(results["protocol_check"].get(dataset)),
+            "", f"![curves]({curves_file(dataset)})", ""]
+
+
+def closing_markdown(results: dict[str, Any], note: str, with_dataset: bool) -> list[str]:
+    """The end of a report: the runs that did not finish, ``note`` and the command and
+    environment."""
+    return [*failed_markdown(results["runs"], with_dataset), note, "",
+            environment_markdown(results["environment"], results["command"])]
+
+
 def failed_markdown(runs: Sequence[dict[str, Any]], with_dataset: bool) -> list[str]:
     """A section listing every run that did not finish, failed or not run (nothing if none)."""
     failed = [r for r in runs if r.get("status") != "ok"]
@@ -220,6 +264,12 @@ def paper_params(model: str) -> dict[str, int] | None:
         return parameter_counts(model, "paper", {"init": "paper"})
     except Exception:  # noqa: BLE001 - informative only
         return None
+
+
+def paper_reference(table: dict[str, Any], models: Sequence[str]) -> dict[str, Any]:
+    """What results.json sets beside the runs: the paper's ``table`` and our parameter count
+    of each of ``models`` at the paper preset (``paper_params``)."""
+    return {"paper": table, "paper_preset_params": {m: paper_params(m) for m in models}}
 
 
 # ------------------------------------------------------------------------------ benchmark

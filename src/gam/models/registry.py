@@ -119,6 +119,14 @@ def model_config(name: str, preset: str = "paper", **overrides: Any) -> LMConfig
     return config_cls(**values)
 
 
+def recorded_config(name: str, recorded: dict[str, Any]) -> LMConfig:
+    """The config a run of ``name`` was built with, from the ``to_dict()`` its record holds: a
+    field the record lacks (one added after the run was made) takes the family's ``LEGACY``
+    value where it has one, else the name's variant setting, else the default. ValueError
+    or TypeError when the recorded settings do not build a ``name`` config."""
+    return config_class(name).from_dict({**_spec(name).variant, **recorded})
+
+
 def build_model(name: str, preset: str = "paper", **overrides: Any) -> CausalLM:
     """Build a model by name with a size preset; keyword overrides change any config field
     (e.g. ``build_model("gam", "tiny", vocab_size=1000, max_seq_len=128)``)."""

@@ -111,3 +111,16 @@ def test_a_record_of_another_seed_in_the_old_seed_zero_file_is_reused(out_dir, c
     (config,) = check.load_results(out_dir)["configs"]
     assert config["action"] == "reused"
     assert json.loads(new.read_text())["key"]["seed"] == 3  # copied to its own name
+
+
+def test_an_old_record_of_another_seed_survives_training_seed_zero_first(out_dir, check):
+    # seed 0 comes first in --seeds: it must not overwrite seed 3's record in the seed-0 file
+    assert main(_quick(out_dir, "--lrs", "1e-2", "--seed", "3")) == 0
+    new = out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01-seed3.json"
+    old = out_dir / "configs" / f"{TEXTBOOK}-T32-lr0.01.json"
+    new.rename(old)
+    assert main(_quick(out_dir, "--lrs", "1e-2", "--seeds", "0", "3")) == 0
+    actions = {c["seed"]: c["action"] for c in check.load_results(out_dir)["configs"]}
+    assert actions == {0: "trained", 3: "reused"}
+    assert json.loads(new.read_text())["key"]["seed"] == 3
+    assert json.loads(old.read_text())["key"]["seed"] == 0

@@ -31,6 +31,7 @@ from gam.bench import training_bench as tb
 from gam.bench.protocols import Protocol, add_protocol_arguments, protocol_markdown
 from gam.bench.reports import fmt, markdown_table
 from gam.bench.runs import RunSpec
+from gam.bench.tasks import check_distinct
 
 DEFAULT_MODELS = ["gam", "transformer", "mamba"]
 DEFAULT_DATASETS = ["wikitext2"]
@@ -103,8 +104,7 @@ def build_markdown(results: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     def specs(bench: tb.Benchmark) -> list[RunSpec]:
-        if len(set(args.models)) != len(args.models):
-            raise ValueError(f"--models lists a model twice: {args.models}")
+        check_distinct(args.models)
         return [RunSpec(dataset=d, model=m, seed=k)
                 for d in args.datasets for k in bench.seeds for m in args.models]
 

@@ -81,6 +81,7 @@ interrupted continues from its last validation (``<id>.ckpt``, removed once it f
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
@@ -237,16 +238,28 @@ def config_id(label: str, seq_len: int, lr: float, run_seed: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{label}-T{seq_len}-lr{lr:g}{suffix}")
 
 
-def _finished(config: Configuration, legacy: Path) -> dict[str, Any] | None:
-    """The finished row of ``config``, or None. Before there were several seeds, every seed's
-    record was in the seed-0 file ``legacy``: one found there with this key is taken (and
-    copied to its own file, so that training seed 0 later does not lose it)."""
-    found = config.finished()
-    if found is None and legacy != config.path:
-        found = Configuration(legacy, config.key).finished()
-        if found is not None:
-            config.save(found)
-    return found
+def move_other_seed_records(configs: Path) -> list[Path]:
+    """Before there were several seeds, ``--seed K`` wrote its record (and its checkpoint and
+    log) under the seed-0 name ``config_id(..., 0)``: move each such record to its own name
+    ``...-seedK`` before anything trains, so that seed 0 cannot overwrite it and seed K finds
+    it. A record already at its own name is left; returns the records moved."""
+    moved = []
+    for path in sorted(configs.glob("*.json")) if configs.is_dir() else []:
+        try:
+            seed = json.loads(path.read_text()).get("key", {}).get("seed", 0)
+        except (OSError, ValueError, AttributeError):
+            continue  # not a record of ours, or a damaged one: the run redoes it
+        if not isinstance(seed, int) or seed == 0 or path.stem.endswith(f"-seed{seed}"):
+            continue
+        target = path.with_name(f"{path.stem}-seed{seed}.json")
+        if target.exists():
+            continue
+        for ext in (".ckpt", ".log"):
+            if path.with_suffix(ext).exists():
+                path.with_suffix(ext).replace(target.with_suffix(ext))
+        path.replace(target)
+        moved.append(target)
+    return moved
 
 
 def _print_row(row: dict[str, Any], show_seed: bool) -> None:
@@ -304,6 +317,8 @@ def run(args: argparse.Namespace) -> int:
           f"d {p.d_model}, {p.n_layers} layers, vocab {p.vocab_size}, {p.steps} steps of "
           f"{p.tokens_per_step} tokens, {n_configs} configurations, device {device}, "
           f"{threads} threads", flush=True)
+    for moved in move_other_seed_records(out / "configs"):
+        print(f"  moved a record of the seed it holds to {moved.name}", flush=True)
     # length-major, then seed-major: an interrupted benchmark still has every model at the
     # first length and seed
     for t in seq_lens:
@@ -334,8 +349,7 @@ def run(args: argparse.Namespace) -> int:
                                            "lr": lr, "seed": run_seed}
                     config = Configuration(
                         out / "configs" / f"{config_id(label, t, lr, run_seed)}.json", key)
-                    legacy = out / "configs" / f"{config_id(label, t, lr, 0)}.json"
-                    old = None if args.retrain else _finished(config, legacy)
+                    old = None if args.retrain else config.finished()
                     if old is not None:
                         row.update({k: v for k, v in old.items() if k != "key"},
                                    action="reused")

@@ -292,8 +292,9 @@ def execute_run(spec: RunSpec, protocol: Protocol, out: Path, data_dir: str | No
                     or model_differences(requested, record))
             if diff:
                 raise ValueError(f"{run_dir} already holds a run with another configuration "
-                                 f"({'; '.join(diff[:5])}); use another --out or remove that "
-                                 f"folder")
+                                 f"({'; '.join(diff[:5])}); it is left as it is (`gam train "
+                                 f"--resume` and `gam eval` use it as recorded): give another "
+                                 f"--out to train under these settings")
         if state == "finished":
             row["action"] = "reused"
             log(f"[{spec.label} seed {spec.seed} on {spec.dataset}] reusing the finished run "

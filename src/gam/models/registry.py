@@ -121,8 +121,8 @@ def model_config(name: str, preset: str = "paper", **overrides: Any) -> LMConfig
 
 def recorded_config(name: str, recorded: dict[str, Any]) -> LMConfig:
     """The config a run of ``name`` was built with, from the ``to_dict()`` its record holds: a
-    field the record lacks (one added after the run was made) takes the family's ``LEGACY``
-    value where it has one, else the name's variant setting, else the default. ValueError
+    field the record lacks (one added after the run was made) takes the name's variant setting
+    where it has one, else the family's ``LEGACY`` value, else the default. ValueError
     or TypeError when the recorded settings do not build a ``name`` config."""
     return config_class(name).from_dict({**_spec(name).variant, **recorded})
 

@@ -163,9 +163,10 @@ def _keep_recorded_groups(optimizer: torch.optim.Optimizer, ours: list[list[str]
              for name in names if name not in mine]
     for names, group in zip(theirs, optimizer.param_groups, strict=True):
         group["params"] = [by_name[name] for name in names]
-    logger.warning("checkpoint %s puts %d parameter(s) (%s, ...) in other optimizer groups than "
-                   "this version would: resuming with the run's own groups", shards, len(moved),
-                   moved[0])
+    if moved:  # not only another order within the same groups
+        logger.warning("checkpoint %s puts %d parameter(s) (%s, ...) in other optimizer groups "
+                       "than this version would: resuming with the run's own groups", shards,
+                       len(moved), moved[0])
 
 
 def _in_all_processes(save_or_load: Callable[..., Any], state: dict[str, Any],

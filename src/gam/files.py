@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 _MKSTEMP_RANDOM = r"[a-z0-9_]{8}"
 
 
+
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples as lists), to compare it with a file."""
+    return json.loads(json.dumps(value))
+
 def safe_name(name: str, max_len: int = 48) -> str:
     """A file-system friendly version of ``name`` (e.g. ``text:/a/b.txt`` -> ``text_a_b.txt``)."""
     cleaned = _UNSAFE.sub("_", name).strip("._") or "corpus"

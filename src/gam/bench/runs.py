@@ -28,7 +28,6 @@ library's token-weighted evaluation at the last step).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 import traceback
@@ -44,7 +43,7 @@ from gam.bench.protocols import DATASET_NOTES, Protocol
 from gam.data import encode_corpus, load_corpus, train_tokenizer
 from gam.data.tokenizer import tokenizer_hash
 from gam.errors import is_oom_error
-from gam.files import sha256_file
+from gam.files import as_json, sha256_file
 from gam.models.io import MODEL_JSON
 from gam.models.registry import (
     count_parameters,
@@ -145,15 +144,10 @@ def prepare_dataset(protocol: Protocol, dataset: str, data_dir: str | None,
 
 
 # ------------------------------------------------------------------------------- run dirs
-def _as_json(value: dict[str, Any]) -> dict[str, Any]:
-    """``value`` as it reads back from JSON (tuples as lists), to compare it with a record."""
-    return json.loads(json.dumps(value))
-
-
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a RunConfig dict that must match for a run to be reused (not where the
     data lives)."""
-    config = _as_json(config)
+    config = as_json(config)
     config.get("data", {}).pop("data_dir", None)
     return config
 
@@ -180,7 +174,7 @@ def model_differences(requested: RunConfig, record: dict[str, Any]) -> list[str]
         found = recorded_config(requested.model, recorded)
     except (TypeError, ValueError) as exc:
         return [f"model_config: does not build a {requested.model!r} model now ({exc})"]
-    return _differences(_as_json(wanted.to_dict()), _as_json(found.to_dict()), "model_config.")
+    return _differences(as_json(wanted.to_dict()), as_json(found.to_dict()), "model_config.")
 
 
 def run_state(run_dir: Path) -> tuple[str, int | None, int | None]:

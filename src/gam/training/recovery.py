@@ -5,7 +5,6 @@ checkpoint when they are missing, unreadable, stale or another model's)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gam.files import atomic_write_bytes
+from gam.files import as_json, atomic_write_bytes
 from gam.models.io import (
     MODEL_JSON,
     MODEL_WEIGHTS,
@@ -85,15 +84,10 @@ def refuse_lost_checkpoint(run_dir: Path, config: dict[str, Any]) -> None:
         f"Restore the checkpoint folder, or train a new run with another --out")
 
 
-def _json(value: Any) -> Any:
-    """``value`` as JSON gives it back (tuples become lists), for comparisons with a file."""
-    return json.loads(json.dumps(value))
-
-
 def _flat(settings: dict[str, Any]) -> dict[str, Any]:
     """``{"train.lr": 3e-4, ...}`` of a RunConfig dict, JSON-normalised (tuples as lists)."""
     flat = {}
-    for key, value in _json(settings).items():
+    for key, value in as_json(settings).items():
         if isinstance(value, dict) and key in ("data", "tokenizer", "train"):
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
@@ -135,7 +129,7 @@ def repair_saved_model(run_dir: Path, model: torch.nn.Module, step: int) -> None
         name, config = load_model_config(run_dir)
         saved = load_file(str(weights)) if weights.is_file() else None
         if name != getattr(model, "model_name", name) \
-                or _json(config) != _json(model.config.to_dict()):
+                or as_json(config) != as_json(model.config.to_dict()):
             why = f"another model's ({MODEL_JSON} describes a {name!r} model of another config)"
     except (CheckpointError, SafetensorError, OSError, ValueError) as e:
         why, saved = f"unreadable: {_one_line(e)}", None

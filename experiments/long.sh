@@ -19,29 +19,28 @@
 # (the perplexities are those of models trained with 5% passkey blocks; validation is on the
 # corpus alone).
 #
-# Two lanes, one per core (taskset), one thread each, with disjoint families; resumable:
-# finished runs and evaluations are reused and unfinished runs resumed, so an interrupted
-# session re-runs this script. The combined report is written at the end (--report-only).
+# One job per (family, corpus), run by experiments/lanes.sh on both cores, one thread each;
+# resumable: finished runs and evaluations are reused and unfinished runs resumed, so an
+# interrupted session re-runs this script. The combined report is written at the end
+# (--report-only). `bash experiments/long.sh jobs` prints the job list only (experiments/all.sh
+# joins the lists).
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-out=runs/bench/long
-common=(--threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out $out)
-datasets=(python-stdlib wikitext2 austen)
-registered=$(.venv/bin/python -c "from gam.bench.long import default_families; print(*default_families())")
-only_registered() { local f; for f in "$@"; do [[ " $registered " == *" $f "* ]] && printf '%s ' "$f"; done; }
-lane_a=$(only_registered gam transformer mamba s4d)
-lane_b=$(only_registered gam-delta transformer-pp gated-deltanet rwkv7)
-run() { echo "== $* $(date)"; .venv/bin/gam bench long "$@"; }
+common="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out runs/bench/long"
+datasets="python-stdlib wikitext2 austen"
+registered=$(${PYTHON:-.venv/bin/python} -c "from gam.bench.long import default_families; print(*default_families())")
 
-lane() {  # lane CORE FAMILIES...
-  local core=$1 d
-  shift
-  [ $# -gt 0 ] || return 0
-  for d in "${datasets[@]}"; do
-    taskset -c "$core" bash -c "$(declare -f run); run ${common[*]} --models $* --datasets $d"
-  done
+jobs() {
+  local d m
+  for d in $datasets; do for m in $registered; do echo "$common --models $m --datasets $d"; done; done
 }
-# shellcheck disable=SC2086 # the family lists are words
-lane 0 $lane_a & lane 1 $lane_b & wait
-run "${common[@]}" --datasets "${datasets[@]}" --report-only
-echo "== done $(date)"
+report() {
+  # shellcheck disable=SC2086 # the lists are words
+  ${GAM:-.venv/bin/gam} bench $common --datasets $datasets --report-only
+}
+case ${1:-run} in
+  jobs) jobs ;;
+  report) report ;;
+  run) jobs | bash experiments/lanes.sh && report ;;
+  *) echo "usage: $0 [run|jobs|report]" >&2; exit 2 ;;
+esac

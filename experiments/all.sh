@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every measurement still open, in the order the issues need them: issue 24's Table 1 seeds and
+# tasks, then issue 25's, then issue 26's long-context grid, as one job list on both cores
+# (experiments/lanes.sh: each job taken by the next free core, so no lane waits for the other
+# between the parts), then every part's combined report. About 11 + 11.5 + 13 core-hours in all
+# (the estimates at the top of each script); resumable: rerun it after an interruption.
+#   nohup bash experiments/all.sh > runs/all.log 2>&1 &
+set -u
+cd "$(dirname "$0")/.."  # the repository root
+bash experiments/tasks.sh prepare
+{
+  bash experiments/controls.sh jobs 24
+  bash experiments/tasks.sh jobs 24
+  bash experiments/controls.sh jobs 25
+  bash experiments/tasks.sh jobs 25
+  bash experiments/long.sh jobs
+} | bash experiments/lanes.sh
+bash experiments/controls.sh report
+bash experiments/tasks.sh report
+bash experiments/long.sh report

@@ -132,3 +132,20 @@ def test_recorded_config_fills_what_a_record_lacks():
     assert recorded_config("s4d", made).init == "paper"
     with pytest.raises(ValueError, match="gone"):
         recorded_config("gam", {**model_config("gam", "tiny").to_dict(), "gone": 1})
+
+
+def test_load_pretrained_fills_a_missing_field_with_the_names_variant_setting(tmp_path):
+    """A saved model.json lacking a field (one added after it was saved) loads with its name's
+    variant setting, as the bench's reuse check reads it, not the family's default."""
+    import json
+
+    model = build_model("gated-deltanet-matched", "tiny").eval()
+    save_pretrained(model, tmp_path)
+    record = json.loads((tmp_path / "model.json").read_text())
+    config = record["config"]
+    assert config.pop("mlp_ratio") != MODELS["gated-deltanet"].config_cls().mlp_ratio
+    (tmp_path / "model.json").write_text(json.dumps(record))
+    loaded = load_pretrained(tmp_path).eval()
+    assert loaded.config.mlp_ratio == model.config.mlp_ratio
+    idx = torch.randint(0, 256, (2, 16))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])

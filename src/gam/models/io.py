@@ -26,7 +26,7 @@ from gam.files import (
     remove_interrupted_writes,
 )
 from gam.models.lm import CausalLM
-from gam.models.registry import MODELS, config_class, model_from_config
+from gam.models.registry import MODELS, model_from_config, recorded_config
 
 MODEL_JSON = "model.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -141,7 +141,7 @@ def load_pretrained(model_dir: str | Path, map_location: str | torch.device = "c
     if name not in MODELS:
         raise CheckpointError(f"{Path(model_dir) / MODEL_JSON} names unknown model {name!r}")
     try:
-        config = config_class(name).from_dict(cfg)
+        config = recorded_config(name, cfg)  # a field it lacks: the name's variant, else legacy
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{Path(model_dir) / MODEL_JSON} holds an invalid {name!r} config "
                               f"({e})") from e

@@ -22,11 +22,14 @@ Allocator. PyTorch's CPU allocator hands every tensor to ``malloc``. With glibc'
 blocks above a dynamic threshold come from fresh ``mmap`` pages and free heap above 128 KiB is
 returned to the OS, so a training step that allocates and frees the same large activations
 again and again pays page faults on each of them. Raising ``M_MMAP_THRESHOLD`` (to glibc's
-32 MiB cap) and ``M_TRIM_THRESHOLD`` keeps freed memory in the heap for reuse (measured gains:
-docs/results.md). The cost is that the process keeps its peak heap instead of shrinking after
-it.
+32 MiB cap) and ``M_TRIM_THRESHOLD`` keeps freed memory in the heap for reuse; blocks above the
+32 MiB cap would still be mapped afresh every time (long sequences, large batches: the cost per
+token then grows with the length), so ``M_MMAP_MAX`` = 0 serves every block from the heap
+(glibc still maps memory when the heap cannot grow). Measured gains: docs/results.md. The cost
+is that the process keeps its peak heap, fragmentation included, instead of shrinking after it.
 
-``gam train`` and ``gam bench throughput`` call :func:`tune_cpu_allocator`; set
+``gam train``, ``gam bench throughput`` and the timed runs of ``gam bench scale`` call
+:func:`tune_cpu_allocator`; set
 ``GAM_MALLOC_TUNING=0`` to leave the allocator alone. Library users can call it themselves.
 """
 
@@ -43,6 +46,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest accepted value on 64-bit systems
 TRIM_THRESHOLD_BYTES = 2**30
 
@@ -67,8 +71,9 @@ def tune_cpu_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    _applied = all(mallopt(option, value) for option, value in (
+        (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (_M_MMAP_MAX, 0)))
     return _applied
 
 

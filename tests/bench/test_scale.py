@@ -1,9 +1,13 @@
+import ctypes.util
+import sys
+
 import pytest
 import torch
 
 from gam.bench import main
 from gam.bench.scale import fit_rows
 
+GLIBC = sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
 RUN_KEYS = {"model", "seq_len", "batch_size", "status", "time_ms_median", "time_ms_min",
             "peak_mem_mb"}
 
@@ -23,6 +27,7 @@ def test_scale_smoke(out_dir, check):
         assert r["status"] == "ok", r
         assert r["time_ms_min"] <= r["time_ms_median"]
         assert r["peak_mem_mb"] >= 0
+        assert r["allocator_tuned"] is GLIBC  # the timed runs use gam train's allocator
     assert {f["model"] for f in results["fits"]} == {"gam", "transformer"}
     for f in results["fits"]:
         assert {"exponent_time", "exponent_time_min", "exponent_memory"} <= set(f)

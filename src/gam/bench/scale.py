@@ -29,7 +29,13 @@ Every (model, length) runs in a fresh process (``python -m gam.bench.scale --wor
   85% of the memory available when the run starts), so that a too-large configuration fails
   with an allocation error instead of swapping or taking the machine down;
 - time: ``--warmup`` untimed runs, then the median and min of ``--repeats`` timed runs, with the
-  thread count fixed (``--threads``) and reported.
+  thread count fixed (``--threads``) and reported. On a CPU the timed runs use the allocator
+  settings ``gam train`` uses (``gam.runtime.tune_cpu_allocator``: freed blocks stay in the heap
+  instead of being mapped afresh, page fault by page fault, in every run), applied after the
+  memory pass, so that the memory column is what the block needs, not what a heap keeps, and
+  with at least one untimed run after them; ``allocator_tuned`` says whether they were in force
+  (``GAM_MALLOC_TUNING=0``: glibc's defaults, whose fresh mappings of blocks above 32 MiB make
+  the time per token grow with N).
 
 The scaling exponent of each model is the least-squares slope of log(time) and log(memory)
 against log(N) over its successful lengths (``exponent_time`` from the median times,
@@ -65,7 +71,7 @@ from gam.bench.reports import (
 )
 from gam.bench.workers import emit, merge_worker_result, run_worker, worker_main
 from gam.models.registry import build_model, model_config
-from gam.runtime import autocast_context
+from gam.runtime import autocast_context, tune_cpu_allocator
 from gam.training.argtypes import nonneg_int, nonneg_number, positive_int, positive_number
 
 DEFAULT_MODELS = ["gam", "transformer", "transformer-naive", "mamba"]
@@ -150,8 +156,10 @@ def _worker(payload: dict[str, Any]) -> None:
     meter.start()
     fwd_bwd(x)
     peak = meter.growth_bytes()
-    timing = time_fn(lambda: fwd_bwd(x), device, warmup=max(0, payload["warmup"] - 1),
-                     repeats=payload["repeats"])
+    # the memory pass counts as a warm-up, unless the allocator changes after it
+    tuned = device.type == "cpu" and tune_cpu_allocator()
+    timing = time_fn(lambda: fwd_bwd(x), device,
+                     warmup=max(int(tuned), payload["warmup"] - 1), repeats=payload["repeats"])
     emit({
         "status": "ok",
         "time_ms_median": timing["median_ms"],
@@ -160,6 +168,7 @@ def _worker(payload: dict[str, Any]) -> None:
         "peak_mem_mb": peak / 2**20,
         "baseline_mem_mb": meter.baseline / 2**20,
         "memory_method": meter.method,
+        "allocator_tuned": tuned,
         "parameters": sum(p.numel() for p in block.parameters()),
         "d_model": dim,
     })

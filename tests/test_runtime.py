@@ -33,8 +33,9 @@ def test_allocator_tuning_can_be_switched_off(fresh, monkeypatch):
     assert fresh.tune_cpu_allocator() is False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
-                    reason="mallopt is glibc's")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None
+                    or not hasattr(ctypes.CDLL(None), "mallinfo2"),
+                    reason="mallopt and mallinfo2 (glibc >= 2.33) are glibc's")
 @pytest.mark.parametrize("tuned", [False, True])
 def test_tuned_allocator_serves_blocks_above_the_mmap_cap_from_the_heap(tuned):
     """A 64 MiB tensor (above glibc's 32 MiB cap on M_MMAP_THRESHOLD) is a fresh mapping with

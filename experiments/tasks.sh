@@ -13,7 +13,8 @@
 #   issue 24
 #   - recall as a rate, T 64 (4 / 8 pairs), 5 seeds x 3 lrs: the textbook reference,
 #     transformer, transformer-pp, gated-deltanet, gam-delta and mamba (seed 0 of the new
-#     families copied from recall-T64-families): ~80 configurations, ~3 min each: ~4.5 h;
+#     families copied from recall-T64-families): ~80 configurations, ~1 min each (the textbook
+#     reference's 15 took 1-1.2 min each on a loaded core): ~1.5 h;
 #   - ListOps, cpu preset, seeds 0 and 1: transformer-pp, both gated-deltanet sizes and
 #     gam-delta (its chunked delta rule at head dim 16 is the slow one): ~2 h;
 #   - MQAR T 256 (16 / 32 pairs, the short case mixed in), lr 1e-3 / 3e-3, seed 0:
@@ -21,7 +22,7 @@
 #   issue 25
 #   - ListOps, seeds 0 and 1: rwkv7 and s4d: ~1 h;
 #   - MQAR T 256: rwkv7 and s4d: ~1.5 h.
-# In all about 11.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
+# In all about 8.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
 # (runs/bench/recall-T64-families). Cut: T 256 as a rate (3 seeds x 2 lrs for 6 families would
 # add ~10 core-hours); T 128.
 set -u

@@ -2,8 +2,9 @@
 # Every measurement still open, in the order the issues need them: issue 24's Table 1 seeds and
 # tasks, then issue 25's, then issue 26's long-context grid, as one job list on both cores
 # (experiments/lanes.sh: each job taken by the next free core, so no lane waits for the other
-# between the parts), then every part's combined report. About 11 + 11.5 + 13 core-hours in all
-# (the estimates at the top of each script); resumable: rerun it after an interruption.
+# between the parts), then every part's combined report. About 11 + 8.5 + 13 core-hours for the
+# whole grids (the estimates at the top of each script; finished runs are reused, so what is left
+# costs less); resumable: rerun it after an interruption.
 #   nohup bash experiments/all.sh > runs/all.log 2>&1 &
 set -u
 cd "$(dirname "$0")/.."  # the repository root

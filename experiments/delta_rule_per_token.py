@@ -5,12 +5,12 @@ glibc's allocator defaults (``GAM_MALLOC_TUNING=0``) and once tuned (the default
 docs/results.md (the allocator and long sequences)."""
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from gam.bench.measure import time_fn
 from gam.models.ops.delta_rule import delta_rule_chunked
 from gam.runtime import tune_cpu_allocator
 
@@ -42,12 +42,8 @@ def main() -> None:
     per_op = {}
     for T in args.lengths:
         x = inputs(T)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fwd_bwd(x)
-            times.append(time.perf_counter() - start)
-        print(f"T {T}: {min(times) * 1e6 / T:.0f} us per token", flush=True)
+        best_ms = time_fn(lambda x=x: fwd_bwd(x), "cpu", warmup=0, repeats=3)["min_ms"]
+        print(f"T {T}: {best_ms * 1e3 / T:.0f} us per token", flush=True)
         if args.profile:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fwd_bwd(x)

@@ -6,16 +6,25 @@
 # whole grids (the estimates at the top of each script; finished runs are reused, so what is left
 # costs less); resumable: rerun it after an interruption.
 #   nohup bash experiments/all.sh > runs/all.log 2>&1 &
+# `bash experiments/all.sh jobs` prints the joined job list (runs nothing), `report` writes the
+# reports only.
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-bash experiments/tasks.sh prepare
-{
+jobs() {
   bash experiments/controls.sh jobs 24
   bash experiments/tasks.sh jobs 24
   bash experiments/controls.sh jobs 25
   bash experiments/tasks.sh jobs 25
   bash experiments/long.sh jobs
-} | bash experiments/lanes.sh
-bash experiments/controls.sh report
-bash experiments/tasks.sh report
-bash experiments/long.sh report
+}
+report() {
+  bash experiments/controls.sh report
+  bash experiments/tasks.sh report
+  bash experiments/long.sh report
+}
+case ${1:-run} in
+  jobs) jobs ;;
+  report) report ;;
+  run) bash experiments/tasks.sh prepare; jobs | bash experiments/lanes.sh; report ;;
+  *) echo "usage: $0 [run|jobs|report]" >&2; exit 2 ;;
+esac

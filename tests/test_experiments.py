@@ -44,6 +44,16 @@ def test_issue_lists_split_the_whole_list() -> None:
         assert job_lines(script, "24") + job_lines(script, "25") == job_lines(script)
 
 
+def test_all_lists_every_part_in_the_issues_order_and_refuses_an_unknown_mode() -> None:
+    parts = [job_lines("controls.sh", "24"), job_lines("tasks.sh", "24"),
+             job_lines("controls.sh", "25"), job_lines("tasks.sh", "25"), job_lines("long.sh")]
+    assert job_lines("all.sh") == [job for part in parts for job in part]
+    # an unknown mode must not start the grid (it would run beside a running one)
+    result = subprocess.run(["bash", str(EXPERIMENTS / "all.sh"), "job"], env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
 def test_lanes_run_each_job_once_and_go_on_after_a_failure(tmp_path: Path) -> None:
     log = tmp_path / "ran.txt"
     fake = tmp_path / "gam"  # stands in for the gam command: records its arguments

@@ -2,7 +2,10 @@
 ``python -m gam.bench.<command> --worker JSON`` process, which prints one
 ``GAM_BENCH_RESULT {json}`` line per finished record. The parent enforces a wall-clock limit
 (the child's process group is killed), keeps every record printed before a timeout or a
-crash, and maps a child killed by SIGKILL (the kernel's OOM killer) to status ``"oom"``."""
+crash, and maps a child killed by SIGKILL (the kernel's OOM killer) to status ``"oom"``.
+A worker ends itself when its parent dies (killed, say, by SIGTERM, which no ``except``
+sees): its parent's lock on the run's record dies with the parent, so a worker left running
+would train beside the one the next command starts for the same record."""
 
 from __future__ import annotations
 
@@ -11,6 +14,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +25,8 @@ from gam.errors import is_oom_error
 from gam.runtime import set_threads
 
 RESULT_PREFIX = "GAM_BENCH_RESULT "
+PARENT_ENV = "GAM_BENCH_PARENT_PID"  # the worker's parent, set by run_worker
+ORPHAN_POLL_S = 1.0
 
 
 def run_worker(module: str, payload: dict[str, Any], timeout: float | None = None
@@ -34,6 +41,7 @@ def run_worker(module: str, payload: dict[str, Any], timeout: float | None = Non
     cmd = [sys.executable, "-m", module, "--worker", json.dumps(payload)]
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env[PARENT_ENV] = str(os.getpid())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     status, error = "ok", None
@@ -106,6 +114,22 @@ def emit(record: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(json_safe(record)), flush=True)
 
 
+def exit_when_orphaned(parent_pid: str | None) -> None:
+    """Worker side: end this process (exit code 1) within ``ORPHAN_POLL_S`` seconds of its
+    parent ``parent_pid`` dying (this process then has another parent). A no-op without a pid
+    (a worker started by hand)."""
+    if not parent_pid or not parent_pid.isdigit():
+        return
+    parent = int(parent_pid)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os._exit(1)  # no cleanup: the records this worker printed have no reader left
+
+    threading.Thread(target=watch, name="exit-when-orphaned", daemon=True).start()
+
+
 def worker_main(fn: Callable[[dict[str, Any]], None], argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m gam.bench.<command> --worker JSON``: set threads, call
     ``fn(payload)`` (which calls ``emit``); an exception that escapes is reported as one record
@@ -116,6 +140,7 @@ def worker_main(fn: Callable[[dict[str, Any]], None], argv: Sequence[str] | None
               "(internal; use `gam bench <command>`)", file=sys.stderr)
         return 2
     payload = json.loads(argv[1])
+    exit_when_orphaned(os.environ.get(PARENT_ENV))
     set_threads(payload.get("threads"), follow_load=False)
     try:
         fn(payload)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gam.bench import build_parser, load_command
-from gam.bench.recall_protocol import TEXTBOOK
+from gam.bench.recall_protocol import PRESETS, TEXTBOOK, parse_variant, recall_config
 from gam.models.registry import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +33,12 @@ def test_every_job_parses_as_a_bench_command_on_registered_models(script: str) -
     for job in jobs:
         name, *rest = shlex.split(job)
         args = build_parser(name, load_command(name)).parse_args(rest)
-        unknown = set(args.models) - set(MODELS) - {TEXTBOOK}
+        unknown = {spec.split(":")[0] for spec in args.models} - set(MODELS) - {TEXTBOOK}
         assert not unknown, f"{script}: {job!r} names unregistered models {sorted(unknown)}"
         assert args.threads == 1, f"{script}: a lane job must run on one thread: {job!r}"
+        if name == "recall":  # a NAME:KEY=VALUE variant must name settings its family has
+            for spec in args.models:
+                recall_config(*parse_variant(spec), 64, PRESETS["default"])
     assert len(set(jobs)) == len(jobs), f"{script} lists a job twice"
 
 

@@ -81,3 +81,6 @@ def test_learned_positions_only_for_families_that_have_them():
         config = backbone_config(name, cpu)
         assert config["pos_embedding"] is False, name
     assert backbone_config("s4d", cpu)["state_size"] == 64
+    for name in ("gam-delta", "gated-deltanet", "gated-deltanet-matched"):  # small heads at d 64
+        assert backbone_config(name, cpu)["delta_chunk_size"] == 32, name
+    assert "delta_chunk_size" not in backbone_config("transformer", cpu)

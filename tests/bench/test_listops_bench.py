@@ -18,6 +18,34 @@ def test_readout_ignores_right_padding():
     assert torch.allclose(model(x, n), model(padded, n), atol=1e-5)
 
 
+def test_mean_readout_averages_the_real_tokens_only():
+    torch.manual_seed(0)
+    backbone = build_model("s4d", "tiny", vocab_size=VOCAB_SIZE, max_seq_len=16)
+    model = ListOpsClassifier(backbone, readout="mean").eval()
+    x = torch.randint(1, VOCAB_SIZE, (2, 16))
+    n = torch.tensor([10, 16])
+    with torch.no_grad():
+        h, _ = backbone.hidden_states(x)
+        expected = torch.stack([h[0, :10].mean(0), h[1].mean(0)])
+        assert torch.allclose(model(x, n), model.classifier(expected), atol=1e-5)
+        x[0, 10:] = 0  # padding after the real tokens changes nothing
+        assert torch.allclose(model(x, n), model.classifier(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="readout"):
+        ListOpsClassifier(backbone, readout="max")
+
+
+def test_readout_enters_the_run_key_only_when_not_the_default():
+    """Records written before the readout option keep matching the default protocol."""
+    from dataclasses import asdict, replace
+
+    from gam.bench.listops import PROTOCOLS, protocol_key
+
+    cpu = PROTOCOLS["cpu"]
+    old_key = {k: v for k, v in asdict(cpu).items() if k != "readout"}
+    assert cpu.readout == "last" and protocol_key(cpu) == old_key
+    assert protocol_key(replace(cpu, readout="mean")) == {**old_key, "readout": "mean"}
+
+
 def test_epoch_batches_cover_the_split_once():
     lengths = np.random.default_rng(0).integers(10, 100, size=330)
     batches = epoch_batches(lengths, 16, np.random.default_rng(1), bucket=4)

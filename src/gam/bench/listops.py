@@ -116,6 +116,22 @@ class Protocol:
     dropout: float
     pos_embedding_std: float
     dtype: str
+    readout: str = "last"  # last real token, or the mean over the real tokens (READOUTS)
+
+
+READOUTS = ("last", "mean")
+# fields added after records existed: left out of a run's key at their default, so the
+# records written before them are reused
+_KEY_DEFAULTS = {"readout": "last"}
+
+
+def protocol_key(p: Protocol) -> dict[str, Any]:
+    """The protocol's part of a run's key."""
+    key = asdict(p)
+    for name, default in _KEY_DEFAULTS.items():
+        if key[name] == default:
+            del key[name]
+    return key
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -143,7 +159,10 @@ OPTION_HELP = {  # the protocol's options, each overriding the preset's field
     "max_len": "longest sequence (tokens)", "max_depth": "levels of a tree (LRA: 10)",
     "n_train": "training sequences", "n_valid": "validation sequences",
     "n_test": "test sequences",
-    "eval_every": "steps between validation evaluations (the learning curve)"}
+    "eval_every": "steps between validation evaluations (the learning curve)",
+    "readout": "what the 10-way head reads: the final hidden state at the last real token "
+               "(a causal model's summary of the whole expression) or the mean over the real "
+               "tokens (LRA's pooling)"}
 
 
 def resolve_protocol(args: argparse.Namespace) -> tuple[str, Protocol]:
@@ -173,17 +192,26 @@ def _family_overrides(name: str, d_model: int) -> dict[str, Any]:
 
 
 class ListOpsClassifier(nn.Module):
-    """A causal backbone read out at each row's last real token by a 10-way linear head."""
+    """A causal backbone read out by a 10-way linear head: at each row's last real token
+    (``readout="last"``) or averaged over its real tokens (``"mean"``)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int = listops.NUM_CLASSES) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int = listops.NUM_CLASSES,
+                 readout: str = "last") -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         self.backbone = backbone
+        self.readout = readout
         self.classifier = nn.Linear(backbone.config.d_model, num_classes)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h, _ = self.backbone.hidden_states(idx)  # (B, T, C), final LayerNorm applied
-        last = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
-        return self.classifier(last)  # (B, 10)
+        h, _ = self.backbone.hidden_states(idx)  # (B, T, C), final norm applied
+        if self.readout == "last":
+            pooled = h[torch.arange(idx.shape[0], device=idx.device), lengths - 1]  # (B, C)
+        else:  # right padding: positions < length are real
+            real = torch.arange(idx.shape[1], device=idx.device) < lengths[:, None]  # (B, T)
+            pooled = (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)  # (B, C)
+        return self.classifier(pooled)  # (B, 10)
 
 
 def backbone_overrides(name: str, p: Protocol, model_args: dict[str, Any] | None = None
@@ -209,7 +237,7 @@ def backbone_config(name: str, p: Protocol, model_args: dict[str, Any] | None = 
 def build_classifier(name: str, p: Protocol, model_args: dict[str, Any] | None = None
                      ) -> ListOpsClassifier:
     backbone = build_model(name, p.model_preset, **backbone_overrides(name, p, model_args))
-    return ListOpsClassifier(backbone)
+    return ListOpsClassifier(backbone, readout=p.readout)
 
 
 # ------------------------------------------------------------------------------ training
@@ -354,7 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "min per model and seed on one idle thread) or lra (500-2000 tokens, "
                              "96k/2k/2k, d 512, 6 layers; for a GPU); --quick overrides it")
     g = parser.add_argument_group("protocol overrides (default: the --preset's value)")
-    add_protocol_options(g, Protocol, OPTION_HELP, choices={"dtype": DTYPES})
+    add_protocol_options(g, Protocol, OPTION_HELP, choices={"dtype": DTYPES, "readout": READOUTS})
     g.add_argument("--model-arg", action="append", type=parse_model_arg, default=[],
                    metavar="KEY=VALUE", dest="model_args",
                    help="config override for every model (repeatable), e.g. init=paper "
@@ -394,8 +422,10 @@ def run(args: argparse.Namespace) -> int:
             "mean_length_train": float(splits["train"].lengths.mean())}
     settings = {"protocol_name": protocol_name, "protocol": asdict(p), "models": args.models,
                 "seeds": args.seeds, "data_seed": args.seed, "device": str(device),
-                "readout": "Linear(d_model, 10) on the final normalised hidden state at the "
-                           "last real token (right padding)",
+                "readout": ("Linear(d_model, 10) on the final normalised hidden state at the "
+                            "last real token (right padding)" if p.readout == "last" else
+                            "Linear(d_model, 10) on the mean of the final normalised hidden "
+                            "states over the real tokens (right padding)"),
                 "optimizer": "AdamW betas (0.9, 0.95), nanogpt decay filter, warm-up + cosine "
                              "to 0, clip 1.0",
                 "reported": "test accuracy of the best-validation weights; final weights too"}
@@ -410,8 +440,9 @@ def run(args: argparse.Namespace) -> int:
     # seed-major order: an interrupted benchmark still has every model at the first seed
     for seed in args.seeds:
         for model in args.models:
-            key = {"protocol": asdict(p), "model": model, "seed": seed, "data_seed": args.seed,
-                   "device": device.type, "model_config": configs.get(model)}
+            key = {"protocol": protocol_key(p), "model": model, "seed": seed,
+                   "data_seed": args.seed, "device": device.type,
+                   "model_config": configs.get(model)}
             config = Configuration(out / "runs" / f"{model}-seed{seed}.json", key)
             row: dict[str, Any] = {"model": model, "seed": seed}
             old = None if args.retrain else config.finished()

@@ -77,8 +77,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"test: {100 * data['majority_test']:.1f}% (class {data['majority_class']}). Data: "
         f"{p['n_train']:,} / {p['n_valid']:,} / {p['n_test']:,} sequences, mean length "
         f"{data['mean_length_train']:.0f} tokens, depth <= {p['max_depth']}, data seed "
-        f"{s['data_seed']}; read out at the last real token of a causal model.", "",
+        f"{s['data_seed']}; read out {READOUT_WORDS[p.get('readout', 'last')]} of a causal "
+        f"model.", "",
         summary, "", "## Runs", "", runs, "", "## Published", "", published])
+
+
+READOUT_WORDS = {"last": "at the last real token", "mean": "as the mean over the real tokens"}
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:

@@ -11,7 +11,8 @@ state (``model.hidden_states``) at each sequence's last real token. Sequences ar
 (to the longest of the batch): a causal model's state at the last real token does not depend on
 the padding after it, so no mask is needed, and the last token has seen the whole expression.
 LRA's encoders pool over a bidirectional encoding instead; a causal reading at the end is the
-natural equivalent for decoder-only models.
+natural equivalent for decoder-only models. ``--readout mean`` averages the final hidden states
+over the real tokens instead (LRA's pooling, applied to the causal states).
 
 Training: the library's AdamW (``gam.training.optim``: betas (0.9, 0.95), weight decay on
 matrices only, the ``nanogpt`` filter), linear warm-up then cosine decay to 0 over ``--steps``,

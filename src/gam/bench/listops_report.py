@@ -42,6 +42,9 @@ def pct(mean: float | None, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
+READOUT_WORDS = {"last": "at the last real token", "mean": "as the mean over the real tokens"}
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """``results.md``: the summary, every run and the published numbers."""
     s = results["settings"]
@@ -80,9 +83,6 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{s['data_seed']}; read out {READOUT_WORDS[p.get('readout', 'last')]} of a causal "
         f"model.", "",
         summary, "", "## Runs", "", runs, "", "## Published", "", published])
-
-
-READOUT_WORDS = {"last": "at the last real token", "mean": "as the mean over the real tokens"}
 
 
 def plot_curves(results: dict[str, Any], path: Path) -> None:

@@ -2,7 +2,7 @@
 # A/B: the allocator settings before f207f85 (threshold + trim; via glibc tunables, gam's own tuning off)
 # against today's (gam's tuning: + M_MMAP_MAX=0), alternating, lanes paused, core 0
 set -u
-cd /work/main
+cd "$(dirname "$0")/../../.."  # the repository root
 T="--models gam gam-delta --preset paper --seq-len 256 --batch-size 4 --dtype bf16 --steps 3 --warmup 1 --threads 1 --device cpu"
 OLD="glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
 date

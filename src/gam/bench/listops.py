@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from gam.bench import common
 from gam.bench.environment import command_line, environment, finish_environment
-from gam.bench.listops_report import write_listops_results
+from gam.bench.listops_report import READOUT_WORDS, write_listops_results
 from gam.bench.tasks import (
     Configuration,
     add_protocol_options,
@@ -120,7 +120,7 @@ class Protocol:
     readout: str = "last"  # last real token, or the mean over the real tokens (READOUTS)
 
 
-READOUTS = ("last", "mean")
+READOUTS = tuple(READOUT_WORDS)  # ("last", "mean")
 # fields added after records existed: left out of a run's key at their default, so the
 # records written before them are reused
 _KEY_DEFAULTS = {"readout": "last"}
@@ -423,10 +423,8 @@ def run(args: argparse.Namespace) -> int:
             "mean_length_train": float(splits["train"].lengths.mean())}
     settings = {"protocol_name": protocol_name, "protocol": asdict(p), "models": args.models,
                 "seeds": args.seeds, "data_seed": args.seed, "device": str(device),
-                "readout": ("Linear(d_model, 10) on the final normalised hidden state at the "
-                            "last real token (right padding)" if p.readout == "last" else
-                            "Linear(d_model, 10) on the mean of the final normalised hidden "
-                            "states over the real tokens (right padding)"),
+                "readout": f"Linear(d_model, 10) on the final normalised hidden states, "
+                           f"read {READOUT_WORDS[p.readout]} (right padding)",
                 "optimizer": "AdamW betas (0.9, 0.95), nanogpt decay filter, warm-up + cosine "
                              "to 0, clip 1.0",
                 "reported": "test accuracy of the best-validation weights; final weights too"}

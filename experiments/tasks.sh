@@ -60,7 +60,7 @@ report() {  # the combined reports (train nothing)
   local gam=${GAM:-.venv/bin/gam}
   $gam bench $recall --models $rate_models $rate --report-only
   $gam bench $recall --models transformer-pp gated-deltanet gated-deltanet-matched rwkv7 s4d mamba $long --report-only
-  $gam bench $listops --models $listops_models --seeds 0 1  # every run reused: no --report-only there
+  $gam bench $listops --models $listops_models --seeds 0 1 --report-only
 }
 case ${1:-run} in
   prepare) reuse_seed0 ;;

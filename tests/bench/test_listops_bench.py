@@ -79,6 +79,16 @@ def test_listops_bench_quick(out_dir, check, tmp_path, monkeypatch):
     # the same command again reuses the finished runs
     assert main(args) == 0
     assert {r["action"] for r in check.load_results(out_dir)["runs"]} == {"reused"}
+    # --report-only trains nothing: the finished seed is reported, the other listed as not run
+    seeds = args.index("--seeds") + 1
+    assert main(args[:seeds] + ["0", "1"] + args[seeds + 1:] + ["--report-only"]) == 0
+    runs = check.load_results(out_dir)["runs"]
+    assert [(r["seed"], r["status"], r["action"]) for r in runs] == [
+        (0, "ok", "reused"), (1, "not run", "skipped")]
+    assert not (out_dir / "runs" / "gam-seed1.json").exists()
+    assert "not run" in (out_dir / "results.md").read_text()
+    with pytest.raises(ValueError, match="contradict"):
+        main(args + ["--report-only", "--retrain"])
 
 
 def test_run_key_follows_the_model_config():

@@ -391,12 +391,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="wall-clock limit of one (model, seed) run; the run is recorded "
                              "as a timeout (default: none)")
-    add_rerun_options(parser, "OUT/runs", report_only=False)
+    add_rerun_options(parser, "OUT/runs")
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
+    if args.retrain and args.report_only:
+        raise ValueError("--retrain and --report-only contradict each other; give one")
     protocol_name, p = resolve_protocol(args)
     check_model_names(args.models)  # a typo fails now, not after an hour of other models
     command = command_line(args.command, args.argv)
@@ -454,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
             reason = common.model_available(model)
             if reason is not None:
                 row.update(status="unavailable", error=reason)
+            elif args.report_only:
+                row.update(status="not run", action="skipped")
             else:
                 payload = {"model": model, "seed": seed, "protocol": asdict(p),
                            "model_args": model_args, "data_seed": args.seed,
@@ -469,7 +473,8 @@ def run(args: argparse.Namespace) -> int:
                       f"rf {row['receptive_field']}, {row['tokens_per_s']:.0f} tokens/s, "
                       f"{row['wall_seconds']:.0f} s", flush=True)
             else:
-                print(f"  {model} seed {seed}: {row['status']}: {row.get('error')}", flush=True)
+                error = f": {row['error']}" if row.get("error") else ""
+                print(f"  {model} seed {seed}: {row['status']}{error}", flush=True)
             results["environment"] = finish_environment(env)
             write_listops_results(out, results)
     results["environment"] = finish_environment(env)

@@ -12,9 +12,11 @@
 # from docs/bench/recall-T64-*/recall-T256-mix):
 #   issue 24
 #   - recall as a rate, T 64 (4 / 8 pairs), 5 seeds x 3 lrs: the textbook reference,
-#     transformer, transformer-pp, gated-deltanet, gam-delta, mamba and gated-deltanet with
-#     gam-delta's heads (seed 0 of the new families copied from recall-T64-families):
-#     ~95 configurations, ~1 min each for the Transformers, 3-6 min for the delta rules: ~4 h;
+#     transformer, transformer-pp, gated-deltanet, gam-delta, mamba, gated-deltanet with
+#     gam-delta's heads, and the learned positions swapped (gam-delta without them,
+#     gated-deltanet with them: the one input part the two delta-rule families do not share)
+#     (seed 0 of the new families copied from recall-T64-families): ~125 configurations,
+#     ~1 min each for the Transformers, 3-6 min for the delta rules: ~5.5 h;
 #   - ListOps, cpu preset, seeds 0 and 1: transformer-pp, both gated-deltanet sizes and
 #     gam-delta (its chunked delta rule at head dim 16 is the slow one): ~2 h;
 #   - MQAR T 256 (16 / 32 pairs, the short case mixed in), lr 1e-3 / 3e-3, seed 0:
@@ -33,7 +35,7 @@ long="--seq-lens 256 --num-kv-pairs 16 32 --steps 6000 --tokens-per-step 4096 --
 listops="listops --preset cpu --threads 1 --device cpu --out runs/bench/listops-families"
 # gated-deltanet's heads at d 64 are 6 of d_k 8 (3/4 of d_model split 6 ways); the variant has
 # gam-delta's heads and state (4 heads of d_k 16 x d_v 16), so the two differ only in the rest
-rate_models="textbook-transformer transformer transformer-pp gated-deltanet gam-delta mamba gated-deltanet:delta_heads=4,delta_head_dim=16,expand_v=1"
+rate_models="textbook-transformer transformer transformer-pp gated-deltanet gam-delta mamba gated-deltanet:delta_heads=4,delta_head_dim=16,expand_v=1 gam-delta:pos_embedding=false gated-deltanet:pos_embedding=true"
 listops_models="transformer-pp gated-deltanet gated-deltanet-matched gam-delta rwkv7 s4d"
 
 reuse_seed0() {  # seed 0 of the new families at T 64 is part 1 of the rate: the same records

@@ -24,7 +24,7 @@
 #   issue 25
 #   - ListOps, seeds 0 and 1: rwkv7 and s4d: ~1 h;
 #   - MQAR T 256: rwkv7 and s4d: ~1.5 h.
-# In all about 8.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
+# In all about 12.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
 # (runs/bench/recall-T64-families). Cut: T 256 as a rate (3 seeds x 2 lrs for 6 families would
 # add ~10 core-hours); T 128.
 set -u

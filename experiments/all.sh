@@ -2,7 +2,7 @@
 # Every measurement still open, in the order the issues need them: issue 24's Table 1 seeds and
 # tasks, then issue 25's, then issue 26's long-context grid, as one job list on both cores
 # (experiments/lanes.sh: each job taken by the next free core, so no lane waits for the other
-# between the parts), then every part's combined report. About 11 + 12.5 + 13 core-hours for the
+# between the parts), then every part's combined report. About 11 + 13.5 + 13 core-hours for the
 # whole grids (the estimates at the top of each script; finished runs are reused, so what is left
 # costs less); resumable: rerun it after an interruption.
 #   nohup bash experiments/all.sh > runs/all.log 2>&1 &

@@ -15,8 +15,9 @@
 #     transformer, transformer-pp, gated-deltanet, gam-delta, mamba, gated-deltanet with
 #     gam-delta's heads, and the learned positions swapped (gam-delta without them,
 #     gated-deltanet with them: the one input part the two delta-rule families do not share)
-#     (seed 0 of the new families copied from recall-T64-families): ~125 configurations,
-#     ~1 min each for the Transformers, 3-6 min for the delta rules: ~5.5 h;
+#     and gam-delta without its memory bank (which of GAM's parts carries its rate)
+#     (seed 0 of the new families copied from recall-T64-families): ~140 configurations,
+#     ~1 min each for the Transformers, 3-6 min for the delta rules: ~6.5 h;
 #   - ListOps, cpu preset, seeds 0 and 1: transformer-pp, both gated-deltanet sizes and
 #     gam-delta (its chunked delta rule at head dim 16 is the slow one): ~2 h;
 #   - MQAR T 256 (16 / 32 pairs, the short case mixed in), lr 1e-3 / 3e-3, seed 0:
@@ -24,7 +25,7 @@
 #   issue 25
 #   - ListOps, seeds 0 and 1: rwkv7 and s4d: ~1 h;
 #   - MQAR T 256: rwkv7 and s4d: ~1.5 h.
-# In all about 12.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
+# In all about 13.5 core-hours. MQAR T 64 of the new families (seed 0, 3 lrs) is measured
 # (runs/bench/recall-T64-families). Cut: T 256 as a rate (3 seeds x 2 lrs for 6 families would
 # add ~10 core-hours); T 128.
 set -u
@@ -35,7 +36,7 @@ long="--seq-lens 256 --num-kv-pairs 16 32 --steps 6000 --tokens-per-step 4096 --
 listops="listops --preset cpu --threads 1 --device cpu --out runs/bench/listops-families"
 # gated-deltanet's heads at d 64 are 6 of d_k 8 (3/4 of d_model split 6 ways); the variant has
 # gam-delta's heads and state (4 heads of d_k 16 x d_v 16), so the two differ only in the rest
-rate_models="textbook-transformer transformer transformer-pp gated-deltanet gam-delta mamba gated-deltanet:delta_heads=4,delta_head_dim=16,expand_v=1 gam-delta:pos_embedding=false gated-deltanet:pos_embedding=true"
+rate_models="textbook-transformer transformer transformer-pp gated-deltanet gam-delta mamba gated-deltanet:delta_heads=4,delta_head_dim=16,expand_v=1 gam-delta:pos_embedding=false gam-delta-no-bank gated-deltanet:pos_embedding=true"
 listops_models="transformer-pp gated-deltanet gated-deltanet-matched gam-delta rwkv7 s4d"
 
 reuse_seed0() {  # seed 0 of the new families at T 64 is part 1 of the rate: the same records

@@ -67,6 +67,7 @@ def test_listops_bench_quick(out_dir, check, tmp_path, monkeypatch):
     assert "listops" in (out_dir / "results.md").read_text()
     assert res["settings"]["protocol"]["d_model"] == 16
     assert 0 < res["data"]["majority_test"] <= 1
+    assert res["data"]["cache"].startswith("listops-") and "/" not in res["data"]["cache"]
     assert len(res["runs"]) == 1
     for r in res["runs"]:
         assert r["status"] == "ok", r.get("error")

@@ -414,7 +414,8 @@ def run(args: argparse.Namespace) -> int:
           f"{gen['seconds']:.1f} s ({gen['path']})", flush=True)
     test_counts = np.bincount(splits["test"].labels, minlength=listops.NUM_CLASSES)
     valid_counts = np.bincount(splits["valid"].labels, minlength=listops.NUM_CLASSES)
-    data = {"cache": gen["path"], "generation_seconds": None if gen["cached"] else gen["seconds"],
+    cache_name = Path(gen["path"]).name  # its parameters and hash; the folder is the machine's
+    data = {"cache": cache_name, "generation_seconds": None if gen["cached"] else gen["seconds"],
             "sequences_per_s": None if gen["cached"] else n_gen / gen["seconds"],
             "label_counts_test": test_counts.tolist(),
             "label_counts_train": np.bincount(splits["train"].labels,

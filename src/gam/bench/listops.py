@@ -71,6 +71,7 @@ from gam.bench.tasks import (
     add_protocol_options,
     add_rerun_options,
     check_model_names,
+    check_rerun_options,
     family_overrides,
     progress_log,
     protocol_overrides,
@@ -397,8 +398,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
-    if args.retrain and args.report_only:
-        raise ValueError("--retrain and --report-only contradict each other; give one")
+    check_rerun_options(args)
     protocol_name, p = resolve_protocol(args)
     check_model_names(args.models)  # a typo fails now, not after an hour of other models
     command = command_line(args.command, args.argv)

@@ -122,6 +122,7 @@ from gam.bench.tasks import (
     add_protocol_options,
     add_rerun_options,
     check_distinct,
+    check_rerun_options,
     progress_log,
     protocol_overrides,
     resolve_preset,
@@ -278,8 +279,7 @@ def _print_row(row: dict[str, Any], show_seed: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     threads = common.setup_threads(args.threads)
-    if args.retrain and args.report_only:
-        raise ValueError("--retrain and --report-only contradict each other; give one")
+    check_rerun_options(args)
     p = resolve_protocol(args)
     seq_lens = sorted(set(args.seq_lens or (QUICK_SEQ_LENS if args.quick else DEFAULT_SEQ_LENS)))
     all_pairs = sorted(set(args.num_kv_pairs or (QUICK_PAIRS if args.quick else DEFAULT_PAIRS)))

@@ -106,6 +106,12 @@ def add_rerun_options(parser: argparse.ArgumentParser, records: str,
                                  f"train them)")
 
 
+def check_rerun_options(args: argparse.Namespace) -> None:
+    """A one-line ValueError when ``--retrain`` and ``--report-only`` are both given."""
+    if args.retrain and getattr(args, "report_only", False):
+        raise ValueError("--retrain and --report-only contradict each other; give one")
+
+
 def protocol_overrides(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The values of ``add_protocol_options``' options (None where not given)."""
     return {name: getattr(args, name, None) for name in names}

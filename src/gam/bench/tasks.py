@@ -92,23 +92,21 @@ def add_protocol_options(group: Any, protocol: type, helps: Mapping[str, str],
         group.add_argument(flag, dest=name, default=None, help=text, **extra)
 
 
-def add_rerun_options(parser: argparse.ArgumentParser, records: str,
-                      report_only: bool = True) -> None:
-    """``--retrain`` (and ``--report-only``) of a task whose finished configurations are
-    kept in ``records`` (e.g. OUT/configs)."""
+def add_rerun_options(parser: argparse.ArgumentParser, records: str) -> None:
+    """``--retrain`` and ``--report-only`` of a task whose finished configurations are kept
+    in ``records`` (e.g. OUT/configs); ``check_rerun_options`` refuses the two together."""
     parser.add_argument("--retrain", action="store_true",
                         help=f"train every configuration again instead of reusing the "
                              f"finished ones in {records} (default: reuse)")
-    if report_only:
-        parser.add_argument("--report-only", action="store_true",
-                            help=f"train nothing: report the finished configurations in "
-                                 f"{records} and list the others as 'not run' (default: "
-                                 f"train them)")
+    parser.add_argument("--report-only", action="store_true",
+                        help=f"train nothing: report the finished configurations in "
+                             f"{records} and list the others as 'not run' (default: "
+                             f"train them)")
 
 
 def check_rerun_options(args: argparse.Namespace) -> None:
     """A one-line ValueError when ``--retrain`` and ``--report-only`` are both given."""
-    if args.retrain and getattr(args, "report_only", False):
+    if args.retrain and args.report_only:
         raise ValueError("--retrain and --report-only contradict each other; give one")
 
 

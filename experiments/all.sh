@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every measurement still open, in the order the issues need them: issue 24's Table 1 seeds and
-# tasks, then issue 25's, then issue 26's long-context grid, as one job list on both cores
+# Every measurement still open, open issues first: issue 25's Table 1 seeds and tasks, then
+# issue 26's long-context grid, then the optional extras of issue 24 (resolved): the recall
+# rates without learned positions and without the bank, as one job list on both cores
 # (experiments/lanes.sh: each job taken by the next free core, so no lane waits for the other
 # between the parts), then every part's combined report. About 11 + 13.5 + 13 core-hours for the
 # whole grids (the estimates at the top of each script; finished runs are reused, so what is left
@@ -11,11 +12,11 @@
 set -u
 cd "$(dirname "$0")/.."  # the repository root
 jobs() {
-  bash experiments/controls.sh jobs 24
-  bash experiments/tasks.sh jobs 24
   bash experiments/controls.sh jobs 25
   bash experiments/tasks.sh jobs 25
   bash experiments/long.sh jobs
+  bash experiments/controls.sh jobs 24
+  bash experiments/tasks.sh jobs 24
 }
 report() {
   bash experiments/controls.sh report

@@ -12,6 +12,9 @@
 # evaluation (the runs' own validation, loss by position, 5 passkey prompts per (length,
 # depth) cell at 0.25/0.5/1/2 T, decode and timed steps). Families not registered when it
 # runs are left out (about 2 core-hours less per missing family).
+# Measured on the first runs (2026-12-05, docs/results.md "Long context"): 3-6x faster than the
+# estimate above (gam 8,400, transformer-pp 5,500, gam-delta 4,500-4,800 tokens/s), so about
+# 3-4 core-hours; and at this budget no model learns the passkey (the grid waits on that).
 # Cut to fit 10-15 core-hours: T 8192 (another ~12 core-hours alone, attention at 8,192 on
 # one core), d 256 (~2.5x the time), one seed only, 1.2M instead of ~5M tokens per run
 # (the models are far from converged: compare families at equal budget, not to the

@@ -3,11 +3,9 @@
 # issue 26's long-context grid, then the optional extras of issue 24 (resolved): the recall
 # rates without learned positions and without the bank, as one job list on both cores
 # (experiments/lanes.sh: each job taken by the next free core, so no lane waits for the other
-# between the parts), then every part's combined report. About 13.5 + 13 + 11 core-hours for the
-# whole grids in that order (the estimates at the top of each script; issue 26's grid measured
-# 3-4; finished runs are reused, so what is left costs less); resumable: rerun it after an
-# interruption. Issue 26's passkey protocol is on hold (docs/results.md "Long context"): do not
-# start this while its grid would run as it stands.
+# between the parts), then every part's combined report. About 13.5 + 7.5 + 11 core-hours for the
+# whole grids in that order (the estimates at the top of each script; finished runs are
+# reused, so what is left costs less); resumable: rerun it after an interruption.
 #   nohup bash experiments/all.sh > runs/all.log 2>&1 &
 # `bash experiments/all.sh jobs` prints the joined job list (runs nothing), `report` writes the
 # reports only.

@@ -72,34 +72,46 @@ def test_quick_run_two_families(env, check):
     res = check.load_results(out)
     check.assert_environment(res)
     rows = res["runs"]
-    assert [(r["family"], r["T"], r["status"], r["eval_status"]) for r in rows] == [
-        ("gam", 128, "ok", "ok"), ("s4d", 128, "ok", "ok")]
-    for r in rows:
+    assert [(r["family"], r["part"], r["T"], r["status"], r["eval_status"]) for r in rows] == [
+        ("gam", "lm", 128, "ok", "ok"), ("s4d", "lm", 128, "ok", "ok"),
+        ("gam", "passkey", 128, "ok", "ok"), ("s4d", "passkey", 128, "ok", "ok")]
+    lm, passkey = rows[:2], rows[2:]
+    for r in lm:
         assert sum(b["tokens"] for b in r["buckets"]) == r["position_tokens"]
         assert r["position_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
         assert r["decode_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
         assert r["peak_mem_mb"] is not None and r["params_total"] > 0
+        assert "passkey" not in r
+        config = json.loads((tmp_path / r["run_dir"] / "config.json").read_text())
+        assert config["data"]["passkey_mix"] == 0 and config["data"]["seq_len"] == 128
+    for r in passkey:
+        assert "buckets" not in r and r["steps"] == 4
         by_length = {c["length"]: c["status"] for c in r["passkey"]}
         assert by_length[128] == "ok"
+        config = json.loads((tmp_path / r["run_dir"] / "config.json").read_text())
+        assert config["data"]["passkey_mix"] == 0.9 and config["data"]["seq_len"] == 128
+        assert config["schedule"]["per_process_batch_size"] == 1
     # 2T: GAM has learned positions (none past T); S4D has none and is evaluated there
-    assert {c["status"] for c in rows[0]["passkey"] if c["length"] == 256} == {"n/a"}
-    assert {c["status"] for c in rows[1]["passkey"] if c["length"] == 256} == {"ok"}
+    assert {c["status"] for c in passkey[0]["passkey"] if c["length"] == 256} == {"n/a"}
+    assert {c["status"] for c in passkey[1]["passkey"] if c["length"] == 256} == {"ok"}
     check.assert_png(out / "positions-text-corpus.png")
-    config = json.loads((tmp_path / rows[0]["run_dir"] / "config.json").read_text())
-    assert config["data"]["passkey_mix"] == 0.25 and config["data"]["seq_len"] == 128
-    assert res["settings"]["passkey_mix"] == 0.25
+    assert res["settings"]["passkey"] == {"context": 128, "steps": 4, "mix": 0.9,
+                                          "dataset": f"text:{corpus}"}
     # the same command again reuses the runs and their evaluations; --report-only too
     assert bench_main(argv) == 0
     again = check.load_results(out)
     assert {(r["action"], r["eval_action"]) for r in again["runs"]} == {("reused", "reused")}
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
-    assert "Passkey retrieval accuracy" in text and "1-16" in text
+    assert "Passkey retrieval accuracy" in text and "5-16" in text
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--contexts", "1000"], "must divide --tokens-per-step"),
     (["--passkey-mix", "1.5"], "passkey_mix"),
+    (["--passkey-steps", "0"], "--passkey-steps must be positive"),
+    (["--passkey-samples", "0"], "--passkey-samples must be positive"),
+    (["--tokens-per-step", "0"], "--tokens-per-step must be positive"),
     (["--passkey-depths", "1.2"], "--passkey-depths"),
     (["--models", "gam", "gam"], "twice"),
 ])

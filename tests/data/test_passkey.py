@@ -3,12 +3,15 @@ answers are scored on their digits only, and the training mix is deterministic."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from gam.data import Corpus, TokenBlocks, train_tokenizer
 from gam.data.passkey import (
     KEY_SENTENCE,
+    QUESTION,
     PasskeyGenerator,
     PasskeyMixBlocks,
     digits_of,
@@ -60,6 +63,17 @@ def test_errors_for_bad_requests(generator):
         generator.sample(10, 0.5, "12345")
 
 
+def answered_keys(generator, ids):
+    """The (stated key, answered key) of every question in ``ids``: the key sentence's key
+    before it, and the digits after it."""
+    parts = generator.tokenizer.decode(list(ids)).replace(" ", "").split(
+        QUESTION.replace(" ", ""))
+    stated = [re.findall(r"passkeyis(\d+)\.", part) for part in parts[:-1]]
+    answers = [re.match(r"(\d+)\.", part) for part in parts[1:]]
+    return [(k[-1] if k else None, a.group(1) if a else None)
+            for k, a in zip(stated, answers, strict=True)]
+
+
 def test_training_mix_is_deterministic_and_ends_with_the_answer(generator):
     ids = np.arange(20_000) % 250
     blocks = TokenBlocks(ids, 128)
@@ -72,8 +86,25 @@ def test_training_mix_is_deterministic_and_ends_with_the_answer(generator):
     x2, _ = again[i]
     assert x.shape == y.shape == (128,) and x.equal(x2) and x[1:].equal(y[:-1])
     text = generator.tokenizer.decode(y.tolist())
-    assert text.replace(" ", "").endswith("passkeyis" + digits_of(text)[:5] + ".")
+    assert text.replace(" ", "").endswith("passkeyis" + digits_of(text)[-5:] + ".")
     kept = next(j for j in range(len(blocks)) if j not in mixed.replaced)
     assert mixed[kept][0].equal(blocks[kept][0])
     with pytest.raises(ValueError, match="passkey sample needs"):
         PasskeyMixBlocks(TokenBlocks(ids, 8), 8, generator, 0.5, seed=0)
+
+
+def test_packed_window_holds_many_samples_each_answered_with_its_own_key(generator):
+    rng = np.random.default_rng(1)
+    counts = []
+    for n_tokens in [generator.min_window(), 300, 2000]:
+        for _ in range(5):
+            ids = generator.packed_window(n_tokens, rng)
+            assert len(ids) == n_tokens
+            pairs = answered_keys(generator, ids)
+            assert pairs and all(k is not None and k == a for k, a in pairs)
+            counts.append((n_tokens, len(pairs)))
+    # short samples dominate: a 2,000-token window holds many (a whole-block sample: one)
+    assert min(c for n, c in counts if n == 2000) >= 5
+    assert {c for n, c in counts if n == generator.min_window()} == {1}
+    with pytest.raises(ValueError, match="passkey sample needs"):
+        generator.packed_window(generator.min_window() - 1, rng)

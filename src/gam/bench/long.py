@@ -7,28 +7,38 @@ small size shared by all (protocol ``long``: preset cpu-small with d_model 128, 
 each corpus of ``--datasets`` (default austen, wikitext2, python-stdlib) at each context
 ``T`` of ``--contexts`` (default 1024 and 4096; the model's ``max_seq_len`` is set to T), with
 the same number of tokens per optimizer step (``--tokens-per-step``: the batch is that / T) and
-the same number of steps, so every configuration sees the same token budget. A share
-``--passkey-mix`` of the training blocks is replaced by passkey-retrieval samples
-(:mod:`gam.data.passkey`); validation is on the corpus alone.
+the same number of steps, so every configuration sees the same token budget, of the corpus
+alone.
 
-Each configuration is one training run (``OUT/runs/<dataset>/<family>-T<T>-seed<k>``, trained,
-resumed or reused as in ``gam bench compare``, locked against a second process), then one
-evaluation in a fresh worker process (``OUT/evals/<dataset>/<family>-T<T>-seed<k>.json``, kept
-and reused, locked likewise), which measures on the trained model:
+**Passkey retrieval** is a second kind of run, one per family (``--parts``: ``lm``,
+``passkey`` or both): the family trained at ``--passkey-context`` (default 4096) on
+``--passkey-dataset`` with a share ``--passkey-mix`` (default 0.9) of its blocks replaced by
+packed passkey samples (:mod:`gam.data.passkey`), for ``--passkey-steps`` steps of one block
+each -- the copy needs many samples and steps, which a language-modelling budget does not
+give a small model.
+
+Each configuration is one training run (``OUT/runs/<dataset>/<family>-T<T>-seed<k>``, or
+``<family>-passkey-T<T>-seed<k>``, trained, resumed or reused as in ``gam bench compare``, locked
+against a second process), then one evaluation in a fresh worker process
+(``OUT/evals/<dataset>/<label>-seed<k>.json``, kept and reused, locked likewise), which
+measures on a language-modelling run:
 
 - **loss by position**: the validation split cut into windows of T (as the run's own
   evaluation), the loss of each target summed by its position in the window, reported per
-  bucket of positions 1-16, 17-64, 65-256, 257-1,024, 1,025-4,096, 4,097-16,384 (a target at
+  bucket of positions 1-4, 5-16, 17-64, 65-256, 257-1,024, 1,025-4,096, 4,097-16,384 (a target at
   position p is predicted from p tokens); the buckets' token-weighted mean is the validation
   loss;
-- **passkey retrieval**: accuracy of greedy decoding by context length (``--passkey-lengths``
-  times T, beyond T only for a family without learned positions: the others have no position
-  past T) and by depth of the key (``--passkey-depths``), ``--passkey-samples`` prompts per
-  cell, scored on the digits only;
 - **speed and memory at T**: training tokens/s of the run itself (its whole training), the
   median time and the peak memory growth of ``--measure-steps`` training steps at (batch, T)
   (``gam.bench.throughput.time_steps``, ``MemoryMeter``), and the decode tokens/s of greedy
-  cached steps at the end of a context of T tokens.
+  cached steps at the end of a context of T tokens;
+
+and on a passkey run:
+
+- **passkey retrieval**: accuracy of greedy decoding by context length (``--passkey-lengths``
+  times T, beyond T only for a family without learned positions: the others have no position
+  past T) and by depth of the key (``--passkey-depths``), ``--passkey-samples`` prompts per
+  cell, scored on the digits only.
 
 Writes ``results.json`` (``runs``: one row per configuration with its evaluation), ``results.md``
 and ``positions-<dataset>.png`` (loss by position bucket, every family and T on one figure).
@@ -74,14 +84,20 @@ MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
 DEFAULT_DATASETS = ["austen", "wikitext2", "python-stdlib"]
 DEFAULT_CONTEXTS = [1024, 4096]
 QUICK_CONTEXTS = [128]
-POSITION_EDGES = (16, 64, 256, 1024, 4096, 16384, 65536)
+PARTS = ("lm", "passkey")
+PASSKEY_CONTEXT = 4096
+PASSKEY_STEPS = 1500
+PASSKEY_MIX = 0.9
+PASSKEY_DATASET = "wikitext2"
+POSITION_EDGES = (4, 16, 64, 256, 1024, 4096, 16384, 65536)  # 4, 16: around GAM's reach, 13
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-PASSKEY_LENGTHS = [0.25, 0.5, 1.0, 2.0]
+PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
-EVAL_FORMAT = 1  # bump when the evaluation changes, so that kept evaluations are redone
+EVAL_FORMAT = 2  # bump when the evaluation changes, so that kept evaluations are redone
 # not overridable here: the block length and batch come from --contexts and --tokens-per-step,
-# and validation runs at the end of each run only
-OVERRIDES = overridable_keys(exclude={"batch_size", "seq_len", "eval_every"})
+# validation runs at the end of each run only, and the passkey share is that of the passkey
+# runs (--passkey-mix; language-modelling runs train on their corpus alone)
+OVERRIDES = overridable_keys(exclude={"batch_size", "seq_len", "eval_every", "passkey_mix"})
 
 PROTOCOLS = {
     "long": Protocol(
@@ -89,21 +105,23 @@ PROTOCOLS = {
         "one small size for every family: preset cpu-small with d_model 128 (4 layers, 4 heads, "
         "256 slots), byte-level BPE of 10,000 tokens trained on the train split, AdamW lr 1e-3 "
         "(15 warm-up steps, cosine over the budget), bf16 autocast, 150 optimizer steps of "
-        "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192), 5% of "
-        "the training blocks replaced by passkey samples, validation on the whole valid split",
+        "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192) of the "
+        "corpus alone, validation on the whole valid split; passkey runs: the same with one "
+        "block of --passkey-context tokens per step, --passkey-steps steps and a share "
+        "--passkey-mix of the blocks packed with passkey samples",
         dict(model_preset="cpu-small", model_arg={"d_model": 128}, vocab_size=10000,
              tokenizer_kind="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
              lr=1e-3, warmup_steps=15, dtype="bf16", max_train_rows=None, max_val_rows=None,
              eval_every=None, log_every=10, save_every=25, gate_stat_batches=0,
-             passkey_mix=0.05)),
+             passkey_mix=0.0)),
     "quick": Protocol(
         "long-quick",
-        "smoke test: preset tiny, byte-level BPE of 512 tokens, 4 steps, 25% passkey blocks, "
-        "first 400 train / 40 validation rows (numbers mean nothing)",
+        "smoke test: preset tiny, byte-level BPE of 512 tokens, 4 steps, first 400 train / 40 "
+        "validation rows (numbers mean nothing)",
         dict(model_preset="tiny", vocab_size=512, tokenizer_kind="bytelevel",
              tokenizer_on_all_splits=False, epochs=1, max_steps=4, lr=3e-3, warmup_steps=1,
              dtype="fp32", max_train_rows=400, max_val_rows=40, eval_every=None, log_every=2,
-             save_every=2, gate_stat_batches=0, passkey_mix=0.25)),
+             save_every=2, gate_stat_batches=0, passkey_mix=0.0)),
 }
 
 
@@ -130,6 +148,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
                         help="tokens per optimizer step at every T; the batch is N / T (default "
                              "8192; quick 512)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="lm: the language-modelling runs of every corpus and T; passkey: "
+                             "the passkey runs (default both)")
+    g = parser.add_argument_group("passkey runs")
+    g.add_argument("--passkey-context", type=int, default=None, metavar="T",
+                   help=f"their context, one block per step (default {PASSKEY_CONTEXT}; "
+                        f"quick 128)")
+    g.add_argument("--passkey-steps", type=int, default=None, metavar="N",
+                   help=f"their optimizer steps (default {PASSKEY_STEPS}; quick 4)")
+    g.add_argument("--passkey-mix", type=float, default=PASSKEY_MIX, metavar="X",
+                   help=f"share of their blocks packed with passkey samples, the rest from "
+                        f"the corpus (default {PASSKEY_MIX})")
+    g.add_argument("--passkey-dataset", default=None, metavar="NAME",
+                   help=f"the corpus of the rest (default {PASSKEY_DATASET}; quick: the first "
+                        f"of --datasets)")
     g = parser.add_argument_group("protocol (identical for every configuration)")
     g.add_argument("--seeds", type=int, nargs="+", default=argparse.SUPPRESS, metavar="K",
                    help="seeds (init and data order) of every configuration (default: --seed)")
@@ -170,12 +203,23 @@ class Settings:
     contexts: list[int]
     tokens_per_step: int
     evaluation: dict[str, Any]
+    parts: list[str]
+    passkey: dict[str, Any]  # context, steps, mix, dataset of the passkey runs
 
     def protocol_at(self, seq_len: int) -> Protocol:
         """The protocol at context ``seq_len``: batch = tokens per step / T."""
         return Protocol(self.protocol.name, self.protocol.description,
                         {**self.protocol.settings, "seq_len": seq_len,
                          "batch_size": self.tokens_per_step // seq_len})
+
+    def passkey_protocol(self) -> Protocol:
+        """The passkey runs' protocol: one block of the passkey context per step, for the
+        steps asked however many epochs they take (a corpus of ~2.5M tokens has ~600 blocks
+        of 4,096: a replaced block's samples come back each epoch, their keys too)."""
+        p = self.passkey
+        return Protocol(f"{self.protocol.name}-passkey", self.protocol.description,
+                        {**self.protocol.settings, "seq_len": p["context"], "batch_size": 1,
+                         "epochs": 10**6, "max_steps": p["steps"], "passkey_mix": p["mix"]})
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -186,7 +230,18 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     families = list(args.models) if args.models else default_families()
     check_distinct(families)
     contexts = sorted(set(args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)))
-    tokens = args.tokens_per_step or (512 if args.quick else 8192)
+
+    def given(value: int | None, quick: int, default: int) -> int:
+        return value if value is not None else (quick if args.quick else default)
+
+    counts = {"--tokens-per-step": args.tokens_per_step, "--passkey-context":
+              args.passkey_context, "--passkey-steps": args.passkey_steps,
+              "--passkey-samples": args.passkey_samples, "--measure-steps": args.measure_steps,
+              "--decode-tokens": args.decode_tokens}
+    bad = {flag: v for flag, v in counts.items() if v is not None and v < 1}
+    if bad:
+        raise ValueError(", ".join(f"{flag} must be positive, got {v}" for flag, v in bad.items()))
+    tokens = given(args.tokens_per_step, 512, 8192)
     bad = [t for t in contexts if t < 1 or tokens % t]
     if bad:
         raise ValueError(f"--contexts {bad}: each T must divide --tokens-per-step {tokens} "
@@ -195,18 +250,25 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--passkey-depths must be in [0, 1], got {args.passkey_depths}")
     if any(x <= 0 for x in args.passkey_lengths):
         raise ValueError(f"--passkey-lengths must be positive, got {args.passkey_lengths}")
+    passkey = {"context": given(args.passkey_context, 128, PASSKEY_CONTEXT),
+               "steps": given(args.passkey_steps, 4, PASSKEY_STEPS),
+               "mix": args.passkey_mix,
+               "dataset": args.passkey_dataset or (args.datasets[0] if args.quick
+                                                   else PASSKEY_DATASET)}
     evaluation = {
         "format": EVAL_FORMAT, "edges": list(POSITION_EDGES),
         "passkey_lengths": sorted(set(args.passkey_lengths)),
         "passkey_depths": sorted(set(args.passkey_depths)),
-        "passkey_samples": args.passkey_samples or (2 if args.quick else 5),
+        "passkey_samples": given(args.passkey_samples, 2, 5),
         "generated_tokens": GENERATED_TOKENS,
-        "measure_steps": args.measure_steps or (1 if args.quick else 3),
-        "decode_tokens": args.decode_tokens or (4 if args.quick else 32),
+        "measure_steps": given(args.measure_steps, 1, 3),
+        "decode_tokens": given(args.decode_tokens, 4, 32),
     }
-    settings = Settings(protocol, families, contexts, tokens, evaluation)
-    for seq_len in contexts:  # a bad setting (e.g. --passkey-mix 2) fails here, not per run
+    settings = Settings(protocol, families, contexts, tokens, evaluation, list(args.parts),
+                        passkey)
+    for seq_len in contexts:  # a bad setting (e.g. --lr -1) fails here, not per run
         settings.protocol_at(seq_len).run_config("gam", "austen", 0, {}, None)
+    settings.passkey_protocol().run_config("gam", "austen", 0, {}, None)  # --passkey-mix 2
     return settings
 
 
@@ -333,6 +395,12 @@ def _worker(payload: dict[str, Any]) -> None:
     device = torch.device(payload["device"])
     run_dir, seq_len, evaluation = payload["run_dir"], payload["seq_len"], payload["evaluation"]
     model, tokenizer, config = load_run(run_dir, map_location=device)
+    if payload["part"] == "passkey":
+        t0 = time.perf_counter()
+        cells = passkey_accuracy(model, config["model"], tokenizer, seq_len, evaluation,
+                                 payload["seed"], device)
+        emit({"status": "ok", "passkey": cells, "passkey_s": time.perf_counter() - t0})
+        return
     ids = run_split_ids(run_dir, config, tokenizer, "valid", payload.get("data_dir"),
                         cache_dir=payload.get("cache_dir"))
     t0 = time.perf_counter()
@@ -343,10 +411,6 @@ def _worker(payload: dict[str, Any]) -> None:
         "buckets": position_buckets(positions["position_loss_sum"],
                                     positions["position_tokens"], evaluation["edges"]),
         "position_eval_s": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    record["passkey"] = passkey_accuracy(model, config["model"], tokenizer, seq_len,
-                                         evaluation, payload["seed"], device)
-    record["passkey_s"] = time.perf_counter() - t0
     model.eval()
     context = torch.from_numpy(np.resize(np.asarray(ids, dtype=np.int64),
                                          seq_len - evaluation["decode_tokens"] - 1))[None]
@@ -363,10 +427,12 @@ def eval_path(out: Path, spec: RunSpec) -> Path:
 
 def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, Any],
                            settings: Settings, seq_len: int) -> dict[str, Any]:
-    """The evaluation of a finished run: kept from an earlier call when made with the same
-    settings on the same run, else measured in a worker (``--report-only``: never)."""
+    """The evaluation of a finished run (its part: ``spec.extra["part"]``): kept from an
+    earlier call when made with the same settings on the same run, else measured in a worker
+    (``--report-only``: never)."""
     run_config = read_run_config(row["run_dir"])
-    key = {**settings.evaluation, "run_created": run_config.get("created"),
+    part = spec.extra["part"]
+    key = {**settings.evaluation, "part": part, "run_created": run_config.get("created"),
            "run_steps": row.get("steps")}
     config = Configuration(eval_path(bench.out, spec), key, nested=True, logged=False)
     kept = config.finished()
@@ -376,11 +442,12 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
         return {"eval_status": "not run", "eval_error": "no evaluation of this run yet "
                 "(--report-only evaluates nothing)"}
     payload = {"run_dir": row["run_dir"], "seq_len": seq_len, "evaluation": settings.evaluation,
-               "device": str(bench.device), "threads": bench.args.threads,
-               "batch_size": settings.tokens_per_step // seq_len,
+               "part": part, "device": str(bench.device), "threads": bench.args.threads,
+               "batch_size": max(1, settings.tokens_per_step // seq_len),
                "dtype": settings.protocol.dtype, "seed": spec.seed,
                "data_dir": bench.data_dirs.get(spec.dataset), "cache_dir": bench.cache_dir}
-    bench.log(f"[{spec.label} on {spec.dataset}] evaluating (positions, passkey, speed)")
+    bench.log(f"[{spec.label} on {spec.dataset}] evaluating "
+              f"({'passkey' if part == 'passkey' else 'positions, speed'})")
     result = config.run("gam.bench.long", payload, timeout=bench.args.max_seconds,
                         record=False)
     if result.pop("action") == "skipped":  # another process evaluates it
@@ -402,13 +469,21 @@ def run(args: argparse.Namespace) -> int:
         settings = resolve_settings(args)
         bench = tb.Benchmark(args, "long", settings.protocol)
         seeds = seeds_of(args)
+        pk = settings.passkey
         specs = [(RunSpec(dataset=d, model=f, seed=k, label=f"{f}-T{t}",
-                          overrides={"max_seq_len": t}, extra={"family": f, "T": t}), t)
+                          overrides={"max_seq_len": t}, extra={"family": f, "T": t, "part": "lm"}),
+                  settings.protocol_at(t))
                  for d in args.datasets for t in settings.contexts for k in seeds
-                 for f in settings.families]
+                 for f in settings.families if "lm" in settings.parts]
+        specs += [(RunSpec(dataset=pk["dataset"], model=f, seed=k,
+                           label=f"{f}-passkey-T{pk['context']}",
+                           overrides={"max_seq_len": pk["context"]},
+                           extra={"family": f, "T": pk["context"], "part": "passkey"}),
+                   settings.passkey_protocol())
+                  for k in seeds for f in settings.families if "passkey" in settings.parts]
         apply_model_args([s for s, _ in specs], args)
-        for t in settings.contexts:
-            check_models([s for s, st in specs if st == t], settings.protocol_at(t))
+        for protocol in {id(p): p for _, p in specs}.values():
+            check_models([s for s, p in specs if p is protocol], protocol)
     except ValueError as exc:
         print(f"gam bench long: error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -418,7 +493,7 @@ def run(args: argparse.Namespace) -> int:
     def results() -> dict[str, Any]:
         return {"protocol": settings.protocol.to_dict(), "seeds": seeds,
                 "settings": {"families": settings.families, "contexts": settings.contexts,
-                             "passkey_mix": settings.protocol.passkey_mix,
+                             "parts": settings.parts, "passkey": settings.passkey,
                              "tokens_per_step": settings.tokens_per_step,
                              "evaluation": settings.evaluation},
                 "datasets_requested": list(args.datasets), "datasets": bench.datasets,
@@ -431,10 +506,10 @@ def run(args: argparse.Namespace) -> int:
         write_results(out, res, build_markdown(res))
 
     eval_ok = True
-    for spec, seq_len in specs:
-        row = bench.run(spec, protocol=settings.protocol_at(seq_len))
+    for spec, protocol in specs:
+        row = bench.run(spec, protocol=protocol)
         if row.get("status") == "ok":
-            row.update(evaluate_configuration(bench, spec, row, settings, seq_len))
+            row.update(evaluate_configuration(bench, spec, row, settings, protocol.seq_len))
             eval_ok &= row.get("eval_status") == "ok" or (
                 bench.report_only and row.get("eval_status") == "not run")
         write()

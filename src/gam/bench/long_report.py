@@ -33,12 +33,13 @@ def pct(value: float | None) -> str:
 
 def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, Any]]
                      ) -> list[str]:
-    """The tables of one corpus: perplexity, speed and memory; loss by position; passkey."""
+    """The tables of one corpus's language-modelling runs: perplexity, speed and memory; loss
+    by position."""
     lines = []
     if info.get("source"):
         lines += [f"Data: {info['source']}; tokens train / valid: "
                   f"{info['tokens'].get('train', 0):,} / {info['tokens'].get('valid', 0):,}.", ""]
-    mine = [r for r in rows if r["dataset"] == dataset]
+    mine = [r for r in rows if r["dataset"] == dataset and r.get("part", "lm") == "lm"]
     table = [[r["family"], r["T"], tb.fmt_params(r.get("params_total")),
               tb.fmt_params(r.get("params_non_embedding")), fmt(r.get("steps")),
               fmt(r.get("train_tokens")), fmt(r.get("val_ppl"), 2),
@@ -60,7 +61,27 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
         lines += ["### Validation loss by position in the window (nats / token)", "",
                   markdown_table(["family", "T", *labels], table), "",
                   f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
-    cells = [r for r in mine if r.get("passkey")]
+    return lines
+
+
+def passkey_markdown(results: dict[str, Any]) -> list[str]:
+    """The passkey runs: how they trained, then accuracy by length and by depth."""
+    rows = [r for r in results["runs"] if r.get("part") == "passkey"]
+    if not rows:
+        return []
+    p = results["settings"]["passkey"]
+    lines = ["## Passkey retrieval", "",
+             f"Passkey runs: every family trained at T = {p['context']:,} on {p['dataset']}, "
+             f"one block per step for {p['steps']:,} steps, {100 * p['mix']:g}% of the blocks "
+             f"packed with passkey samples (lengths log-uniform, most of them short; "
+             f"gam.data.passkey), the rest from the corpus.", ""]
+    table = [[r["family"], r["T"], fmt(r.get("steps")), fmt(r.get("val_ppl"), 2),
+              fmt(r.get("tokens_per_s"), 0),
+              r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]
+             for r in rows]
+    lines += [markdown_table(["family", "T", "steps", "val ppl (corpus)", "train tok/s",
+                              "status"], table), ""]
+    cells = [r for r in rows if r.get("passkey")]
     if cells:
         lengths = sorted({c["length"] for r in cells for c in r["passkey"]})
         depths = sorted({c["depth"] for r in cells for c in r["passkey"]})
@@ -85,15 +106,15 @@ def build_markdown(results: dict[str, Any]) -> str:
     lines = ["# Long context (gam bench long)", "",
              f"Protocol `{results['protocol']['name']}`: {results['protocol']['description']}. "
              f"Contexts {s['contexts']}, {s['tokens_per_step']:,} tokens per step (batch = "
-             f"that / T), seeds {results['seeds']}; passkey mix {s['passkey_mix']:g} of the "
-             f"training blocks (filler: the repeated \"The grass is green. The sky is blue. "
-             f"...\"), {s['evaluation']['passkey_samples']} prompts per (length, depth) cell.",
-             ""]
+             f"that / T), seeds {results['seeds']}; passkey prompts: the repeated \"The grass "
+             f"is green. The sky is blue. ...\" with the key stated once, "
+             f"{s['evaluation']['passkey_samples']} prompts per (length, depth) cell.", ""]
     rows = list(results["runs"])
     for dataset in results["datasets_requested"]:
         info = results["datasets"].get(dataset, {})
         head, loaded = tb.dataset_heading(dataset, info)
         lines += head + (dataset_markdown(dataset, info, rows) if loaded else [])
+    lines += passkey_markdown(results)
     failed = [r for r in rows if r.get("status") != "ok" or r.get("eval_status") not in
               ("ok", None)]
     if failed:

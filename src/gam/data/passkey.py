@@ -23,9 +23,13 @@ characters, the first five of them, must be the key (spaces, punctuation or word
 do not matter).
 
 Training (:class:`PasskeyMixBlocks`): a fixed share of the training blocks is replaced by
-whole passkey samples (prompt + answer, exactly a block's ``T + 1`` tokens, at a uniformly
-random depth), chosen and drawn from ``(seed, block index)`` alone, so the data stream stays
-a pure function of the run's seed and a resumed run sees the same samples.
+passkey samples packed back to back (each prompt + answer, its key at a uniformly random
+depth), chosen and drawn from ``(seed, block index)`` alone, so the data stream stays a pure
+function of the run's seed and a resumed run sees the same samples. Most samples are short
+(:data:`SHORT_SHARE` of them at most :data:`SHORT_LIMIT` tokens), the rest reach up to the
+whole block, both log-uniform in length: the short ones put many copies in every optimizer
+step, which a small model needs to learn the copy at all (docs/results.md "Long context"),
+and the long ones teach the distance.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ KEY_SENTENCE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}."
 KEY_DIGITS = 5
+SHORT_SHARE = 0.9  # of the packed training samples, the share drawn at most SHORT_LIMIT long
+SHORT_LIMIT = 128  # tokens
 _MIX_STREAM = 0x9A55  # the seed stream that picks the replaced blocks
 
 
@@ -116,6 +122,28 @@ class PasskeyGenerator:
         sample = self.sample(n_tokens - self.answer_tokens(key), float(rng.random()), key)
         return sample.ids + sample.answer_ids
 
+    def min_window(self) -> int:
+        """The fewest tokens a training window (prompt + answer) may have, for every key."""
+        return self.overhead() + self.answer_tokens()
+
+    def packed_window(self, n_tokens: int, rng: np.random.Generator) -> list[int]:
+        """Training windows back to back, exactly ``n_tokens`` ids: each length drawn
+        log-uniformly between :meth:`min_window` and :data:`SHORT_LIMIT` (a share
+        :data:`SHORT_SHARE` of them) or the room left; the last window takes the rest."""
+        low = self.min_window()
+        if n_tokens < low:
+            raise ValueError(f"a passkey sample needs {low} tokens with this tokenizer, asked "
+                             f"for a window of {n_tokens}")
+        ids: list[int] = []
+        while len(ids) < n_tokens:
+            room = n_tokens - len(ids)
+            high = min(SHORT_LIMIT, room) if rng.random() < SHORT_SHARE else room
+            length = int(round(np.exp(rng.uniform(np.log(low), np.log(max(low, high))))))
+            if room - length < low:
+                length = room
+            ids += self.training_window(length, rng)
+        return ids
+
 
 def digits_of(text: str) -> str:
     return re.sub(r"[^0-9]", "", text)
@@ -130,15 +158,16 @@ def score_answer(generated_text: str, key: str) -> bool:
 class PasskeyMixBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Training blocks with a share ``fraction`` of them replaced by passkey samples.
 
-    ``round(fraction * len(blocks))`` block indices, drawn once from ``seed``, hold a passkey
-    window of ``block_size + 1`` tokens (input: the first ``block_size``, target: the last
-    ``block_size``) drawn from ``(seed, index)``; the others are ``blocks``' own."""
+    ``round(fraction * len(blocks))`` block indices, drawn once from ``seed``, hold passkey
+    samples packed into ``block_size + 1`` tokens (:meth:`PasskeyGenerator.packed_window`;
+    input: the first ``block_size``, target: the last ``block_size``) drawn from ``(seed,
+    index)``; the others are ``blocks``' own."""
 
     def __init__(self, blocks: Dataset, block_size: int, generator: PasskeyGenerator,
                  fraction: float, seed: int) -> None:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"passkey mix must be in [0, 1), got {fraction!r}")
-        need = generator.overhead() + generator.answer_tokens()
+        need = generator.min_window()
         if fraction and block_size + 1 < need:
             raise ValueError(f"a passkey sample needs {need} tokens with this tokenizer, more "
                              f"than a block of {block_size} + 1: use a longer --seq-len or "
@@ -161,6 +190,6 @@ class PasskeyMixBlocks(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if index not in self.replaced:
             return self.blocks[index]
         rng = np.random.default_rng([self.seed, _MIX_STREAM, index])
-        window = torch.tensor(self.generator.training_window(self.block_size + 1, rng),
+        window = torch.tensor(self.generator.packed_window(self.block_size + 1, rng),
                               dtype=torch.long)
         return window[:-1].clone(), window[1:].clone()

@@ -155,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--passkey-context", type=int, default=None, metavar="T",
                    help=f"their context, one block per step (default {PASSKEY_CONTEXT}; "
                         f"quick 128)")
+    g.add_argument("--passkey-batch", type=int, default=None, metavar="N",
+                   help="their blocks per optimizer step (default 1)")
     g.add_argument("--passkey-steps", type=int, default=None, metavar="N",
                    help=f"their optimizer steps (default {PASSKEY_STEPS}; quick 4)")
     g.add_argument("--passkey-mix", type=float, default=PASSKEY_MIX, metavar="X",
@@ -213,12 +215,13 @@ class Settings:
                          "batch_size": self.tokens_per_step // seq_len})
 
     def passkey_protocol(self) -> Protocol:
-        """The passkey runs' protocol: one block of the passkey context per step, for the
+        """The passkey runs' protocol: ``batch`` blocks of the passkey context per step, for the
         steps asked however many epochs they take (a corpus of ~2.5M tokens has ~600 blocks
         of 4,096: a replaced block's samples come back each epoch, their keys too)."""
         p = self.passkey
         return Protocol(f"{self.protocol.name}-passkey", self.protocol.description,
-                        {**self.protocol.settings, "seq_len": p["context"], "batch_size": 1,
+                        {**self.protocol.settings, "seq_len": p["context"],
+                         "batch_size": p["batch"],
                          "epochs": 10**6, "max_steps": p["steps"], "passkey_mix": p["mix"]})
 
 
@@ -236,6 +239,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
     counts = {"--tokens-per-step": args.tokens_per_step, "--passkey-context":
               args.passkey_context, "--passkey-steps": args.passkey_steps,
+              "--passkey-batch": args.passkey_batch,
               "--passkey-samples": args.passkey_samples, "--measure-steps": args.measure_steps,
               "--decode-tokens": args.decode_tokens}
     bad = {flag: v for flag, v in counts.items() if v is not None and v < 1}
@@ -252,6 +256,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--passkey-lengths must be positive, got {args.passkey_lengths}")
     passkey = {"context": given(args.passkey_context, 128, PASSKEY_CONTEXT),
                "steps": given(args.passkey_steps, 4, PASSKEY_STEPS),
+               "batch": given(args.passkey_batch, 1, 1),
                "mix": args.passkey_mix,
                "dataset": args.passkey_dataset or (args.datasets[0] if args.quick
                                                    else PASSKEY_DATASET)}

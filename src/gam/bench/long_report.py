@@ -72,8 +72,8 @@ def passkey_markdown(results: dict[str, Any]) -> list[str]:
     p = results["settings"]["passkey"]
     lines = ["## Passkey retrieval", "",
              f"Passkey runs: every family trained at T = {p['context']:,} on {p['dataset']}, "
-             f"one block per step for {p['steps']:,} steps, {100 * p['mix']:g}% of the blocks "
-             f"packed with passkey samples (lengths log-uniform, most of them short; "
+             f"{p['batch']} block(s) per step for {p['steps']:,} steps, {100 * p['mix']:g}% "
+             f"of the blocks packed with passkey samples (lengths log-uniform, most of them short; "
              f"gam.data.passkey), the rest from the corpus.", ""]
     table = [[r["family"], r["T"], fmt(r.get("steps")), fmt(r.get("val_ppl"), 2),
               fmt(r.get("tokens_per_s"), 0),

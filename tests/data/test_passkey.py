@@ -93,7 +93,7 @@ def test_training_mix_is_deterministic_and_ends_with_the_answer(generator):
         PasskeyMixBlocks(TokenBlocks(ids, 8), 8, generator, 0.5, seed=0)
 
 
-def test_packed_window_holds_many_samples_each_answered_with_its_own_key(generator):
+def test_packed_window_holds_many_samples_all_answered_with_the_windows_key(generator):
     rng = np.random.default_rng(1)
     counts = []
     for n_tokens in [generator.min_window(), 300, 2000]:
@@ -102,6 +102,7 @@ def test_packed_window_holds_many_samples_each_answered_with_its_own_key(generat
             assert len(ids) == n_tokens
             pairs = answered_keys(generator, ids)
             assert pairs and all(k is not None and k == a for k, a in pairs)
+            assert len({k for k, _ in pairs}) == 1  # one key per window
             counts.append((n_tokens, len(pairs)))
     # short samples dominate: a 2,000-token window holds many (a whole-block sample: one)
     assert min(c for n, c in counts if n == 2000) >= 5

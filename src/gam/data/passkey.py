@@ -29,7 +29,8 @@ function of the run's seed and a resumed run sees the same samples. Most samples
 (:data:`SHORT_SHARE` of them at most :data:`SHORT_LIMIT` tokens), the rest reach up to the
 whole block, both log-uniform in length: the short ones put many copies in every optimizer
 step, which a small model needs to learn the copy at all (docs/results.md "Long context"),
-and the long ones teach the distance.
+and the long ones teach the distance. The samples of one block share one key, so an earlier
+sample's key is never a wrong answer to copy.
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ class PasskeyGenerator:
     def random_key(self, rng: np.random.Generator) -> str:
         return str(int(rng.integers(10 ** (KEY_DIGITS - 1), 10 ** KEY_DIGITS)))
 
-    def training_window(self, n_tokens: int, rng: np.random.Generator) -> list[int]:
-        """Prompt + answer, exactly ``n_tokens`` ids, random key and depth."""
-        key = self.random_key(rng)
+    def training_window(self, n_tokens: int, rng: np.random.Generator,
+                        key: str | None = None) -> list[int]:
+        """Prompt + answer, exactly ``n_tokens`` ids, random depth and key (unless given)."""
+        key = key if key is not None else self.random_key(rng)
         sample = self.sample(n_tokens - self.answer_tokens(key), float(rng.random()), key)
         return sample.ids + sample.answer_ids
 
@@ -127,13 +129,16 @@ class PasskeyGenerator:
         return self.overhead() + self.answer_tokens()
 
     def packed_window(self, n_tokens: int, rng: np.random.Generator) -> list[int]:
-        """Training windows back to back, exactly ``n_tokens`` ids: each length drawn
-        log-uniformly between :meth:`min_window` and :data:`SHORT_LIMIT` (a share
-        :data:`SHORT_SHARE` of them) or the room left; the last window takes the rest."""
+        """Training windows back to back, exactly ``n_tokens`` ids, all with one random key:
+        each length drawn log-uniformly between :meth:`min_window` and :data:`SHORT_LIMIT` (a
+        share :data:`SHORT_SHARE` of them) or the room left; the last window takes the rest.
+        One key per window, so that an earlier sample's key is never a wrong answer to copy
+        (docs/results.md "Long context": with a key per sample no small model learned)."""
         low = self.min_window()
         if n_tokens < low:
             raise ValueError(f"a passkey sample needs {low} tokens with this tokenizer, asked "
                              f"for a window of {n_tokens}")
+        key = self.random_key(rng)
         ids: list[int] = []
         while len(ids) < n_tokens:
             room = n_tokens - len(ids)
@@ -141,7 +146,7 @@ class PasskeyGenerator:
             length = int(round(np.exp(rng.uniform(np.log(low), np.log(max(low, high))))))
             if room - length < low:
                 length = room
-            ids += self.training_window(length, rng)
+            ids += self.training_window(length, rng, key)
         return ids
 
 

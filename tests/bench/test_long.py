@@ -42,6 +42,23 @@ def test_loss_by_position_sums_back_to_the_mean_loss(one_torch_thread, n_tokens)
                                                                       rel=1e-12)
 
 
+def test_bucket_errors_are_across_windows(one_torch_thread):
+    torch.manual_seed(0)
+    model = build_model("gam", "tiny", max_seq_len=50).eval()
+    ids = np.random.default_rng(1).integers(0, 256, 321)  # 6 full windows and a part
+    by_pos = evaluate_by_position(model, ids, 50, batch_size=4, keep_blocks=True)
+    blocks = by_pos["block_losses"]
+    assert blocks.shape == (7, 50)
+    assert np.isnan(blocks).sum() == 7 * 50 - by_pos["tokens"]
+    np.testing.assert_allclose(np.nansum(blocks, 0), by_pos["position_loss_sum"], rtol=1e-12)
+    buckets = position_buckets(by_pos["position_loss_sum"], by_pos["position_tokens"], (20,),
+                               blocks)
+    assert [b["windows"] for b in buckets] == [7, 6]  # the part window ends at position 20
+    means = [np.nanmean(row[20:]) for row in blocks if not np.isnan(row[20:]).all()]
+    assert buckets[1]["se"] == pytest.approx(np.std(means, ddof=1) / np.sqrt(6), rel=1e-12)
+    assert position_buckets([1.0, 2.0], [1, 1], (1,), [[1.0, 2.0]])[0]["se"] is None
+
+
 def test_default_families_are_the_registered_main_ones():
     families = default_families()
     assert {"gam", "gam-delta", "transformer", "mamba", "s4d"} <= set(families)
@@ -78,6 +95,7 @@ def test_quick_run_two_families(env, check):
     lm, passkey = rows[:2], rows[2:]
     for r in lm:
         assert sum(b["tokens"] for b in r["buckets"]) == r["position_tokens"]
+        assert all(b["windows"] >= 1 and "se" in b for b in r["buckets"])
         assert r["position_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
         assert r["decode_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
         assert r["peak_mem_mb"] is not None and r["params_total"] > 0

@@ -93,7 +93,7 @@ POSITION_EDGES = (4, 16, 64, 256, 1024, 4096, 16384, 65536)  # 4, 16: around GAM
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
-EVAL_FORMAT = 2  # bump when the evaluation changes, so that kept evaluations are redone
+EVAL_FORMAT = 3  # bump when the evaluation changes, so that kept evaluations are redone
 # not overridable here: the block length and batch come from --contexts and --tokens-per-step,
 # validation runs at the end of each run only, and the passkey share is that of the passkey
 # runs (--passkey-mix; language-modelling runs train on their corpus alone)
@@ -279,11 +279,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 # ------------------------------------------------------------------------ position buckets
 def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[int]
-                     = POSITION_EDGES) -> list[dict[str, Any]]:
+                     = POSITION_EDGES, block_losses: Any = None) -> list[dict[str, Any]]:
     """Per-position loss sums and target counts (index i: targets predicted from i + 1 tokens)
     summed into the buckets 1..edges[0], edges[0]+1..edges[1], ... up to the window length:
     ``first``, ``last`` (1-based positions), ``loss_sum``, ``tokens`` and their mean
-    ``loss``."""
+    ``loss``. With ``block_losses`` (windows x positions, NaN for no target) also ``se``, the
+    standard error of the bucket's loss across windows (the spread of the windows' own
+    means in the bucket: neighbouring tokens are not independent, windows nearly are) and
+    ``windows``, how many had a target there."""
     loss_sum = np.asarray(loss_sum, dtype=np.float64)
     tokens = np.asarray(tokens, dtype=np.int64)
     out, first = [], 1
@@ -292,8 +295,16 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
         if last < first:
             break
         s, n = float(loss_sum[first - 1:last].sum()), int(tokens[first - 1:last].sum())
-        out.append({"first": first, "last": last, "loss_sum": s, "tokens": n,
-                    "loss": s / n if n else None})
+        bucket = {"first": first, "last": last, "loss_sum": s, "tokens": n,
+                  "loss": s / n if n else None}
+        if block_losses is not None:
+            part = np.asarray(block_losses, dtype=np.float64)[:, first - 1:last]
+            has = ~np.isnan(part).all(axis=1)
+            means = np.nanmean(part[has], axis=1) if has.any() else np.zeros(0)
+            bucket["windows"] = int(has.sum())
+            bucket["se"] = (float(means.std(ddof=1) / np.sqrt(len(means)))
+                            if len(means) > 1 else None)
+        out.append(bucket)
         first = last + 1
     return out
 
@@ -410,11 +421,12 @@ def _worker(payload: dict[str, Any]) -> None:
                         cache_dir=payload.get("cache_dir"))
     t0 = time.perf_counter()
     positions = evaluate_by_position(model, ids, seq_len, batch_size=payload["batch_size"],
-                                     dtype=payload["dtype"], device=device)
+                                     dtype=payload["dtype"], device=device, keep_blocks=True)
     record: dict[str, Any] = {
         "status": "ok", "position_loss": positions["loss"], "position_tokens": positions["tokens"],
         "buckets": position_buckets(positions["position_loss_sum"],
-                                    positions["position_tokens"], evaluation["edges"]),
+                                    positions["position_tokens"], evaluation["edges"],
+                                    positions["block_losses"]),
         "position_eval_s": time.perf_counter() - t0}
     model.eval()
     context = torch.from_numpy(np.resize(np.asarray(ids, dtype=np.int64),

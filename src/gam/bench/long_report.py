@@ -27,6 +27,14 @@ def passkey_summary(cells: list[dict[str, Any]], by: str) -> dict[Any, float | N
     return {k: (c / n if n else None) for k, (c, n) in out.items()}
 
 
+def bucket_cell(bucket: dict[str, Any] | None) -> str:
+    """``5.432 ± 0.031`` (the standard error where measured)."""
+    if bucket is None:
+        return "-"
+    se = bucket.get("se")
+    return fmt(bucket["loss"], 3) + (f" ± {se:.3f}" if se is not None else "")
+
+
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
@@ -56,9 +64,11 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
     if labels:
         table = []
         for r in mine:
-            by = {bucket_label(b): b["loss"] for b in r.get("buckets") or []}
-            table.append([r["family"], r["T"], *(fmt(by.get(x), 3) for x in labels)])
+            by = {bucket_label(b): b for b in r.get("buckets") or []}
+            table.append([r["family"], r["T"], *(bucket_cell(by.get(x)) for x in labels)])
         lines += ["### Validation loss by position in the window (nats / token)", "",
+                  "Mean loss of the targets at those positions of every window, ± its standard "
+                  "error across windows.", "",
                   markdown_table(["family", "T", *labels], table), "",
                   f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
     return lines

@@ -121,18 +121,22 @@ def token_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
 @torch.no_grad()
 def evaluate_by_position(model: torch.nn.Module, ids: np.ndarray | torch.Tensor, seq_len: int,
                          batch_size: int = 8, dtype: str = "fp32",
-                         device: torch.device | None = None) -> dict[str, Any]:
+                         device: torch.device | None = None,
+                         keep_blocks: bool = False) -> dict[str, Any]:
     """The evaluation of :func:`evaluate` (the same blocks of ``seq_len``, every token but the
     first a target once), kept per position in the block: ``position_loss_sum[i]`` and
     ``position_tokens[i]`` are the summed loss and the number of targets predicted from ``i + 1``
     tokens of context (float64 / int64 arrays of length ``seq_len``); ``loss`` is their
-    token-weighted mean, ``tokens`` the number of targets."""
+    token-weighted mean, ``tokens`` the number of targets. ``keep_blocks``: also
+    ``block_losses``, every block's loss per position (float64, (blocks, seq_len), NaN where
+    the last block has no target), for errors across blocks."""
     base = unwrap_model(model)
     if device is None:
         device = next(base.parameters()).device
     blocks = TokenBlocks(ids, seq_len, drop_last=False)
     sums = torch.zeros(seq_len, dtype=torch.float64)
     counts = torch.zeros(seq_len, dtype=torch.int64)
+    kept: list[torch.Tensor] = []
     was_training = base.training
     base.eval()
     try:
@@ -144,15 +148,19 @@ def evaluate_by_position(model: torch.nn.Module, ids: np.ndarray | torch.Tensor,
                 losses = token_losses(base, x, y.to(device))
             sums += losses.double().cpu().sum(0)
             counts += (y != IGNORE_INDEX).sum(0)
+            if keep_blocks:
+                kept.append(losses.double().cpu().masked_fill(y == IGNORE_INDEX, float("nan")))
     finally:
         base.train(was_training)
     total = int(counts.sum())
     if total == 0:
         raise ValueError(f"nothing to evaluate: the {len(ids)} token(s) give no target token")
     loss = float(sums.sum()) / total
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"),
-            "tokens": total, "position_loss_sum": sums.numpy(),
-            "position_tokens": counts.numpy()}
+    out = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else float("inf"),
+           "tokens": total, "position_loss_sum": sums.numpy(), "position_tokens": counts.numpy()}
+    if keep_blocks:
+        out["block_losses"] = torch.cat(kept).numpy()
+    return out
 
 
 def first_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int

@@ -122,6 +122,11 @@ def test_quick_run_two_families(env, check):
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
     assert "Passkey retrieval accuracy" in text and "5-16" in text
+    # a passkey setting changed: the passkey runs are re-evaluated, the others kept
+    assert bench_main([*argv, "--passkey-samples", "1"]) == 0
+    again = check.load_results(out)
+    assert [r["eval_action"] for r in again["runs"]] == ["reused", "reused", "evaluated",
+                                                          "evaluated"]
 
 
 @pytest.mark.parametrize("argv, message", [

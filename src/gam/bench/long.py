@@ -85,15 +85,18 @@ DEFAULT_DATASETS = ["austen", "wikitext2", "python-stdlib"]
 DEFAULT_CONTEXTS = [1024, 4096]
 QUICK_CONTEXTS = [128]
 PARTS = ("lm", "passkey")
-PASSKEY_CONTEXT = 4096
-PASSKEY_STEPS = 1500
+PASSKEY_CONTEXT = 1024
+PASSKEY_BATCH = 4
+PASSKEY_STEPS = 2000
 PASSKEY_MIX = 0.9
 PASSKEY_DATASET = "wikitext2"
 POSITION_EDGES = (4, 16, 64, 256, 1024, 4096, 16384, 65536)  # 4, 16: around GAM's reach, 13
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
-PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0]
+PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
 EVAL_FORMAT = 3  # bump when the evaluation changes, so that kept evaluations are redone
+# the evaluation settings of the passkey runs (the others are the language-modelling runs')
+PASSKEY_EVALUATION = {"passkey_lengths", "passkey_depths", "passkey_samples", "generated_tokens"}
 # not overridable here: the block length and batch come from --contexts and --tokens-per-step,
 # validation runs at the end of each run only, and the passkey share is that of the passkey
 # runs (--passkey-mix; language-modelling runs train on their corpus alone)
@@ -156,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"their context, one block per step (default {PASSKEY_CONTEXT}; "
                         f"quick 128)")
     g.add_argument("--passkey-batch", type=int, default=None, metavar="N",
-                   help="their blocks per optimizer step (default 1)")
+                   help=f"their blocks per optimizer step (default {PASSKEY_BATCH}; quick 1)")
     g.add_argument("--passkey-steps", type=int, default=None, metavar="N",
                    help=f"their optimizer steps (default {PASSKEY_STEPS}; quick 4)")
     g.add_argument("--passkey-mix", type=float, default=PASSKEY_MIX, metavar="X",
@@ -256,7 +259,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--passkey-lengths must be positive, got {args.passkey_lengths}")
     passkey = {"context": given(args.passkey_context, 128, PASSKEY_CONTEXT),
                "steps": given(args.passkey_steps, 4, PASSKEY_STEPS),
-               "batch": given(args.passkey_batch, 1, 1),
+               "batch": given(args.passkey_batch, 1, PASSKEY_BATCH),
                "mix": args.passkey_mix,
                "dataset": args.passkey_dataset or (args.datasets[0] if args.quick
                                                    else PASSKEY_DATASET)}
@@ -449,7 +452,10 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
     (``--report-only``: never)."""
     run_config = read_run_config(row["run_dir"])
     part = spec.extra["part"]
-    key = {**settings.evaluation, "part": part, "run_created": run_config.get("created"),
+    # an evaluation is redone when a setting of its own part changes, not the other's
+    mine = {k: v for k, v in settings.evaluation.items()
+            if k == "format" or (k in PASSKEY_EVALUATION) == (part == "passkey")}
+    key = {**mine, "part": part, "run_created": run_config.get("created"),
            "run_steps": row.get("steps")}
     config = Configuration(eval_path(bench.out, spec), key, nested=True, logged=False)
     kept = config.finished()

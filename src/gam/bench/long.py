@@ -11,11 +11,11 @@ the same number of steps, so every configuration sees the same token budget, of 
 alone.
 
 **Passkey retrieval** is a second kind of run, one per family (``--parts``: ``lm``,
-``passkey`` or both): the family trained at ``--passkey-context`` (default 4096) on
+``passkey`` or both): the family trained at ``--passkey-context`` (default 1024) on
 ``--passkey-dataset`` with a share ``--passkey-mix`` (default 0.9) of its blocks replaced by
-packed passkey samples (:mod:`gam.data.passkey`), for ``--passkey-steps`` steps of one block
-each -- the copy needs many samples and steps, which a language-modelling budget does not
-give a small model.
+packed passkey samples (:mod:`gam.data.passkey`), for ``--passkey-steps`` steps (default
+2,000) of ``--passkey-batch`` blocks (default 4) -- the copy needs many samples and steps,
+which a language-modelling budget does not give a small model.
 
 Each configuration is one training run (``OUT/runs/<dataset>/<family>-T<T>-seed<k>``, or
 ``<family>-passkey-T<T>-seed<k>``, trained, resumed or reused as in ``gam bench compare``, locked
@@ -219,8 +219,8 @@ class Settings:
 
     def passkey_protocol(self) -> Protocol:
         """The passkey runs' protocol: ``batch`` blocks of the passkey context per step, for the
-        steps asked however many epochs they take (a corpus of ~2.5M tokens has ~600 blocks
-        of 4,096: a replaced block's samples come back each epoch, their keys too)."""
+        steps asked however many epochs they take (a corpus of ~2.5M tokens has ~600 batches
+        of 4 x 1,024: a replaced block's samples come back each epoch, their key too)."""
         p = self.passkey
         return Protocol(f"{self.protocol.name}-passkey", self.protocol.description,
                         {**self.protocol.settings, "seq_len": p["context"],

@@ -109,9 +109,9 @@ PROTOCOLS = {
         "256 slots), byte-level BPE of 10,000 tokens trained on the train split, AdamW lr 1e-3 "
         "(15 warm-up steps, cosine over the budget), bf16 autocast, 150 optimizer steps of "
         "--tokens-per-step tokens at every T (1,228,800 tokens with the default 8,192) of the "
-        "corpus alone, validation on the whole valid split; passkey runs: the same with one "
-        "block of --passkey-context tokens per step, --passkey-steps steps and a share "
-        "--passkey-mix of the blocks packed with passkey samples",
+        "corpus alone, validation on the whole valid split; passkey runs: the same with "
+        "--passkey-batch blocks of --passkey-context tokens per step, --passkey-steps steps and "
+        "a share --passkey-mix of the blocks packed with passkey samples",
         dict(model_preset="cpu-small", model_arg={"d_model": 128}, vocab_size=10000,
              tokenizer_kind="bytelevel", tokenizer_on_all_splits=False, epochs=1, max_steps=150,
              lr=1e-3, warmup_steps=15, dtype="bf16", max_train_rows=None, max_val_rows=None,
@@ -156,8 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the passkey runs (default both)")
     g = parser.add_argument_group("passkey runs")
     g.add_argument("--passkey-context", type=int, default=None, metavar="T",
-                   help=f"their context, one block per step (default {PASSKEY_CONTEXT}; "
-                        f"quick 128)")
+                   help=f"their context (default {PASSKEY_CONTEXT}; quick 128)")
     g.add_argument("--passkey-batch", type=int, default=None, metavar="N",
                    help=f"their blocks per optimizer step (default {PASSKEY_BATCH}; quick 1)")
     g.add_argument("--passkey-steps", type=int, default=None, metavar="N",
@@ -209,7 +208,7 @@ class Settings:
     tokens_per_step: int
     evaluation: dict[str, Any]
     parts: list[str]
-    passkey: dict[str, Any]  # context, steps, mix, dataset of the passkey runs
+    passkey: dict[str, Any]  # context, steps, batch, mix, dataset of the passkey runs
 
     def protocol_at(self, seq_len: int) -> Protocol:
         """The protocol at context ``seq_len``: batch = tokens per step / T."""

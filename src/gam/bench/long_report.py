@@ -83,8 +83,9 @@ def passkey_markdown(results: dict[str, Any]) -> list[str]:
     lines = ["## Passkey retrieval", "",
              f"Passkey runs: every family trained at T = {p['context']:,} on {p['dataset']}, "
              f"{p['batch']} block(s) per step for {p['steps']:,} steps, {100 * p['mix']:g}% "
-             f"of the blocks packed with passkey samples (lengths log-uniform, most of them short; "
-             f"gam.data.passkey), the rest from the corpus.", ""]
+             f"of the blocks packed with passkey samples (one key per block, lengths "
+             f"log-uniform, most of them short; gam.data.passkey), the rest from the corpus.",
+             ""]
     table = [[r["family"], r["T"], fmt(r.get("steps")), fmt(r.get("val_ppl"), 2),
               fmt(r.get("tokens_per_s"), 0),
               r.get("status") if r.get("status") != "ok" else r.get("eval_status", "-")]

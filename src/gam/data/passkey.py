@@ -133,7 +133,7 @@ class PasskeyGenerator:
         each length drawn log-uniformly between :meth:`min_window` and :data:`SHORT_LIMIT` (a
         share :data:`SHORT_SHARE` of them) or the room left; the last window takes the rest.
         One key per window, so that an earlier sample's key is never a wrong answer to copy
-        (docs/results.md "Long context": with a key per sample no small model learned)."""
+        (docs/results.md "Long context")."""
         low = self.min_window()
         if n_tokens < low:
             raise ValueError(f"a passkey sample needs {low} tokens with this tokenizer, asked "

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gam.bench import main as bench_main
-from gam.bench.long import default_families, position_buckets
+from gam.bench.long import default_families
+from gam.bench.long_measure import position_buckets
 from gam.models import build_model
 from gam.training.evaluate import evaluate, evaluate_by_position
 

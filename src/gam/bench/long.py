@@ -48,7 +48,6 @@ and ``positions-<dataset>.png`` (loss by position bucket, every family and T on 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -60,24 +59,25 @@ import torch
 
 from gam.bench import training_bench as tb
 from gam.bench.environment import command_line, environment
+from gam.bench.long_measure import (
+    POSITION_EDGES,
+    decode_speed,
+    passkey_accuracy,
+    position_buckets,
+    training_speed,
+)
 from gam.bench.long_report import build_markdown, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
 from gam.bench.reports import write_results
 from gam.bench.runs import RunSpec, apply_model_args, check_models
 from gam.bench.tasks import Configuration, check_distinct
-from gam.bench.throughput import time_steps
 from gam.bench.workers import emit, worker_main
-from gam.data.passkey import PasskeyGenerator, score_answer
-from gam.models.registry import MODELS, config_class, model_from_config
-from gam.runtime import synchronize
+from gam.models.registry import MODELS
 from gam.training.argtypes import parse_model_arg
-from gam.training.config import TrainConfig
 from gam.training.evaluate import evaluate_by_position
-from gam.training.optim import build_optimizer
 from gam.training.options import add_override_arguments, overridable_keys
 from gam.training.run import load_run, run_split_ids
 from gam.training.rundir import dataset_slug, read_run_config
-from gam.training.step import train_step
 
 MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
                  "gated-deltanet", "rwkv7", "s4d")
@@ -90,7 +90,6 @@ PASSKEY_BATCH = 1
 PASSKEY_STEPS = 2000
 PASSKEY_MIX = 0.9
 PASSKEY_DATASET = "wikitext2"
-POSITION_EDGES = (4, 16, 64, 256, 1024, 4096, 16384, 65536)  # 4, 16: around GAM's reach, 13
 PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
@@ -153,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "8192; quick 512)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="lm: the language-modelling runs of every corpus and T; passkey: "
-                             "the passkey runs (default both)")
+                             "the passkey runs (default: lm passkey)")
     g = parser.add_argument_group("passkey runs")
     g.add_argument("--passkey-context", type=int, default=None, metavar="T",
                    help=f"their context (default {PASSKEY_CONTEXT}; quick 128)")
@@ -279,136 +278,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-# ------------------------------------------------------------------------ position buckets
-def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[int]
-                     = POSITION_EDGES, block_losses: Any = None) -> list[dict[str, Any]]:
-    """Per-position loss sums and target counts (index i: targets predicted from i + 1 tokens)
-    summed into the buckets 1..edges[0], edges[0]+1..edges[1], ... up to the window length:
-    ``first``, ``last`` (1-based positions), ``loss_sum``, ``tokens`` and their mean
-    ``loss``. With ``block_losses`` (windows x positions, NaN for no target) also ``se``, the
-    standard error of the bucket's loss across windows (the spread of the windows' own
-    means in the bucket: neighbouring tokens are not independent, windows nearly are) and
-    ``windows``, how many had a target there."""
-    loss_sum = np.asarray(loss_sum, dtype=np.float64)
-    tokens = np.asarray(tokens, dtype=np.int64)
-    out, first = [], 1
-    for edge in [*edges, len(loss_sum)]:
-        last = min(edge, len(loss_sum))
-        if last < first:
-            break
-        s, n = float(loss_sum[first - 1:last].sum()), int(tokens[first - 1:last].sum())
-        bucket = {"first": first, "last": last, "loss_sum": s, "tokens": n,
-                  "loss": s / n if n else None}
-        if block_losses is not None:
-            part = np.asarray(block_losses, dtype=np.float64)[:, first - 1:last]
-            has = ~np.isnan(part).all(axis=1)
-            means = np.nanmean(part[has], axis=1) if has.any() else np.zeros(0)
-            bucket["windows"] = int(has.sum())
-            bucket["se"] = (float(means.std(ddof=1) / np.sqrt(len(means)))
-                            if len(means) > 1 else None)
-        out.append(bucket)
-        first = last + 1
-    return out
-
-
 # ---------------------------------------------------------------------------------- worker
-def extended_model(model: torch.nn.Module, name: str, max_seq_len: int
-                   ) -> tuple[torch.nn.Module | None, str | None]:
-    """``model`` rebuilt with a longer ``max_seq_len`` and the same weights, or ``(None,
-    reason)`` when it has learned positions (none exist past its T) or its weights depend on
-    the length."""
-    if max_seq_len <= model.config.max_seq_len:
-        return model, None
-    if getattr(model, "pos_embedding", None) is not None:
-        return None, f"learned positions end at {model.config.max_seq_len}"
-    config = config_class(name).from_dict({**model.config.to_dict(),
-                                           "max_seq_len": max_seq_len})
-    longer = model_from_config(name, config)
-    try:
-        longer.load_state_dict(model.state_dict())
-    except RuntimeError as exc:
-        return None, f"weights depend on max_seq_len ({str(exc)[:120]})"
-    return longer.to(next(model.parameters()).device).eval(), None
-
-
-@torch.no_grad()
-def passkey_accuracy(model: torch.nn.Module, name: str, tokenizer: Any, seq_len: int,
-                     evaluation: dict[str, Any], seed: int, device: torch.device
-                     ) -> list[dict[str, Any]]:
-    """One record per (length, depth): ``correct`` of ``n`` greedy answers; ``status`` ok,
-    ``n/a`` (no positions past T) or ``too short`` (the key and question do not fit)."""
-    generator = PasskeyGenerator(tokenizer)
-    rng = np.random.default_rng([seed, 26])
-    n, new = evaluation["passkey_samples"], evaluation["generated_tokens"]
-    cells = []
-    for factor in evaluation["passkey_lengths"]:
-        length = int(round(factor * seq_len))
-        net, reason = extended_model(model, name, length)
-        for depth in evaluation["passkey_depths"]:
-            cell: dict[str, Any] = {"length": length, "factor": factor, "depth": depth,
-                                    "status": "ok"}
-            cells.append(cell)
-            prompt_len = length - new
-            if net is None:
-                cell.update(status="n/a", reason=reason)
-                continue
-            if prompt_len < generator.overhead():
-                cell.update(status="too short", reason=f"the key sentence and the question "
-                            f"take {generator.overhead()} tokens")
-                continue
-            keys = [generator.random_key(rng) for _ in range(n)]
-            prompts = [generator.sample(prompt_len, depth, key) for key in keys]
-            x = torch.tensor([p.ids for p in prompts], dtype=torch.long, device=device)
-            out = net.generate(x, new, temperature=0)[:, prompt_len:].tolist()
-            answers = [tokenizer.decode(row) for row in out]
-            correct = sum(score_answer(a, k) for a, k in zip(answers, keys, strict=True))
-            cell.update(correct=correct, n=n, accuracy=correct / n,
-                        key_positions=[p.key_position for p in prompts],
-                        example={"key": keys[0], "answer": answers[0]})
-    return cells
-
-
-@torch.no_grad()
-def decode_speed(model: torch.nn.Module, context: torch.Tensor, steps: int,
-                 device: torch.device) -> dict[str, Any]:
-    """Greedy cached decoding after ``context`` (1, T'): tokens/s over ``steps`` timed steps
-    (median step time; the prefill untimed)."""
-    logits, cache = model.prefill(context.to(device))
-    token = logits.argmax(-1)
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        logits, cache = model.step(token, cache)
-        token = logits.argmax(-1)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return {"decode_tokens_per_s": 1.0 / statistics.median(times),
-            "decode_context": int(context.shape[1]), "decode_steps": steps}
-
-
-def training_speed(model: torch.nn.Module, ids: np.ndarray, seq_len: int, batch: int,
-                   dtype: str, steps: int, device: torch.device) -> dict[str, Any]:
-    """Median tokens/s and peak memory growth of ``steps`` training steps (after one untimed)
-    at (batch, seq_len) on validation windows. It trains the model: run it last."""
-    need = batch * seq_len + 1
-    window = np.resize(np.asarray(ids, dtype=np.int64), need)  # repeated when the split is short
-    x = torch.from_numpy(window[:-1].reshape(batch, seq_len).copy()).to(device)
-    y = torch.from_numpy(window[1:].reshape(batch, seq_len).copy()).to(device)
-    config = TrainConfig(lr=1e-4)
-    optimizer = build_optimizer(model, config)
-    model.train()
-
-    def step() -> None:
-        train_step(model, optimizer, x, y, dtype=dtype, grad_clip=config.grad_clip)
-
-    _, step_s, _, meter = time_steps(step, device, {"warmup": 1, "steps": steps,
-                                                    "model": model.model_name})
-    return {"step_tokens_per_s": batch * seq_len / statistics.median(step_s),
-            "step_ms": statistics.median(step_s) * 1e3, "steps_timed": len(step_s),
-            "peak_mem_mb": meter.growth_bytes() / 2**20, "memory_method": meter.method}
-
-
 def _worker(payload: dict[str, Any]) -> None:
     device = torch.device(payload["device"])
     run_dir, seq_len, evaluation = payload["run_dir"], payload["seq_len"], payload["evaluation"]

@@ -33,7 +33,10 @@ def main() -> None:
     model, tokenizer, _ = load_run(args.run_dir)
     generator = PasskeyGenerator(tokenizer)
     rng = np.random.default_rng(0)
-    encode = generator._encode  # the pieces encode on their own, as in the samples
+
+    def encode(text: str) -> list[int]:  # each piece on its own, as the samples are built
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
     head = len(encode(KEY_SENTENCE.split("{key}")[0].rstrip()))  # " The pass key is"
     for depth in (0.1, 0.5, 0.9):
         rows = []

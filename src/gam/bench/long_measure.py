@@ -33,6 +33,7 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
     ``windows``, how many had a target there."""
     loss_sum = np.asarray(loss_sum, dtype=np.float64)
     tokens = np.asarray(tokens, dtype=np.int64)
+    blocks = None if block_losses is None else np.asarray(block_losses, dtype=np.float64)
     out, first = [], 1
     for edge in [*edges, len(loss_sum)]:
         last = min(edge, len(loss_sum))
@@ -41,8 +42,8 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
         s, n = float(loss_sum[first - 1:last].sum()), int(tokens[first - 1:last].sum())
         bucket = {"first": first, "last": last, "loss_sum": s, "tokens": n,
                   "loss": s / n if n else None}
-        if block_losses is not None:
-            part = np.asarray(block_losses, dtype=np.float64)[:, first - 1:last]
+        if blocks is not None:
+            part = blocks[:, first - 1:last]
             has = ~np.isnan(part).all(axis=1)
             means = np.nanmean(part[has], axis=1) if has.any() else np.zeros(0)
             bucket["windows"] = int(has.sum())

@@ -4,33 +4,34 @@
 # rwkv7, s4d), protocol `long` (d_model 128, 4 layers, bf16, lr 1e-3):
 # - lm: each family at T 1024 and 4096 on python-stdlib, WikiText-2 and Austen, 150 steps of
 #   8,192 tokens = 1,228,800 training tokens of the corpus alone per configuration (48 runs);
-# - passkey: each family at T 4096 on WikiText-2, 2,000 steps of one block (8,192,000 tokens),
-#   90% of the blocks packed with passkey samples, one key per block (8 runs), asked at 512 to
-#   8,192 tokens (docs/results.md "Long context" says why the language-modelling runs cannot
-#   teach the passkey at this size, and which budget did at T 1024); transformer-pp first: it
-#   learned the copy at T 1024, and must learn it here before the other runs mean anything.
+# - passkey: each family at T 1024 on WikiText-2, 2,000 steps of four blocks (8,192,000
+#   tokens), 90% of the blocks packed with passkey samples, one key per block (8 runs), asked at
+#   128 to 4,096 tokens (past T only for families without learned positions); the budget that
+#   taught transformer-pp the copy (docs/results.md "Long context" says why the
+#   language-modelling runs cannot teach the passkey at this size, and why not T 4096).
 #
 # Cost, from the speeds of the python-stdlib runs (2-core EPYC VM, one thread per run, one run
 # per core): lm ~1.4 core-hours per corpus, ~4.3 in all; passkey 8.2M tokens per run at the
-# families' T 4096 speeds (mamba 6,500, gam 6,400, rwkv7 4,700, gated-deltanet 4,100,
-# gam-delta 3,300, transformer-pp 2,900, transformer 2,300 tokens/s; s4d ~5,500 assumed),
-# ~4.6 core-hours; about 9 core-hours, 4.5 h on the two lanes (plus ~2.5 spent on the protocol
-# probes).
+# families' T 1024 speeds (gam 8,400, transformer 5,800, transformer-pp 5,500, gam-delta
+# 4,600 tokens/s, the others between), ~3.5 core-hours with the evaluations; about 8
+# core-hours, more than one 3-hour session on two cores: each finished configuration's row is
+# kept in docs/bench/long/records (`--records`, committed), which later sessions and machines
+# use instead of the run folders they do not have.
 # Cut to fit 10-15 core-hours: T 8192 (another ~12 core-hours alone, attention at 8,192 on one
 # core), d 256 (~2.5x the time), one seed only, 1.2M instead of ~5M tokens per language-model
 # run (the models are far from converged: compare families at equal budget, not to the
-# literature), passkey runs at T 4096 only (not at 1024 too) and on one corpus, 5 instead of
-# 10+ passkey prompts per cell.
+# literature), passkey runs at T 1024 only and on one corpus (T 4096 with the same keys per
+# step would cost 4x: ~14 core-hours), 5 instead of 10+ passkey prompts per cell.
 #
 # One job per (family, corpus) of the lm part and one per family of the passkey part, run by
-# experiments/lanes.sh on both cores, one thread each; resumable: finished runs and
+# experiments/lanes.sh on both cores, one thread each; resumable: records, finished runs and
 # evaluations are reused and unfinished runs resumed, so an interrupted session re-runs this
 # script. The combined report is written at the end (--report-only).
 # `bash experiments/long.sh jobs [lm|passkey]` prints the job list only (experiments/all.sh
 # joins the lists).
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-common="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out runs/bench/long"
+common="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out runs/bench/long --records docs/bench/long/records"
 datasets="python-stdlib wikitext2 austen"
 registered=$(${PYTHON:-.venv/bin/python} -c "from gam.bench.long import default_families; print(*default_families())")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 
 import numpy as np
@@ -116,18 +117,40 @@ def test_quick_run_two_families(env, check):
     check.assert_png(out / "positions-text-corpus.png")
     assert res["settings"]["passkey"] == {"context": 128, "steps": 4, "batch": 1, "mix": 0.9,
                                           "dataset": f"text:{corpus}"}
-    # the same command again reuses the runs and their evaluations; --report-only too
+    # the same command again uses each configuration's record; --report-only too
     assert bench_main(argv) == 0
     again = check.load_results(out)
-    assert {(r["action"], r["eval_action"]) for r in again["runs"]} == {("reused", "reused")}
+    assert {(r["action"], r["eval_action"]) for r in again["runs"]} == {
+        ("recorded", "recorded")}
+    assert [r["val_ppl"] for r in again["runs"]] == [r["val_ppl"] for r in rows]
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
     assert "Passkey retrieval accuracy" in text and "5-16" in text
-    # a passkey setting changed: the passkey runs are re-evaluated, the others kept
+    # a passkey setting changed: the passkey runs are reused and re-evaluated (their records
+    # no longer match), the others' records kept
     assert bench_main([*argv, "--passkey-samples", "1"]) == 0
     again = check.load_results(out)
-    assert [r["eval_action"] for r in again["runs"]] == ["reused", "reused", "evaluated",
-                                                          "evaluated"]
+    assert [(r["action"], r["eval_action"]) for r in again["runs"]] == [
+        ("recorded", "recorded"), ("recorded", "recorded"), ("reused", "evaluated"),
+        ("reused", "evaluated")]
+    # the records outlive the run folders (a grid finished across machines) ...
+    shutil.rmtree(out / "runs")
+    shutil.rmtree(out / "evals")
+    assert bench_main([*argv, "--passkey-samples", "1", "--report-only"]) == 0
+    again = check.load_results(out)
+    assert [(r["status"], r["eval_status"]) for r in again["runs"]] == [("ok", "ok")] * 4
+    assert again["runs"][2]["passkey"] != rows[2]["passkey"]  # the one-sample evaluation
+    # ... in a folder of their own, and only for the data they were measured on
+    moved = tmp_path / "kept-records"
+    (out / "records").rename(moved)
+    assert bench_main([*argv, "--passkey-samples", "1", "--report-only"]) == 0
+    assert {r["status"] for r in check.load_results(out)["runs"]} == {"not run"}
+    with_records = [*argv, "--passkey-samples", "1", "--report-only", "--records", str(moved)]
+    assert bench_main(with_records) == 0
+    assert {r["status"] for r in check.load_results(out)["runs"]} == {"ok"}
+    corpus.write_text("the cat sat on the big red mat .\n" + corpus.read_text())
+    assert bench_main(with_records) == 0
+    assert {r["status"] for r in check.load_results(out)["runs"]} == {"not run"}
 
 
 @pytest.mark.parametrize("argv, message", [

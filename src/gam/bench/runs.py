@@ -144,7 +144,7 @@ def prepare_dataset(protocol: Protocol, dataset: str, data_dir: str | None,
 
 
 # ------------------------------------------------------------------------------- run dirs
-def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a RunConfig dict that must match for a run to be reused (not where the
     data lives)."""
     config = as_json(config)
@@ -282,7 +282,7 @@ def execute_run(spec: RunSpec, protocol: Protocol, out: Path, data_dir: str | No
         if state != "absent":
             record = read_run_config(run_dir)
             found = RunConfig.from_dict(record).to_dict()
-            diff = (_differences(_comparable(requested.to_dict()), _comparable(found))
+            diff = (_differences(comparable_config(requested.to_dict()), comparable_config(found))
                     or model_differences(requested, record))
             if diff:
                 raise ValueError(f"{run_dir} already holds a run with another configuration "

@@ -15,7 +15,7 @@ import torch
 
 from gam.bench import main as bench_main
 from gam.bench.long import default_families
-from gam.bench.long_measure import position_buckets
+from gam.bench.long_measure import context_used, position_buckets
 from gam.models import build_model
 from gam.training.evaluate import evaluate, evaluate_by_position
 
@@ -59,6 +59,31 @@ def test_bucket_errors_are_across_windows(one_torch_thread):
     means = [np.nanmean(row[20:]) for row in blocks if not np.isnan(row[20:]).all()]
     assert buckets[1]["se"] == pytest.approx(np.std(means, ddof=1) / np.sqrt(6), rel=1e-12)
     assert position_buckets([1.0, 2.0], [1, 1], (1,), [[1.0, 2.0]])[0]["se"] is None
+    # the drop is paired within the windows that have both buckets (not the part window)
+    first = [np.nanmean(row[:20]) for row in blocks]
+    diffs = [a - m for a, m in zip(first[:6], means, strict=True)]
+    assert "drop" not in buckets[0]
+    assert buckets[1]["drop"] == pytest.approx(np.mean(diffs), rel=1e-12)
+    assert buckets[1]["drop_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(6),
+                                                  rel=1e-12)
+
+
+def test_context_used_is_the_farthest_bucket_that_still_helps():
+    # windows x positions: loss falls from bucket 1 (positions 1-2) to 2 (3-4) in every
+    # window, not from 2 to 3 (5-8) on average, then falls again from 3 to 4 (9-16)
+    rng = np.random.default_rng(0)
+    windows = 30
+    noise = rng.normal(0.0, 0.05, (windows, 16))
+    level = np.concatenate([np.full(2, 5.0), np.full(2, 4.0), np.full(4, 4.0), np.full(8, 3.5)])
+    blocks = level + noise
+    buckets = position_buckets(blocks.sum(0), np.full(16, windows), (2, 4, 8), blocks)
+    assert [round(b["drop"], 1) for b in buckets[1:]] == [1.0, 0.0, 0.5]
+    assert context_used(buckets) == 16
+    assert context_used(buckets[:3]) == 4  # up to 8: the last drop is noise
+    flat = 4.0 + noise
+    assert context_used(position_buckets(flat.sum(0), np.full(16, windows), (2, 4, 8),
+                                         flat)) == 2
+    assert context_used(position_buckets(flat.sum(0), np.full(16, windows), (2, 4, 8))) is None
 
 
 def test_default_families_are_the_registered_main_ones():
@@ -98,6 +123,7 @@ def test_quick_run_two_families(env, check):
     for r in lm:
         assert sum(b["tokens"] for b in r["buckets"]) == r["position_tokens"]
         assert all(b["windows"] >= 1 and "se" in b for b in r["buckets"])
+        assert all("drop_se" in b for b in r["buckets"][1:])
         assert r["position_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
         assert r["decode_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
         assert r["peak_mem_mb"] is not None and r["params_total"] > 0
@@ -125,7 +151,7 @@ def test_quick_run_two_families(env, check):
     assert [r["val_ppl"] for r in again["runs"]] == [r["val_ppl"] for r in rows]
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
-    assert "Passkey retrieval accuracy" in text and "5-16" in text
+    assert "Passkey retrieval accuracy" in text and "5-16" in text and "context used" in text
     # a passkey setting changed: the passkey runs are reused and re-evaluated (their records
     # no longer match), the others' records kept
     assert bench_main([*argv, "--passkey-samples", "1"]) == 0

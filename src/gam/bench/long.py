@@ -25,9 +25,11 @@ measures on a language-modelling run:
 
 - **loss by position**: the validation split cut into windows of T (as the run's own
   evaluation), the loss of each target summed by its position in the window, reported per
-  bucket of positions 1-4, 5-16, 17-64, 65-256, 257-1,024, 1,025-4,096, 4,097-16,384 (a target at
-  position p is predicted from p tokens); the buckets' token-weighted mean is the validation
-  loss;
+  bucket of positions 1-4, 5-16, 17-64, 65-256, 257-1,024, 1,025-4,096, 4,097-16,384 (a
+  target at position p is predicted from p tokens); the buckets' token-weighted mean is the
+  validation loss; with the standard error across windows, the drop from each bucket to the
+  next paired within windows, and the context used (the farthest bucket that still helps by
+  more than two standard errors: ``long_measure.context_used``);
 - **speed and memory at T**: training tokens/s of the run itself (its whole training), the
   median time and the peak memory growth of ``--measure-steps`` training steps at (batch, T)
   (``gam.bench.throughput.time_steps``, ``MemoryMeter``), and the decode tokens/s of greedy
@@ -94,6 +96,7 @@ PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
 EVAL_FORMAT = 3  # bump when the evaluation changes, so that kept evaluations are redone
+LM_EVAL_FORMAT = 2  # bump when only the language-modelling runs' evaluation changes
 # the evaluation settings of the passkey runs (the others are the language-modelling runs')
 PASSKEY_EVALUATION = {"passkey_lengths", "passkey_depths", "passkey_samples", "generated_tokens"}
 # not overridable here: the block length and batch come from --contexts and --tokens-per-step,
@@ -268,7 +271,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
                "dataset": args.passkey_dataset or (args.datasets[0] if args.quick
                                                    else PASSKEY_DATASET)}
     evaluation = {
-        "format": EVAL_FORMAT, "edges": list(POSITION_EDGES),
+        "format": EVAL_FORMAT, "lm_format": LM_EVAL_FORMAT, "edges": list(POSITION_EDGES),
         "passkey_lengths": sorted(set(args.passkey_lengths)),
         "passkey_depths": sorted(set(args.passkey_depths)),
         "passkey_samples": given(args.passkey_samples, 2, 5),

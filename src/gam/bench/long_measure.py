@@ -22,6 +22,25 @@ from gam.training.step import train_step
 POSITION_EDGES = (4, 16, 64, 256, 1024, 4096, 16384, 65536)  # 4, 16: around GAM's reach, 13
 
 
+def standard_error(values: np.ndarray) -> float | None:
+    """The standard error of the mean of ``values`` (None below two)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
+def context_used(buckets: list[dict[str, Any]], z: float = 2.0) -> int | None:
+    """The last position of the farthest bucket whose loss is below the bucket before it by
+    more than ``z`` standard errors of the paired drop (the first bucket's last position when
+    none is: no token beyond the first few helps measurably); None without the paired
+    drops."""
+    if not any("drop" in b for b in buckets):
+        return None
+    used = buckets[0]["last"] if buckets else None
+    for b in buckets[1:]:
+        if b.get("drop") is not None and b.get("drop_se") and b["drop"] > z * b["drop_se"]:
+            used = b["last"]
+    return used
+
+
 def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[int]
                      = POSITION_EDGES, block_losses: Any = None) -> list[dict[str, Any]]:
     """Per-position loss sums and target counts (index i: targets predicted from i + 1 tokens)
@@ -29,12 +48,15 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
     ``first``, ``last`` (1-based positions), ``loss_sum``, ``tokens`` and their mean
     ``loss``. With ``block_losses`` (windows x positions, NaN for no target) also ``se``, the
     standard error of the bucket's loss across windows (the spread of the windows' own
-    means in the bucket: neighbouring tokens are not independent, windows nearly are) and
-    ``windows``, how many had a target there."""
+    means in the bucket: neighbouring tokens are not independent, windows nearly are),
+    ``windows``, how many had a target there, and from the second bucket on ``drop`` and
+    ``drop_se``: how much lower the loss is here than in the bucket before, paired within each
+    window (the mean over windows of their own difference, and its standard error), which is
+    the test of whether the tokens further back still help."""
     loss_sum = np.asarray(loss_sum, dtype=np.float64)
     tokens = np.asarray(tokens, dtype=np.int64)
     blocks = None if block_losses is None else np.asarray(block_losses, dtype=np.float64)
-    out, first = [], 1
+    out, first, before = [], 1, None
     for edge in [*edges, len(loss_sum)]:
         last = min(edge, len(loss_sum))
         if last < first:
@@ -45,10 +67,17 @@ def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[i
         if blocks is not None:
             part = blocks[:, first - 1:last]
             has = ~np.isnan(part).all(axis=1)
-            means = np.nanmean(part[has], axis=1) if has.any() else np.zeros(0)
+            window_means = np.full(len(blocks), np.nan)
+            if has.any():
+                window_means[has] = np.nanmean(part[has], axis=1)
+            means = window_means[has]
             bucket["windows"] = int(has.sum())
-            bucket["se"] = (float(means.std(ddof=1) / np.sqrt(len(means)))
-                            if len(means) > 1 else None)
+            bucket["se"] = standard_error(means)
+            if before is not None:
+                diff = (before - window_means)[has & ~np.isnan(before)]
+                bucket["drop"] = float(diff.mean()) if len(diff) else None
+                bucket["drop_se"] = standard_error(diff)
+            before = window_means
         out.append(bucket)
         first = last + 1
     return out

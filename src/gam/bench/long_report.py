@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gam.bench import training_bench as tb
+from gam.bench.long_measure import context_used
 from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
 from gam.training.rundir import dataset_slug
 
@@ -33,6 +34,14 @@ def bucket_cell(bucket: dict[str, Any] | None) -> str:
         return "-"
     se = bucket.get("se")
     return fmt(bucket["loss"], 3) + (f" ± {se:.3f}" if se is not None else "")
+
+
+def drop_cell(bucket: dict[str, Any] | None) -> str:
+    """``0.123 ± 0.010``: the paired drop from the bucket before (``-`` where not measured)."""
+    if bucket is None or bucket.get("drop") is None:
+        return "-"
+    se = bucket.get("drop_se")
+    return f"{bucket['drop']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def pct(value: float | None) -> str:
@@ -62,14 +71,23 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
          "decode tok/s at T", "status"], table), ""]
     labels = list(dict.fromkeys(bucket_label(b) for r in mine for b in r.get("buckets") or []))
     if labels:
-        table = []
+        table, drops = [], []
         for r in mine:
             by = {bucket_label(b): b for b in r.get("buckets") or []}
-            table.append([r["family"], r["T"], *(bucket_cell(by.get(x)) for x in labels)])
+            used = context_used(r.get("buckets") or [])
+            table.append([r["family"], r["T"], *(bucket_cell(by.get(x)) for x in labels),
+                          fmt(used)])
+            drops.append([r["family"], r["T"], *(drop_cell(by.get(x)) for x in labels[1:])])
         lines += ["### Validation loss by position in the window (nats / token)", "",
                   "Mean loss of the targets at those positions of every window, ± its standard "
-                  "error across windows.", "",
-                  markdown_table(["family", "T", *labels], table), "",
+                  "error across windows. Context used: the last position of the farthest "
+                  "bucket whose loss is below the bucket before it by more than two standard "
+                  "errors of the paired drop (next table).", "",
+                  markdown_table(["family", "T", *labels, "context used"], table), "",
+                  "Drop of the loss from the bucket before (nats / token; within each window, "
+                  "then the mean over windows ± its standard error; positive: the tokens "
+                  "further back help).", "",
+                  markdown_table(["family", "T", *labels[1:]], drops), "",
                   f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
     return lines
 

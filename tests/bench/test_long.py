@@ -152,6 +152,8 @@ def test_quick_run_two_families(env, check):
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
     assert "Passkey retrieval accuracy" in text and "5-16" in text and "context used" in text
+    summary = text[text.index("## Summary"):text.index("## text:")]
+    assert "| gam | " in summary and "| s4d | " in summary and "at 512 |" in summary
     # a passkey setting changed: the passkey runs are reused and re-evaluated (their records
     # no longer match), the others' records kept
     assert bench_main([*argv, "--passkey-samples", "1"]) == 0

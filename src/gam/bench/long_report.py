@@ -130,6 +130,71 @@ def passkey_markdown(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def median_of(values: list[float | None]) -> float | None:
+    """The median of the values that were measured (None when none was)."""
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    mid = len(present) // 2
+    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+
+
+def summary_markdown(results: dict[str, Any]) -> list[str]:
+    """One row per family over the whole grid: perplexity and context used per corpus and T,
+    speeds per T (median over the corpora: they do not depend on the text), passkey
+    accuracy up to T and past it."""
+    rows = [r for r in results["runs"] if r.get("status") == "ok"]
+    lm = [r for r in rows if r.get("part", "lm") == "lm"]
+    if not lm:
+        return []
+    datasets = [d for d in results["datasets_requested"] if any(r["dataset"] == d for r in lm)]
+    contexts = sorted({r["T"] for r in lm})
+    families = list(dict.fromkeys(r["family"] for r in rows))
+
+    def cells(family: str, t: int, value: Any) -> str:
+        out = []
+        for d in datasets:
+            found = [r for r in lm if (r["family"], r["T"], r["dataset"]) == (family, t, d)]
+            out.append(value(found[0]) if found else "-")
+        return " / ".join(out)
+
+    passkey = {r["family"]: r for r in rows if r.get("part") == "passkey" and r.get("passkey")}
+    table = []
+    for f in families:
+        mine = [r for r in lm if r["family"] == f]
+        row = [f, tb.fmt_params(mine[0].get("params_total")) if mine else "-"]
+        row += [cells(f, t, lambda r: fmt(r.get("val_ppl"), 1)) for t in contexts]
+        row += [cells(f, t, lambda r: fmt(context_used(r.get("buckets") or []))) for t in contexts]
+        row += [" / ".join(fmt(median_of([r.get(key) for r in mine if r["T"] == t]), 0)
+                           for t in contexts)
+                for key in ("step_tokens_per_s", "decode_tokens_per_s")]
+        pk = passkey.get(f)
+        if pk is None:
+            row += ["-", "-"]
+        else:
+            within = [c for c in pk["passkey"]
+                      if c["length"] <= pk["T"] and c.get("status") == "ok"]
+            n = sum(c["n"] for c in within)
+            by_len = passkey_summary(pk["passkey"], "length")
+            past = max(by_len) if by_len else None
+            row += [pct(sum(c["correct"] for c in within) / n if n else None),
+                    f"{pct(by_len[past])} at {past:,}"
+                    if past and past > pk["T"] and by_len[past] is not None else "-"]
+        table.append(row)
+    names = " / ".join(datasets)
+    ts = " / ".join(f"{t:,}" for t in contexts)
+    return ["## Summary", "",
+            f"Per family: validation perplexity and context used ({names}) at each T; "
+            f"training tokens/s of timed steps and decode tokens/s at the end of a T-token "
+            f"context (T {ts}; median over the corpora); passkey accuracy over the prompts up "
+            f"to the passkey runs' T and at the longest length asked.", "",
+            markdown_table(["family", "params",
+                            *(f"val ppl T {t:,}" for t in contexts),
+                            *(f"context used T {t:,}" for t in contexts),
+                            "train tok/s", "decode tok/s", "passkey up to T",
+                            "passkey past T"], table), ""]
+
+
 def build_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = ["# Long context (gam bench long)", "",
@@ -139,6 +204,7 @@ def build_markdown(results: dict[str, Any]) -> str:
              f"is green. The sky is blue. ...\" with the key stated once, "
              f"{s['evaluation']['passkey_samples']} prompts per (length, depth) cell.", ""]
     rows = list(results["runs"])
+    lines += summary_markdown(results)
     for dataset in results["datasets_requested"]:
         info = results["datasets"].get(dataset, {})
         head, loaded = tb.dataset_heading(dataset, info)

@@ -3,6 +3,7 @@ and depth, speeds) and the loss-by-position figures."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,8 @@ def passkey_markdown(results: dict[str, Any]) -> list[str]:
 
 def median_of(values: list[float | None]) -> float | None:
     """The median of the values that were measured (None when none was)."""
-    present = sorted(v for v in values if v is not None)
-    if not present:
-        return None
-    mid = len(present) // 2
-    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def summary_markdown(results: dict[str, Any]) -> list[str]:

@@ -12,10 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
 from gam.bench import main as bench_main
-from gam.bench.long import default_families
+from gam.bench.long import default_families, unrecordable
 from gam.bench.long_measure import context_used, position_buckets
+from gam.data.tokenizer import tokenizer_hash
 from gam.models import build_model
 from gam.training.evaluate import evaluate, evaluate_by_position
 
@@ -161,6 +163,12 @@ def test_quick_run_two_families(env, check):
     assert [(r["action"], r["eval_action"]) for r in again["runs"]] == [
         ("recorded", "recorded"), ("recorded", "recorded"), ("reused", "evaluated"),
         ("reused", "evaluated")]
+    # each setting keeps its own record (none replaced): two per passkey run now
+    records = sorted(p.name for p in (out / "records").rglob("*.json"))
+    assert len(records) == 6 and sum(n.startswith("gam-passkey-T128-seed0-") for n in records) == 2
+    kept = json.loads(next((out / "records").rglob("s4d-T128-seed0-*.json")).read_text())
+    assert kept["result"]["run_dir"] == "runs/text-corpus/s4d-T128-seed0"  # relative to --out
+    assert kept["result"]["measured_on"]["threads"] == 1
     # the records outlive the run folders (a grid finished across machines) ...
     shutil.rmtree(out / "runs")
     shutil.rmtree(out / "evals")
@@ -168,7 +176,12 @@ def test_quick_run_two_families(env, check):
     again = check.load_results(out)
     assert [(r["status"], r["eval_status"]) for r in again["runs"]] == [("ok", "ok")] * 4
     assert again["runs"][2]["passkey"] != rows[2]["passkey"]  # the one-sample evaluation
-    # ... in a folder of their own, and only for the data they were measured on
+    assert "were measured on" in (out / "results.md").read_text()
+    # ... only under the settings they were made with ...
+    assert bench_main([*argv, "--lr", "0.01", "--report-only"]) == 0
+    assert {r["status"] for r in check.load_results(out)["runs"]} == {"not run"}
+    assert len(list((out / "records").rglob("*.json"))) == 6  # --report-only writes none
+    # ... in a folder of their own, and for the data they were measured on
     moved = tmp_path / "kept-records"
     (out / "records").rename(moved)
     assert bench_main([*argv, "--passkey-samples", "1", "--report-only"]) == 0
@@ -195,3 +208,20 @@ def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_made_on_other_data_is_not_recorded(tmp_path):
+    # a finished run folder is reused as it is, whatever today's corpus: its row is kept as a
+    # record only when it was made on today's data and tokenizer
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(
+        str(tmp_path / "tokenizer.json"))
+    today = {"fingerprints": {"train": "t", "valid": "v"},
+             "tokenizer_sha256": tokenizer_hash(Tokenizer.from_file(
+                 str(tmp_path / "tokenizer.json")))}
+    row = {"run_dir": str(tmp_path), "data_fingerprints": {"train": "t", "valid": "v",
+                                                            "test": "x"}}
+    assert unrecordable(row, today) is None
+    older = {**row, "data_fingerprints": {"train": "t0", "valid": "v", "test": "x"}}
+    assert "another version of the corpus" in unrecordable(older, today)
+    assert "tokenizer is not" in unrecordable(row, {**today, "tokenizer_sha256": "other"})
+    assert "cannot be read" in unrecordable({**row, "run_dir": str(tmp_path / "gone")}, today)

@@ -27,7 +27,11 @@ def standard_error(values: np.ndarray) -> float | None:
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 
 
-def context_used(buckets: list[dict[str, Any]], z: float = 2.0) -> int | None:
+# one-sided, 2.5 standard errors: about a 5% chance that noise alone passes one of six buckets
+CONTEXT_USED_Z = 2.5
+
+
+def context_used(buckets: list[dict[str, Any]], z: float = CONTEXT_USED_Z) -> int | None:
     """The last position of the farthest bucket whose loss is below the bucket before it by
     more than ``z`` standard errors of the paired drop (the first bucket's last position when
     none is: no token beyond the first few helps measurably); None without the paired
@@ -36,7 +40,8 @@ def context_used(buckets: list[dict[str, Any]], z: float = 2.0) -> int | None:
         return None
     used = buckets[0]["last"] if buckets else None
     for b in buckets[1:]:
-        if b.get("drop") is not None and b.get("drop_se") and b["drop"] > z * b["drop_se"]:
+        drop, se = b.get("drop"), b.get("drop_se")
+        if drop is not None and se is not None and drop > z * se:
             used = b["last"]
     return used
 

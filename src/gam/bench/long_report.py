@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gam.bench import training_bench as tb
-from gam.bench.long_measure import context_used
+from gam.bench.long_measure import CONTEXT_USED_Z, context_used
 from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
 from gam.training.rundir import dataset_slug
 
@@ -82,8 +82,8 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
         lines += ["### Validation loss by position in the window (nats / token)", "",
                   "Mean loss of the targets at those positions of every window, ± its standard "
                   "error across windows. Context used: the last position of the farthest "
-                  "bucket whose loss is below the bucket before it by more than two standard "
-                  "errors of the paired drop (next table).", "",
+                  f"bucket whose loss is below the bucket before it by more than "
+                  f"{CONTEXT_USED_Z:g} standard errors of the paired drop (next table).", "",
                   markdown_table(["family", "T", *labels, "context used"], table), "",
                   "Drop of the loss from the bucket before (nats / token; within each window, "
                   "then the mean over windows ± its standard error; positive: the tokens "
@@ -215,6 +215,12 @@ def build_markdown(results: dict[str, Any]) -> str:
             f"- {r['dataset']} / {r['model']}: {r.get('status')}"
             f"{' / evaluation ' + str(r.get('eval_status')) if r.get('status') == 'ok' else ''}"
             f": {(r.get('error') or r.get('eval_error') or '')[:300]}" for r in failed), ""]
+    machines = list(dict.fromkeys(
+        ", ".join(f"{k} {v}" for k, v in r["measured_on"].items() if v is not None)
+        for r in rows if r.get("measured_on")))
+    if machines:
+        lines += ["Configurations read from records were measured on (their speeds are those "
+                  "machines'):", "", *(f"- {m}" for m in machines), ""]
     lines += ["train tok/s (run): the run's own training throughput over all its steps; timed "
               "steps and peak MB: training steps at (batch, T) in the evaluation worker (peak "
               "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "

@@ -168,7 +168,7 @@ def test_quick_run_two_families(env, check):
     assert len(records) == 6 and sum(n.startswith("gam-passkey-T128-seed0-") for n in records) == 2
     kept = json.loads(next((out / "records").rglob("s4d-T128-seed0-*.json")).read_text())
     assert kept["result"]["run_dir"] == "runs/text-corpus/s4d-T128-seed0"  # relative to --out
-    assert kept["result"]["measured_on"]["threads"] == 1
+    assert kept["result"]["evaluated_on"]["threads"] == 1
     # the records outlive the run folders (a grid finished across machines) ...
     shutil.rmtree(out / "runs")
     shutil.rmtree(out / "evals")
@@ -176,7 +176,7 @@ def test_quick_run_two_families(env, check):
     again = check.load_results(out)
     assert [(r["status"], r["eval_status"]) for r in again["runs"]] == [("ok", "ok")] * 4
     assert again["runs"][2]["passkey"] != rows[2]["passkey"]  # the one-sample evaluation
-    assert "were measured on" in (out / "results.md").read_text()
+    assert "were evaluated on" in (out / "results.md").read_text()
     # ... only under the settings they were made with ...
     assert bench_main([*argv, "--lr", "0.01", "--report-only"]) == 0
     assert {r["status"] for r in check.load_results(out)["runs"]} == {"not run"}

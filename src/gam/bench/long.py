@@ -91,8 +91,8 @@ DEFAULT_DATASETS = ["austen", "wikitext2", "python-stdlib"]
 DEFAULT_CONTEXTS = [1024, 4096]
 QUICK_CONTEXTS = [128]
 PARTS = ("lm", "passkey")
-# what a record keeps of the machine that measured it (gam.bench.environment's fields)
-MACHINE_FIELDS = ("device", "gpu", "cpu_model", "threads", "torch", "python", "git_commit")
+# what a record keeps of the machine that evaluated it (gam.bench.environment's fields)
+MACHINE_FIELDS = ("device", "gpu", "cpu_model", "threads", "torch", "python")
 PASSKEY_CONTEXT = 1024  # the budget that taught transformer-pp the copy (docs/results.md)
 PASSKEY_BATCH = 4
 PASSKEY_STEPS = 2000
@@ -368,7 +368,7 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
 
 
 # -------------------------------------------------------------------------------- records
-RECORD_FORMAT = 2  # bump when a record's row changes meaning
+RECORD_FORMAT = 3  # bump when a record's row changes meaning
 
 
 def part_evaluation(settings: Settings, part: str) -> dict[str, Any]:
@@ -420,8 +420,9 @@ def unrecordable(row: dict[str, Any], info: dict[str, Any]) -> str | None:
 
 def save_record(bench: tb.Benchmark, record: Configuration, row: dict[str, Any],
                 out: Path) -> None:
-    """Keep ``row`` in ``record``, with the machine it was measured on (its speeds are that
-    machine's) and its run folder relative to ``--out`` (records are shared, paths are not)."""
+    """Keep ``row`` in ``record``, with the machine that evaluated it (the timed steps, decode
+    speed and memory are that machine's) and its run folder relative to ``--out`` (records are
+    shared, paths are not)."""
     why = unrecordable(row, bench.datasets[row["dataset"]])
     if why is not None:
         row["record_error"] = why
@@ -429,7 +430,7 @@ def save_record(bench: tb.Benchmark, record: Configuration, row: dict[str, Any],
         return
     env = environment(bench.device, bench.threads)
     kept = {**row, "run_dir": Path(row["run_dir"]).relative_to(out).as_posix(),
-            "measured_on": {k: env.get(k) for k in MACHINE_FIELDS}}
+            "evaluated_on": {k: env.get(k) for k in MACHINE_FIELDS}}
     record.save(kept)
 
 

@@ -216,11 +216,12 @@ def build_markdown(results: dict[str, Any]) -> str:
             f"{' / evaluation ' + str(r.get('eval_status')) if r.get('status') == 'ok' else ''}"
             f": {(r.get('error') or r.get('eval_error') or '')[:300]}" for r in failed), ""]
     machines = list(dict.fromkeys(
-        ", ".join(f"{k} {v}" for k, v in r["measured_on"].items() if v is not None)
-        for r in rows if r.get("measured_on")))
+        ", ".join(f"{k} {v}" for k, v in r["evaluated_on"].items() if v is not None)
+        for r in rows if r.get("evaluated_on")))
     if machines:
-        lines += ["Configurations read from records were measured on (their speeds are those "
-                  "machines'):", "", *(f"- {m}" for m in machines), ""]
+        lines += ["Configurations read from records were evaluated on (their timed steps, "
+                  "decode speed and memory are those machines'; the run's own tok/s, the "
+                  "machine that trained it):", "", *(f"- {m}" for m in machines), ""]
     lines += ["train tok/s (run): the run's own training throughput over all its steps; timed "
               "steps and peak MB: training steps at (batch, T) in the evaluation worker (peak "
               "memory growth over the model and optimizer: RSS on a CPU, allocated bytes on a "

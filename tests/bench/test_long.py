@@ -16,10 +16,16 @@ from tokenizers import Tokenizer, models
 
 from gam.bench import main as bench_main
 from gam.bench.long import default_families, unrecordable
-from gam.bench.long_measure import context_used, position_buckets
+from gam.bench.long_measure import (
+    context_gains,
+    context_used,
+    farthest_help,
+    position_buckets,
+    truncated_losses,
+)
 from gam.data.tokenizer import tokenizer_hash
 from gam.models import build_model
-from gam.training.evaluate import evaluate, evaluate_by_position
+from gam.training.evaluate import evaluate, evaluate_by_position, token_losses
 
 WORDS = "the cat dog sat ran on a mat tree house river big small red and then it was".split()
 
@@ -68,6 +74,39 @@ def test_bucket_errors_are_across_windows(one_torch_thread):
     assert buckets[1]["drop"] == pytest.approx(np.mean(diffs), rel=1e-12)
     assert buckets[1]["drop_se"] == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(6),
                                                   rel=1e-12)
+
+
+def test_truncated_losses_score_each_target_from_its_last_k_to_2k_tokens(one_torch_thread):
+    torch.manual_seed(0)
+    model = build_model("gam", "tiny", max_seq_len=64).eval()
+    ids = np.random.default_rng(2).integers(0, 256, 300)  # 4 full windows and a part
+    out = truncated_losses(model, ids, 64, keep=8, batch_size=5)
+    assert out.shape == (5, 64)
+    assert np.isnan(out[:, :16]).all() and not np.isnan(out[:4, 16:]).any()
+    assert np.isnan(out[4, 299 - 4 * 64:]).all() and not np.isnan(out[4, 16:299 - 4 * 64]).any()
+    for b, j in [(0, 16), (0, 23), (1, 24), (3, 63), (4, 20)]:
+        start = b * 64 + (j // 8 - 1) * 8  # the chunk that scores target j: j+1 - start tokens
+        x = torch.from_numpy(ids[start:b * 64 + j + 1])[None]
+        y = torch.from_numpy(ids[start + 1:b * 64 + j + 2])[None]
+        with torch.no_grad():
+            direct = token_losses(model, x, y)[0, -1].item()
+        assert out[b, j] == pytest.approx(direct, rel=1e-4, abs=1e-5)
+        assert 8 < x.shape[1] <= 16
+
+
+def test_context_gains_pair_the_same_targets():
+    rng = np.random.default_rng(0)
+    full = 4.0 + rng.normal(0.0, 1.0, (40, 32))  # targets differ a lot, pairs by little
+    truncated = {4: full + 0.3 + rng.normal(0.0, 0.05, full.shape),
+                 8: full + rng.normal(0.0, 0.05, full.shape)}
+    truncated[4][:, :8] = np.nan  # scored from 2k on only
+    truncated[8][:, :16] = np.nan
+    gains = context_gains(full, truncated)
+    assert [g["keep"] for g in gains] == [4, 8]
+    assert gains[0]["gain"] == pytest.approx(0.3, abs=0.02) and gains[0]["se"] < 0.01
+    assert abs(gains[1]["gain"]) < 0.02 and gains[1]["tokens"] == 40 * 16
+    assert farthest_help(gains) == 4
+    assert farthest_help(gains[1:]) == 0 and farthest_help([]) is None
 
 
 def test_context_used_is_the_farthest_bucket_that_still_helps():
@@ -126,6 +165,8 @@ def test_quick_run_two_families(env, check):
         assert sum(b["tokens"] for b in r["buckets"]) == r["position_tokens"]
         assert all(b["windows"] >= 1 and "se" in b for b in r["buckets"])
         assert all("drop_se" in b for b in r["buckets"][1:])
+        assert [g["keep"] for g in r["context_gains"]] == [16]  # 2k < T = 128
+        assert r["context_gains"][0]["tokens"] > 0
         assert r["position_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
         assert r["decode_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
         assert r["peak_mem_mb"] is not None and r["params_total"] > 0
@@ -154,6 +195,7 @@ def test_quick_run_two_families(env, check):
     assert bench_main([*argv, "--report-only"]) == 0
     text = (out / "results.md").read_text()
     assert "Passkey retrieval accuracy" in text and "5-16" in text and "context used" in text
+    assert "What the tokens further back are worth" in text and "farthest help" in text
     summary = text[text.index("## Summary"):text.index("## text:")]
     assert "| gam | " in summary and "| s4d | " in summary and "at 512 |" in summary
     # a passkey setting changed: the passkey runs are reused and re-evaluated (their records

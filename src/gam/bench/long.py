@@ -30,6 +30,11 @@ measures on a language-modelling run:
   validation loss; with the standard error across windows, the drop from each bucket to the
   next paired within windows, and the context used (the farthest bucket that still helps by
   more than 2.5 standard errors: ``long_measure.context_used``);
+- **context gains**: the same targets (those more than 2k tokens into their window) with
+  only their last k+1..2k tokens, for k in 16, 64, 256, 1,024 (2k < T): how much the loss
+  rises without the tokens further back, paired per target, ± its standard error across
+  windows -- the sharper test of whether a family uses tokens k back (the buckets compare
+  different tokens);
 - **speed and memory at T**: training tokens/s of the run itself (its whole training), the
   median time and the peak memory growth of ``--measure-steps`` training steps at (batch, T)
   (``gam.bench.throughput.time_steps``, ``MemoryMeter``), and the decode tokens/s of greedy
@@ -65,10 +70,12 @@ from gam.bench import training_bench as tb
 from gam.bench.environment import command_line, environment
 from gam.bench.long_measure import (
     POSITION_EDGES,
+    context_gains,
     decode_speed,
     passkey_accuracy,
     position_buckets,
     training_speed,
+    truncated_losses,
 )
 from gam.bench.long_report import build_markdown, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
@@ -102,7 +109,9 @@ PASSKEY_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_LENGTHS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0]
 GENERATED_TOKENS = 8  # greedy tokens after the question: the answer " 12345." and slack
 EVAL_FORMAT = 3  # bump when the evaluation changes, so that kept evaluations are redone
-LM_EVAL_FORMAT = 2  # bump when only the language-modelling runs' evaluation changes
+LM_EVAL_FORMAT = 3  # bump when only the language-modelling runs' evaluation changes
+# the contexts k the loss is also measured with (the last k+1..2k tokens only; long_measure)
+TRUNCATIONS = (16, 64, 256, 1024)
 # the evaluation settings of the passkey runs (the others are the language-modelling runs')
 PASSKEY_EVALUATION = {"passkey_lengths", "passkey_depths", "passkey_samples", "generated_tokens"}
 # not overridable here: the block length and batch come from --contexts and --tokens-per-step,
@@ -278,6 +287,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
                                                    else PASSKEY_DATASET)}
     evaluation = {
         "format": EVAL_FORMAT, "lm_format": LM_EVAL_FORMAT, "edges": list(POSITION_EDGES),
+        "truncations": list(TRUNCATIONS),
         "passkey_lengths": sorted(set(args.passkey_lengths)),
         "passkey_depths": sorted(set(args.passkey_depths)),
         "passkey_samples": given(args.passkey_samples, 2, 5),
@@ -315,6 +325,12 @@ def _worker(payload: dict[str, Any]) -> None:
                                     positions["position_tokens"], evaluation["edges"],
                                     positions["block_losses"]),
         "position_eval_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    truncated = {k: truncated_losses(model, ids, seq_len, k, payload["batch_size"],
+                                     payload["dtype"], device)
+                 for k in evaluation["truncations"] if 2 * k < seq_len}
+    record["context_gains"] = context_gains(positions["block_losses"], truncated)
+    record["truncation_eval_s"] = time.perf_counter() - t0
     model.eval()
     context = torch.from_numpy(np.resize(np.asarray(ids, dtype=np.int64),
                                          seq_len - evaluation["decode_tokens"] - 1))[None]

@@ -12,10 +12,12 @@ import numpy as np
 import torch
 
 from gam.bench.throughput import time_steps
+from gam.constants import IGNORE_INDEX
 from gam.data.passkey import PasskeyGenerator, score_answer
 from gam.models.registry import config_class, model_from_config
-from gam.runtime import synchronize
+from gam.runtime import autocast_context, synchronize
 from gam.training.config import TrainConfig
+from gam.training.evaluate import token_losses
 from gam.training.optim import build_optimizer
 from gam.training.step import train_step
 
@@ -44,6 +46,72 @@ def context_used(buckets: list[dict[str, Any]], z: float = CONTEXT_USED_Z) -> in
         if drop is not None and se is not None and drop > z * se:
             used = b["last"]
     return used
+
+
+@torch.no_grad()
+def truncated_losses(model: torch.nn.Module, ids: Any, seq_len: int, keep: int,
+                     batch_size: int = 8, dtype: str = "fp32",
+                     device: torch.device | None = None) -> np.ndarray:
+    """The loss of every target ``j >= 2 keep`` of each evaluation window (the windows of
+    ``evaluate_by_position``: window ``b`` predicts ``ids[b T + j + 1]`` from its ``j + 1``
+    tokens) predicted instead from only its last ``keep + 1`` to ``2 keep`` tokens: the
+    window cut into chunks of ``2 keep`` tokens every ``keep`` tokens, each scoring its second
+    half. (windows, T) float64, NaN for the targets not scored and past the end of ``ids``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    device = device or next(model.parameters()).device
+    windows = -(-max(len(ids) - 1, 0) // seq_len)
+    out = np.full((windows, seq_len), np.nan)
+    starts = [(b, m) for b in range(windows) for m in range(1, seq_len // keep - 1)]
+    was_training = model.training
+    model.eval()
+    try:
+        for at in range(0, len(starts), batch_size):
+            batch = starts[at:at + batch_size]
+            x = torch.zeros(len(batch), 2 * keep, dtype=torch.long)
+            y = torch.full((len(batch), 2 * keep), IGNORE_INDEX, dtype=torch.long)
+            for row, (b, m) in enumerate(batch):
+                s = b * seq_len + m * keep
+                chunk = torch.from_numpy(ids[s:s + 2 * keep + 1])
+                if len(chunk) > 1:  # a chunk past the end of the stream scores nothing
+                    x[row, :len(chunk) - 1] = chunk[:-1]
+                    y[row, :len(chunk) - 1] = chunk[1:]
+            with autocast_context(device, dtype):
+                losses = token_losses(model, x.to(device), y.to(device)).double().cpu()
+            losses = losses.masked_fill(y == IGNORE_INDEX, float("nan")).numpy()
+            for row, (b, m) in enumerate(batch):
+                out[b, (m + 1) * keep:(m + 2) * keep] = losses[row, keep:]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def context_gains(block_losses: Any, truncated: dict[int, Any]) -> list[dict[str, Any]]:
+    """Per kept context ``k`` (``truncated``: k -> :func:`truncated_losses`): how much higher
+    the loss of the same targets is with only their last k+1..2k tokens than with the whole
+    window before them (more than 2k tokens), ``gain`` (nats / token), its standard error
+    across windows ``se`` (each window's own mean difference: the targets of a window are
+    not independent), and the ``windows`` and ``tokens`` compared. A gain above noise: tokens
+    further back than about k still lower the loss."""
+    full = np.asarray(block_losses, dtype=np.float64)
+    out = []
+    for keep in sorted(truncated):
+        diff = np.asarray(truncated[keep], dtype=np.float64) - full
+        has = ~np.isnan(diff).all(axis=1)
+        means = np.array([np.nanmean(row) for row in diff[has]])
+        out.append({"keep": keep, "gain": float(means.mean()) if len(means) else None,
+                    "se": standard_error(means), "windows": int(has.sum()),
+                    "tokens": int((~np.isnan(diff)).sum())})
+    return out
+
+
+def farthest_help(gains: list[dict[str, Any]], z: float = CONTEXT_USED_Z) -> int | None:
+    """The largest kept context ``k`` whose gain exceeds ``z`` standard errors (tokens more
+    than about k back help), 0 when none does, None without gains."""
+    if not gains:
+        return None
+    helped = [g["keep"] for g in gains
+              if g["gain"] is not None and g["se"] is not None and g["gain"] > z * g["se"]]
+    return max(helped, default=0)
 
 
 def position_buckets(loss_sum: Any, tokens: Any, edges: tuple[int, ...] | list[int]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gam.bench import training_bench as tb
-from gam.bench.long_measure import CONTEXT_USED_Z, context_used
+from gam.bench.long_measure import CONTEXT_USED_Z, context_used, farthest_help
 from gam.bench.reports import environment_markdown, fmt, markdown_table, new_figure
 from gam.training.rundir import dataset_slug
 
@@ -43,6 +43,21 @@ def drop_cell(bucket: dict[str, Any] | None) -> str:
         return "-"
     se = bucket.get("drop_se")
     return f"{bucket['drop']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def gain_cell(gain: dict[str, Any] | None) -> str:
+    """``+0.012 ± 0.003``: a context gain (``-`` where not measured)."""
+    if gain is None or gain.get("gain") is None:
+        return "-"
+    se = gain.get("se")
+    return f"{gain['gain']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def help_cell(keep: int | None) -> str:
+    """The farthest help as a distance: ``> 64`` tokens back, ``none`` (not even 16)."""
+    if keep is None:
+        return "-"
+    return f"> {keep:,}" if keep else "none"
 
 
 def pct(value: float | None) -> str:
@@ -90,6 +105,21 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
                   "further back help).", "",
                   markdown_table(["family", "T", *labels[1:]], drops), "",
                   f"![loss by position](positions-{dataset_slug(dataset)}.png)", ""]
+    keeps = sorted({g["keep"] for r in mine for g in r.get("context_gains") or []})
+    if keeps:
+        table = []
+        for r in mine:
+            by_keep = {g["keep"]: g for g in r.get("context_gains") or []}
+            table.append([r["family"], r["T"], *(gain_cell(by_keep.get(k)) for k in keeps),
+                          help_cell(farthest_help(r.get("context_gains") or []))])
+        lines += ["### What the tokens further back are worth (nats / token)", "",
+                  "The loss of the same targets (those more than 2k tokens into their window) "
+                  "with only their last k+1 to 2k tokens, minus their loss with the whole "
+                  "window before them, ± its standard error across windows; positive: the "
+                  "tokens further back than about k help. Farthest help: the largest such k "
+                  f"above {CONTEXT_USED_Z:g} standard errors.", "",
+                  markdown_table(["family", "T", *(f"k {k:,}" for k in keeps),
+                                  "farthest help"], table), ""]
     return lines
 
 
@@ -162,7 +192,8 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
         mine = [r for r in lm if r["family"] == f]
         row = [f, tb.fmt_params(mine[0].get("params_total")) if mine else "-"]
         row += [cells(f, t, lambda r: fmt(r.get("val_ppl"), 1)) for t in contexts]
-        row += [cells(f, t, lambda r: fmt(context_used(r.get("buckets") or []))) for t in contexts]
+        row += [cells(f, t, lambda r: help_cell(farthest_help(r.get("context_gains") or [])))
+                for t in contexts]
         row += [" / ".join(fmt(median_of([r.get(key) for r in mine if r["T"] == t]), 0)
                            for t in contexts)
                 for key in ("step_tokens_per_s", "decode_tokens_per_s")]
@@ -182,13 +213,14 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
     names = " / ".join(datasets)
     ts = " / ".join(f"{t:,}" for t in contexts)
     return ["## Summary", "",
-            f"Per family: validation perplexity and context used ({names}) at each T; "
+            f"Per family: validation perplexity and the farthest help (the tokens how far back "
+            f"still lower the loss; next sections) ({names}) at each T; "
             f"training tokens/s of timed steps and decode tokens/s at the end of a T-token "
             f"context (T {ts}; median over the corpora); passkey accuracy over the prompts up "
             f"to the passkey runs' T and at the longest length asked.", "",
             markdown_table(["family", "params",
                             *(f"val ppl T {t:,}" for t in contexts),
-                            *(f"context used T {t:,}" for t in contexts),
+                            *(f"farthest help T {t:,}" for t in contexts),
                             "train tok/s", "decode tok/s", "passkey up to T",
                             "passkey past T"], table), ""]
 

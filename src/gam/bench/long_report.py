@@ -46,11 +46,12 @@ def drop_cell(bucket: dict[str, Any] | None) -> str:
 
 
 def gain_cell(gain: dict[str, Any] | None) -> str:
-    """``+0.012 ± 0.003``: a context gain (``-`` where not measured)."""
+    """``+0.0123 ± 0.0008``: a context gain (``-`` where not measured); four decimals, as the
+    gains past 64 tokens are tenths of a millinat with smaller errors."""
     if gain is None or gain.get("gain") is None:
         return "-"
     se = gain.get("se")
-    return f"{gain['gain']:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    return f"{gain['gain']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
 def help_cell(keep: int | None) -> str:
@@ -196,7 +197,7 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
                 for t in contexts]
         row += [" / ".join(fmt(median_of([r.get(key) for r in mine if r["T"] == t]), 0)
                            for t in contexts)
-                for key in ("step_tokens_per_s", "decode_tokens_per_s")]
+                for key in ("tokens_per_s", "decode_tokens_per_s")]
         pk = passkey.get(f)
         if pk is None:
             row += ["-", "-"]
@@ -213,11 +214,11 @@ def summary_markdown(results: dict[str, Any]) -> list[str]:
     names = " / ".join(datasets)
     ts = " / ".join(f"{t:,}" for t in contexts)
     return ["## Summary", "",
-            f"Per family: validation perplexity and the farthest help (the tokens how far back "
-            f"still lower the loss; next sections) ({names}) at each T; "
-            f"training tokens/s of timed steps and decode tokens/s at the end of a T-token "
-            f"context (T {ts}; median over the corpora); passkey accuracy over the prompts up "
-            f"to the passkey runs' T and at the longest length asked.", "",
+            f"Per family: validation perplexity and the farthest help (how far back tokens "
+            f"still lower the loss; sections below) on {names} at each T; training tokens/s of "
+            f"the runs themselves and decode tokens/s at the end of a T-token context (T {ts}; "
+            f"median over the corpora); passkey accuracy over the prompts up to the passkey "
+            f"runs' T and at the longest length asked.", "",
             markdown_table(["family", "params",
                             *(f"val ppl T {t:,}" for t in contexts),
                             *(f"farthest help T {t:,}" for t in contexts),

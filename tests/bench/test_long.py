@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, models
 
 from gam.bench import main as bench_main
-from gam.bench.long import default_families, unrecordable
+from gam.bench.long import default_families
 from gam.bench.long_measure import (
     context_gains,
     context_used,
@@ -23,6 +23,7 @@ from gam.bench.long_measure import (
     position_buckets,
     truncated_losses,
 )
+from gam.bench.long_records import unrecordable
 from gam.data.tokenizer import tokenizer_hash
 from gam.models import build_model
 from gam.training.evaluate import evaluate, evaluate_by_position, token_losses

@@ -55,7 +55,6 @@ and ``positions-<dataset>.png`` (loss by position bucket, every family and T on 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -64,7 +63,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from gam.bench import training_bench as tb
 from gam.bench.environment import command_line, environment
@@ -77,20 +75,19 @@ from gam.bench.long_measure import (
     training_speed,
     truncated_losses,
 )
+from gam.bench.long_records import record_of, save_record
 from gam.bench.long_report import build_markdown, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
 from gam.bench.reports import write_results
-from gam.bench.runs import RunSpec, apply_model_args, check_models, comparable_config
-from gam.bench.tasks import Configuration, check_distinct, key_text
+from gam.bench.runs import RunSpec, apply_model_args, check_models
+from gam.bench.tasks import Configuration, check_distinct
 from gam.bench.workers import emit, worker_main
-from gam.data.tokenizer import tokenizer_hash
-from gam.files import as_json
-from gam.models.registry import MODELS, model_config
+from gam.models.registry import MODELS
 from gam.training.argtypes import parse_model_arg
 from gam.training.evaluate import evaluate_by_position
 from gam.training.options import add_override_arguments, overridable_keys
 from gam.training.run import load_run, run_split_ids
-from gam.training.rundir import TOKENIZER_FILE, dataset_slug, read_run_config
+from gam.training.rundir import dataset_slug, read_run_config
 
 MAIN_FAMILIES = ("gam", "gam-delta", "transformer", "transformer-pp", "mamba",
                  "gated-deltanet", "rwkv7", "s4d")
@@ -98,8 +95,6 @@ DEFAULT_DATASETS = ["austen", "wikitext2", "python-stdlib"]
 DEFAULT_CONTEXTS = [1024, 4096]
 QUICK_CONTEXTS = [128]
 PARTS = ("lm", "passkey")
-# what a record keeps of the machine that evaluated it (gam.bench.environment's fields)
-MACHINE_FIELDS = ("device", "gpu", "cpu_model", "threads", "torch", "python")
 PASSKEY_CONTEXT = 1024  # the budget that taught transformer-pp the copy (docs/results.md)
 PASSKEY_BATCH = 4
 PASSKEY_STEPS = 2000
@@ -341,6 +336,13 @@ def _worker(payload: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------ evaluation
+def part_evaluation(settings: Settings, part: str) -> dict[str, Any]:
+    """The evaluation settings a configuration of ``part`` depends on (and the format): a
+    change to the other part's settings keeps its evaluation."""
+    return {k: v for k, v in settings.evaluation.items()
+            if k == "format" or (k in PASSKEY_EVALUATION) == (part == "passkey")}
+
+
 def eval_path(out: Path, spec: RunSpec) -> Path:
     return out / "evals" / dataset_slug(spec.dataset) / f"{spec.label}-seed{spec.seed}.json"
 
@@ -381,73 +383,6 @@ def evaluate_configuration(bench: tb.Benchmark, spec: RunSpec, row: dict[str, An
     else:
         result["eval_error"] = result.pop("error", None)
     return {**result, "eval_action": "evaluated"}
-
-
-# -------------------------------------------------------------------------------- records
-RECORD_FORMAT = 3  # bump when a record's row changes meaning
-
-
-def part_evaluation(settings: Settings, part: str) -> dict[str, Any]:
-    """The evaluation settings a configuration of ``part`` depends on (and the format): a
-    change to the other part's settings keeps its evaluation."""
-    return {k: v for k, v in settings.evaluation.items()
-            if k == "format" or (k in PASSKEY_EVALUATION) == (part == "passkey")}
-
-
-def record_of(bench: tb.Benchmark, records: Path, spec: RunSpec, protocol: Protocol,
-              settings: Settings) -> Configuration | None:
-    """The record of a configuration: its row, kept under a key of everything the row depends
-    on -- the run's configuration as training would build it, the model's whole configuration
-    (a family's changed default changes it), the data (tokenizer hash and corpus
-    fingerprints) and the evaluation settings of its part -- in a file named by the key's
-    hash, so that other settings never replace it. None when the corpus cannot be prepared
-    (the run reports that)."""
-    info = bench.datasets.get(spec.dataset) or bench.prepare(spec.dataset)
-    if info.get("status") != "ok":
-        return None
-    requested = protocol.run_config(spec.model, spec.dataset, spec.seed, spec.overrides, None)
-    model = model_config(requested.model, requested.model_preset, **requested.model_kwargs())
-    key = {"format": RECORD_FORMAT, "run_config": comparable_config(requested.to_dict()),
-           "model_config": as_json(model.to_dict()),
-           "data": {"tokenizer_sha256": info["tokenizer_sha256"],
-                    "fingerprints": info["fingerprints"]},
-           "evaluation": part_evaluation(settings, spec.extra["part"])}
-    digest = hashlib.sha256(key_text(key).encode()).hexdigest()[:12]
-    path = records / dataset_slug(spec.dataset) / f"{spec.label}-seed{spec.seed}-{digest}.json"
-    return Configuration(path, key, nested=True, logged=False)
-
-
-def unrecordable(row: dict[str, Any], info: dict[str, Any]) -> str | None:
-    """Why a finished row cannot be kept under today's data (None: it can): a run folder made
-    on another version of the corpus, or with another tokenizer, is reused as it is, but its
-    numbers are not those of today's key."""
-    made_on = row.get("data_fingerprints") or {}
-    if any(made_on.get(s) != f for s, f in info["fingerprints"].items()):
-        return "the run was trained on another version of the corpus"
-    tokenizer_file = Path(row["run_dir"]) / TOKENIZER_FILE
-    try:
-        made_with = tokenizer_hash(Tokenizer.from_file(str(tokenizer_file)))
-    except Exception as exc:  # noqa: BLE001 - any unreadable tokenizer: not recorded
-        return f"its tokenizer {tokenizer_file} cannot be read ({type(exc).__name__})"
-    if made_with != info["tokenizer_sha256"]:
-        return "the run's tokenizer is not the one its corpus gives today"
-    return None
-
-
-def save_record(bench: tb.Benchmark, record: Configuration, row: dict[str, Any],
-                out: Path) -> None:
-    """Keep ``row`` in ``record``, with the machine that evaluated it (the timed steps, decode
-    speed and memory are that machine's) and its run folder relative to ``--out`` (records are
-    shared, paths are not)."""
-    why = unrecordable(row, bench.datasets[row["dataset"]])
-    if why is not None:
-        row["record_error"] = why
-        bench.log(f"[{row['model']} seed {row['seed']} on {row['dataset']}] not recorded: {why}")
-        return
-    env = environment(bench.device, bench.threads)
-    kept = {**row, "run_dir": Path(row["run_dir"]).relative_to(out).as_posix(),
-            "evaluated_on": {k: env.get(k) for k in MACHINE_FIELDS}}
-    record.save(kept)
 
 
 # ------------------------------------------------------------------------------------ run
@@ -495,7 +430,8 @@ def run(args: argparse.Namespace) -> int:
     records = Path(args.records) if args.records else out / "records"
     eval_ok = True
     for spec, protocol in specs:
-        record = record_of(bench, records, spec, protocol, settings)
+        record = record_of(bench, records, spec, protocol,
+                           part_evaluation(settings, spec.extra["part"]))
         kept = record.finished() if record is not None else None
         if kept is not None:
             bench.rows.append({**kept, "action": "recorded", "eval_action": "recorded"})

@@ -108,6 +108,8 @@ def read_python_stdlib(max_train_rows: int | None = None, max_val_rows: int | No
     interpreter's library, :func:`stdlib_dir`) as ``(splits, source, files)``, what
     :func:`gam.data.load_corpus` makes its ``Corpus`` of: rows are files, cut to the first
     ``max_train_rows`` / ``max_val_rows`` of each split."""
+    # the interpreter's own library is named, not its path: reports made of it are shared
+    where = "the running interpreter's standard library" if root is None else str(root)
     root = Path(root) if root is not None else stdlib_dir()
     files = source_files(root)
     splits: dict[str, list[str]] = {"train": [], "valid": [], "test": []}
@@ -123,5 +125,5 @@ def read_python_stdlib(max_train_rows: int | None = None, max_val_rows: int | No
                 f"{stdlib_fingerprint(files)}")
     limits = "".join(f", first {n} {s} files" for s, n in
                      (("train", max_train_rows), ("valid/test", max_val_rows)) if n is not None)
-    return (splits, f"{root} ({identity}{limits})",
-            {s: f"{root} ({s} files by path hash; {identity})" for s in splits})
+    return (splits, f"{where} ({identity}{limits})",
+            {s: f"{where} ({s} files by path hash; {identity})" for s in splits})

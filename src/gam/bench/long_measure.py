@@ -91,7 +91,9 @@ def context_gains(block_losses: Any, truncated: dict[int, Any]) -> list[dict[str
     window before them (more than 2k tokens), ``gain`` (nats / token), its standard error
     across windows ``se`` (each window's own mean difference: the targets of a window are
     not independent), and the ``windows`` and ``tokens`` compared. A gain above noise: tokens
-    further back than about k still lower the loss."""
+    further back than about k still lower the loss. For a model with learned absolute
+    positions the truncated target also sits at an earlier position, so its gain mixes the
+    two; with relative positions or none it is the context alone."""
     full = np.asarray(block_losses, dtype=np.float64)
     out = []
     for keep in sorted(truncated):

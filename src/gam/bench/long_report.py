@@ -117,8 +117,9 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
                   "The loss of the same targets (those more than 2k tokens into their window) "
                   "with only their last k+1 to 2k tokens, minus their loss with the whole "
                   "window before them, ± its standard error across windows; positive: the "
-                  "tokens further back than about k help. Farthest help: the largest such k "
-                  f"above {CONTEXT_USED_Z:g} standard errors.", "",
+                  "tokens further back than about k help (with learned absolute positions the "
+                  "target also sits earlier in its chunk than in its window). Farthest help: "
+                  f"the largest such k above {CONTEXT_USED_Z:g} standard errors.", "",
                   markdown_table(["family", "T", *(f"k {k:,}" for k in keeps),
                                   "farthest help"], table), ""]
     return lines

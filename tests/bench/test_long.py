@@ -185,6 +185,7 @@ def test_quick_run_two_families(env, check):
     assert {c["status"] for c in passkey[0]["passkey"] if c["length"] == 256} == {"n/a"}
     assert {c["status"] for c in passkey[1]["passkey"] if c["length"] == 256} == {"ok"}
     check.assert_png(out / "positions-text-corpus.png")
+    check.assert_png(out / "gains-text-corpus.png")
     assert res["settings"]["passkey"] == {"context": 128, "steps": 4, "batch": 1, "mix": 0.9,
                                           "dataset": f"text:{corpus}"}
     # the same command again uses each configuration's record; --report-only too

@@ -76,7 +76,7 @@ from gam.bench.long_measure import (
     truncated_losses,
 )
 from gam.bench.long_records import record_of, save_record
-from gam.bench.long_report import build_markdown, plot_positions
+from gam.bench.long_report import build_markdown, plot_gains, plot_positions
 from gam.bench.protocols import Protocol, seeds_of
 from gam.bench.reports import write_results
 from gam.bench.runs import RunSpec, apply_model_args, check_models
@@ -449,8 +449,10 @@ def run(args: argparse.Namespace) -> int:
                 save_record(bench, record, row, out)
         write()
     res = results()
-    plots = [lambda o, d=d: plot_positions(bench.rows, d, o / f"positions-{dataset_slug(d)}.png")
-             for d in args.datasets]
+    plots = [lambda o, d=d, plot=plot, name=name: plot(bench.rows, d,
+                                                       o / f"{name}-{dataset_slug(d)}.png")
+             for d in args.datasets
+             for plot, name in ((plot_positions, "positions"), (plot_gains, "gains"))]
     code = bench.finish(out, res, plots, build_markdown)
     return code if eval_ok else 1
 

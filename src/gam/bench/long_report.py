@@ -121,7 +121,8 @@ def dataset_markdown(dataset: str, info: dict[str, Any], rows: list[dict[str, An
                   "target also sits earlier in its chunk than in its window). Farthest help: "
                   f"the largest such k above {CONTEXT_USED_Z:g} standard errors.", "",
                   markdown_table(["family", "T", *(f"k {k:,}" for k in keeps),
-                                  "farthest help"], table), ""]
+                                  "farthest help"], table), "",
+                  f"![context gains](gains-{dataset_slug(dataset)}.png)", ""]
     return lines
 
 
@@ -287,5 +288,33 @@ def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path
     ax.set_title(f"loss by position, {dataset}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_gains(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | None:
+    """Context gain (millinats per token, ± 2 standard errors) against the kept context k,
+    every family (colour) and T (line style) on one figure."""
+    mine = [r for r in rows if r["dataset"] == dataset and r.get("context_gains")]
+    if not mine:
+        return None
+    fig, (ax,) = new_figure(width=7.0)
+    families = list(dict.fromkeys(r["family"] for r in mine))
+    contexts = sorted({r["T"] for r in mine})
+    styles = ["-", "--", ":", "-."]
+    for r in mine:
+        gains = [g for g in r["context_gains"] if g.get("gain") is not None]
+        ax.errorbar([g["keep"] for g in gains], [1000 * g["gain"] for g in gains],
+                    yerr=[2000 * (g.get("se") or 0.0) for g in gains], capsize=3, marker="o",
+                    linestyle=styles[contexts.index(r["T"]) % len(styles)],
+                    color=f"C{families.index(r['family']) % 10}",
+                    label=f"{r['family']} T={r['T']}")
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("context kept: the last k+1..2k tokens (k)")
+    ax.set_ylabel("loss without the tokens further back (millinats / token)")
+    ax.set_title(f"what the tokens further back are worth, {dataset}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=110)
     return path

@@ -266,22 +266,29 @@ def build_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def line_styles(rows: list[dict[str, Any]]) -> Any:
+    """A row's (line style, colour) on a figure of ``rows``: a colour per family, a style per
+    T."""
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    contexts = sorted({r["T"] for r in rows})
+    styles = ["-", "--", ":", "-."]
+    return lambda r: (styles[contexts.index(r["T"]) % len(styles)],
+                      f"C{families.index(r['family']) % 10}")
+
+
 def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | None:
     """Loss per position bucket, every family (colour) and T (line style) on one figure."""
     mine = [r for r in rows if r["dataset"] == dataset and r.get("buckets")]
     if not mine:
         return None
     fig, (ax,) = new_figure(width=7.0)
-    families = list(dict.fromkeys(r["family"] for r in mine))
-    contexts = sorted({r["T"] for r in mine})
-    styles = ["-", "--", ":", "-."]
+    style = line_styles(mine)
     labels: list[str] = []
     for r in mine:
         names = [bucket_label(b) for b in r["buckets"]]
         labels = names if len(names) > len(labels) else labels
         ax.plot(range(len(names)), [b["loss"] for b in r["buckets"]],
-                styles[contexts.index(r["T"]) % len(styles)], marker="o",
-                color=f"C{families.index(r['family']) % 10}", label=f"{r['family']} T={r['T']}")
+                style(r)[0], marker="o", color=style(r)[1], label=f"{r['family']} T={r['T']}")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_xlabel("position in the evaluation window (bucket)")
     ax.set_ylabel("validation loss (nats / token)")
@@ -299,15 +306,12 @@ def plot_gains(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | N
     if not mine:
         return None
     fig, (ax,) = new_figure(width=7.0)
-    families = list(dict.fromkeys(r["family"] for r in mine))
-    contexts = sorted({r["T"] for r in mine})
-    styles = ["-", "--", ":", "-."]
+    style = line_styles(mine)
     for r in mine:
         gains = [g for g in r["context_gains"] if g.get("gain") is not None]
         ax.errorbar([g["keep"] for g in gains], [1000 * g["gain"] for g in gains],
                     yerr=[2000 * (g.get("se") or 0.0) for g in gains], capsize=3, marker="o",
-                    linestyle=styles[contexts.index(r["T"]) % len(styles)],
-                    color=f"C{families.index(r['family']) % 10}",
+                    linestyle=style(r)[0], color=style(r)[1],
                     label=f"{r['family']} T={r['T']}")
     ax.set_xscale("log", base=2)
     ax.axhline(0.0, color="black", linewidth=0.8)

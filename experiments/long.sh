@@ -29,6 +29,9 @@
 # script. The combined report is written at the end (--report-only).
 # `bash experiments/long.sh jobs [lm|passkey]` prints the job list only (experiments/all.sh
 # joins the lists).
+# Seed check: `bash experiments/long.sh jobs seed1 | bash experiments/lanes.sh` trains GAM,
+# gam-delta, Gated DeltaNet and RWKV-7 on python-stdlib again at seed 1 (~45 core-minutes), and
+# `bash experiments/long.sh report seed1` writes their report to runs/bench/long-seed1.
 set -u
 cd "$(dirname "$0")/.."  # the repository root
 common="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out runs/bench/long --records docs/bench/long/records"
@@ -48,22 +51,33 @@ passkey_jobs() {  # transformer-pp first (see above)
     if [ "$m" != transformer-pp ]; then echo "$common --parts passkey --models $m"; fi
   done
 }
+seed_check="gated-deltanet gam-delta rwkv7 gam"  # slowest first: the lanes stay balanced
+seed1_jobs() {
+  local m
+  for m in $seed_check; do echo "$common --parts lm --models $m --datasets python-stdlib --seeds 1"; done
+}
 jobs() {  # python-stdlib's lm runs, then the passkey runs, then the other corpora
   case ${1:-all} in
     lm) lm_jobs ;;
     passkey) passkey_jobs ;;
+    seed1) seed1_jobs ;;
     all) lm_jobs | grep -e "--datasets python-stdlib"; passkey_jobs
          lm_jobs | grep -v -e "--datasets python-stdlib" ;;
-    *) echo "usage: $0 jobs [lm|passkey]" >&2; exit 2 ;;
+    *) echo "usage: $0 jobs [lm|passkey|seed1]" >&2; exit 2 ;;
   esac
 }
 report() {
   # shellcheck disable=SC2086 # the lists are words
-  ${GAM:-.venv/bin/gam} bench $common --datasets $datasets --report-only
+  case ${1:-all} in
+    all) ${GAM:-.venv/bin/gam} bench $common --datasets $datasets --report-only ;;
+    seed1) ${GAM:-.venv/bin/gam} bench $common --out runs/bench/long-seed1 --parts lm \
+             --models $seed_check --datasets python-stdlib --seeds 1 --report-only ;;
+    *) echo "usage: $0 report [seed1]" >&2; exit 2 ;;
+  esac
 }
 case ${1:-run} in
   jobs) jobs "${2:-all}" ;;
-  report) report ;;
+  report) report "${2:-all}" ;;
   run) jobs | bash experiments/lanes.sh && report ;;
-  *) echo "usage: $0 [run|jobs [lm|passkey]|report]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|jobs [lm|passkey|seed1]|report [seed1]]" >&2; exit 2 ;;
 esac

@@ -42,6 +42,17 @@ def test_every_job_parses_as_a_bench_command_on_registered_models(script: str) -
     assert len(set(jobs)) == len(jobs), f"{script} lists a job twice"
 
 
+def test_long_seed_check_reruns_part_of_the_code_grid_at_seed_1_only() -> None:
+    grid = job_lines("long.sh", "lm")
+    for job in job_lines("long.sh", "seed1"):
+        name, *rest = shlex.split(job)
+        args = build_parser(name, load_command(name)).parse_args(rest)
+        assert args.seeds == [1] and args.datasets == ["python-stdlib"], job
+        assert args.threads == 1, job
+        # the same configuration as a job of the grid, only the seed differs
+        assert job.removesuffix(" --seeds 1") in grid, job
+
+
 def test_issue_lists_split_the_whole_list() -> None:
     for script in ("controls.sh", "tasks.sh"):
         assert job_lines(script, "24") + job_lines(script, "25") == job_lines(script)

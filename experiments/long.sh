@@ -34,7 +34,9 @@
 # `bash experiments/long.sh report seed1` writes their report to runs/bench/long-seed1.
 set -u
 cd "$(dirname "$0")/.."  # the repository root
-common="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096 --out runs/bench/long --records docs/bench/long/records"
+base="long --threads 1 --data-dir ../shared/data --quiet --contexts 1024 4096"
+records="--records docs/bench/long/records"
+common="$base --out runs/bench/long $records"
 datasets="python-stdlib wikitext2 austen"
 registered=$(${PYTHON:-.venv/bin/python} -c "from gam.bench.long import default_families; print(*default_families())")
 
@@ -70,7 +72,7 @@ report() {
   # shellcheck disable=SC2086 # the lists are words
   case ${1:-all} in
     all) ${GAM:-.venv/bin/gam} bench $common --datasets $datasets --report-only ;;
-    seed1) ${GAM:-.venv/bin/gam} bench $common --out runs/bench/long-seed1 --parts lm \
+    seed1) ${GAM:-.venv/bin/gam} bench $base --out runs/bench/long-seed1 $records --parts lm \
              --models $seed_check --datasets python-stdlib --seeds 1 --report-only ;;
     *) echo "usage: $0 report [seed1]" >&2; exit 2 ;;
   esac

@@ -287,8 +287,9 @@ def plot_positions(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path
     for r in mine:
         names = [bucket_label(b) for b in r["buckets"]]
         labels = names if len(names) > len(labels) else labels
+        line, colour = style(r)
         ax.plot(range(len(names)), [b["loss"] for b in r["buckets"]],
-                style(r)[0], marker="o", color=style(r)[1], label=f"{r['family']} T={r['T']}")
+                line, marker="o", color=colour, label=f"{r['family']} T={r['T']}")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_xlabel("position in the evaluation window (bucket)")
     ax.set_ylabel("validation loss (nats / token)")
@@ -309,9 +310,10 @@ def plot_gains(rows: list[dict[str, Any]], dataset: str, path: Path) -> Path | N
     style = line_styles(mine)
     for r in mine:
         gains = [g for g in r["context_gains"] if g.get("gain") is not None]
+        line, colour = style(r)
         ax.errorbar([g["keep"] for g in gains], [1000 * g["gain"] for g in gains],
                     yerr=[2000 * (g.get("se") or 0.0) for g in gains], capsize=3, marker="o",
-                    linestyle=style(r)[0], color=style(r)[1],
+                    linestyle=line, color=colour,
                     label=f"{r['family']} T={r['T']}")
     ax.set_xscale("log", base=2)
     ax.axhline(0.0, color="black", linewidth=0.8)
